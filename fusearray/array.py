@@ -1,0 +1,1028 @@
+"""The array: packs, volumes, the catalogue, the committer, GC and events.
+
+State ownership: the Array object (trio thread) owns every in-memory
+structure; the catalogue is written only by the committer, in a worker
+thread, under `_lock`. Every metadata change (create, delete, resize, tags)
+and every data commit goes through `_commit()`, the single commit point:
+
+    flush dirty cache -> store (segments)         [thread]
+    merge overlays into maps, store new nodes     [trio + thread]
+    fsync segment files                           [thread]
+    one SQLite transaction: index rows, roots, catalogue rows, events [thread]
+
+`sync()` is what fsync on a LUN calls: it returns once every write
+acknowledged before it is committed (group commit: one commit serves every
+fsync that arrived before it started).
+"""
+import collections
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import secrets
+import time
+import uuid
+
+import trio
+
+from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
+from .catalogue import Catalogue, Changes
+from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
+from .store import Disk, Hasher, Pack, write_file_atomic
+from .util import check_name, human_bytes, parse_size
+from .jobs import Job
+from .recovery import RecoveryOps
+from .shadows import ShadowOps
+from .volume import BlockCache, Volume
+
+log = logging.getLogger("fusearray")
+
+ARRAY_FILE = "array.json"
+CATALOGUE_FILE = "catalogue.db"
+LOCK_FILE = "lock"
+LAYOUTS = ("single", "mirror", "raid5")
+#: A LUN may be this many times larger than its pack (thin provisioning).
+OVERCOMMIT = 16
+COMMIT_INTERVAL = 5.0
+GC_INTERVAL = 10.0
+GC_GARBAGE_MIN = 64 << 20
+DISK_CHECK_INTERVAL = 2.0
+#: Merge overlays into maps once this much is flushed (finds garbage sooner).
+OVERLAY_MERGE = 256 << 20
+FLUSH_BATCH = 16 << 20
+#: A full or failed pack's dirty blocks are retried this often.
+FLUSH_RETRY = 3.0
+#: Reads up to this size try the page cache on the loop before a thread.
+NOWAIT_MAX = 1 << 20
+EVENTS_KEPT = 2000
+#: Made-up IEEE company id for our NAA-6 WWNs (`naa.6` + 31 hex digits).
+WWN_OUI = "fa55a7"
+
+
+def _bs_ok(bs: int) -> bool:
+    return 4096 <= bs <= (1 << 20) and bs & (bs - 1) == 0
+
+
+# ---- creating an array (blocking; used by `fusearray init`) ----------------
+def parse_pack_spec(spec: str) -> tuple[str, str, list[str]]:
+    """`NAME=LAYOUT:DIR[,DIR...]`."""
+    try:
+        name, rest = spec.split("=", 1)
+        layout, dirs = rest.split(":", 1)
+    except ValueError:
+        raise invalid(f"bad pack {spec!r}: use NAME=LAYOUT:DIR[,DIR...]") from None
+    return name, layout, [d for d in dirs.split(",") if d]
+
+
+def check_pack(name: str, layout: str, dirs: list[str], used: set) -> list[str]:
+    """Validate a new pack; returns absolute disk paths."""
+    check_name(name, "pack name")
+    if layout not in LAYOUTS:
+        raise invalid(f"unknown layout {layout!r}: use single, mirror or raid5")
+    need = {"single": (1, 1), "mirror": (2, 3), "raid5": (3, 16)}[layout]
+    if not need[0] <= len(dirs) <= need[1]:
+        count = f"exactly {need[0]}" if need[0] == need[1] else f"{need[0]} to {need[1]}"
+        raise invalid(f"layout {layout} takes {count} directories, got {len(dirs)}")
+    paths = [os.path.abspath(d) for d in dirs]
+    if len(set(paths)) != len(paths):
+        raise invalid("the same directory is given twice: each disk needs its own")
+    for p in paths:
+        if p in used:
+            raise busy(f"directory {p} is already a disk of this array")
+        if os.path.exists(p):
+            if not os.path.isdir(p):
+                raise invalid(f"{p} is not a directory")
+            if os.listdir(p):
+                if os.path.exists(os.path.join(p, "fusearray-disk.json")):
+                    raise busy(f"{p} is already a disk of a fusearray pack")
+                raise invalid(f"disk directory {p} is not empty")
+    return paths
+
+
+def init_array(path: str, packs: list[str] | None = None,
+               block_size: int = DEFAULT_BLOCK_SIZE, verify: bool = False) -> None:
+    """Create an array directory (`fusearray init`)."""
+    path = os.path.abspath(path)
+    if not _bs_ok(block_size):
+        raise invalid("block size must be a power of two from 4K to 1M")
+    if os.path.exists(os.path.join(path, ARRAY_FILE)):
+        raise exists(f"{path} is already an array")
+    if os.path.exists(path) and os.listdir(path):
+        raise invalid(f"{path} is not empty: give a new or empty directory")
+    specs = [parse_pack_spec(s) for s in packs or []]
+    if not specs:
+        specs = [("main", "single", [os.path.join(path, "disks", "main.0")])]
+    used: set = set()
+    checked = []
+    for name, layout, dirs in specs:
+        if name in {c[0] for c in checked}:
+            raise exists(f"pack {name} given twice")
+        paths = check_pack(name, layout, dirs, used)
+        used.update(paths)
+        checked.append((name, layout, paths))
+    os.makedirs(path, exist_ok=True)
+    array_id = str(uuid.uuid4())
+    conf = {"format": FORMAT_VERSION, "uuid": array_id,
+            "seed": secrets.randbits(64), "block_size": block_size,
+            "verify": verify, "vendor": secrets.token_hex(5)[:9]}
+    cat = Catalogue(os.path.join(path, CATALOGUE_FILE), create=True)
+    try:
+        now = time.time()
+        ch = Changes(meta={"format": FORMAT_VERSION, "uuid": array_id,
+                           "next_serial": 1, "next_vid": 1},
+                     packs_add=[(n, l, now, p) for n, l, p in checked],
+                     events=[(now, "info", f"array created at {path}")])
+        for name, _, paths in checked:
+            for i, p in enumerate(paths):
+                Disk(i, p).write_label(array_id, name)
+        cat.commit_blocking(ch)
+    finally:
+        cat.close()
+    write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, ARRAY_FILE)) as f:
+            conf = json.load(f)
+    except FileNotFoundError:
+        raise notfound(f"{path} is not a fusearray array (no {ARRAY_FILE}); "
+                       "create one with `fusearray init`") from None
+    except (OSError, ValueError) as e:
+        raise ioerror(f"cannot read {path}/{ARRAY_FILE}: {e}") from None
+    if conf.get("format") != FORMAT_VERSION:
+        raise invalid(f"{path} has array format {conf.get('format')}, "
+                      f"this fusearray reads format {FORMAT_VERSION}")
+    return conf
+
+
+class NodeCache(collections.OrderedDict):
+    """Map nodes by id (immutable), bounded, oldest inserted evicted."""
+
+    def __init__(self, limit_bytes: int):
+        super().__init__()
+        self.limit = max(limit_bytes // maps.NODE_SIZE, 64)
+
+    def add(self, nid: bytes, data: bytes) -> None:
+        self[nid] = data
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class Array(RecoveryOps, ShadowOps):
+    def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.path = os.path.abspath(path)
+        self.conf = read_config(self.path)
+        self.hasher = Hasher(self.conf["seed"])
+        self.verify = bool(self.conf.get("verify"))
+        self.default_block_size = self.conf["block_size"]
+        self.cache = BlockCache(cache_size)
+        self.nodes = NodeCache(max(64 << 20, cache_size // 4))
+        self.packs: dict[str, Pack] = {}
+        self.volumes: dict[int, Volume] = {}     # every live volume, also deleted-but-open
+        self.luns: dict[str, Volume] = {}
+        self.sets: dict[str, dict] = {}          # name -> {"created", "members": {lun: Volume}}
+        self.events: collections.deque = collections.deque(maxlen=EVENTS_KEPT)
+        self.write_seq = 0
+        self.durable_seq = 0
+        self.started = time.time()
+        self._lock = trio.Lock()
+        self._db = trio.CapacityLimiter(1)
+        self._pending = Changes()
+        self._dirty_rows: set = set()
+        self._gc_wanted = False
+        self._garbage = 0                        # bytes overwritten since the last GC
+        self._meta_changed = False               # disk states changed
+        self._reclaiming = False
+        self._last_disk_check = 0.0
+        self._last_commit = 0.0
+        self._last_gc = 0.0
+        self._lockfd = None
+        self._event_seq = 0
+        self.catalogue: Catalogue | None = None
+        self.fatal: BaseException | None = None
+        self.jobs: dict[int, Job] = {}
+        self._dirty_jobs: set = set()
+        self._pins: list = []                    # (vol, root, height) kept by exports
+        self._nursery = None
+        self.notify = lambda vol: None   # the fs layer invalidates kernel caches
+
+    # ---- open / close --------------------------------------------------------
+    def _take_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise busy(f"array {self.path} is already mounted (daemon pid {other or '?'}); "
+                       "unmount it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lockfd = fd
+
+    def _open_blocking(self):
+        self._take_lock()
+        cat = self.catalogue = Catalogue(os.path.join(self.path, CATALOGUE_FILE))
+        meta = cat.meta()
+        if meta.get("uuid") != self.conf["uuid"]:
+            raise invalid(f"catalogue of {self.path} belongs to another array")
+        self.next_serial = int(meta.get("next_serial", 1))
+        self.next_vid = int(meta.get("next_vid", 1))
+        self.next_job = int(meta.get("next_job", 1))
+        self._job_rows = cat.jobs()
+        notes = []
+        for name, layout, _created in cat.packs():
+            disks = [Disk(i, p, s, since) for i, p, s, since in cat.disks(name)]
+            pack = Pack(name, layout, disks, self.hasher)
+            removed = pack.open_blocking(cat.block_rows(name), self.conf["uuid"])
+            if removed:
+                notes.append(f"pack {name}: removed {len(removed)} segment file(s) "
+                             "left unreferenced by an interrupted session")
+            if pack.state != "healthy":
+                notes.append(f"pack {name} is {pack.state}: "
+                             + ", ".join(f"disk {d.idx} {d.state} ({d.path})"
+                                         for d in pack.disks if d.state != "online")
+                             + f"; run `recover {name}`")
+            self.packs[name] = pack
+        rows = cat.volumes()
+        for seq, t, level, msg in cat.events(EVENTS_KEPT):
+            self.events.append((seq, t, level, msg))
+            self._event_seq = seq
+        for name, created in cat.sets():
+            self.sets[name] = {"created": created, "members": {}}
+        return rows, notes
+
+    async def open(self, nursery) -> None:
+        rows, notes = await trio.to_thread.run_sync(self._open_blocking)
+        for row in rows:
+            vol = Volume(self, row, self.packs[row["pack"]],
+                         self.packs[row["source"]] if row["source"] else None)
+            self.volumes[vol.vid] = vol
+            if vol.kind == "lun":
+                self.luns[vol.name] = vol
+            else:
+                self.sets.setdefault(vol.set_name, {"created": vol.created, "members": {}})
+                self.sets[vol.set_name]["members"][vol.name] = vol
+        self._nursery = nursery
+        for r in self._job_rows:
+            job = Job.from_row(r)
+            self.jobs[job.id] = job
+        for n in notes:
+            self.event("warning", n)
+        self.event("info", f"array opened: {len(self.luns)} LUN(s), "
+                   f"{len(self.packs)} pack(s)")
+        self._last_commit = time.monotonic()
+        nursery.start_soon(self._committer)
+        for job in self.jobs.values():
+            if job.active and job.kind == "import":
+                job.pause()     # waits for its stream: `fusearray import --resume`
+            elif job.active:
+                self.event("info", f"job {job.id} ({job.kind}) resumes at {job.percent}%"
+                           + (" (paused)" if job.state == "paused" else ""))
+                self._start_job(job)
+
+    async def close(self) -> None:
+        """Final commit, then release files. Safe to call once."""
+        try:
+            if self.fatal is None and self.catalogue is not None:
+                self.event("info", "array closed")
+                async with self._lock:
+                    await self._commit()
+        finally:
+            for pack in self.packs.values():
+                pack.close_blocking()
+            if self.catalogue is not None:
+                self.catalogue.close()
+                self.catalogue = None
+            if self._lockfd is not None:
+                os.close(self._lockfd)
+                self._lockfd = None
+
+    # ---- events ----------------------------------------------------------------
+    def event(self, level: str, message: str) -> None:
+        t = time.time()
+        self._event_seq += 1
+        self.events.append((self._event_seq, t, level, message))
+        self._pending.events.append((t, level, message))
+        getattr(log, "info" if level == "info" else "warning")(message)
+
+    # ---- the data path helpers used by volumes ---------------------------------
+    async def load_node(self, vol: Volume, nid: bytes) -> bytes:
+        node = self.nodes.get(nid)
+        if node is not None:
+            return node
+        pack, loc = self._locate(vol, nid)
+        if loc is None:
+            raise self._lost(vol.pack, f"map node {nid.hex()} of {vol.path} is not in "
+                             f"pack {vol.pack.name}")
+        node = bytes((await self._read_locs(pack, [nid], [loc]))[0])
+        self.nodes.add(nid, node)
+        return node
+
+    @staticmethod
+    def _locate(vol: Volume, bid: bytes):
+        """(pack, location) of a block of `vol`: its own pack, or while a
+        copy is in progress, the source pack."""
+        loc = vol.pack.lookup(bid)
+        if loc is not None or vol.source is None:
+            return vol.pack, loc
+        return vol.source, vol.source.lookup(bid)
+
+    async def read_blocks(self, vol: Volume, bids: list) -> list:
+        if vol.source is None:
+            pack = vol.pack
+            locs = []
+            for b in bids:
+                loc = pack.lookup(b)
+                if loc is None:
+                    raise self._lost(pack, f"block {b.hex()} of {vol.path} is not in "
+                                     f"pack {pack.name}")
+                locs.append(loc)
+            return await self._read_locs(pack, bids, locs)
+        out = []
+        for b in bids:
+            pack, loc = self._locate(vol, b)
+            if loc is None:
+                raise self._lost(vol.pack, f"block {b.hex()} of {vol.path} is in neither "
+                                 f"pack {vol.pack.name} nor {vol.source.name}")
+            out.extend(await self._read_locs(pack, [b], [loc]))
+        return out
+
+    def drain_notes(self) -> None:
+        """Pack messages from worker threads -> events."""
+        for pack in self.packs.values():
+            while pack.notes:
+                level, msg = pack.notes.pop(0)
+                self.event(level, msg)
+                self._meta_changed = True
+
+    def _lost(self, pack: Pack, what: str) -> ArrayError:
+        msg = (f"{what}: data lost; run `fusearray -m MNT scrub {pack.name}` "
+               "and restore the LUN from a shadow copy")
+        self.event("error", msg)
+        return ioerror(msg)
+
+    async def _read_locs(self, pack: Pack, bids, locs) -> list:
+        if sum(loc[2] for loc in locs) <= NOWAIT_MAX:
+            out = []
+            for b, loc in zip(bids, locs):
+                data = pack.read_nowait(b, loc)
+                if data is None:
+                    break
+                out.append(data)
+            else:
+                return out
+        segs = [loc[0] for loc in locs]
+        for s in segs:
+            pack.inflight[s] = pack.inflight.get(s, 0) + 1
+        try:
+            return await trio.to_thread.run_sync(_read_many, pack, bids, locs)
+        except ChecksumError as e:
+            self.drain_notes()
+            msg = f"read error in pack {pack.name}: {e}; the read failed with EIO"
+            self.event("error", msg)
+            raise ioerror(msg) from None
+        except OSError as e:
+            msg = f"I/O error reading pack {pack.name}: {e}"
+            self.event("error", msg)
+            raise ioerror(msg) from None
+        finally:
+            if pack.notes:
+                self.drain_notes()
+            for s in segs:
+                pack.inflight[s] -= 1
+                if not pack.inflight[s]:
+                    del pack.inflight[s]
+                    if s in pack.retired:
+                        pack.retired.discard(s)
+                        pack.close_segment_blocking(s)
+
+    def loader(self, vol: Volume):
+        async def load(nid):
+            return await self.load_node(vol, nid)
+        return load
+
+    # ---- committer ---------------------------------------------------------------
+    async def _committer(self) -> None:
+        cache = self.cache
+        while True:
+            with trio.move_on_after(1.0):
+                await cache.wake_committer.wait()
+            if cache.wake_committer.is_set():
+                cache.wake_committer = trio.Event()
+            now = time.monotonic()
+            if now - self._last_disk_check >= DISK_CHECK_INTERVAL:
+                self._last_disk_check = now
+                for pack in list(self.packs.values()):
+                    before = [d.state for d in pack.disks]
+                    async with self._lock:       # no segment retired meanwhile
+                        await trio.to_thread.run_sync(pack.check_disks_blocking,
+                                                      self.conf["uuid"], pack.sealed())
+                    if before != [d.state for d in pack.disks]:
+                        self._meta_changed = True
+            self.drain_notes()
+            async with self._lock:
+                try:
+                    if cache.dirty_bytes > cache.dirty_limit // 2:
+                        while cache.dirty_bytes > cache.dirty_limit // 4:
+                            await self._flush(FLUSH_BATCH)
+                    now = time.monotonic()
+                    piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
+                    if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
+                            or piled > OVERLAY_MERGE:
+                        await self._commit()     # merging finds overwritten blocks
+                    if self._gc_wanted and (now - self._last_gc >= GC_INTERVAL
+                                            or self._garbage_pressing()):
+                        await self._gc()
+                except ArrayError:
+                    pass     # recorded as an event and in cache.errors; retried
+                except Exception as e:   # a bug: keep serving, say so, retry later
+                    log.exception("committer failed")
+                    self.event("error", f"internal error in the committer: "
+                               f"{type(e).__name__}: {e}; retrying")
+                    self.cache.errors["*"] = ioerror(f"the array could not write back "
+                                                     f"data: {e}")
+                    await trio.sleep(1)
+
+    def _garbage_pressing(self) -> bool:
+        """Overwritten data worth reclaiming now rather than at the next
+        GC interval (random writes into large blocks make it fast)."""
+        used = sum(p.used_bytes() for p in self.packs.values())
+        return self._garbage > max(GC_GARBAGE_MIN, used // 4)
+
+    def _needs_commit(self) -> bool:
+        return bool(self.cache.dirty or self._dirty_rows or not self._pending.empty()
+                    or self._dirty_jobs or self._meta_changed
+                    or any(v.overlay for v in self.volumes.values())
+                    or any(p.pending_add or p.pending_del for p in self.packs.values()))
+
+    async def _flush(self, max_bytes: int | None = None) -> None:
+        """Write dirty cache blocks to their packs; their ids go to the
+        volumes' overlays. Caller holds `_lock`.
+
+        The buffers are handed over, not copied: they are marked `shared`
+        and a write to one copies it first. Each pack is flushed on its
+        own: a full or failed pack keeps its blocks dirty (retried every
+        few seconds) and its error in `cache.errors`, while the others go
+        on. Raises the first pack error."""
+        cache = self.cache
+        now = time.monotonic()
+        groups: dict = {}
+        taken = 0
+        for e in cache.dirty:
+            pack = e.vol.pack
+            if pack.name in cache.errors and now < cache.retry_at.get(pack.name, 0):
+                continue
+            if e.buf is not None:
+                e.shared = True
+            groups.setdefault(pack, []).append((e, e.gen, e.vol.generation, e.buf))
+            taken += e.vol.block_size
+            if max_bytes and taken >= max_bytes:
+                break
+        first = None
+        try:
+            for pack, batch in groups.items():
+                try:
+                    await self._flush_pack(pack, batch)
+                    if cache.errors.pop(pack.name, None) is not None:
+                        self.event("info", f"pack {pack.name} accepts writes again")
+                except ArrayError as err:
+                    cache.errors[pack.name] = err
+                    cache.retry_at[pack.name] = now + FLUSH_RETRY
+                    first = first or err
+        finally:
+            for batch in groups.values():
+                for e, _, _, buf in batch:
+                    if e.buf is buf:
+                        e.shared = False
+            cache.stuck_bytes = sum(e.vol.block_size for e in cache.dirty
+                                    if e.vol.pack.name in cache.errors)
+            cache.flushed()
+        if first is not None:
+            raise first
+
+    async def _flush_pack(self, pack: Pack, batch) -> None:
+        cache = self.cache
+        items = [(pack, b[3]) for b in batch]
+        try:
+            try:
+                ids, added = await trio.to_thread.run_sync(
+                    _hash_and_store, self.hasher, items, self.verify)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self._reclaiming:
+                    raise
+                await self._reclaim()           # garbage first, then try again
+                ids, added = await trio.to_thread.run_sync(
+                    _hash_and_store, self.hasher, items, self.verify)
+        except OSError as err:
+            error = self._append_error(pack, err, quiet=pack.name in cache.errors)
+            for e, gen, vgen, buf in batch:     # zeroed blocks need no space
+                if buf is None and vgen == e.vol.generation and e.vol.cache.get(e.bno) is e:
+                    e.vol.overlay[e.bno] = ZERO_ID
+                    cache.mark_clean(e, gen)
+            raise error from None
+        except _Collision as c:
+            msg = (f"hash collision in pack {c.pack} on id {c.bid}: two different "
+                   "blocks share a content id; the write was refused (verify mode "
+                   "caught it)")
+            self.event("error", msg)
+            raise ioerror(msg) from None
+        for p, bid, loc in added:
+            p.add(bid, loc)
+        for (e, gen, vgen, _), bid in zip(batch, ids):
+            vol = e.vol
+            if vgen != vol.generation or vol.cache.get(e.bno) is not e:
+                continue
+            old = vol.overlay.get(e.bno)
+            if old is not None and old != bid and old != ZERO_ID:
+                self._garbage += vol.block_size     # flushed, then overwritten
+                self._gc_wanted = True
+            vol.overlay[e.bno] = bid
+            cache.mark_clean(e, gen)
+
+    def _append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
+        """The error writers get; an event unless the pack already had one."""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg = (f"pack {pack.name} is full: {e.strerror}; writes fail with "
+                   "ENOSPC until space is freed (delete LUNs or shadow copies, "
+                   "punch holes / fstrim)")
+            err = nospace(msg)
+        else:
+            msg = f"I/O error writing to pack {pack.name}: {e.strerror or e}"
+            err = ioerror(msg)
+        if not quiet:
+            self.event("error", msg)
+        return err
+
+    async def _store_new(self, items, reserve_ok: bool = False) -> None:
+        """Append the blocks of `items` [(pack, id, data)] their pack does not
+        hold yet. Dedup hits are confirmed byte for byte in verify mode."""
+        new: dict = {}
+        check = []
+        for pack, bid, data in items:
+            if bid == ZERO_ID:
+                continue
+            recs = new.setdefault(pack, {})
+            if bid in recs:
+                continue
+            loc = pack.lookup(bid)
+            if loc is None:
+                recs[bid] = data
+            elif self.verify:
+                check.append((pack, bid, loc, data))
+        if check:
+            for pack, bid, loc, data in check:
+                old = (await self._read_locs(pack, [bid], [loc]))[0]
+                if old != data:
+                    msg = (f"hash collision in pack {pack.name} on id {bid.hex()}: "
+                           "two different blocks share a content id; the write "
+                           "was refused (verify mode caught it)")
+                    self.event("error", msg)
+                    raise ioerror(msg)
+        for pack, recs in new.items():
+            if not recs:
+                continue
+            records = list(recs.items())
+            try:
+                locs = await trio.to_thread.run_sync(pack.append_blocking, records,
+                                                     reserve_ok)
+            except OSError as e:
+                raise self._append_error(pack, e) from None
+            for (bid, _), loc in zip(records, locs):
+                pack.add(bid, loc)
+
+    async def _merge(self) -> None:
+        """Fold every overlay into its map; store the new nodes."""
+        for vol in list(self.volumes.values()):
+            need = maps.height_for(vol.nblocks)
+            if not vol.overlay and need <= vol.height:
+                continue
+            new_nodes = []
+
+            def emit(nid, data, _n=new_nodes):
+                self.nodes.add(nid, data)
+                _n.append((nid, data))
+            merged = dict(vol.overlay)
+            root, height = vol.root, vol.height
+            if need > height:
+                root = maps.grow(root, height, need, emit, self.hasher)
+                height = need
+            stats: dict = {}
+            root, delta = await maps.apply(root, height, merged, self.loader(vol),
+                                           emit, self.hasher, stats)
+            await self._store_new([(vol.pack, nid, data) for nid, data in new_nodes], True)
+            vol.root, vol.height = root, height
+            vol.allocated += delta
+            for bno, bid in merged.items():
+                if vol.overlay.get(bno) == bid:
+                    del vol.overlay[bno]
+            self._dirty_rows.add(vol)
+            if stats["replaced"]:
+                self._gc_wanted = True   # something was overwritten or zeroed
+                self._garbage += stats["replaced"] * vol.block_size
+
+    async def _commit(self, flush: bool = True) -> None:
+        """The commit point. Caller holds `_lock`. flush=False commits only
+        what is already stored (the index and catalogue changes)."""
+        if self.fatal is not None:
+            raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
+        seq = self.write_seq if flush else self.durable_seq
+        flushed = True
+        if flush:
+            try:
+                await self._flush()
+            except ArrayError:
+                flushed = False   # in cache.errors: writers and sync() see it; the
+                                  # catalogue changes still commit
+            await self._merge()
+        for pack in self.packs.values():
+            await trio.to_thread.run_sync(pack.sync_blocking)
+        ch, self._pending = self._pending, Changes()
+        for pack in self.packs.values():
+            adds, dels = pack.take_pending()
+            if adds:
+                ch.blocks_add[pack.name] = adds
+            if dels:
+                ch.blocks_del[pack.name] = dels
+        ch.volumes = [v.row() for v in self._dirty_rows if not v.deleted]
+        self._dirty_rows = set()
+        ch.meta.update(next_serial=self.next_serial, next_vid=self.next_vid,
+                       next_job=self.next_job)
+        ch.jobs = [j.row() for j in self._dirty_jobs]
+        ch.disks = [(p.name, d.idx, d.path, d.state, d.since)
+                    for p in self.packs.values() for d in p.disks]
+        self._dirty_jobs = set()
+        try:
+            await trio.to_thread.run_sync(self.catalogue.commit_blocking, ch,
+                                          limiter=self._db)
+        except Exception as e:
+            self.fatal = e
+            log.exception("catalogue commit failed")
+            raise ioerror(f"catalogue commit failed: {e}; the array stopped "
+                          "accepting changes, remount it") from None
+        if flushed:
+            self.durable_seq = max(self.durable_seq, seq)
+        self._meta_changed = False
+        self._last_commit = time.monotonic()
+        await self._delete_dead_segments()
+
+    async def _delete_dead_segments(self) -> None:
+        """After a commit: segments nothing points into any more are
+        recycled (or deleted while a read is still in flight on them)."""
+        for pack in self.packs.values():
+            for seg in pack.dead_segments():
+                pack.forget_segment(seg)
+                if pack.inflight.get(seg):
+                    await trio.to_thread.run_sync(pack.unlink_segment_blocking, seg)
+                    pack.retired.add(seg)
+                else:
+                    reuse = pack.free_bytes() > 8 * pack.reserve   # never on a full pack
+                    await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)
+
+    async def sync(self, vol: Volume | None = None) -> None:
+        """Make every write acknowledged so far durable (fsync). With a
+        full pack, fails only if `vol` (default: any) has unstored data."""
+        target = self.write_seq
+        if self.durable_seq >= target:
+            return
+        async with self._lock:
+            if self.durable_seq >= target:
+                return
+            await self._commit()
+            if self.durable_seq < target and self.cache.errors:
+                err = self.cache.error_for(vol.pack.name if vol else None)
+                if err is not None and (vol is None or any(e.dirty for e in vol.cache.values())):
+                    raise err
+
+    # ---- garbage collection ----------------------------------------------------
+    async def _gc(self) -> None:
+        """Mark every block reachable from a volume, sweep the rest, compact
+        sparse segments, commit, delete emptied segments. Caller holds
+        `_lock`."""
+        self._gc_wanted = False
+        self._garbage = 0
+        self._last_gc = time.monotonic()
+        await self._flush()
+        await self._merge()
+        live, seen = await self._mark_live()
+        freed = 0
+        for name, pack in self.packs.items():
+            freed += pack.sweep(live[name])
+            pack.seal_if_sparse()
+            await self._compact(pack)
+        await self._commit()
+        if freed:
+            log.info("gc freed %s", human_bytes(freed))
+
+    async def _compact(self, pack: Pack) -> None:
+        """Move the live blocks out of mostly-dead segments (they die at the
+        next commit). May use the pack's reserve."""
+        for seg in pack.sparse_segments():
+            entries = pack.entries_in(seg)
+            bids = [b for b, _ in entries]
+            datas = await self._read_locs(pack, bids, [loc for _, loc in entries])
+            try:
+                locs = await trio.to_thread.run_sync(pack.append_blocking,
+                                                     list(zip(bids, datas)), True)
+            except OSError as e:
+                log.warning("compaction of pack %s stopped: %s", pack.name, e)
+                return
+            for b, loc in zip(bids, locs):
+                pack.add(b, loc)
+
+    async def _mark_live(self):
+        """Every id reachable from a volume, an overlay or a pinned root,
+        per pack."""
+        live: dict = {name: set() for name in self.packs}
+        seen: dict = {name: set() for name in self.packs}   # per pack: a node shared
+        for vol in list(self.volumes.values()):             # across packs counts in each
+            if vol.source is not None:     # its blocks must stay in both packs
+                mine: set = set(vol.overlay.values())
+                await maps.mark(vol.root, vol.height, self.loader(vol), mine, set())
+                live[vol.source.name] |= mine
+                live[vol.pack.name] |= mine
+            else:
+                await maps.mark(vol.root, vol.height, self.loader(vol),
+                                live[vol.pack.name], seen[vol.pack.name])
+                live[vol.pack.name].update(vol.overlay.values())
+        for vol, root, height in list(self._pins):
+            await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
+                            seen[vol.pack.name])
+        return live, seen
+
+    async def _reclaim(self) -> None:
+        """A pack is full: free what no map references, without writing
+        anything new (no flush, no compaction). Caller holds `_lock`."""
+        self._reclaiming = True
+        try:
+            try:
+                await self._merge()     # overwritten blocks become garbage (small writes)
+            except ArrayError:
+                pass
+            live, _ = await self._mark_live()
+            freed = sum(p.sweep(live[n]) for n, p in self.packs.items())
+            for pack in self.packs.values():
+                pack.seal_if_sparse(1.0)
+                await self._compact(pack)
+            await self._commit(flush=False)
+            log.info("reclaim on a full pack freed %s", human_bytes(freed))
+        finally:
+            self._reclaiming = False
+
+    async def collect_garbage(self) -> None:
+        async with self._lock:
+            await self._gc()
+
+    # ---- identity ---------------------------------------------------------------
+    def new_identity(self) -> tuple[str, str]:
+        n = self.next_serial
+        self.next_serial += 1
+        wwn = f"naa.6{WWN_OUI}{self.conf['vendor']}{n:016x}"
+        serial = f"FA{self.conf['uuid'][:8].upper()}{n:08d}"
+        return wwn, serial
+
+    # ---- commands ---------------------------------------------------------------
+    def pack(self, name: str | None) -> Pack:
+        name = name or ("main" if "main" in self.packs else next(iter(self.packs)))
+        try:
+            return self.packs[name]
+        except KeyError:
+            raise notfound(f"no pack named {name!r} (packs: {', '.join(self.packs)})") from None
+
+    def lun(self, name: str) -> Volume:
+        vol = self.luns.get(name)
+        if vol is None:
+            raise notfound(f"no LUN named {name!r}")
+        return vol
+
+    def _check_fits(self, pack: Pack, size: int) -> None:
+        cap = pack.capacity_bytes()
+        if size > cap * OVERCOMMIT:
+            raise nospace(f"pack {pack.name} cannot hold a LUN of {human_bytes(size)}: "
+                          f"its capacity is {human_bytes(cap)} and LUNs may be at most "
+                          f"{OVERCOMMIT}x that (thin provisioning)")
+
+    async def create_lun(self, name: str, size_text: str, pack: str | None = None,
+                         block_size: int | None = None) -> Volume:
+        check_name(name, "LUN name")
+        size = parse_size(size_text)
+        bs = block_size or self.default_block_size
+        if not _bs_ok(bs):
+            raise invalid("block size must be a power of two from 4K to 1M")
+        p = self.pack(pack)
+        async with self._lock:
+            if name in self.luns:
+                raise exists(f"a LUN named {name} already exists")
+            self._check_fits(p, size)
+            vol = self._create_volume(name, size, p, bs)
+            self.event("info", f"created LUN {name}: {human_bytes(size)} on pack "
+                       f"{p.name}, block size {bs // 1024}K, {vol.wwn}")
+            await self._commit()
+        return vol
+
+    async def delete_lun(self, name: str, force: bool = False) -> None:
+        vol = self.lun(name)
+        if vol.open_count and not force:
+            raise busy(f"LUN {name} is open ({vol.open_count} handle(s), e.g. a loop "
+                       "device): detach it first or use force=yes")
+        async with self._lock:
+            if self.luns.get(name) is not vol:
+                raise notfound(f"no LUN named {name!r}")
+            del self.luns[name]
+            vol.deleted = True
+            vol.discard_cache()
+            self._pending.volumes_del.append(vol.vid)
+            self._dirty_rows.discard(vol)
+            if not vol.open_count:
+                del self.volumes[vol.vid]
+            self.event("info", f"deleted LUN {name} ({vol.wwn})")
+            await self._gc()
+
+    def released(self, vol: Volume) -> None:
+        """The last handle of a deleted volume closed: forget it."""
+        if vol.deleted and not vol.open_count and vol.vid in self.volumes:
+            del self.volumes[vol.vid]
+            self._gc_wanted = True
+
+    async def resize_lun(self, name: str, size_text: str, force: bool = False) -> Volume:
+        vol = self.lun(name)
+        size = parse_size(size_text)
+        if vol.readonly:
+            raise ArrayError(errno.EROFS, f"LUN {name} is read-only")
+        if size < vol.size and vol.open_count and not force:
+            raise busy(f"LUN {name} is open: shrinking it under a user could cut "
+                       "off data in use; detach it first or use force=yes")
+        async with self._lock:
+            self._check_fits(vol.pack, size)
+            old = vol.size
+            if size < old:
+                await self._shrink(vol, size)
+            vol.size = size
+            self._dirty_rows.add(vol)
+            self.event("info", f"resized LUN {name} from {human_bytes(old)} to "
+                       f"{human_bytes(size)}")
+            await self._commit()
+        self.notify(vol)
+        return vol
+
+    async def _shrink(self, vol: Volume, size: int) -> None:
+        """Drop content past `size` so a later grow reads zeros there."""
+        bs = vol.block_size
+        keep = math.ceil(size / bs)
+        if size % bs:
+            e = await vol._entry_for_update(size // bs)
+            if e.buf is not None:
+                e.own()[size % bs:] = bytes(bs - size % bs)
+                self.cache.mark_dirty(e)
+        vol.discard_cache(keep)
+        await self._flush()
+        await self._merge()
+        new_nodes = []
+
+        def emit(nid, data):
+            self.nodes.add(nid, data)
+            new_nodes.append((nid, data))
+        root, delta = await maps.trim(vol.root, vol.height, keep, self.loader(vol),
+                                      emit, self.hasher)
+        await self._store_new([(vol.pack, nid, d) for nid, d in new_nodes])
+        vol.root = root
+        vol.allocated += delta
+        self._gc_wanted = True
+
+    def shadow(self, path: str) -> Volume:
+        set_name, _, name = path.partition("/")
+        s = self.sets.get(set_name) if not set_name.startswith(".") else None
+        if s is None:
+            raise notfound(f"no shadow copy set named {set_name!r}")
+        vol = s["members"].get(name)
+        if vol is None:
+            raise notfound(f"set {set_name} has no shadow copy of {name!r}")
+        return vol
+
+    async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
+        used = {d.path for p in self.packs.values() for d in p.disks}
+        paths = check_pack(name, layout, dirs, used)
+        async with self._lock:
+            if name in self.packs:
+                raise exists(f"a pack named {name} already exists")
+            disks = [Disk(i, p) for i, p in enumerate(paths)]
+            try:
+                await trio.to_thread.run_sync(_make_disks, disks, self.conf["uuid"], name)
+            except OSError as e:
+                raise ioerror(f"cannot prepare disk directories for pack {name}: {e}") from None
+            pack = Pack(name, layout, disks, self.hasher)
+            await trio.to_thread.run_sync(pack.open_blocking, [])
+            self.packs[name] = pack
+            self._pending.packs_add.append((name, layout, time.time(), paths))
+            self.event("info", f"added pack {name}: {layout} over {', '.join(paths)}")
+            await self._commit()
+        return pack
+
+    async def set_flag(self, vol: Volume, flag: str, value: bool) -> None:
+        async with self._lock:
+            setattr(vol, flag, value)
+            self._dirty_rows.add(vol)
+            self.event("info", f"{vol.kind} {vol.path}: {flag} {'on' if value else 'off'}")
+            await self._commit()
+
+    def render_job(self, jid: int) -> bytes:
+        job = self.jobs.get(jid)
+        return job.text() if job else b""
+
+    # ---- status ------------------------------------------------------------------
+    def status(self) -> dict:
+        packs = []
+        for p in self.packs.values():
+            packs.append({"name": p.name, "layout": p.layout, "state": p.state,
+                          "capacity_bytes": p.capacity_bytes(),
+                          "used_bytes": p.used_bytes(),
+                          "free_bytes": p.free_bytes(),
+                          "blocks": len(p.index),
+                          "disks": [{"id": d.idx, "path": d.path, "state": d.state}
+                                    for d in p.disks]})
+        luns = [self._vol_status(v) for v in sorted(self.luns.values(), key=lambda v: v.name)]
+        sets = []
+        for name, s in sorted(self.sets.items(), key=lambda kv: (kv[1]["created"], kv[0])):
+            if name.startswith("."):
+                continue         # an import in progress: shown as its job
+            sets.append({"name": name, "created": s["created"],
+                         "shadow_copies": [self._vol_status(v) for v in s["members"].values()]})
+        invalid_disks = [{"id": d.idx, "path": d.path, "state": d.state, "pack": p.name}
+                         for p in self.packs.values() for d in p.disks
+                         if d.state == "invalid"]
+        if invalid_disks:
+            packs.append({"name": "INVALID", "layout": "-", "state": "invalid",
+                          "capacity_bytes": 0, "used_bytes": 0, "free_bytes": 0,
+                          "blocks": 0, "disks": invalid_disks})
+        return {"pid": os.getpid(), "array": self.path, "uuid": self.conf["uuid"],
+                "packs": packs, "luns": luns, "sets": sets,
+                "jobs": [j.status() for j in sorted(self.jobs.values(), key=lambda j: j.id)],
+                "cache": {"limit_bytes": self.cache.limit, "bytes": self.cache.bytes,
+                          "dirty_bytes": self.cache.dirty_bytes}}
+
+    def _vol_status(self, v: Volume) -> dict:
+        d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,
+             "serial": v.serial, "readonly": v.readonly, "hidden": v.hidden,
+             "allocated_bytes": v.allocated_bytes(), "block_size": v.block_size,
+             "open": v.open_count, "state": "online"}
+        if v.kind == "shadow":
+            d.update(origin=v.origin, context=v.context, set=v.set_name)
+        return d
+
+
+def _read_many(pack: Pack, bids, locs) -> list:
+    return [pack.read_blocking(b, loc) for b, loc in zip(bids, locs)]
+
+
+class _Collision(Exception):
+    def __init__(self, pack: str, bid: bytes):
+        super().__init__(pack, bid)
+        self.pack, self.bid = pack, bid.hex()
+
+
+def _hash_and_store(hasher: Hasher, items, verify: bool):
+    """Worker thread, under the array's commit lock: hash each (pack, data),
+    append what its pack lacks. Returns (ids, [(pack, id, loc)]) for the
+    caller to add to the indexes on the trio thread."""
+    ids = []
+    new: dict = {}
+    for pack, data in items:
+        if data is None:
+            ids.append(ZERO_ID)
+            continue
+        bid = hasher.block_id(data)
+        ids.append(bid)
+        if bid == ZERO_ID:
+            continue
+        recs = new.setdefault(pack, {})
+        if bid in recs:
+            continue
+        loc = pack.index.get(bid)
+        if loc is None:
+            recs[bid] = data
+        elif verify:
+            try:
+                old = pack.read_blocking(bid, loc)
+            except (ChecksumError, OSError):
+                recs[bid] = data         # the stored copy is bad: store it again
+                continue
+            if old != data:
+                raise _Collision(pack.name, bid)
+    added = []
+    for pack, recs in new.items():
+        records = list(recs.items())
+        if records:
+            locs = pack.append_blocking(records)
+            added.extend((pack, bid, loc) for (bid, _), loc in zip(records, locs))
+    return ids, added
+
+
+def _make_disks(disks, array_uuid: str, pack: str) -> None:
+    for d in disks:
+        os.makedirs(d.path, exist_ok=True)
+        d.write_label(array_uuid, pack)
+
+

@@ -1,0 +1,225 @@
+"""The catalogue: SQLite (WAL, synchronous=FULL) in ARRAY/catalogue.db.
+
+It is the array's single commit point. One transaction writes the block
+index rows of everything appended since the last commit, the map roots
+that reference them, and the catalogue changes (LUNs, sets, events), after
+the segment files were fsynced. A crash before COMMIT leaves only garbage in
+segments; after it, everything is durable.
+
+Only the array's committer uses the connection, from worker threads,
+serialised by one CapacityLimiter (check_same_thread is off for that).
+"""
+import dataclasses
+import sqlite3
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    conn.executescript("""
+    -- key/value settings: format (int), uuid (array id), next_serial (the
+    -- counter WWNs and serials are made from: only ever increases, so an
+    -- identifier is never reused, even after a delete)
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    -- storage tiers
+    CREATE TABLE packs (
+        name    TEXT PRIMARY KEY,   -- [A-Za-z0-9._-]
+        layout  TEXT NOT NULL,      -- single | mirror | raid5
+        created REAL NOT NULL       -- unix time
+    );
+    CREATE TABLE disks (
+        pack  TEXT NOT NULL REFERENCES packs(name),
+        idx   INTEGER NOT NULL,     -- position in the pack, from 0
+        path  TEXT NOT NULL,        -- host directory (absolute)
+        state TEXT NOT NULL,        -- online | missing | failed | stale | invalid
+        since INTEGER,              -- first segment it may lack (not online); NULL
+        PRIMARY KEY (pack, idx)
+    );
+    -- block index of each pack: where the block with content id `id` lies.
+    -- Map nodes are blocks too. A row exists only for a block whose bytes
+    -- were fsynced before the transaction that added it committed.
+    CREATE TABLE blocks (
+        pack TEXT NOT NULL,
+        id   BLOB NOT NULL,         -- 16-byte keyed xxh3-128 of the data
+        seg  INTEGER NOT NULL,      -- segment file number
+        off  INTEGER NOT NULL,      -- offset of the data (after the header)
+        len  INTEGER NOT NULL,      -- data length
+        PRIMARY KEY (pack, id)
+    ) WITHOUT ROWID;
+    -- LUNs and shadow copies
+    CREATE TABLE volumes (
+        vid        INTEGER PRIMARY KEY AUTOINCREMENT,  -- inode source, never reused
+        name       TEXT NOT NULL,   -- LUN name; for a shadow copy the LUN it copies
+        kind       TEXT NOT NULL,   -- lun | shadow
+        set_name   TEXT,            -- shadow copy's set, NULL for a LUN
+        pack       TEXT NOT NULL,
+        size       INTEGER NOT NULL,   -- bytes, multiple of 512
+        block_size INTEGER NOT NULL,
+        root       BLOB NOT NULL,   -- map root id (16 zero bytes: all zero)
+        height     INTEGER NOT NULL,-- map tree height (>= 1)
+        allocated  INTEGER NOT NULL,-- non-zero mapped blocks
+        wwn        TEXT NOT NULL UNIQUE,  -- naa.6 + 31 hex digits
+        serial     TEXT NOT NULL,
+        readonly   INTEGER NOT NULL,
+        hidden     INTEGER NOT NULL,
+        origin     TEXT,            -- shadow copy: WWN of the LUN it copies
+        context    TEXT,            -- shadow copy: differential | plex
+        created    REAL NOT NULL,
+        source     TEXT             -- pack still holding blocks of this map that
+                                    -- its own pack lacks (plex copy or cross-pack
+                                    -- resync in progress); NULL when independent
+    );
+    -- long-running operations; a job not finished resumes at the next open
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY,  -- from meta next_job, never reused
+        kind        TEXT NOT NULL,        -- resync | plex | recover | replace | scrub
+        state       TEXT NOT NULL,        -- queued | running | paused | done | failed | cancelled
+        done_bytes  INTEGER NOT NULL,
+        total_bytes INTEGER NOT NULL,
+        rate_limit  INTEGER NOT NULL,     -- bytes/s, 0 = none (throttle)
+        started     REAL NOT NULL,
+        finished    REAL,                 -- NULL while not ended
+        error       TEXT NOT NULL,        -- why it failed, or ''
+        params      TEXT NOT NULL         -- JSON: what it works on (volume ids)
+    );
+    CREATE TABLE sets (
+        name    TEXT PRIMARY KEY,
+        created REAL NOT NULL
+    );
+    -- the event log (ctl/events), oldest first
+    CREATE TABLE events (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        time    REAL NOT NULL,
+        level   TEXT NOT NULL,      -- info | warning | error
+        message TEXT NOT NULL
+    );
+    """)
+
+
+VOLUME_COLUMNS = ("vid", "name", "kind", "set_name", "pack", "size", "block_size",
+                  "root", "height", "allocated", "wwn", "serial", "readonly",
+                  "hidden", "origin", "context", "created", "source")
+JOB_COLUMNS = ("id", "kind", "state", "done_bytes", "total_bytes", "rate_limit",
+               "started", "finished", "error", "params")
+
+
+@dataclasses.dataclass
+class Changes:
+    """Everything one commit writes."""
+    blocks_add: dict = dataclasses.field(default_factory=dict)  # pack -> {id: loc}
+    blocks_del: dict = dataclasses.field(default_factory=dict)  # pack -> {id}
+    volumes: list = dataclasses.field(default_factory=list)     # rows (dict)
+    volumes_del: list = dataclasses.field(default_factory=list) # vids
+    sets_add: list = dataclasses.field(default_factory=list)    # (name, created)
+    sets_del: list = dataclasses.field(default_factory=list)    # names
+    packs_add: list = dataclasses.field(default_factory=list)   # (name, layout, created, [paths])
+    events: list = dataclasses.field(default_factory=list)      # (time, level, message)
+    jobs: list = dataclasses.field(default_factory=list)        # rows (dict)
+    disks: list = dataclasses.field(default_factory=list)       # (pack, idx, path, state, since)
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (any(self.blocks_add.values()) or any(self.blocks_del.values())
+                    or self.volumes or self.volumes_del or self.sets_add
+                    or self.sets_del or self.packs_add or self.events or self.meta
+                    or self.jobs)
+
+
+class Catalogue:
+    def __init__(self, path: str, create: bool = False):
+        self.conn = sqlite3.connect(path, check_same_thread=False,
+                                    isolation_level=None)
+        mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"SQLite refused WAL mode for {path} (got {mode})")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        if create:   # array.json, written after this, marks a finished init
+            create_tables(self.conn)
+
+    def transaction(self):
+        return _Txn(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- reads (at open) ----------------------------------------------------
+    def meta(self) -> dict:
+        return dict(self.conn.execute("SELECT key, value FROM meta"))
+
+    def packs(self) -> list:
+        return self.conn.execute("SELECT name, layout, created FROM packs").fetchall()
+
+    def disks(self, pack: str) -> list:
+        return self.conn.execute("SELECT idx, path, state, since FROM disks WHERE pack=? "
+                                 "ORDER BY idx", (pack,)).fetchall()
+
+    def block_rows(self, pack: str):
+        return self.conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=?",
+                                 (pack,))
+
+    def volumes(self) -> list[dict]:
+        cur = self.conn.execute(f"SELECT {', '.join(VOLUME_COLUMNS)} FROM volumes "
+                                "ORDER BY vid")
+        return [dict(zip(VOLUME_COLUMNS, r)) for r in cur]
+
+    def sets(self) -> list:
+        return self.conn.execute("SELECT name, created FROM sets ORDER BY created, name").fetchall()
+
+    def events(self, limit: int) -> list:
+        rows = self.conn.execute("SELECT seq, time, level, message FROM events "
+                                 "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return rows[::-1]
+
+    def jobs(self) -> list[dict]:
+        cur = self.conn.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs ORDER BY id")
+        return [dict(zip(JOB_COLUMNS, r)) for r in cur]
+
+    # ---- the commit ----------------------------------------------------------
+    def commit_blocking(self, ch: Changes) -> None:
+        c = self.conn
+        with self.transaction():
+            for name, layout, created, paths in ch.packs_add:
+                c.execute("INSERT INTO packs VALUES (?,?,?)", (name, layout, created))
+                c.executemany("INSERT INTO disks VALUES (?,?,?,?,?)",
+                              [(name, i, p, "online", None) for i, p in enumerate(paths)])
+            c.executemany("INSERT OR REPLACE INTO disks VALUES (?,?,?,?,?)", ch.disks)
+            for pack, ids in ch.blocks_del.items():
+                c.executemany("DELETE FROM blocks WHERE pack=? AND id=?",
+                              [(pack, b) for b in ids])
+            for pack, adds in ch.blocks_add.items():
+                c.executemany("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
+                              [(pack, b, s, o, n) for b, (s, o, n) in adds.items()])
+            c.executemany("DELETE FROM volumes WHERE vid=?", [(v,) for v in ch.volumes_del])
+            if ch.volumes:
+                cols = ", ".join(VOLUME_COLUMNS)
+                marks = ", ".join("?" * len(VOLUME_COLUMNS))
+                c.executemany(f"INSERT OR REPLACE INTO volumes ({cols}) VALUES ({marks})",
+                              [tuple(r[k] for k in VOLUME_COLUMNS) for r in ch.volumes])
+            c.executemany("DELETE FROM sets WHERE name=?", [(s,) for s in ch.sets_del])
+            c.executemany("INSERT INTO sets VALUES (?,?)", ch.sets_add)
+            if ch.jobs:
+                c.executemany(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
+                              f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})",
+                              [tuple(r[k] for k in JOB_COLUMNS) for r in ch.jobs])
+            c.executemany("INSERT INTO events (time, level, message) VALUES (?,?,?)",
+                          ch.events)
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
+                          [(k, str(v)) for k, v in ch.meta.items()])
+
+
+class _Txn:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False

@@ -1,0 +1,477 @@
+"""The `fusearray` command (DESIGN section 6).
+
+Array-side commands (init, mount, umount) act on directories; every other
+command talks to a mount through its ctl/ files, exactly as a shell script
+would (`exec 3<>ctl/VERB; echo ARGS >&3; cat <&3`).
+
+Exit codes: 0 success, 1 the array refused or failed (message on stderr),
+2 usage error.
+"""
+import argparse
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import DEFAULT_CACHE_SIZE
+from .errors import ArrayError
+
+DEFAULT_ARRAY = os.path.join(os.environ.get("XDG_DATA_HOME") or
+                             os.path.expanduser("~/.local/share"), "fusearray", "default")
+DEFAULT_MOUNT = "/mnt/fusearray"
+VERBS = ("create", "delete", "resize", "snapshot", "resync", "swap", "readonly",
+         "hidden", "addpack", "recover", "replace", "scrub", "cancel", "pause",
+         "resume", "throttle")
+
+
+class UserError(Exception):
+    """Printed as `fusearray: MESSAGE`, exit status 1."""
+
+
+# ---- talking to a mount ------------------------------------------------------------
+def mountpoint(args) -> str:
+    mnt = args.mount or os.environ.get("FUSEARRAY_MOUNT")
+    if not mnt:
+        raise UserError("no mount given: use -m MOUNTPOINT or set FUSEARRAY_MOUNT")
+    if not os.path.isdir(os.path.join(mnt, "ctl")):
+        raise UserError(f"{mnt} is not a mounted fusearray (no ctl/ directory)")
+    return mnt
+
+
+def ctl_call(mnt: str, verb: str, words: list[str]) -> dict:
+    """Run one command through ctl/VERB; returns the reply as a dict."""
+    path = os.path.join(mnt, "ctl", verb)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise UserError(f"this array has no verb {verb!r}") from None
+    try:
+        failed = None
+        try:
+            os.write(fd, (" ".join(words) + "\n").encode())
+        except OSError as e:
+            failed = e
+        reply = b""
+        while chunk := os.read(fd, 65536):
+            reply += chunk
+    finally:
+        os.close(fd)
+    pairs = dict(line.split("=", 1) for line in reply.decode().splitlines() if "=" in line)
+    if failed is not None:
+        msg = pairs.get("message") or os.strerror(failed.errno)
+        raise UserError(f"{msg} [{pairs.get('errno', errno.errorcode.get(failed.errno))}]")
+    return pairs
+
+
+def read_ctl(mnt: str, name: str) -> str:
+    with open(os.path.join(mnt, "ctl", name)) as f:
+        return f.read()
+
+
+def status_json(mnt: str) -> dict:
+    return json.loads(read_ctl(mnt, "status.json"))
+
+
+# ---- array-side commands ---------------------------------------------------------
+def cmd_init(args) -> int:
+    from .array import init_array
+    from .util import parse_bytes
+    init_array(args.array, args.pack, parse_bytes(args.block_size, "block size"),
+               args.verify)
+    print(f"initialised array {os.path.abspath(args.array)}")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .util import parse_bytes
+    cache = parse_bytes(args.cache_size, "cache size") if args.cache_size else DEFAULT_CACHE_SIZE
+    if not args.background:
+        from . import daemon
+        return daemon.run(args.array, args.mountpoint, cache, None, args.debug)
+    return start_background(args.array, args.mountpoint, cache, args.debug)
+
+
+def start_background(array: str, mnt: str, cache: int, debug: bool = False) -> int:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
+           os.path.abspath(mnt), "--cache-size", str(cache), "--ready-fd", str(w)]
+    if debug:
+        cmd.append("--debug")
+    proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(w)
+    with os.fdopen(r) as f:
+        msg = f.read().strip()
+    if msg != "ok":
+        proc.wait(timeout=30)
+        raise UserError(msg.removeprefix("error: ") or
+                        f"the daemon exited with status {proc.returncode} before mounting "
+                        f"(see {array}/daemon.log)")
+    print(f"mounted {os.path.abspath(array)} on {os.path.abspath(mnt)} (pid {proc.pid})")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    pid = None
+    try:
+        pid = status_json(mnt)["pid"]
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+            print(f"detached stale mount {mnt} (its daemon had died)")
+            return 0
+        raise UserError(f"{mnt} is not a mounted fusearray: {e.strerror}") from None
+    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if r.returncode:
+        raise UserError(f"cannot unmount {mnt}: {r.stderr.strip()} (detach loop devices "
+                        "with `fusearray detach LUN` and close open files first)")
+    deadline = time.monotonic() + 120
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+        except OSError:
+            break
+        time.sleep(0.05)
+    return 0
+
+
+# ---- mount-side commands -------------------------------------------------------------
+def cmd_verb(args) -> int:
+    mnt = mountpoint(args)
+    reply = ctl_call(mnt, args.verb, args.words)
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        for k, v in reply.items():
+            if k != "status":
+                print(f"{k}={v}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    mnt = mountpoint(args)
+    sys.stdout.write(read_ctl(mnt, "status.json" if args.json else "status"))
+    return 0
+
+
+def cmd_events(args) -> int:
+    sys.stdout.write(read_ctl(mountpoint(args), "events"))
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    jobs = status_json(mountpoint(args))["jobs"]
+    if args.json:
+        print(json.dumps(jobs))
+        return 0
+    for j in jobs:
+        print(f"{j['id']} {j['kind']} {j['state']} {j['percent']}%")
+    return 0
+
+
+def read_job(mnt: str, jid: str) -> dict:
+    try:
+        text = read_ctl(mnt, os.path.join("jobs", jid))
+    except FileNotFoundError:
+        raise UserError(f"no job {jid!r}") from None
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def cmd_wait(args) -> int:
+    """Show a progress bar until the job ends; non-zero unless it is done."""
+    mnt = mountpoint(args)
+    tty = sys.stderr.isatty()
+    last = None
+    while True:
+        job = read_job(mnt, args.job)
+        state, pct = job["state"], int(job["percent"])
+        line = (f"job {job['id']} {job['kind']} [{'#' * (pct // 5):20}] {pct:3}% "
+                f"{state} {int(job['rate_bytes_per_s']) >> 20} MiB/s")
+        if tty:
+            sys.stderr.write("\r" + line)
+        elif (state, pct // 10) != last:
+            print(line, file=sys.stderr)
+            last = (state, pct // 10)
+        if state in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if tty:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps(job))
+    if state != "done":
+        raise UserError(f"job {args.job} {state}" + (f": {job['error']}" if job.get("error") else ""))
+    return 0
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.done = label, total, 0
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty and now - self.last > 0.2:
+            self.last = now
+            if self.total:
+                pct = min(100, self.done * 100 // self.total)
+                sys.stderr.write(f"\r{self.label} [{'#' * (pct // 5):20}] {pct:3}% "
+                                 f"{self.done >> 20} MiB")
+            else:
+                sys.stderr.write(f"\r{self.label} {self.done >> 20} MiB")
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _stream_total(first: bytes) -> int | None:
+    """The size estimate in a stream's header, for the progress bar."""
+    try:
+        n = int.from_bytes(first[9:13], "little")
+        return json.loads(first[13:13 + n]).get("total_bytes")
+    except (ValueError, IndexError):
+        return None
+
+
+def cmd_export(args) -> int:
+    mnt = mountpoint(args)
+    fd = os.open(os.path.join(mnt, "ctl", "export"), os.O_RDWR)
+    out = None
+    try:
+        try:
+            os.write(fd, (args.set + (f" base={args.base}" if args.base else "") + "\n").encode())
+        except OSError as e:
+            reply = os.read(fd, 65536).decode()
+            pairs = dict(l.split("=", 1) for l in reply.splitlines() if "=" in l)
+            raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
+        out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
+        bar = None
+        while chunk := os.read(fd, 1 << 20):
+            if bar is None:
+                bar = Progress(f"export {args.set}", _stream_total(chunk))
+            try:
+                out.write(chunk)
+            except BrokenPipeError:
+                out = None
+                raise UserError("export: the output was closed before the stream "
+                                "ended") from None
+            bar.add(len(chunk))
+        if bar:
+            bar.close()
+        out.flush()
+        if out is not sys.stdout.buffer:
+            os.fsync(out.fileno())
+    finally:
+        os.close(fd)
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
+        elif out is None:   # a broken pipe: don't let Python complain at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def cmd_import(args) -> int:
+    mnt = mountpoint(args)
+    opts = []
+    if args.as_name:
+        opts.append(f"as={args.as_name}")
+    if args.pack:
+        opts.append(f"pack={args.pack}")
+    if args.remap:
+        opts.append("remap=yes")
+    start = 0
+    if args.resume:
+        jobs = [j for j in status_json(mnt)["jobs"] if j["kind"] == "import"
+                and j["state"] in ("paused", "running")]
+        if not jobs:
+            raise UserError("there is no interrupted import to resume")
+        jid = str(jobs[-1]["id"])
+        start = int(read_job(mnt, jid)["stream_offset"])
+        opts += ["resume=yes", f"job={jid}"]
+    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    fd = os.open(os.path.join(mnt, "ctl", "import"), os.O_RDWR)
+    try:
+        if start:
+            if src is sys.stdin.buffer:      # skip what the array already has
+                while start > 0:
+                    got = src.read(min(start, 1 << 20))
+                    if not got:
+                        break
+                    start -= len(got)
+            else:
+                src.seek(start)
+        failed = None
+        bar = Progress("import", os.fstat(src.fileno()).st_size - start
+                       if src is not sys.stdin.buffer else None)
+        try:
+            os.write(fd, (" ".join(opts) + "\n").encode())
+            while chunk := src.read(1 << 20):
+                os.write(fd, chunk)
+                bar.add(len(chunk))
+        except OSError as e:
+            failed = e
+        bar.close()
+        reply = b""
+        while data := os.read(fd, 65536):
+            reply += data
+    finally:
+        os.close(fd)
+        if src is not sys.stdin.buffer:
+            src.close()
+    pairs = dict(l.split("=", 1) for l in reply.decode().splitlines() if "=" in l)
+    if failed is not None or pairs.get("status") != "ok":
+        raise UserError(pairs.get("message") or os.strerror(failed.errno))
+    print(f"imported set {pairs['set']} ({pairs.get('blocks', '?')} blocks)")
+    return 0
+
+
+def loop_devices(path: str) -> list[str]:
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True,
+                       text=True)
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+
+
+def cmd_attach(args) -> int:
+    mnt = mountpoint(args)
+    path = os.path.join(mnt, "luns", args.lun)
+    if not os.path.exists(path):
+        raise UserError(f"no LUN named {args.lun!r} in {mnt}")
+    ro = os.getxattr(path, "user.fusearray.readonly") == b"on"
+    cmd = ["losetup", "--direct-io=on", "--find", "--show"] + (["-r"] if ro else []) + [path]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise UserError(f"losetup failed: {r.stderr.strip()}")
+    print(r.stdout.strip())
+    return 0
+
+
+def cmd_detach(args) -> int:
+    mnt = mountpoint(args)
+    path = os.path.join(mnt, "luns", args.lun)
+    devs = loop_devices(path)
+    if not devs:
+        raise UserError(f"LUN {args.lun} is not attached to a loop device")
+    for dev in devs:
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"losetup -d {dev} failed: {r.stderr.strip()}")
+        print(f"detached {dev}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    """The main job: bring up the embedded default array and show it."""
+    array, mnt = args.array or DEFAULT_ARRAY, args.mountpoint or DEFAULT_MOUNT
+    if not os.path.exists(os.path.join(array, "array.json")):
+        os.makedirs(array, exist_ok=True)
+        cmd_init(argparse.Namespace(array=array, pack=None, block_size="64K", verify=False))
+    os.makedirs(mnt, exist_ok=True)
+    if os.path.isdir(os.path.join(mnt, "ctl")):
+        print(f"{array} is already mounted on {mnt}")
+    else:
+        start_background(array, mnt, DEFAULT_CACHE_SIZE)
+    if not os.path.exists(os.path.join(mnt, "luns", "lun0")):
+        ctl_call(mnt, "create", ["lun0", "1G"])
+        print("created LUN lun0 (1G)")
+    sys.stdout.write(read_ctl(mnt, "status"))
+    print(f"""
+Next steps (FUSEARRAY_MOUNT={mnt} lets you drop -m):
+  export FUSEARRAY_MOUNT={mnt}
+  dev=$(fusearray attach lun0) && mkfs.ext4 -q $dev && mkdir -p /mnt/lun0 && mount $dev /mnt/lun0
+  echo "lun1 4G" > {mnt}/ctl/create          # or: fusearray create lun1 4G
+  getfattr -d {mnt}/luns/lun0                 # WWN, serial, tags
+  cat {mnt}/ctl/status {mnt}/ctl/events
+  umount /mnt/lun0; fusearray detach lun0; fusearray umount {mnt}""")
+    return 0
+
+
+# ---- argument parsing ------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="fusearray", description="A virtual storage array "
+                                "in user space: LUNs and shadow copies as files on FUSE.")
+    p.add_argument("-m", "--mount", help="mountpoint (default: $FUSEARRAY_MOUNT)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create an array")
+    s.add_argument("array")
+    s.add_argument("--pack", action="append", metavar="NAME=LAYOUT:DIR[,DIR...]")
+    s.add_argument("--block-size", default="64K")
+    s.add_argument("--verify", action="store_true",
+                   help="confirm dedup hits byte for byte")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("mount", help="mount an array")
+    s.add_argument("array")
+    s.add_argument("mountpoint")
+    s.add_argument("--background", action="store_true")
+    s.add_argument("--cache-size", default=None)
+    s.add_argument("--debug", action="store_true")
+    s.set_defaults(fn=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount (waits for the final commit)")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_umount)
+
+    s = sub.add_parser("up", help="init, mount and show the default array")
+    s.add_argument("--array", default=None)
+    s.add_argument("--mountpoint", default=None)
+    s.set_defaults(fn=cmd_up)
+
+    for name, fn in (("status", cmd_status), ("events", cmd_events), ("jobs", cmd_jobs)):
+        s = sub.add_parser(name)
+        s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("export", help="write a shadow copy set as a stream")
+    s.add_argument("set")
+    s.add_argument("file", help="a file, or - for standard output")
+    s.add_argument("--base", help="incremental against this set")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("import", help="bring a set exported elsewhere into this array")
+    s.add_argument("file", help="a file, or - for standard input")
+    s.add_argument("--as", dest="as_name", help="the set's name here")
+    s.add_argument("--pack", help="pack to store it on (default main)")
+    s.add_argument("--remap", action="store_true",
+                   help="give the shadow copies new WWNs if theirs are taken here")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted import of this stream")
+    s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("wait", help="wait for a job, with a progress bar")
+    s.add_argument("job")
+    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_wait)
+    for name, fn in (("attach", cmd_attach), ("detach", cmd_detach)):
+        s = sub.add_parser(name, help=f"{name} a LUN to/from a loop device")
+        s.add_argument("lun")
+        s.set_defaults(fn=fn)
+    for verb in VERBS:
+        s = sub.add_parser(verb, help=f"ctl/{verb}")
+        s.add_argument("words", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=cmd_verb, verb=verb)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.fn(args)
+    except (UserError, ArrayError) as e:
+        print(f"fusearray: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

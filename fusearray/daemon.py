@@ -1,0 +1,182 @@
+"""Mount lifecycle: open the array, mount, serve, commit, unmount.
+
+    python -m fusearray.daemon ARRAY MOUNTPOINT [--cache-size N] [--ready-fd FD]
+
+`fusearray mount` runs this in the foreground, or (--background) as a child
+that reports readiness through a pipe: `ok` once the mount serves requests,
+or `error: MESSAGE`.
+
+The libfuse shim (fallocate support) must be loaded before pyfuse3 is
+imported, so this module imports pyfuse3 and everything above it lazily.
+"""
+import argparse
+import ctypes
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("fusearray")
+
+
+def load_shim():
+    """Load fusearray._fuseshim with RTLD_GLOBAL (see _fuseshim.c)."""
+    if "pyfuse3" in sys.modules:
+        log.warning("pyfuse3 was imported before the shim: fallocate unsupported")
+        return None
+    from importlib.util import find_spec
+    spec = find_spec("fusearray._fuseshim")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    except OSError as e:
+        log.warning("cannot load the fallocate shim: %s", e)
+        return None
+    lib.fusearray_set_fallocate.argtypes = (ctypes.c_void_p,)
+    return lib
+
+
+def clear_stale_mount(mnt: str) -> None:
+    """A mountpoint whose daemon died answers ENOTCONN: detach it lazily."""
+    try:
+        os.stat(mnt)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("mountpoint %s is stale (its daemon died): detaching it", mnt)
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def setup_logging(array_path: str, foreground: bool, debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        fh = logging.FileHandler(os.path.join(array_path, "daemon.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    except OSError:
+        pass
+    if foreground:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        sh.setLevel(logging.WARNING)
+        root.addHandler(sh)
+
+
+def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
+        debug: bool = False) -> int:
+    shim = load_shim()
+    import trio
+
+    from .array import Array
+    from .errors import ArrayError
+
+    def ready(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (msg + "\n").encode())
+            finally:
+                os.close(ready_fd)
+                ready_fd = None
+
+    setup_logging(array_path, ready_fd is None, debug)
+    try:
+        mnt = os.path.abspath(mnt)
+        if not os.path.isdir(mnt):
+            clear_stale_mount(mnt)
+        if not os.path.isdir(mnt):
+            raise ArrayError(errno.ENOENT, f"mountpoint {mnt} is not a directory")
+        if os.path.ismount(mnt):
+            raise ArrayError(errno.EBUSY, f"{mnt} is already a mountpoint: unmount it "
+                             "first (fusearray umount)")
+        array = Array(array_path, cache_size)
+    except ArrayError as e:
+        ready(f"error: {e.message}")
+        print(f"fusearray: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        return trio.run(_serve, array, mnt, shim, ready, debug)
+    except ArrayError as e:
+        ready(f"error: {e.message}")
+        print(f"fusearray: {e.message}", file=sys.stderr)
+        return 1
+
+
+async def _serve(array, mnt, shim, ready, debug) -> int:
+    import pyfuse3
+    import trio
+
+    from .fs import Operations, install_fallocate
+
+    from .errors import ArrayError
+
+    async with trio.open_nursery() as nursery:
+        try:
+            await array.open(nursery)
+        except ArrayError as e:
+            ready(f"error: {e.message}")
+            await array.close()
+            nursery.cancel_scope.cancel()
+            return 1
+        ops = Operations(array)
+        opts = set(pyfuse3.default_options)
+        opts |= {"fsname=fusearray", "subtype=fusearray", "allow_other"}
+        if debug:
+            opts.add("debug")
+        try:
+            pyfuse3.init(ops, mnt, opts)
+        except RuntimeError as e:
+            await array.close()
+            ready(f"error: cannot mount {mnt}: {e}")
+            nursery.cancel_scope.cancel()
+            return 1
+        if not install_fallocate(shim, ops, nursery):
+            array.event("warning", "fallocate (punch-hole, discard) is not available: "
+                        "the libfuse shim is not loaded")
+        nursery.start_soon(_on_signals, pyfuse3)
+        log.info("mounted %s on %s", array.path, mnt)
+        ready("ok")
+        clean = False
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            clean = True
+        finally:
+            try:
+                with trio.CancelScope(shield=True):
+                    await array.close()
+            finally:
+                pyfuse3.close(unmount=clean)
+                nursery.cancel_scope.cancel()
+    log.info("unmounted %s", mnt)
+    return 0
+
+
+async def _on_signals(pyfuse3) -> None:
+    import trio
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for _ in sigs:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fusearray-daemon")
+    p.add_argument("array")
+    p.add_argument("mountpoint")
+    p.add_argument("--cache-size", type=int, default=None)
+    p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    from . import DEFAULT_CACHE_SIZE
+    return run(a.array, a.mountpoint, a.cache_size or DEFAULT_CACHE_SIZE, a.ready_fd, a.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""The pyfuse3 Operations: a thin translation of inodes and handles to the
+array, its volumes and the control protocol.
+
+Tree (DESIGN section 2): luns/NAME, snapshots/SET/NAME, ctl/VERB,
+ctl/status, ctl/status.json, ctl/events, ctl/jobs/ID.
+
+Every handler is guarded: ArrayError -> its errno; anything unexpected ->
+logged, an event, and EIO (never an exception that would end the main
+loop and unmount the array).
+"""
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from . import ctl, transport
+from .errors import ArrayError, invalid
+
+log = logging.getLogger("fusearray")
+
+ROOT = pyfuse3.ROOT_INODE
+LUNS, SNAPS, CTL, JOBS = 2, 3, 4, 5
+STATUS, STATUS_JSON, EVENTS = 10, 11, 12
+VERB_BASE = 100
+VOL_BASE = 1 << 32
+SET_BASE = 1 << 40
+JOB_BASE = 1 << 48
+DIRS = {ROOT: None, LUNS: b"luns", SNAPS: b"snapshots", CTL: b"ctl", JOBS: b"jobs"}
+TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events"}
+XATTR = "user.fusearray."
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def guarded(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except ArrayError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception as e:
+            log.exception("unexpected error in %s", fn.__name__)
+            self.array.event("error", f"internal error in {fn.__name__}: "
+                             f"{type(e).__name__}: {e} (request failed with EIO)")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class VolHandle:
+    __slots__ = ("vol",)
+
+    def __init__(self, vol):
+        self.vol = vol
+
+
+class CtlHandle:
+    __slots__ = ("verb", "reply", "pos")
+
+    def __init__(self, verb):
+        self.verb = verb
+        self.reply = b""
+        self.pos = 0
+
+
+class ExportHandle:
+    """ctl/export: write `SET [base=SET2]`, then read the stream."""
+    __slots__ = ("gen", "buf", "pos", "reply", "done")
+
+    def __init__(self):
+        self.gen = None
+        self.buf = bytearray()
+        self.pos = 0
+        self.reply = b""
+        self.done = False
+
+
+class ImportHandle:
+    """ctl/import: write `[as=SET] [pack=P] [remap=yes] [resume=yes job=N]`
+    and a newline, then the stream; read the reply at the end."""
+    __slots__ = ("importer", "reply", "pos", "lock")
+
+    def __init__(self):
+        self.importer = None
+        self.reply = b""
+        self.pos = 0
+        self.lock = trio.Lock()
+
+
+IMPORT_OPTS = ctl.Verb(None, (0, 0), ("as", "pack", "remap", "resume", "job"),
+                       "[as=SET] [pack=P] [remap=yes] [resume=yes [job=N]]")
+EXPORT_OPTS = ctl.Verb(None, (1, 1), ("base",), "SET [base=SET2]")
+
+
+class TextHandle:
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+
+class Operations(pyfuse3.Operations):
+    # LUN sizes change behind the kernel's back (resize): no writeback cache
+    # (FUSE_NOTES: the kernel would then ignore our size changes).
+    enable_writeback_cache = False
+
+    def __init__(self, array):
+        super().__init__()
+        self.array = array
+        self.verbs = sorted(list(ctl.VERBS) + ["export", "import"])
+        self.handles: dict[int, object] = {}
+        self.next_fh = 1
+        self.set_inos: dict[str, int] = {}
+        self.ino_sets: dict[int, str] = {}
+        self.uid, self.gid = os.getuid(), os.getgid()
+        array.notify = self._invalidate
+
+    # ---- inode <-> object ----------------------------------------------------------
+    def _set_ino(self, name: str) -> int:
+        ino = self.set_inos.get(name)
+        if ino is None:
+            ino = SET_BASE + len(self.set_inos) + 1
+            self.set_inos[name] = ino
+            self.ino_sets[ino] = name
+        return ino
+
+    def _vol(self, ino: int):
+        vol = self.array.volumes.get(ino - VOL_BASE) if VOL_BASE <= ino < SET_BASE else None
+        if vol is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return vol
+
+    def _children(self, ino: int) -> list[tuple[bytes, int]]:
+        a = self.array
+        if ino == ROOT:
+            return [(b"luns", LUNS), (b"snapshots", SNAPS), (b"ctl", CTL)]
+        if ino == LUNS:
+            return [(n.encode(), VOL_BASE + v.vid) for n, v in sorted(a.luns.items())
+                    if not v.hidden]
+        if ino == SNAPS:
+            return [(n.encode(), self._set_ino(n)) for n in sorted(a.sets)
+                    if not n.startswith(".")
+                    and any(not v.hidden for v in a.sets[n]["members"].values())]
+        if ino == CTL:
+            return ([(TEXT_FILES[i], i) for i in TEXT_FILES] + [(b"jobs", JOBS)]
+                    + [(v.encode(), VERB_BASE + i) for i, v in enumerate(self.verbs)])
+        if ino == JOBS:
+            return [(str(j).encode(), JOB_BASE + j) for j in sorted(getattr(a, "jobs", {}))]
+        if ino in self.ino_sets:
+            s = a.sets.get(self.ino_sets[ino])
+            if s is None:
+                return []
+            return [(n.encode(), VOL_BASE + v.vid) for n, v in sorted(s["members"].items())
+                    if not v.hidden]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = 65536
+        t = int(self.array.started * 1e9)
+        a.entry_timeout = 0             # names change behind the kernel's back
+        a.attr_timeout = 0
+        if ino in DIRS or ino in self.ino_sets:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        elif ino in TEXT_FILES:
+            a.st_mode = stat.S_IFREG | 0o444
+        elif VERB_BASE <= ino < VERB_BASE + len(self.verbs):
+            a.st_mode = stat.S_IFREG | 0o600
+        elif ino >= JOB_BASE:
+            a.st_mode = stat.S_IFREG | 0o444
+        else:
+            vol = self._vol(ino)
+            a.st_mode = stat.S_IFREG | (0o444 if vol.readonly else 0o644)
+            a.st_size = vol.size
+            a.st_blocks = vol.allocated_bytes() // 512
+            a.st_blksize = vol.block_size
+            t = int(vol.created * 1e9)
+            a.attr_timeout = 1          # resize invalidates it (notify)
+        a.st_nlink = a.st_nlink or 1
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        return a
+
+    def _invalidate(self, vol) -> None:
+        """A volume's size or content changed behind the kernel's back."""
+        try:
+            pyfuse3.invalidate_inode(VOL_BASE + vol.vid, attr_only=True)
+        except (FileNotFoundError, OSError):
+            pass
+
+    # ---- tree ----------------------------------------------------------------------
+    @guarded
+    async def lookup(self, parent, name, ctx):
+        if name == b".":
+            return self._attr(parent)
+        for n, ino in self._children(parent):
+            if n == name:
+                return self._attr(ino)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @guarded
+    async def getattr(self, inode, ctx):
+        return self._attr(inode)
+
+    @guarded
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if VOL_BASE <= inode < SET_BASE:
+            vol = self._vol(inode)
+            if vol.readonly and (fields.update_size or fields.update_mode):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            # A LUN is a block device: truncate/O_TRUNC leave the size as it is.
+        return self._attr(inode)
+
+    @guarded
+    async def opendir(self, inode, ctx):
+        entries = self._children(inode)
+        fh = self._new_handle(TextHandle(entries))
+        return fh
+
+    @guarded
+    async def readdir(self, fh, start_id, token):
+        entries = self.handles[fh].data
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            try:
+                attr = self._attr(ino)
+            except pyfuse3.FUSEError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                break
+
+    @guarded
+    async def releasedir(self, fh):
+        self.handles.pop(fh, None)
+
+    @guarded
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        cap = sum(p.capacity_bytes() for p in self.array.packs.values())
+        free = sum(p.free_bytes() for p in self.array.packs.values())
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = cap // 4096
+        s.f_bfree = s.f_bavail = free // 4096
+        s.f_files = len(self.array.volumes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 64
+        return s
+
+    # ---- files ---------------------------------------------------------------------
+    def _new_handle(self, h) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    @guarded
+    async def open(self, inode, flags, ctx):
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if VOL_BASE <= inode < SET_BASE:
+            vol = self._vol(inode)
+            if writing and vol.readonly:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            vol.open_count += 1
+            return pyfuse3.FileInfo(fh=self._new_handle(VolHandle(vol)), direct_io=True)
+        if inode in TEXT_FILES or inode >= JOB_BASE:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=self._new_handle(TextHandle(self._render(inode))),
+                                    direct_io=True)
+        if VERB_BASE <= inode < VERB_BASE + len(self.verbs):
+            verb = self.verbs[inode - VERB_BASE]
+            h = {"export": ExportHandle, "import": ImportHandle}.get(verb)
+            h = h() if h else CtlHandle(verb)
+            return pyfuse3.FileInfo(fh=self._new_handle(h), direct_io=True)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    def _render(self, inode) -> bytes:
+        a = self.array
+        if inode == STATUS:
+            return ctl.render_status(a.status())
+        if inode == STATUS_JSON:
+            return ctl.render_status_json(a.status())
+        if inode == EVENTS:
+            return ctl.render_events(a.events)
+        return a.render_job(inode - JOB_BASE)
+
+    @guarded
+    async def read(self, fh, off, size):
+        h = self.handles[fh]
+        if type(h) is VolHandle:
+            return await h.vol.read(off, size)
+        if type(h) is CtlHandle:
+            data = h.reply[h.pos:h.pos + size]
+            h.pos += len(data)
+            return data
+        if type(h) is ExportHandle:
+            return await self._export_read(h, size)
+        if type(h) is ImportHandle:
+            return await self._import_read(h, size)
+        return h.data[off:off + size]
+
+    @guarded
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        if type(h) is VolHandle:
+            return await h.vol.write(off, buf)
+        if type(h) is CtlHandle:
+            try:
+                text = bytes(buf).decode()
+            except UnicodeDecodeError:
+                text = None
+            h.pos = 0
+            if text is None:
+                err = ArrayError(errno.EINVAL, f"{h.verb}: command is not valid UTF-8 text")
+                self.array.event("error", err.message)
+                h.reply = ctl.format_error(err)
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            try:
+                h.reply = await ctl.execute(self.array, h.verb, text)
+            except ArrayError as e:
+                h.reply = e.reply
+                raise
+            return len(buf)
+        if type(h) is ExportHandle:
+            return await self._export_write(h, buf)
+        if type(h) is ImportHandle:
+            return await self._import_write(h, buf)
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    # ---- ctl/export and ctl/import: streams on one descriptor -----------------------
+    async def _export_write(self, h, buf) -> int:
+        try:
+            if h.gen is not None:
+                raise invalid("export: one command per open; the stream is being read")
+            args, opts = ctl.parse(EXPORT_OPTS, "export", bytes(buf).decode().strip())
+            gen = transport.export_stream(self.array, args[0], opts.get("base"))
+            h.buf += await gen.__anext__()          # errors surface here
+            h.gen = gen
+        except ArrayError as e:
+            h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
+            raise
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        return len(buf)
+
+    async def _export_read(self, h, size) -> bytes:
+        if h.gen is None:
+            data, h.reply = h.reply, b""
+            return data
+        while len(h.buf) - h.pos < size and not h.done:
+            try:
+                chunk = await h.gen.__anext__()
+            except StopAsyncIteration:
+                h.done = True
+                break
+            if h.pos:                     # compact before growing
+                del h.buf[:h.pos]
+                h.pos = 0
+            h.buf += chunk
+        data = bytes(h.buf[h.pos:h.pos + size])
+        h.pos += len(data)
+        return data
+
+    async def _import_write(self, h, buf) -> int:
+        async with h.lock:
+            data = bytes(buf)
+            try:
+                if h.importer is None:
+                    line, nl, rest = data.partition(b"\n")
+                    if not nl:
+                        raise invalid("import: the first line is the command, ended by a newline")
+                    args, opts = ctl.parse(IMPORT_OPTS, "import", line.decode().strip())
+                    if ctl.parse_bool(opts.get("resume", "no"), "resume"):
+                        h.importer = transport.Importer.resume(self.array, opts.get("job"))
+                    else:
+                        h.importer = transport.Importer(
+                            self.array, opts.get("as"), opts.get("pack"),
+                            ctl.parse_bool(opts.get("remap", "no"), "remap"))
+                    data = rest
+                if data:
+                    await h.importer.feed(data)
+            except ArrayError as e:
+                h.reply = ctl.failure(self.array, "import", b"", e)
+                raise
+            except UnicodeDecodeError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+        return len(buf)
+
+    async def _import_read(self, h, size) -> bytes:
+        async with h.lock:
+            if not h.reply:
+                imp = h.importer
+                try:
+                    if imp is None:
+                        raise invalid("import: nothing was written")
+                    await imp.end_of_input()
+                    set_name = imp.as_name or imp.header["set"]["name"]
+                    h.reply = ctl.format_reply({"set": set_name, "job": imp.job.id,
+                                                "blocks": imp.blocks})
+                except ArrayError as e:
+                    h.reply = ctl.failure(self.array, "import", b"", e)
+            data = h.reply[h.pos:h.pos + size]
+            h.pos += len(data)
+            return data
+
+    @guarded
+    async def flush(self, fh):
+        pass   # a hint on every close(); durability is fsync's job
+
+    @guarded
+    async def fsync(self, fh, datasync):
+        h = self.handles.get(fh)
+        if type(h) is VolHandle:
+            await self.array.sync(h.vol)
+
+    @guarded
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if type(h) is VolHandle:
+            h.vol.open_count -= 1
+            self.array.released(h.vol)
+        elif type(h) is ExportHandle and h.gen is not None:
+            await h.gen.aclose()
+        elif type(h) is ImportHandle and h.importer is not None and not h.reply:
+            await h.importer.interrupted()
+
+    # ---- fallocate (through fusearray._fuseshim) ------------------------------------
+    async def fallocate(self, inode, mode, off, length, fh) -> int:
+        """Returns 0 or an errno. Punch-hole and zero-range free blocks;
+        plain allocation inside the LUN is a no-op (thin)."""
+        try:
+            h = self.handles.get(fh)
+            vol = h.vol if type(h) is VolHandle else self._vol(inode)
+            if vol.readonly:
+                return errno.EROFS
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                    return errno.EOPNOTSUPP
+                if off < vol.size:
+                    await vol.zero(off, length)
+                return 0
+            if mode & ~FALLOC_FL_KEEP_SIZE:
+                return errno.EOPNOTSUPP
+            if off + length > vol.size and not mode & FALLOC_FL_KEEP_SIZE:
+                return errno.ENOSPC   # a LUN never changes size by I/O
+            return 0
+        except pyfuse3.FUSEError as e:
+            return e.errno
+        except ArrayError as e:
+            return e.errno
+        except Exception as e:
+            log.exception("unexpected error in fallocate")
+            self.array.event("error", f"internal error in fallocate: {e}")
+            return errno.EIO
+
+    # ---- extended attributes -----------------------------------------------------
+    def _xattrs(self, inode) -> dict:
+        if not VOL_BASE <= inode < SET_BASE:
+            return {}
+        v = self._vol(inode)
+        d = {"wwn": v.wwn, "serial": v.serial, "kind": v.kind, "pack": v.pack.name,
+             "readonly": "on" if v.readonly else "off",
+             "hidden": "on" if v.hidden else "off",
+             "block_size": str(v.block_size)}
+        if v.kind == "shadow":
+            d.update(set=v.set_name, origin=v.origin or "", context=v.context or "")
+        return {(XATTR + k).encode(): val.encode() for k, val in d.items()}
+
+    @guarded
+    async def getxattr(self, inode, name, ctx):
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @guarded
+    async def listxattr(self, inode, ctx):
+        return list(self._xattrs(inode))
+
+    @guarded
+    async def setxattr(self, inode, name, value, ctx):
+        if name.startswith(XATTR.encode()):
+            raise pyfuse3.FUSEError(errno.EPERM)   # identity and tags go through ctl/
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    @guarded
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM if name.startswith(XATTR.encode())
+                                else pyfuse3.ENOATTR)
+
+
+def install_fallocate(shim, ops: Operations, nursery) -> bool:
+    """Route fallocate requests to `ops.fallocate` (see _fuseshim.c)."""
+    if shim is None:
+        return False
+    libfuse = ctypes.CDLL("libfuse3.so.3")
+    reply_err = libfuse.fuse_reply_err
+    reply_err.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    reply_err.restype = ctypes.c_int
+
+    async def serve(req, ino, mode, off, length, fh):
+        err = await ops.fallocate(ino, mode, off, length, fh)
+        reply_err(req, err)
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64)
+    def on_fallocate(req, ino, mode, off, length, fh):
+        try:
+            nursery.start_soon(serve, req, ino, mode, off, length, fh)
+        except Exception:
+            reply_err(req, errno.EIO)
+
+    ops._fallocate_cb = on_fallocate      # keep the callback alive
+    shim.fusearray_set_fallocate(on_fallocate)
+    return bool(shim.fusearray_shim_installed())
+

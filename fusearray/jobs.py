@@ -1,0 +1,132 @@
+"""Jobs: long-running operations with honest progress, that can be paused,
+throttled, cancelled, and that resume after a restart (DESIGN section 1, 3).
+
+A Job is plain state plus the controls its worker checks between batches
+(`checkpoint`). The array runs the worker and persists the row at commits;
+the worker itself is idempotent (it recomputes what is left), so resuming
+after a crash is running it again.
+"""
+import json
+import time
+
+import trio
+
+from .util import iso_time
+
+ACTIVE = ("queued", "running", "paused")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class Job:
+    def __init__(self, jid: int, kind: str, params: dict, total: int = 0,
+                 state: str = "queued", done: int = 0, rate_limit: int = 0,
+                 started: float | None = None, finished: float | None = None,
+                 error: str = ""):
+        self.id = jid
+        self.kind = kind
+        self.params = params
+        self.state = state
+        self.total_bytes = total
+        self.done_bytes = done
+        self.rate_limit = rate_limit
+        self.started = started or time.time()
+        self.finished = finished
+        self.error = error
+        self._resumed = trio.Event()
+        if state != "paused":
+            self._resumed.set()
+        self._cancel = False
+        self._window = (time.monotonic(), done)   # for the measured rate
+        self._throttle_from = (time.monotonic(), done)
+        self.last_decile = self.percent // 10
+
+    @classmethod
+    def from_row(cls, r: dict) -> "Job":
+        return cls(r["id"], r["kind"], json.loads(r["params"]), r["total_bytes"],
+                   r["state"], r["done_bytes"], r["rate_limit"], r["started"],
+                   r["finished"], r["error"])
+
+    def row(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "state": self.state,
+                "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
+                "rate_limit": self.rate_limit, "started": self.started,
+                "finished": self.finished, "error": self.error,
+                "params": json.dumps(self.params)}
+
+    @property
+    def percent(self) -> int:
+        if self.state == "done":
+            return 100
+        if not self.total_bytes:
+            return 0
+        return min(100, self.done_bytes * 100 // self.total_bytes)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def rate(self) -> int:
+        """Measured bytes/s over the last window (0 when not running)."""
+        if self.state != "running":
+            return 0
+        t0, d0 = self._window
+        dt = time.monotonic() - t0
+        return int((self.done_bytes - d0) / dt) if dt > 0 else 0
+
+    def text(self) -> bytes:
+        fields = {"id": self.id, "kind": self.kind, "state": self.state,
+                  "percent": self.percent, "done_bytes": self.done_bytes,
+                  "total_bytes": self.total_bytes, "rate_bytes_per_s": self.rate(),
+                  "rate_limit": self.rate_limit, "started": iso_time(self.started),
+                  "finished": iso_time(self.finished), "error": self.error}
+        if self.kind == "import":
+            fields["stream_offset"] = self.params.get("offset", 0)
+        if self.kind == "scrub":
+            for key in ("blocks", "repaired", "lost"):
+                fields[f"{key}"] = self.params.get(key, 0)
+        return "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
+
+    def status(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "state": self.state,
+                "percent": self.percent, "done_bytes": self.done_bytes,
+                "total_bytes": self.total_bytes}
+
+    # ---- controls (from ctl) -------------------------------------------------------
+    def pause(self) -> None:
+        self.state = "paused"
+        self._resumed = trio.Event()
+
+    def resume(self) -> None:
+        if self.state == "paused":
+            self.state = "running"
+        self._resumed.set()
+        self._window = self._throttle_from = (time.monotonic(), self.done_bytes)
+
+    def cancel(self) -> None:
+        self._cancel = True
+        self._resumed.set()
+
+    def throttle(self, rate: int) -> None:
+        self.rate_limit = rate
+        self._throttle_from = (time.monotonic(), self.done_bytes)
+
+    # ---- for the worker ----------------------------------------------------------------
+    async def checkpoint(self) -> None:
+        """Between batches: honour cancel, pause and the rate limit."""
+        while True:
+            if self._cancel:
+                raise JobCancelled()
+            if self._resumed.is_set():
+                break
+            await self._resumed.wait()
+        if self.rate_limit:
+            t0, d0 = self._throttle_from
+            ahead = (self.done_bytes - d0) / self.rate_limit - (time.monotonic() - t0)
+            if ahead > 0:
+                await trio.sleep(ahead)
+        now = time.monotonic()
+        if now - self._window[0] > 2.0:
+            self._window = (now, self.done_bytes)

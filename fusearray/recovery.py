@@ -1,0 +1,226 @@
+"""Pack recovery (IVdsPack::Recover), disk replacement and scrub, as jobs
+(DESIGN section 5). A mixin of Array, like ShadowOps.
+
+A rebuild writes a disk's share of every segment it lacks: for a disk that
+comes back, the segments from the one that was active when it left (write-
+once segments before that are unchanged), plus any it lacks or holds at a
+different length. Sealed segments are rebuilt while I/O goes on; the last
+pass (segments written meanwhile, the active one) runs under the commit
+lock, then the disk rejoins. The disk stays not-online in the catalogue
+until then, so a crash mid-rebuild leaves the pack usable (degraded) and
+the resumed job, or a second `recover`, does the work again.
+"""
+import errno
+import os
+import time
+
+import trio
+
+from .errors import ArrayError, busy, ioerror, notfound
+from .jobs import Job, JobCancelled
+from .util import human_bytes
+
+PIECE = 4 << 20
+
+
+class RecoveryOps:
+    def _start_job(self, job: Job) -> None:
+        worker = {"recover": self._run_rebuild_job, "replace": self._run_rebuild_job,
+                  "scrub": self._run_scrub_job}.get(job.kind, self._run_copy_job)
+        self._nursery.start_soon(worker, job)
+
+    def _busy_pack(self, pack) -> None:
+        for j in self.jobs.values():
+            if j.active and j.params.get("pack") == pack.name:
+                raise busy(f"pack {pack.name} already has a {j.kind} job ({j.id}) running")
+
+    async def recover(self, name: str) -> Job:
+        pack = self.pack(name)
+        self._busy_pack(pack)
+        await trio.to_thread.run_sync(pack.check_disks_blocking, self.conf["uuid"],
+                                      pack.sealed())
+        self.drain_notes()
+        targets, absent = [], []
+        for d in pack.disks:
+            if d.state == "online":
+                continue
+            if not os.path.isdir(d.path):
+                absent.append(d)
+            else:
+                targets.append(d)
+        if absent and not targets:
+            raise ioerror(f"pack {name}: disk(s) "
+                          + ", ".join(f"{d.idx} ({d.path})" for d in absent)
+                          + " are still missing: bring the directory back, or "
+                          f"`replace {name} DISK NEW_DIR`")
+        if targets and not pack.online():
+            raise ioerror(f"pack {name} has no online disk to rebuild from: its data "
+                          "is lost; restore it from a plex copy or an export")
+        async with self._lock:
+            for d in targets:
+                if d.state in ("invalid", "failed"):
+                    d.since = 0           # its content can't be trusted: all of it
+                d.state = "stale"
+            job = self._new_job("recover", [], done=not targets)
+            job.params.update(pack=name, disks=[d.idx for d in targets])
+            self.event("info", f"recover {name} (job {job.id}): "
+                       + (f"rebuilding disk(s) {', '.join(str(d.idx) for d in targets)}"
+                          if targets else "nothing to rebuild, the pack is "
+                          f"{pack.state}"))
+            self._meta_changed = True
+            await self._commit()
+        if targets:
+            self._start_job(job)
+        return job
+
+    async def replace(self, name: str, old: str, new_dir: str, force: bool = False) -> Job:
+        from .array import check_pack
+        pack = self.pack(name)
+        try:
+            d = pack.disks[int(old)]
+        except (ValueError, IndexError):
+            raise notfound(f"pack {name} has no disk {old!r} (disks 0 to "
+                           f"{len(pack.disks) - 1})") from None
+        if pack.layout == "single":
+            raise ArrayError(errno.EOPNOTSUPP, f"pack {name} has no redundancy to rebuild "
+                             "a replaced disk from (layout single)")
+        if d.state == "online" and not force:
+            raise busy(f"disk {d.idx} of pack {name} ({d.path}) is healthy: use force=yes "
+                       "to replace it anyway")
+        self._busy_pack(pack)
+        used = {x.path for p in self.packs.values() for x in p.disks}
+        path = check_pack(name, "single", [new_dir], used)[0]
+        others = [x for x in pack.disks if x is not d and x.state == "online"]
+        if len(others) < len(pack.disks) - 1 and pack.layout == "raid5":
+            raise ioerror(f"pack {name} has lost more than one disk: a raid5 pack cannot "
+                          "rebuild a replacement; its data is lost")
+        async with self._lock:
+            old_path = d.path
+            with pack._lock:
+                for key in [k for k in pack.fds if k[0] == d.idx]:
+                    os.close(pack.fds.pop(key))
+            d.path, d.state, d.since, d.errors = path, "stale", 0, 0
+            await trio.to_thread.run_sync(os.makedirs, os.path.join(path, "segments"))
+            job = self._new_job("replace", [])
+            job.params.update(pack=name, disks=[d.idx])
+            self.event("info", f"replace (job {job.id}): disk {d.idx} of pack {name} "
+                       f"{old_path} -> {path}; rebuilding")
+            self._meta_changed = True
+            await self._commit()
+        self._start_job(job)
+        return job
+
+    async def scrub(self, name: str) -> Job:
+        pack = self.pack(name)
+        self._busy_pack(pack)
+        async with self._lock:
+            job = self._new_job("scrub", [])
+            job.params.update(pack=name, repaired=0, lost=0, blocks=0)
+            await self._commit()
+        self._start_job(job)
+        return job
+
+    # ---- workers ---------------------------------------------------------------------
+    async def _run_rebuild_job(self, job: Job) -> None:
+        pack = self.packs.get(job.params["pack"])
+        try:
+            if pack is None:
+                raise notfound(f"pack {job.params['pack']} is gone")
+            disks = [pack.disks[i] for i in job.params["disks"]]
+            plans = {d.idx: await trio.to_thread.run_sync(pack.rebuild_plan, d,
+                                                          pack.segments())
+                     for d in disks}
+            job.total_bytes = job.done_bytes + sum(n for p in plans.values() for _, n in p)
+            job.state = "running" if job.state == "queued" else job.state
+            self.event("info", f"job {job.id} ({job.kind}) started: rebuilding "
+                       f"{human_bytes(job.total_bytes - job.done_bytes)} on pack {pack.name}")
+            upto: dict = {}                  # (disk, seg) -> disk bytes rebuilt
+            for d in disks:
+                for seq, size in plans[d.idx]:
+                    stable = min(size, pack.stable_size(seq))
+                    for off in range(0, stable, PIECE):
+                        await job.checkpoint()
+                        if seq not in pack.segments():
+                            break             # deleted meanwhile
+                        n = await trio.to_thread.run_sync(
+                            pack.rebuild_piece_blocking, d, seq, off, min(PIECE, stable - off))
+                        upto[(d.idx, seq)] = off + n
+                        job.done_bytes += n
+                        self._dirty_jobs.add(job)
+                        self._job_progress_event(job)
+            await job.checkpoint()
+            async with self._lock:            # no appends meanwhile: the rest
+                for d in disks:
+                    rest = await trio.to_thread.run_sync(pack.rebuild_plan, d,
+                                                         pack.segments())
+                    for seq, size in rest:
+                        start = upto.get((d.idx, seq), 0)
+                        if seq != pack.active_seq and start >= size:
+                            continue
+                        if seq == pack.active_seq and pack.layout == "raid5":
+                            start = min(start, pack.stable_size(seq))
+                        for off in range(start, size, PIECE):
+                            await trio.to_thread.run_sync(
+                                pack.rebuild_piece_blocking, d, seq, off,
+                                min(PIECE, size - off))
+                    await trio.to_thread.run_sync(pack.rejoin_blocking, d, self.conf["uuid"],
+                                                  pack.segments())
+                job.state, job.finished = "done", time.time()
+                job.done_bytes = max(job.done_bytes, job.total_bytes)
+                job.total_bytes = job.done_bytes
+                self._dirty_jobs.add(job)
+                self._meta_changed = True
+                self.event("info", f"job {job.id} ({job.kind}) done: disk(s) "
+                           f"{', '.join(str(d.idx) for d in disks)} of pack {pack.name} "
+                           f"online; the pack is {pack.state}")
+                await self._commit()
+        except JobCancelled:
+            self._end_job(job, "cancelled", f"job {job.id} ({job.kind}) cancelled at "
+                          f"{job.percent}%: the pack stays {pack.state}; run recover again")
+        except (ArrayError, OSError) as e:
+            self._end_job(job, "failed", f"job {job.id} ({job.kind}) failed: {e}",
+                          str(e))
+
+    async def _run_scrub_job(self, job: Job) -> None:
+        pack = self.packs.get(job.params["pack"])
+        try:
+            if pack is None:
+                raise notfound(f"pack {job.params['pack']} is gone")
+            segs = pack.segments()
+            job.total_bytes = sum(pack.seg_size.get(s, 0) for s in segs)
+            job.done_bytes = 0
+            job.state = "running" if job.state == "queued" else job.state
+            self.event("info", f"job {job.id} (scrub) started on pack {pack.name}: "
+                       f"{human_bytes(job.total_bytes)}")
+            for seq in segs:
+                await job.checkpoint()
+                async with self._lock:
+                    entries = pack.entries_in(seq)
+                    fixed, lost = await trio.to_thread.run_sync(
+                        pack.scrub_segment_blocking, seq, entries)
+                self.drain_notes()
+                job.params["repaired"] += fixed
+                job.params["lost"] += lost
+                job.params["blocks"] += len(entries)
+                job.done_bytes += pack.seg_size.get(seq, 0)
+                self._dirty_jobs.add(job)
+                self._job_progress_event(job)
+            p = job.params
+            state = "done" if not p["lost"] else "failed"
+            self._end_job(job, state, f"job {job.id} (scrub) of pack {pack.name}: "
+                          f"{p['blocks']} blocks verified, {p['repaired']} repaired, "
+                          f"{p['lost']} unrecoverable",
+                          f"{p['lost']} blocks could not be repaired" if p["lost"] else "")
+        except JobCancelled:
+            self._end_job(job, "cancelled", f"job {job.id} (scrub) cancelled")
+        except (ArrayError, OSError) as e:
+            self._end_job(job, "failed", f"job {job.id} (scrub) failed: {e}", str(e))
+
+    def _end_job(self, job: Job, state: str, message: str, error: str = "") -> None:
+        job.state, job.finished, job.error = state, time.time(), error
+        if state == "done":
+            job.done_bytes = job.total_bytes
+        self._dirty_jobs.add(job)
+        self._meta_changed = True
+        self.event("info" if state == "done" else "warning", message)
+

@@ -1,0 +1,902 @@
+"""Block store: content-addressed blocks in append-only segment files.
+
+A pack is a set of disks (host directories) with one layout; this module
+owns the pack's segment files and its block index (block id -> location).
+It knows nothing of LUNs, maps or snapshots: garbage collection asks the
+layer above for the set of live ids (`Pack.sweep`).
+
+On-disk record (one per block): header `MAGIC | id (16) | length (u32)`, then
+the data. Segments are write-once: a segment is appended to only by the
+mount that created it, and deleted whole once nothing in it is live.
+
+Concurrency contract:
+- The index, the live-byte counts and `pending_*` are touched only from the
+  trio thread.
+- Methods ending in `_blocking` run in worker threads and touch only files
+  and the fd table. Appends are serialised by the caller (the array's
+  committer); reads may run concurrently with appends and with each other.
+- A segment's fd is registered before any index entry points into it, and
+  closed only when no read is in flight on it (`inflight`).
+
+Crash safety: the index is persisted by the catalogue in the same SQLite
+transaction as the map roots, after `sync_blocking()`. Anything appended
+after the last commit is unreferenced garbage, removed at the next open.
+"""
+import errno
+import json
+import os
+import struct
+import threading
+
+import xxhash
+
+from . import ZERO_ID
+from .errors import ChecksumError
+
+HDR = struct.Struct("<4s16sI")
+MAGIC = b"FAB1"
+SEGMENT_LIMIT = 64 << 20
+SEGMENT_MIN = 4 << 20
+SPARES = 2
+LABEL = "fusearray-disk.json"
+_IOV_MAX = 1024
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+CHUNK = 64 << 10          # raid5 stripe unit
+ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
+
+
+try:
+    from ._fuseshim import xor_into as _xor_into
+except ImportError:          # the extension is not built: pure Python
+    _xor_into = None
+
+
+def _xor(parts) -> bytes:
+    """XOR of equal-length byte strings."""
+    if _xor_into is not None:
+        acc = bytearray(parts[0])
+        for p in parts[1:]:
+            _xor_into(acc, p)
+        return bytes(acc)
+    n = len(parts[0])
+    x = 0
+    for p in parts:
+        x ^= int.from_bytes(p, "little")
+    return x.to_bytes(n, "little")
+
+
+def _in_memory(path: str) -> bool:
+    """Is `path` on tmpfs/ramfs (reads never block on a device)?"""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[4]
+                typ = parts[parts.index("-") + 1]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, typ
+    except (OSError, ValueError, IndexError):
+        return False
+    return fstype in ("tmpfs", "ramfs")
+
+
+def _pwritev_all(fd: int, iov, offset: int) -> None:
+    want = sum(len(b) for b in iov)
+    done = os.pwritev(fd, iov, offset)
+    if done != want:   # short write: finish it piecewise
+        data = b"".join(bytes(b) for b in iov)
+        while done < want:
+            n = os.pwrite(fd, data[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write to segment")
+            done += n
+
+
+class Hasher:
+    """Block ids: xxHash3-128 keyed with the array's random 64-bit seed.
+
+    The key keeps ids unpredictable to an outsider (xxh3 is not
+    cryptographic); `verify` mode in the array confirms dedup hits byte for
+    byte. All-zero blocks get ZERO_ID and are never stored."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._zeros: dict[int, bytes] = {}
+
+    def is_zero(self, data) -> bool:
+        n = len(data)
+        z = self._zeros.get(n)
+        if z is None:
+            z = self._zeros[n] = bytes(n)
+        return data == z
+
+    def block_id(self, data) -> bytes:
+        if self.is_zero(data):
+            return ZERO_ID
+        return xxhash.xxh3_128_digest(data, self.seed)
+
+
+class Disk:
+    """A host directory holding a pack's segment files (and its label).
+    state: online | missing | failed | stale | invalid. `since`: the first
+    segment it may lack (set when it leaves; a rebuild starts there)."""
+
+    def __init__(self, idx: int, path: str, state: str = "online", since=None):
+        self.idx = idx
+        self.path = path
+        self.state = state
+        self.since = since
+        self.errors = 0
+
+    @property
+    def segdir(self) -> str:
+        return os.path.join(self.path, "segments")
+
+    def seg_path(self, seq: int) -> str:
+        return os.path.join(self.segdir, f"{seq:08d}.seg")
+
+    def write_label(self, array_uuid: str, pack: str) -> None:
+        os.makedirs(self.segdir, exist_ok=True)
+        write_file_atomic(os.path.join(self.path, LABEL), json.dumps(
+            {"array": array_uuid, "pack": pack, "disk": self.idx}).encode())
+
+    def read_label(self) -> dict:
+        with open(os.path.join(self.path, LABEL), "rb") as f:
+            return json.loads(f.read())
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """tmp, fsync, rename, fsync the directory."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Pack:
+    """A pack: segments over its disks with one layout.
+
+    - single: each segment is one file on the pack's one disk.
+    - mirror: the same file, byte for byte, on every disk (2 or 3).
+    - raid5:  a segment's logical bytes are cut in CHUNK-sized pieces laid
+      out in rows over k = n-1 data disks plus one XOR parity chunk per row,
+      the parity disk rotating with the row. Disk file offset of row r is
+      r * CHUNK on every disk.
+
+    Reads are verified against the block id. A missing disk, a read error
+    or a mismatch falls back to another copy (mirror) or reconstruction from
+    the other disks (raid5), and the bad piece is rewritten in place
+    (segments are otherwise write-once, so that is safe). Messages for the
+    event log are queued in `notes` (threads append, the array drains them).
+    """
+
+    def __init__(self, name: str, layout: str, disks: list[Disk], hasher: Hasher):
+        self.name = name
+        self.layout = layout
+        self.disks = disks
+        self.hasher = hasher
+        # trio-thread state
+        self.index: dict[bytes, tuple[int, int, int]] = {}   # id -> (seg, off, len)
+        self.seg_live: dict[int, int] = {}                   # seg -> live record bytes
+        self.seg_size: dict[int, int] = {}                   # seg -> logical bytes
+        self.pending_add: dict[bytes, tuple[int, int, int]] = {}
+        self.pending_del: set[bytes] = set()
+        self.inflight: dict[int, int] = {}
+        self.retired: set[int] = set()       # deleted, fds closed when idle
+        # file state (appender thread + readers)
+        self.fds: dict[tuple[int, int], int] = {}            # (disk idx, seg) -> fd
+        self._lock = threading.Lock()        # fd table
+        self.active_seq = 0
+        self.active_tail = 0
+        self.active_open = False             # appends go to active_seq
+        self._unsynced: set[tuple[int, int]] = set()
+        self._new_files = False
+        self.spares: list[str] = []          # dead segment files kept for reuse (single)
+        self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
+        self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
+        self.seg_limit = SEGMENT_LIMIT       # set from the capacity at open
+        self._nowait = _NOWAIT               # preadv2 flags for reads on the loop
+        self.reserve = 2 * SEGMENT_LIMIT     # free space only GC may use
+        self.lost_reads = 0
+
+    @property
+    def disk(self) -> Disk:
+        return self.disks[0]
+
+    @property
+    def k(self) -> int:
+        return len(self.disks) - 1 if self.layout == "raid5" else 1
+
+    def online(self) -> list[Disk]:
+        return [d for d in self.disks if d.state == "online"]
+
+    @property
+    def state(self) -> str:
+        bad = sum(d.state != "online" for d in self.disks)
+        if not bad:
+            return "healthy"
+        if self.layout == "single" or (self.layout == "raid5" and bad > 1) \
+                or bad == len(self.disks):
+            return "failed"
+        return "degraded"
+
+    def note(self, level: str, msg: str) -> None:
+        self.notes.append((level, msg))
+
+    # ---- disks ---------------------------------------------------------------
+    def _label_ok(self, d: Disk, array_uuid: str | None) -> bool:
+        return self._label_state(d, array_uuid) == "ok"
+
+    def _label_state(self, d: Disk, array_uuid: str | None) -> str:
+        """ok | missing (no directory or no label) | invalid (a label that is
+        unreadable or from another pack or array)."""
+        try:
+            lab = d.read_label()
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError):
+            return "invalid" if os.path.isdir(d.path) else "missing"
+        if lab.get("pack") == self.name and lab.get("disk") == d.idx and \
+                (array_uuid is None or lab.get("array") == array_uuid):
+            return "ok"
+        return "invalid"
+
+    def check_disks_blocking(self, array_uuid: str | None = None,
+                             segs: list | None = None) -> None:
+        """Notice disks that vanished or came back (run every few seconds).
+        `segs`: the segments every online disk must hold (from segments(),
+        taken on the trio thread)."""
+        expected = {f"{seq:08d}.seg" for seq in segs or ()}
+        for d in self.disks:
+            label = self._label_state(d, array_uuid)
+            ok = label == "ok"
+            if d.state == "online" and not ok:
+                self._lose(d, label, "its directory or label is gone" if label == "missing"
+                           else "its label is unreadable or belongs elsewhere")
+            elif d.state == "online":
+                try:
+                    gone = expected - set(os.listdir(d.segdir))
+                except OSError:
+                    gone = expected
+                if gone:
+                    self._lose(d, "missing", f"{len(gone)} segment file(s) are gone "
+                               "from its directory")
+            elif d.state == "missing" and ok:
+                d.state = "stale"
+                self.note("warning", f"disk {d.idx} of pack {self.name} ({d.path}) is "
+                          f"back but older than the pack: run `recover {self.name}`")
+
+    def _lose(self, d: Disk, state: str, why: str) -> None:
+        if d.state != "online":
+            return
+        d.state = state
+        d.since = self.active_seq
+        with self._lock:
+            for key in [k for k in self.fds if k[0] == d.idx]:
+                try:
+                    os.close(self.fds.pop(key))
+                except OSError:
+                    pass
+        what = {"degraded": "data is still readable (redundancy lost)",
+                "failed": "some data can no longer be read"}.get(self.state, "")
+        self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) is {state}: {why}; "
+                  f"the pack is {self.state}: {what}; run `recover {self.name}` when the "
+                  f"disk is back, or `replace {self.name} {d.idx} NEW_DIR`")
+
+    def disk_error(self, d: Disk, what: str) -> None:
+        d.errors += 1
+        self.note("warning", f"disk {d.idx} of pack {self.name} ({d.path}): {what} "
+                  f"(error {d.errors} of {ERROR_LIMIT})")
+        if d.errors >= ERROR_LIMIT:
+            self._lose(d, "failed", f"{d.errors} I/O or checksum errors")
+
+    # ---- open / close (blocking) -------------------------------------
+    def open_blocking(self, rows, array_uuid: str | None = None) -> list[int]:
+        """Load the committed index `rows` (id, seg, off, len) and open the
+        segments. Segment files nothing points into are crash garbage and
+        are deleted. Returns the deleted segment numbers."""
+        for bid, seg, off, length in rows:
+            self.index[bytes(bid)] = (seg, off, length)
+            self.seg_live[seg] = self.seg_live.get(seg, 0) + length + HDR.size
+        ends: dict[int, int] = {}
+        for seg, off, length in self.index.values():
+            ends[seg] = max(ends.get(seg, 0), off + length)
+        self.seg_size.update(ends)
+        removed: set = set()
+        top = 0
+        for d in self.disks:
+            label = self._label_state(d, array_uuid) if d.state == "online" else "ok"
+            if label != "ok":
+                d.state, d.since = label, 0
+                self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) is "
+                          f"{label}: " + ("its directory or label is gone" if
+                                          label == "missing" else "its label is "
+                                          "unreadable or belongs elsewhere")
+                          + f"; run `recover {self.name}`")
+            elif d.state in ("missing", "failed") and self._label_ok(d, array_uuid):
+                d.state = "stale"
+            if d.state in ("missing", "invalid") or not os.path.isdir(d.segdir):
+                continue
+            present: set = set()
+            for fn in sorted(os.listdir(d.segdir)):
+                path = os.path.join(d.segdir, fn)
+                if fn.endswith(".spare") or (fn.endswith(".seg") and int(fn[:-4]) not in ends):
+                    os.unlink(path)
+                    if fn.endswith(".seg"):
+                        removed.add(int(fn[:-4]))
+                    continue
+                if not fn.endswith(".seg"):
+                    continue
+                seq = int(fn[:-4])
+                top = max(top, seq)
+                if d.state != "online":
+                    continue
+                fd = self.fds[(d.idx, seq)] = os.open(path, os.O_RDWR)
+                present.add(seq)
+                if self.layout != "raid5" and os.fstat(fd).st_size > ends[seq]:
+                    os.ftruncate(fd, ends[seq])   # uncommitted or recycled tail
+            if removed:
+                fsync_dir(d.segdir)
+            lacking = set(ends) - present
+            if d.state == "online" and lacking:
+                d.state, d.since = "stale", min(lacking)
+                self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) lacks "
+                          f"{len(lacking)} segment file(s): it is stale; run "
+                          f"`recover {self.name}`")
+                with self._lock:
+                    for key in [k for k in self.fds if k[0] == d.idx]:
+                        os.close(self.fds.pop(key))
+        cap = self.capacity_bytes()
+        if cap:   # small packs get small segments, so garbage frees space sooner
+            self.seg_limit = max(SEGMENT_MIN, min(SEGMENT_LIMIT, cap // 32))
+        self.reserve = 2 * self.seg_limit * (len(self.disks) if self.layout == "mirror" else 1)
+        top = max([top] + list(ends))
+        self.active_seq = top      # a new segment is started on first append
+        self.active_tail = 0
+        return sorted(removed)
+
+    def close_blocking(self) -> None:
+        with self._lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+    # ---- geometry (raid5) ------------------------------------------------
+    def _pieces(self, off: int, n: int):
+        """raid5: (disk idx, disk offset, length, logical offset) pieces of
+        the logical range, in order."""
+        k, nd = self.k, len(self.disks)
+        out = []
+        end = off + n
+        while off < end:
+            row, w = divmod(off, k * CHUNK)
+            j, o = divmod(w, CHUNK)
+            take = min(CHUNK - o, end - off)
+            p = row % nd
+            out.append(((p + 1 + j) % nd, row * CHUNK + o, take, off))
+            off += take
+        return out
+
+    def _parity_disk(self, row: int) -> int:
+        return row % len(self.disks)
+
+    # ---- data path (blocking) ------------------------------------------
+    def _roll_blocking(self) -> None:
+        if self.state == "failed":
+            raise OSError(errno.EIO, f"pack {self.name} has failed: writes are refused")
+        self.active_seq += 1
+        seq = self.active_seq
+        for d in self.online():
+            path = d.seg_path(seq)
+            os.makedirs(d.segdir, exist_ok=True)
+            if self.spares and self.layout == "single":
+                os.rename(self.spares.pop(), path)   # reuse pages: no fresh allocation
+                fd = os.open(path, os.O_RDWR)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            with self._lock:
+                self.fds[(d.idx, seq)] = fd
+        self.active_tail = 0
+        self.active_open = True
+        self._new_files = True
+        self._row = None
+
+    def append_blocking(self, records, reserve_ok: bool = False) -> list[tuple[int, int, int]]:
+        """Append (id, data) records; return their locations. Caller
+        serialises appends. All or nothing: on an error the segments are
+        cut back to where they were. User data may not use the last
+        `reserve` bytes of free space (GC compaction and map nodes may:
+        `reserve_ok`), so a full pack can still free itself."""
+        if self.state == "failed":
+            raise OSError(errno.EIO, f"pack {self.name} has failed: writes are refused "
+                          "(too many disks are unavailable)")
+        if not reserve_ok:
+            need = sum(len(d) + HDR.size for _, d in records)
+            if self.free_bytes() < self.reserve + need:
+                raise OSError(errno.ENOSPC, "No space left on the pack (the rest is "
+                              "kept for garbage collection)")
+        undo = (self.active_seq, self.active_tail, self.active_open, self._row)
+        try:
+            return self._append(records)
+        except OSError:
+            self._undo_append(*undo)
+            raise
+
+    def _undo_append(self, seq, tail, was_open, row) -> None:
+        for s in range(seq + 1, self.active_seq + 1):     # segments this call made
+            for d in self.disks:
+                with self._lock:
+                    fd = self.fds.pop((d.idx, s), None)
+                if fd is not None:
+                    os.close(fd)
+                try:
+                    os.unlink(d.seg_path(s))
+                except OSError:
+                    pass
+        if was_open:
+            end = tail if self.layout != "raid5" else -(-tail // (self.k * CHUNK)) * CHUNK
+            for d in self.disks:
+                fd = self.fds.get((d.idx, seq))
+                if fd is not None:
+                    try:
+                        os.ftruncate(fd, max(end, 0))
+                    except OSError:
+                        pass
+        self.active_seq, self.active_tail, self.active_open, self._row = seq, tail, was_open, row
+
+    def _append(self, records) -> list[tuple[int, int, int]]:
+        locs = []
+        iov: list = []
+        start = None
+        for bid, data in records:
+            n = len(data)
+            full = not self.active_open or self.active_tail + HDR.size + n > self.seg_limit
+            if full or len(iov) >= _IOV_MAX:
+                if iov:
+                    self._write(iov, start)
+                    iov = []
+                if full:
+                    self._roll_blocking()
+            if not iov:
+                start = self.active_tail
+            iov.append(HDR.pack(MAGIC, bid, n))
+            iov.append(data)
+            locs.append((self.active_seq, self.active_tail + HDR.size, n))
+            self.active_tail += HDR.size + n
+        if iov:
+            self._write(iov, start)
+        return locs       # the caller's add() records them (and seg_size)
+
+    def _write(self, iov, offset) -> None:
+        seq = self.active_seq
+        if self.layout == "raid5":
+            self._write_raid5(seq, b"".join(bytes(b) if not isinstance(b, bytes) else b
+                                            for b in iov), offset)
+            return
+        wrote = 0
+        last: OSError | None = None
+        for d in self.online():
+            fd = self.fds.get((d.idx, seq))
+            if fd is None:
+                continue
+            try:
+                _pwritev_all(fd, iov, offset)
+                self._unsynced.add((d.idx, seq))
+                wrote += 1
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                last = e
+                self.disk_error(d, f"write failed: {e.strerror}")
+        if not wrote:
+            raise last or OSError(errno.EIO, f"no disk of pack {self.name} took the write")
+
+    def _write_raid5(self, seq: int, data: bytes, offset: int) -> None:
+        k, row_bytes = self.k, self.k * CHUNK
+        pos = 0
+        while pos < len(data):
+            row, w = divmod(offset + pos, row_bytes)
+            take = min(row_bytes - w, len(data) - pos)
+            if self._row is None or self._row[:2] != (seq, row):
+                self._row = (seq, row, bytearray(row_bytes))
+            buf = self._row[2]
+            buf[w:w + take] = data[pos:pos + take]
+            for di, doff, n, loff in self._pieces(offset + pos, take):
+                piece = data[loff - offset:loff - offset + n]
+                self._put(di, seq, doff, piece)
+            p = self._parity_disk(row)
+            self._put(p, seq, row * CHUNK, _xor([buf[j * CHUNK:(j + 1) * CHUNK]
+                                                 for j in range(k)]))
+            pos += take
+
+    def _put(self, di: int, seq: int, off: int, data) -> None:
+        d = self.disks[di]
+        fd = self.fds.get((di, seq)) if d.state == "online" else None
+        if fd is None:
+            return                     # a missing disk: parity covers it
+        try:
+            _pwritev_all(fd, [data], off)
+            self._unsynced.add((di, seq))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.disk_error(d, f"write failed: {e.strerror}")
+
+    def _get(self, di: int, seq: int, off: int, n: int):
+        """Bytes of disk `di`'s file, or None when that disk can't give them."""
+        d = self.disks[di]
+        fd = self.fds.get((di, seq)) if d.state == "online" else None
+        if fd is None:
+            return None
+        try:
+            data = os.pread(fd, n, off)
+        except OSError as e:
+            self.disk_error(d, f"read failed: {e.strerror}")
+            return None
+        return data + bytes(n - len(data)) if len(data) < n else data
+
+    def _reconstruct(self, skip: int, seq: int, off: int, n: int):
+        """raid5: disk `skip`'s bytes at [off, off+n) from all the others."""
+        parts = []
+        for di in range(len(self.disks)):
+            if di == skip:
+                continue
+            got = self._get(di, seq, off, n)
+            if got is None:
+                return None
+            parts.append(got)
+        return _xor(parts)
+
+    def _read_logical(self, seq: int, off: int, n: int, avoid: int | None = None):
+        if self.layout != "raid5":
+            for d in self.disks:
+                if d.idx == avoid:
+                    continue
+                got = self._get(d.idx, seq, off, n)
+                if got is not None:
+                    return got
+            return None
+        out = []
+        for di, doff, ln, _ in self._pieces(off, n):
+            got = None if di == avoid else self._get(di, seq, doff, ln)
+            if got is None:
+                got = self._reconstruct(di, seq, doff, ln)
+            if got is None:
+                return None
+            out.append(got)
+        return b"".join(out)
+
+    def read_blocking(self, bid: bytes, loc) -> bytes:
+        seg, off, length = loc
+        data = self._read_logical(seg, off, length)
+        if data is not None and self.hasher.block_id(data) == bid:
+            return data
+        return self._heal(bid, seg, off, length, data is None)
+
+    def _heal(self, bid: bytes, seg: int, off: int, length: int, unreadable: bool) -> bytes:
+        """The normal read failed: find a good copy, rewrite the bad one."""
+        if self.layout != "single":
+            suspects = [d.idx for d in self.disks]
+            if self.layout == "raid5":
+                suspects = sorted({p[0] for p in self._pieces(off, length)})
+            for bad in suspects:
+                data = self._read_logical(seg, off, length, avoid=bad)
+                if data is None or self.hasher.block_id(data) != bid:
+                    continue
+                d = self.disks[bad]
+                if d.state == "online" and not unreadable:
+                    self._repair(bad, seg, off, data)
+                    self.disk_error(d, f"block {bid.hex()[:16]} in segment {seg} did not "
+                                    "match its hash; repaired from redundancy")
+                elif d.state == "online":
+                    self._repair(bad, seg, off, data)
+                return data
+        self.lost_reads += 1
+        raise ChecksumError(
+            f"block {bid.hex()} in segment {seg} offset {off} of pack {self.name} "
+            f"does not match its hash and cannot be rebuilt ({self.layout}, "
+            f"pack {self.state})")
+
+    def _repair(self, di: int, seg: int, off: int, data: bytes) -> None:
+        if self.layout == "raid5":
+            for pdi, doff, ln, loff in self._pieces(off, len(data)):
+                if pdi == di:
+                    self._put(di, seg, doff, data[loff - off:loff - off + ln])
+        else:
+            self._put(di, seg, off, data)
+
+    def read_nowait(self, bid: bytes, loc):
+        """Read a block only if the page cache has it (preadv2 RWF_NOWAIT):
+        safe on the event loop. None when it would block or anything is
+        unusual; then use read_blocking in a thread."""
+        if self.layout != "single" or self._nowait is None:
+            return None
+        seg, off, length = loc
+        fd = self.fds.get((0, seg))
+        if fd is None:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(fd, [buf], off, self._nowait)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
+                self._nowait = 0 if _in_memory(self.disk.path) else None
+            return None
+        if n != length or self.hasher.block_id(buf) != bid:
+            return None
+        return buf
+
+    def sync_blocking(self) -> None:
+        for key in list(self._unsynced):
+            fd = self.fds.get(key)
+            if fd is not None:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    self.disk_error(self.disks[key[0]], f"fsync failed: {e.strerror}")
+            self._unsynced.discard(key)
+        if self._new_files:
+            self._new_files = False
+            for d in self.online():
+                fsync_dir(d.segdir)
+
+    def close_segment_blocking(self, seq: int) -> None:
+        with self._lock:
+            fds = [self.fds.pop(k) for k in [k for k in self.fds if k[1] == seq]]
+        for fd in fds:
+            os.close(fd)
+
+    def retire_blocking(self, seq: int, reuse: bool) -> None:
+        """A dead segment (nothing in the committed index points into it):
+        keep its file as a spare for the next segment, or delete it."""
+        for d in self.disks:
+            if d.state == "missing":
+                continue
+            path = d.seg_path(seq)
+            try:
+                if reuse and self.layout == "single" and len(self.spares) < SPARES:
+                    spare = os.path.join(d.segdir, f"{seq:08d}.spare")
+                    os.rename(path, spare)
+                    self.spares.append(spare)
+                else:
+                    os.unlink(path)
+                fsync_dir(d.segdir)
+            except FileNotFoundError:
+                pass
+        self.close_segment_blocking(seq)
+
+    def unlink_segment_blocking(self, seq: int) -> None:
+        for d in self.disks:
+            try:
+                os.unlink(d.seg_path(seq))
+                fsync_dir(d.segdir)
+            except OSError:
+                pass
+
+    # ---- rebuild and scrub (blocking, one piece per call) -------------------
+    def disk_file_size(self, seq: int) -> int:
+        size = self.active_tail if seq == self.active_seq and self.active_open \
+            else self.seg_size.get(seq, 0)
+        if self.layout == "raid5":
+            return -(-size // (self.k * CHUNK)) * CHUNK
+        return size
+
+    def sealed(self) -> list[int]:
+        """Segments whose files every online disk must have."""
+        return [s for s in self.seg_size if s not in self.retired]
+
+    def segments(self) -> list[int]:
+        segs = set(self.seg_size)
+        if self.active_open:
+            segs.add(self.active_seq)
+        return sorted(s for s in segs if s not in self.retired)
+
+    def stable_size(self, seq: int) -> int:
+        """Disk bytes of a segment that appends can no longer change (for
+        raid5 the tail row's parity still moves)."""
+        size = self.disk_file_size(seq)
+        if seq == self.active_seq and self.active_open and self.layout == "raid5":
+            return (self.active_tail // (self.k * CHUNK)) * CHUNK
+        return size
+
+    def rebuild_plan(self, d: Disk, segs: list) -> list[tuple[int, int]]:
+        """(seg, disk bytes) disk `d` needs: what changed since it left, and
+        anything it lacks or holds a different length of. `segs` from
+        segments(), taken on the trio thread."""
+        plan = []
+        since = d.since or 0
+        for seq in segs:
+            size = self.disk_file_size(seq)
+            try:
+                have = os.stat(d.seg_path(seq)).st_size
+            except OSError:
+                have = -1
+            if seq >= since or have != size:
+                plan.append((seq, size))
+        return plan
+
+    def rebuild_piece_blocking(self, d: Disk, seq: int, off: int, n: int) -> int:
+        """Write disk `d`'s bytes of segment `seq` at [off, off+n) from the
+        other disks. Returns bytes written."""
+        src = [x for x in self.disks if x is not d and x.state == "online"]
+        if not src:
+            raise OSError(errno.EIO, f"no online disk of pack {self.name} to rebuild from")
+        if self.layout == "raid5":
+            data = self._reconstruct(d.idx, seq, off, n)
+        else:
+            data = self._get(src[0].idx, seq, off, n)
+        if data is None:
+            raise OSError(errno.EIO, f"segment {seq} cannot be rebuilt: too many disks "
+                          f"of pack {self.name} are unavailable")
+        os.makedirs(d.segdir, exist_ok=True)
+        fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _pwritev_all(fd, [data], off)
+            if off + n >= self.disk_file_size(seq):
+                os.ftruncate(fd, self.disk_file_size(seq))
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return n
+
+    def rejoin_blocking(self, d: Disk, array_uuid: str, segs: list) -> None:
+        """After its rebuild: the disk serves again."""
+        d.write_label(array_uuid, self.name)
+        fsync_dir(d.segdir)
+        for seq in segs:
+            path = d.seg_path(seq)
+            if os.path.exists(path):
+                with self._lock:
+                    self.fds[(d.idx, seq)] = os.open(path, os.O_RDWR)
+        d.state, d.since, d.errors = "online", None, 0
+
+    def scrub_segment_blocking(self, seq: int, entries) -> tuple[int, int]:
+        """Verify every copy / the parity of a segment's blocks; repair from
+        redundancy. Returns (repaired, unrecoverable)."""
+        repaired = lost = 0
+        for bid, (s, off, length) in entries:
+            if self.layout == "mirror":
+                copies = [(d, self._get(d.idx, seq, off, length)) for d in self.online()]
+                good = next((c for _, c in copies if c is not None
+                             and self.hasher.block_id(c) == bid), None)
+                if good is None:
+                    lost += 1
+                    continue
+                for d, c in copies:
+                    if c is None or self.hasher.block_id(c) != bid:
+                        self._put(d.idx, seq, off, good)
+                        repaired += 1
+                continue
+            data = self._read_logical(seq, off, length)
+            if data is not None and self.hasher.block_id(data) == bid:
+                continue
+            try:
+                self._heal(bid, seq, off, length, data is None)
+                repaired += 1
+            except ChecksumError:
+                lost += 1
+        if self.layout == "raid5" and self.state == "healthy":
+            rows = -(-self.disk_file_size(seq) // CHUNK)
+            for row in range(rows):
+                p = self._parity_disk(row)
+                chunks = [self._get(di, seq, row * CHUNK, CHUNK)
+                          for di in range(len(self.disks)) if di != p]
+                stored = self._get(p, seq, row * CHUNK, CHUNK)
+                if None in chunks or stored is None:
+                    continue
+                want = _xor(chunks)
+                if want != stored:
+                    self._put(p, seq, row * CHUNK, want)
+                    repaired += 1
+        return repaired, lost
+
+    # ---- index (trio thread) -------------------------------------------
+    def lookup(self, bid: bytes):
+        return self.index.get(bid)
+
+    def add(self, bid: bytes, loc) -> None:
+        old = self.index.get(bid)
+        if old is not None:
+            self._unlive(old)
+        self.index[bid] = loc
+        self.seg_live[loc[0]] = self.seg_live.get(loc[0], 0) + loc[2] + HDR.size
+        self.seg_size[loc[0]] = max(self.seg_size.get(loc[0], 0), loc[1] + loc[2])
+        self.pending_add[bid] = loc
+        self.pending_del.discard(bid)
+
+    def _unlive(self, loc) -> None:
+        self.seg_live[loc[0]] -= loc[2] + HDR.size
+
+    def sweep(self, live: set) -> int:
+        """Drop index entries of blocks not in `live`. Returns bytes freed."""
+        freed = 0
+        for bid in [b for b in self.index if b not in live]:
+            loc = self.index.pop(bid)
+            self._unlive(loc)
+            freed += loc[2]
+            self.pending_add.pop(bid, None)
+            self.pending_del.add(bid)
+        return freed
+
+    def take_pending(self):
+        adds, dels = self.pending_add, self.pending_del
+        self.pending_add, self.pending_del = {}, set()
+        return adds, dels
+
+    def dead_segments(self) -> list[int]:
+        """Sealed segments with nothing live: delete after the commit that
+        dropped their entries."""
+        return [s for s, live in self.seg_live.items()
+                if live <= 0 and not self._is_active(s) and s in self.seg_size]
+
+    def sparse_segments(self, ratio: float = 0.5) -> list[int]:
+        """Sealed segments worth compacting (live share below `ratio`)."""
+        out = []
+        for s, live in self.seg_live.items():
+            size = self.seg_size.get(s, 0)
+            if not self._is_active(s) and 0 < live and size and live / size < ratio:
+                out.append(s)
+        return out
+
+    def _is_active(self, seq: int) -> bool:
+        return self.active_open and seq == self.active_seq
+
+    def seal_if_sparse(self, ratio: float = 0.5) -> None:
+        """Close the active segment to appends when most of it is garbage,
+        so GC can reclaim it."""
+        s = self.active_seq
+        if self.active_open and s in self.seg_size:
+            if self.seg_live.get(s, 0) < self.seg_size[s] * ratio:
+                self.active_open = False
+
+    def entries_in(self, seq: int) -> list[tuple[bytes, tuple]]:
+        return [(b, loc) for b, loc in self.index.items() if loc[0] == seq]
+
+    def forget_segment(self, seq: int) -> None:
+        self.seg_live.pop(seq, None)
+        self.seg_size.pop(seq, None)
+
+    # ---- accounting ------------------------------------------------------
+    def used_bytes(self) -> int:
+        """Physical: every disk's share, redundancy included."""
+        logical = sum(self.seg_size.values())
+        if self.layout == "mirror":
+            return logical * len(self.disks)
+        if self.layout == "raid5":
+            return logical * len(self.disks) // self.k
+        return logical
+
+    def _statvfs(self, field: str) -> int:
+        sizes = []
+        for d in self.disks:
+            try:
+                st = os.statvfs(d.path)
+            except OSError:
+                continue
+            sizes.append(getattr(st, field) * st.f_frsize)
+        if not sizes:
+            return 0
+        return min(sizes) * self.k if self.layout == "raid5" else min(sizes)
+
+    def capacity_bytes(self) -> int:
+        """What the pack can hold (usable, after redundancy)."""
+        return self._statvfs("f_blocks")
+
+    def free_bytes(self) -> int:
+        return self._statvfs("f_bavail")

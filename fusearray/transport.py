@@ -1,0 +1,508 @@
+"""Transportable shadow copies: export a set as a stream, import it into any
+array (DESIGN 4.5; format in docs/stream-format.md).
+
+Both directions stream with bounded memory: `export_stream` is an async
+generator of byte chunks; `Importer.feed` parses whatever arrives and keeps
+at most one batch of blocks (IMPORT_BATCH) before storing it.
+
+An import builds its volumes in a staging set whose name starts with "."
+(never a user name, never listed). It becomes visible only when the trailer
+has verified; a bad stream removes the staging set and reclaims its space.
+A partial import checkpoints (offset, hash chain, maps) in its job, so an
+interrupted transfer resumes from the last checkpoint (`resume=yes`).
+"""
+import errno
+import json
+import struct
+import time
+
+import trio
+import xxhash
+
+from . import ZERO_ID, maps
+from .errors import ArrayError, exists, invalid, notfound
+from .jobs import Job
+from .util import check_name, human_bytes
+
+MAGIC = b"FASTRM\x00\x01"
+REC = struct.Struct("<cI")
+U64 = struct.Struct("<Q")
+FORMAT = 1
+EXPORT_BATCH = 64
+IMPORT_BATCH = 16 << 20
+CHECKPOINT_BYTES = 64 << 20
+MAX_RECORD = (1 << 20) + 64
+
+
+def _chain(chain: bytes, typ: bytes, *pieces) -> bytes:
+    """The next chain value: xxh3_128(chain || type || payload), where the
+    payload may come in pieces (hashed as one string)."""
+    h = xxhash.xxh3_128()
+    h.update(chain)
+    h.update(typ)
+    for p in pieces:
+        h.update(p)
+    return h.digest()
+
+
+class Encoder:
+    """Frames records and keeps the hash chain and counts."""
+
+    def __init__(self):
+        self.chain = bytes(16)
+        self.records = 0
+        self.blocks = 0
+
+    def record(self, typ: bytes, payload) -> bytes:
+        self.chain = _chain(self.chain, typ, payload)
+        self.records += 1
+        return REC.pack(typ, len(payload)) + bytes(payload)
+
+    def record_pieces(self, typ: bytes, pieces: list) -> list:
+        """A record whose payload is `pieces` joined, without joining them."""
+        self.chain = _chain(self.chain, typ, *pieces)
+        self.records += 1
+        return [REC.pack(typ, sum(len(p) for p in pieces))] + pieces
+
+    def json(self, typ: bytes, obj) -> bytes:
+        return self.record(typ, json.dumps(obj, sort_keys=True).encode())
+
+    def trailer(self) -> bytes:
+        body = json.dumps({"records": self.records, "blocks": self.blocks,
+                           "chain": self.chain.hex()}, sort_keys=True).encode()
+        return REC.pack(b"T", len(body)) + body
+
+
+def _vol_header(v, height: int, diff: bool) -> dict:
+    return {"name": v.name, "size": v.size, "block_size": v.block_size, "wwn": v.wwn,
+            "serial": v.serial, "origin": v.origin, "context": v.context,
+            "readonly": v.readonly, "hidden": v.hidden, "height": height, "diff": diff}
+
+
+def _diffable(base_vol, vol, height: int) -> bool:
+    """Is `vol` sent as changes against `base_vol`? (same map geometry)"""
+    return (base_vol is not None and base_vol.height == height
+            and base_vol.block_size == vol.block_size)
+
+
+async def export_stream(array, set_name: str, base_name: str | None = None):
+    """Yield the stream of set `set_name` (incremental against `base_name`)."""
+    s = array.sets.get(set_name)
+    if s is None or set_name.startswith("."):
+        raise notfound(f"no shadow copy set named {set_name!r}")
+    base = None
+    if base_name is not None:
+        base = array.sets.get(base_name)
+        if base is None or base_name.startswith("."):
+            raise notfound(f"no base set named {base_name!r}")
+    vols = [s["members"][n] for n in sorted(s["members"])]
+    for v in vols:
+        array._check_copy_free(v, "shadow copy")
+    # the roots as they are now; pinned so GC keeps their blocks meanwhile
+    snap = [(v, v.root, v.height) for v in vols]
+    base_vols = {n: v for n, v in base["members"].items()} if base else {}
+    pins = [(v, v.root, v.height) for v in vols] + \
+        [(v, v.root, v.height) for v in base_vols.values()]
+    array.pin(pins)
+    try:
+        enc = Encoder()
+        header = {"format": FORMAT, "kind": "incremental" if base else "full",
+                  "set": {"name": set_name, "created": s["created"]},
+                  "base": ({"name": base_name, "wwns": sorted(v.wwn for v in base_vols.values())}
+                           if base else None),
+                  "volumes": [_vol_header(v, h, _diffable(base_vols.get(v.name), v, h))
+                              for v, _, h in snap],
+                  "total_bytes": None if base else sum(v.allocated_bytes() for v in vols),
+                  "source": {"array": array.conf["uuid"]}}   # no time: a re-export is identical
+        yield MAGIC + enc.json(b"H", header)
+        for i, (v, root, height) in enumerate(snap):
+            yield enc.json(b"V", {"index": i})
+            b = base_vols.get(v.name)
+            if _diffable(b, v, height):
+                changes = maps.diff(b.root, root, height, array.loader(b), array.loader(v))
+            else:
+                changes = maps.entries(root, height, array.loader(v))
+            batch = []
+            async for bno, bid in changes:
+                if bno * v.block_size >= v.size:
+                    continue
+                batch.append((bno, bid))
+                if len(batch) >= EXPORT_BATCH:
+                    yield await _encode_batch(array, enc, v, batch)
+                    batch = []
+            if batch:
+                yield await _encode_batch(array, enc, v, batch)
+        yield enc.trailer()
+        array.event("info", f"exported set {set_name}"
+                    + (f" (incremental against {base_name})" if base else "")
+                    + f": {enc.blocks} blocks")
+    finally:
+        array.unpin(pins)
+
+
+async def _encode_batch(array, enc: Encoder, vol, batch) -> bytes:
+    reads = [bid for _, bid in batch if bid != ZERO_ID]
+    datas = iter(await array.read_blocks(vol, reads)) if reads else iter(())
+    out = []
+    for bno, bid in batch:
+        if bid == ZERO_ID:
+            out.append(enc.record(b"Z", U64.pack(bno)))
+            continue
+        data = next(datas)
+        end = min(vol.block_size, vol.size - bno * vol.block_size)
+        block = memoryview(data)[:end]
+        out.extend(enc.record_pieces(b"B", [U64.pack(bno), xxhash.xxh3_64_digest(block),
+                                            block]))
+        enc.blocks += 1
+    return b"".join(out)
+
+
+def _check_header(h) -> dict:
+    """Types of every header field the importer uses (KeyError/TypeError/
+    ValueError for a bad one)."""
+    if not isinstance(h, dict):
+        raise TypeError("not an object")
+    if h["format"] != FORMAT:
+        raise ValueError(f"format {h['format']} is not supported")
+    if h["kind"] not in ("full", "incremental"):
+        raise ValueError(f"kind {h['kind']!r}")
+    str(h["set"]["name"])
+    float(h["set"]["created"])
+    if h["kind"] == "incremental":
+        str(h["base"]["name"])
+        list(h["base"]["wwns"])
+    for vh in h["volumes"]:
+        for key in ("name", "wwn", "serial"):
+            if not isinstance(vh[key], str):
+                raise TypeError(f"volume {key}")
+        for key in ("size", "block_size", "height"):
+            if not isinstance(vh[key], int) or vh[key] <= 0:
+                raise ValueError(f"volume {key}")
+        bool(vh["readonly"]), bool(vh["hidden"]), bool(vh["diff"])
+    return h
+
+
+class Importer:
+    """Receives one stream (or the rest of one, when resuming)."""
+
+    def __init__(self, array, as_name: str | None, pack: str | None, remap: bool):
+        self.array = array
+        self.as_name = as_name
+        self.pack_name = pack
+        self.remap = remap
+        self.buf = bytearray()
+        self.offset = 0               # stream bytes consumed
+        self.chain = bytes(16)
+        self.records = 0
+        self.blocks = 0
+        self.header = None
+        self.vols: list = []
+        self.current = None
+        self.pending: list = []       # [(vol, bno, data)]
+        self.pending_bytes = 0
+        self.job: Job | None = None
+        self.finished = False
+        self.failed: ArrayError | None = None
+        self.resumed = False
+        self._since_checkpoint = 0
+
+    # ---- resume ---------------------------------------------------------------------
+    @classmethod
+    def resume(cls, array, jid: str | None):
+        jobs = [j for j in array.jobs.values() if j.kind == "import" and j.active
+                and (jid is None or str(j.id) == jid)]
+        if not jobs:
+            raise notfound("no interrupted import to resume" + (f" with job {jid}" if jid else ""))
+        job = jobs[-1]
+        p = job.params
+        imp = cls(array, p.get("as"), p.get("pack"), p.get("remap", False))
+        imp.job = job
+        imp.header = p["header"]
+        imp.offset, imp.chain = p["offset"], bytes.fromhex(p["chain"])
+        imp.records, imp.blocks = p["records"], p["blocks"]
+        imp.vols = [array.volumes[v] for v in p["vids"]]
+        imp.current = imp.vols[p["current"]] if p.get("current") is not None else None
+        imp.resumed = True
+        job.resume()
+        array.event("info", f"import job {job.id} resumes at stream offset {imp.offset}")
+        return imp
+
+    # ---- parsing -----------------------------------------------------------------------
+    async def feed(self, data) -> None:
+        if self.failed:
+            raise self.failed
+        if self.finished:
+            raise invalid("data after the end of the stream")
+        self.buf += data
+        try:
+            await self._parse()
+        except ArrayError as e:
+            if self.resumed and not self.finished:
+                # maybe not the same stream: keep what the first run stored
+                self.failed = e
+                self.buf.clear()
+                self.job.pause()
+                self.array.event("warning", f"import job {self.job.id}: the resumed stream "
+                                 f"does not continue it ({e.message}); the partial import "
+                                 f"is kept: resume with the same stream, or cancel "
+                                 f"{self.job.id}")
+                raise
+            await self.abort(e)
+            raise
+
+    async def _parse(self) -> None:
+        if self.offset == 0 and self.header is None:
+            if len(self.buf) < len(MAGIC):
+                return
+            if bytes(self.buf[:6]) != MAGIC[:6]:
+                raise invalid("this is not a fusearray stream (bad magic)")
+            if bytes(self.buf[:8]) != MAGIC:
+                raise invalid(f"stream version {self.buf[7]} is not supported "
+                              f"(this fusearray reads version {MAGIC[7]})")
+            del self.buf[:8]
+            self.offset = 8
+        pos = 0
+        try:
+            while len(self.buf) - pos >= REC.size:
+                typ, n = REC.unpack_from(self.buf, pos)
+                if n > MAX_RECORD or typ not in b"HVBZT":
+                    raise invalid(f"corrupt stream at offset {self.offset}: bad record "
+                                  f"{typ!r} of {n} bytes")
+                if len(self.buf) - pos < REC.size + n:
+                    return
+                payload = bytes(self.buf[pos + REC.size:pos + REC.size + n])
+                pos += REC.size + n
+                self.offset += REC.size + n
+                await self._record(typ, payload)
+        finally:
+            del self.buf[:pos]          # once per feed, not per record
+
+    async def _record(self, typ: bytes, payload: bytes) -> None:
+        try:
+            await self._record_inner(typ, payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise invalid(f"corrupt stream at offset {self.offset}: record {typ!r} "
+                          f"is not valid ({type(e).__name__})") from None
+
+    async def _record_inner(self, typ: bytes, payload: bytes) -> None:
+        if typ == b"T":
+            await self._trailer(payload)
+            return
+        self.chain = _chain(self.chain, typ, payload)
+        self.records += 1
+        if typ == b"H":
+            if self.header is not None:
+                raise invalid("corrupt stream: a second header")
+            await self._start(json.loads(payload))
+        elif self.header is None:
+            raise invalid("corrupt stream: records before the header")
+        elif typ == b"V":
+            i = json.loads(payload)["index"]
+            if not 0 <= i < len(self.vols):
+                raise invalid(f"corrupt stream: volume index {i}")
+            await self._flush_pending()
+            self.current = self.vols[i]
+        elif self.current is None:
+            raise invalid("corrupt stream: a block before any volume")
+        else:
+            bno = U64.unpack_from(payload)[0]
+            v = self.current
+            if bno * v.block_size >= v.size:
+                raise invalid(f"corrupt stream: block {bno} is past the end of {v.name}")
+            if typ == b"Z":
+                self.pending.append((v, bno, None))
+            else:
+                data = payload[16:]
+                if xxhash.xxh3_64_digest(data) != payload[8:16]:
+                    raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
+                                     f"{v.name} (stream offset {self.offset}) does not "
+                                     "match its hash")
+                if len(data) < v.block_size:
+                    data += bytes(v.block_size - len(data))
+                self.pending.append((v, bno, data))
+                self.pending_bytes += len(data)
+                self.blocks += 1
+            if self.pending_bytes >= IMPORT_BATCH:
+                await self._flush_pending()
+
+    async def _start(self, h) -> None:
+        try:
+            h = _check_header(h)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise invalid(f"corrupt stream: its header is not valid ({type(e).__name__}: "
+                          f"{e})") from None
+        a = self.array
+        name = self.as_name or h["set"]["name"]
+        check_name(name, "set name")
+        if name in a.sets:
+            raise exists(f"a shadow copy set named {name} already exists here: "
+                         "import it with --as NEW_NAME")
+        base = None
+        if h["kind"] == "incremental":
+            base = a.sets.get(h["base"]["name"])
+            have = sorted(v.wwn for v in base["members"].values()) if base else None
+            if have != h["base"]["wwns"]:
+                raise notfound(f"this incremental stream needs base set "
+                               f"{h['base']['name']!r} (the same shadow copies, by WWN) "
+                               "on this array: import that set first")
+        pack = a.pack(self.pack_name) if self.pack_name or not base else \
+            next(iter(base["members"].values())).pack
+        used = {v.wwn: v for v in a.volumes.values()}
+        starts = []
+        for vh in h["volumes"]:
+            check_name(vh["name"], "LUN name")
+            if vh["wwn"] in used and not self.remap:
+                other = used[vh["wwn"]]
+                raise exists(f"WWN {vh['wwn']} of {vh['name']} is already used here by "
+                             f"{other.kind} {other.path}: refuse to create a duplicate "
+                             "identity (import with --remap to give the copies new WWNs)")
+            a._check_fits(pack, vh["size"])
+            bv = base["members"].get(vh["name"]) if base and vh["diff"] else None
+            if vh["diff"]:
+                if bv is None or bv.height != vh["height"] or bv.block_size != vh["block_size"]:
+                    raise invalid(f"corrupt stream: {vh['name']} is sent as changes against "
+                                  "a base volume that does not match")
+                if bv.pack is not pack:
+                    raise ArrayError(errno.EOPNOTSUPP, f"an incremental stream builds on its "
+                                     f"base set, which is on pack {bv.pack.name}: import it "
+                                     f"there (not on {pack.name})")
+            starts.append(bv)
+        self.header = h
+        async with a._lock:
+            jid = a.next_job
+            staging = f".import-{jid}"
+            a._add_set(staging, time.time())
+            for vh, bv in zip(h["volumes"], starts):
+                row = a._shadow_row_from(vh, staging, pack, self.remap)
+                row["height"] = max(row["height"], vh["height"])
+                if bv is not None:
+                    row.update(root=bv.root, height=bv.height, allocated=bv.allocated)
+                self.vols.append(a._add_shadow(row, pack, None))
+            self.job = a._new_job("import", self.vols)
+            self.job.state = "running"
+            self.job.total_bytes = h.get("total_bytes") or 0
+            self._save_params()
+            a.event("info", f"import job {jid} started: set {h['set']['name']}"
+                    + (f" as {name}" if self.as_name else "")
+                    + f", {len(self.vols)} shadow copies, {h['kind']}")
+            await a._commit()
+
+    def _save_params(self) -> None:
+        j = self.job
+        j.params.update(header=self.header, offset=self.offset, chain=self.chain.hex(),
+                        records=self.records, blocks=self.blocks,
+                        vids=[v.vid for v in self.vols], **{"as": self.as_name},
+                        pack=self.pack_name, remap=self.remap,
+                        current=self.vols.index(self.current) if self.current in self.vols else None)
+        self.array._dirty_jobs.add(j)
+
+    async def _flush_pending(self) -> None:
+        if not self.pending:
+            return
+        from .array import _Collision, _hash_and_store
+        a = self.array
+        items, self.pending, n = self.pending, [], self.pending_bytes
+        self.pending_bytes = 0
+        async with a._lock:     # hash, dedup and append in one worker call
+            try:
+                ids, added = await trio.to_thread.run_sync(
+                    _hash_and_store, a.hasher, [(v.pack, d) for v, _, d in items], a.verify)
+            except OSError as e:
+                raise a._append_error(items[0][0].pack, e) from None
+            except _Collision as c:
+                raise ArrayError(errno.EIO, f"hash collision in pack {c.pack} on id "
+                                 f"{c.bid}: the import was refused") from None
+            for p, bid, loc in added:
+                p.add(bid, loc)
+            for (v, bno, _), bid in zip(items, ids):
+                v.overlay[bno] = bid
+        self.job.done_bytes += n
+        a._dirty_jobs.add(self.job)
+        self._since_checkpoint += n
+        if self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Persist the maps and where the stream is, for resume. Only at a
+        record boundary with nothing buffered."""
+        self._since_checkpoint = 0
+        self._save_params()
+        async with self.array._lock:
+            await self.array._commit()
+
+    async def _trailer(self, payload: bytes) -> None:
+        t = json.loads(payload)
+        if (t.get("chain") != self.chain.hex() or t.get("records") != self.records
+                or t.get("blocks") != self.blocks):
+            raise ArrayError(errno.EIO, "the stream is damaged: its checksum or counts do "
+                             "not match the data received")
+        await self._flush_pending()
+        a = self.array
+        h = self.header
+        name = self.as_name or h["set"]["name"]
+        async with a._lock:
+            if name in a.sets:
+                raise exists(f"a shadow copy set named {name} was created meanwhile")
+            staging = self.vols[0].set_name if self.vols else None
+            a._add_set(name, h["set"]["created"])
+            for v in self.vols:
+                a.sets[staging]["members"].pop(v.name, None)
+                v.set_name = name
+                a.sets[name]["members"][v.name] = v
+                a._dirty_rows.add(v)
+            if staging:
+                del a.sets[staging]
+                a._pending.sets_del.append(staging)
+            self.job.state, self.job.finished = "done", time.time()
+            self.job.total_bytes = self.job.done_bytes
+            a._dirty_jobs.add(self.job)
+            a.event("info", f"imported set {name}: {len(self.vols)} shadow copies, "
+                    f"{self.blocks} blocks ({human_bytes(self.job.done_bytes)}) verified")
+            await a._commit()
+        self.finished = True
+
+    # ---- the end ---------------------------------------------------------------------
+    async def abort(self, err: ArrayError) -> None:
+        """Remove the partial set and reclaim its space."""
+        self.failed = err
+        a = self.array
+        if self.job is None:
+            return
+        async with a._lock:
+            for v in self.vols:
+                if v.vid in a.volumes:
+                    a._drop_volume(v)
+                    a.sets.get(v.set_name, {"members": {}})["members"].pop(v.name, None)
+            staging = f".import-{self.job.id}"
+            if staging in a.sets:
+                del a.sets[staging]
+                a._pending.sets_del.append(staging)
+            self.job.state, self.job.finished = "failed", time.time()
+            self.job.error = err.message
+            a._dirty_jobs.add(self.job)
+            a.event("error", f"import job {self.job.id} failed and was removed: {err.message}")
+            await a._gc()
+
+    async def end_of_input(self) -> None:
+        """The writer asked for the reply: the stream must be complete."""
+        if self.failed:
+            raise self.failed
+        if self.finished:
+            return
+        err = ArrayError(errno.EIO, "the stream ended without its trailer: it is truncated"
+                         + (f" after {self.offset} bytes" if self.offset else ""))
+        await self.abort(err)
+        raise err
+
+    async def interrupted(self) -> None:
+        """The writer went away without asking: keep the partial import for
+        `import --resume` (its staging set stays invisible)."""
+        if self.finished or self.failed or self.job is None or not self.job.active:
+            return
+        await self._flush_pending()
+        self.buf.clear()
+        self.job.pause()
+        await self._checkpoint()
+        self.array.event("warning", f"import job {self.job.id} interrupted at stream offset "
+                         f"{self.offset}: resume with `fusearray import FILE --resume`, or "
+                         f"cancel it with `cancel {self.job.id}`")

@@ -1,0 +1,62 @@
+"""Parsing of names and sizes, and time formats (DESIGN section 2, 6)."""
+import re
+import time
+
+from .errors import invalid
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SIZE_RE = re.compile(r"(\d+)([KMGT]?)(i?B)?\Z", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not NAME_RE.match(name):
+        raise invalid(f"bad {what} {name!r}: use 1-64 characters "
+                      "[A-Za-z0-9._-], starting with a letter or digit")
+    return name
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """`1G`, `512K`, `4096` -> bytes (binary suffixes)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise invalid(f"bad {what} {text!r}: give bytes or a number with "
+                      "K, M, G or T (binary)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_size(text: str) -> int:
+    """A LUN size: positive and a multiple of 512."""
+    size = parse_bytes(text)
+    if size <= 0 or size % 512:
+        raise invalid(f"bad size {text!r}: it must be a positive multiple "
+                      "of 512 bytes")
+    return size
+
+
+def parse_bool(text: str, what: str) -> bool:
+    t = text.lower()
+    if t in ("on", "yes", "true", "1"):
+        return True
+    if t in ("off", "no", "false", "0"):
+        return False
+    raise invalid(f"bad value {text!r} for {what}: use on/off or yes/no")
+
+
+def utc_stamp(t: float | None = None) -> str:
+    """Set names: YYYYMMDDTHHMMSSZ."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if t is None else t))
+
+
+def iso_time(t: float | None) -> str:
+    if not t:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"

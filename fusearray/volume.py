@@ -1,0 +1,378 @@
+"""Volumes (LUNs and shadow copies) and the write-back block cache.
+
+A volume's content is, from newest to oldest:
+1. its entries in the block cache (dirty or clean copies of whole blocks);
+2. its overlay: block ids flushed to the store but not yet merged into the
+   map (the committer merges them at the next commit);
+3. its map (root, height): the last merged state.
+
+Only the trio thread touches any of this. Code between two awaits is a
+critical section: after every await, state is re-checked (a block may have
+been written, flushed or evicted meanwhile, or the volume's content replaced
+wholesale, which bumps `generation`).
+
+The cache is bounded: writers wait (back-pressure) while dirty bytes exceed
+half the cache; clean blocks are evicted least recently used first.
+"""
+import collections
+import errno
+import math
+
+import trio
+
+from . import ZERO_ID, maps
+from .errors import ArrayError
+
+
+class Entry:
+    """A cached block. `buf` None means all zeros (a punched block).
+    `shared`: a flush holds `buf`; a write must copy it first (`own`)."""
+    __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "__weakref__")
+
+    def __init__(self, vol, bno, buf):
+        self.vol = vol
+        self.bno = bno
+        self.buf = buf
+        self.dirty = False
+        self.gen = 0
+        self.shared = False
+
+    def own(self) -> bytearray:
+        """The buffer, private and writable (zeros materialised)."""
+        if self.buf is None:
+            self.buf = bytearray(self.vol.block_size)
+        elif self.shared:
+            self.buf = bytearray(self.buf)
+        self.shared = False
+        return self.buf
+
+
+class BlockCache:
+    """The mount's write-back cache, shared by all volumes."""
+
+    def __init__(self, limit: int):
+        self.limit = max(limit, 1 << 20)
+        self.dirty_limit = self.limit // 2
+        self.clean: collections.OrderedDict = collections.OrderedDict()  # Entry -> None, LRU first
+        self.dirty: dict = {}            # Entry -> None, oldest dirtied first
+        self.bytes = 0
+        self.dirty_bytes = 0
+        self.wake_committer = trio.Event()   # set: the committer should flush
+        self.room = trio.Event()             # set after each flush
+        self.errors: dict[str, ArrayError] = {}   # pack name ("*": all) -> flush failure
+        self.retry_at: dict[str, float] = {}
+        self.stuck_bytes = 0                 # dirty bytes of packs with errors
+
+    # entries move between `clean` (LRU) and `dirty`
+    def insert_clean(self, e: Entry) -> None:
+        e.vol.cache[e.bno] = e
+        self.clean[e] = None
+        self.bytes += e.vol.block_size
+        if self.bytes > self.limit:
+            self.evict()
+
+    def touch(self, e: Entry) -> None:
+        if not e.dirty:
+            self.clean.move_to_end(e)
+
+    def mark_dirty(self, e: Entry) -> None:
+        e.gen += 1
+        if not e.dirty:
+            e.dirty = True
+            if e.vol.cache.get(e.bno) is not e:
+                e.vol.cache[e.bno] = e
+                self.bytes += e.vol.block_size
+            else:
+                self.clean.pop(e, None)
+            self.dirty[e] = None
+            self.dirty_bytes += e.vol.block_size
+            if self.bytes > self.limit:
+                self.evict()
+
+    def mark_clean(self, e: Entry, gen: int) -> None:
+        """After a flush of `e` as of generation `gen`."""
+        if e.dirty and e.gen == gen and e.vol.cache.get(e.bno) is e:
+            e.dirty = False
+            del self.dirty[e]
+            self.dirty_bytes -= e.vol.block_size
+            self.clean[e] = None
+
+    def drop(self, e: Entry) -> None:
+        """Forget an entry (its content is superseded)."""
+        if e.vol.cache.get(e.bno) is e:
+            del e.vol.cache[e.bno]
+            self.bytes -= e.vol.block_size
+        if e.dirty:
+            self.dirty.pop(e, None)
+            self.dirty_bytes -= e.vol.block_size
+            e.dirty = False
+        else:
+            self.clean.pop(e, None)
+
+    def evict(self) -> None:
+        while self.bytes > self.limit and self.clean:
+            e, _ = self.clean.popitem(last=False)
+            if e.vol.cache.get(e.bno) is e:
+                del e.vol.cache[e.bno]
+            self.bytes -= e.vol.block_size
+        if self.dirty_bytes > self.dirty_limit // 2:
+            self.wake_committer.set()
+
+    def error_for(self, pack: str | None):
+        """The flush failure writers to `pack` get (None: any pack)."""
+        if pack is None:
+            return next(iter(self.errors.values()), None)
+        return self.errors.get(pack) or self.errors.get("*")
+
+    async def wait_for_room(self, pack: str) -> None:
+        """Back-pressure: wait while dirty data is over the limit (blocks a
+        full or failed pack can't take don't count against other packs)."""
+        while self.dirty_bytes - self.stuck_bytes > self.dirty_limit:
+            err = self.error_for(pack)
+            if err is not None:
+                raise err
+            self.wake_committer.set()
+            room = self.room
+            await room.wait()
+        if self.dirty_bytes > self.dirty_limit // 2:
+            self.wake_committer.set()
+
+    def flushed(self) -> None:
+        self.room.set()
+        self.room = trio.Event()
+
+
+class Volume:
+    """A LUN or a shadow copy. Identity and flags are plain attributes; the
+    array owns the catalogue row and commits it."""
+
+    def __init__(self, array, row: dict, pack, source=None):
+        self.array = array
+        self.pack = pack
+        self.source = source      # Pack still holding blocks this map needs
+        self.vid = row["vid"]
+        self.name = row["name"]
+        self.kind = row["kind"]
+        self.set_name = row["set_name"]
+        self.size = row["size"]
+        self.block_size = row["block_size"]
+        self.root = bytes(row["root"])
+        self.height = row["height"]
+        self.allocated = row["allocated"]
+        self.wwn = row["wwn"]
+        self.serial = row["serial"]
+        self.readonly = bool(row["readonly"])
+        self.hidden = bool(row["hidden"])
+        self.origin = row["origin"]
+        self.context = row["context"]
+        self.created = row["created"]
+        self.cache: dict[int, Entry] = {}
+        self.overlay: dict[int, bytes] = {}
+        self.loading: dict[int, trio.Event] = {}
+        self.open_count = 0
+        self.generation = 0
+        self.deleted = False
+        self.frozen: trio.Event | None = None   # set while a snapshot is taken
+        self._zeros = bytes(self.block_size)
+
+    def row(self) -> dict:
+        return {"vid": self.vid, "name": self.name, "kind": self.kind,
+                "set_name": self.set_name, "pack": self.pack.name, "size": self.size,
+                "block_size": self.block_size, "root": self.root, "height": self.height,
+                "allocated": self.allocated, "wwn": self.wwn, "serial": self.serial,
+                "readonly": int(self.readonly), "hidden": int(self.hidden),
+                "origin": self.origin, "context": self.context, "created": self.created,
+                "source": self.source.name if self.source else None}
+
+    @property
+    def path(self) -> str:
+        return f"{self.set_name}/{self.name}" if self.kind == "shadow" else self.name
+
+    @property
+    def nblocks(self) -> int:
+        return math.ceil(self.size / self.block_size)
+
+    def allocated_bytes(self) -> int:
+        """Logical bytes mapped non-zero (approximate while blocks are dirty:
+        counted at flush)."""
+        return min(self.allocated * self.block_size, self.size)
+
+    # ---- id resolution ---------------------------------------------------
+    def current_id_nowait(self, bno: int):
+        """The block's id if not in the cache, or None if unknown without
+        loading a map node."""
+        bid = self.overlay.get(bno)
+        if bid is not None:
+            return bid
+        return maps.lookup_nowait(self.array.nodes, self.root, self.height, bno)
+
+    async def current_id(self, bno: int) -> bytes:
+        while True:
+            bid = self.current_id_nowait(bno)
+            if bid is not None:
+                return bid
+            root, gen = self.root, self.generation
+            bid = await maps.lookup(root, self.height, bno, self.array.loader(self))
+            if root == self.root and gen == self.generation and bno not in self.overlay:
+                return bid
+
+    # ---- reads -------------------------------------------------------------
+    async def read(self, off: int, size: int) -> bytes:
+        if off >= self.size or size <= 0:
+            return b""
+        end = min(off + size, self.size)
+        bs = self.block_size
+        first, last = off // bs, (end - 1) // bs
+        blocks = await self._blocks(range(first, last + 1))
+        if first == last:
+            return bytes(blocks[0][off - first * bs:end - first * bs])
+        parts = []
+        for i, data in enumerate(blocks):
+            base = (first + i) * bs
+            parts.append(memoryview(data)[max(off - base, 0):min(end - base, bs)])
+        return b"".join(parts)        # the one copy
+
+    async def _blocks(self, bnos) -> list:
+        cache = self.array.cache
+        out: list = [None] * len(bnos)
+        misses = []
+        for i, bno in enumerate(bnos):
+            e = self.cache.get(bno)
+            if e is not None:
+                cache.touch(e)
+                out[i] = self._zeros if e.buf is None else e.buf
+                continue
+            bid = self.current_id_nowait(bno)
+            if bid is None:
+                bid = await self.current_id(bno)
+            if bid == ZERO_ID:
+                out[i] = self._zeros
+            else:
+                misses.append((i, bno, bid))
+        if misses:
+            gen = self.generation
+            datas = await self.array.read_blocks(self, [m[2] for m in misses])
+            for (i, bno, bid), data in zip(misses, datas):
+                out[i] = data
+                if (gen == self.generation and bno not in self.cache
+                        and bno not in self.loading and self.current_id_nowait(bno) == bid):
+                    if type(data) is not bytearray:
+                        data = bytearray(data)
+                    cache.insert_clean(Entry(self, bno, data))
+        return out
+
+    # ---- writes ------------------------------------------------------------
+    def _check_writable(self, off: int) -> None:
+        if self.readonly:
+            raise ArrayError(errno.EROFS, f"{self.kind} {self.path} is read-only")
+        if self.deleted:
+            raise ArrayError(errno.ENXIO, f"{self.kind} {self.path} was deleted")
+        if off >= self.size:
+            raise ArrayError(errno.ENOSPC, f"write at {off} is past the end of "
+                             f"{self.path} ({self.size} bytes)")
+
+    async def _gate(self) -> None:
+        """Writes that start while a snapshot is being taken wait for it:
+        none of them is in the set."""
+        while self.frozen is not None:
+            await self.frozen.wait()
+
+    async def write(self, off: int, buf) -> int:
+        if self.frozen is not None:
+            await self._gate()
+        self._check_writable(off)
+        cache = self.array.cache
+        if cache.errors:
+            err = cache.error_for(self.pack.name)
+            if err is not None:
+                raise err
+        end = min(off + len(buf), self.size)
+        bs = self.block_size
+        mv = memoryview(buf)
+        pos = off
+        while pos < end:
+            bno, boff = divmod(pos, bs)
+            n = min(bs - boff, end - pos)
+            piece = mv[pos - off:pos - off + n]
+            if n == bs:
+                e = self.cache.get(bno)
+                if e is None:
+                    e = Entry(self, bno, bytearray(piece))
+                elif e.buf is None or e.shared:
+                    e.buf, e.shared = bytearray(piece), False
+                else:
+                    e.buf[:] = piece
+                cache.mark_dirty(e)
+            else:
+                e = await self._entry_for_update(bno)
+                e.own()[boff:boff + n] = piece
+                cache.mark_dirty(e)
+            pos += n
+        self.array.write_seq += 1
+        await cache.wait_for_room(self.pack.name)
+        return end - off
+
+    async def _entry_for_update(self, bno: int) -> Entry:
+        """The cache entry of `bno`, loading the block first if needed."""
+        while True:
+            e = self.cache.get(bno)
+            if e is not None:
+                return e
+            ev = self.loading.get(bno)
+            if ev is not None:
+                await ev.wait()
+                continue
+            ev = self.loading[bno] = trio.Event()
+            gen = self.generation
+            try:
+                bid = await self.current_id(bno)
+                data = None
+                if bid != ZERO_ID:
+                    data = (await self.array.read_blocks(self, [bid]))[0]
+            finally:
+                del self.loading[bno]
+                ev.set()
+            if gen != self.generation or bno in self.cache \
+                    or self.current_id_nowait(bno) != bid:
+                continue      # written (and maybe flushed and evicted) meanwhile
+            e = Entry(self, bno, None if data is None else bytearray(data))
+            self.array.cache.insert_clean(e)
+            return e
+
+    async def zero(self, off: int, length: int) -> None:
+        """Punch a hole / zero a range: whole blocks become ZERO (freed at
+        the next commit), partial ones are written with zeros."""
+        if self.frozen is not None:
+            await self._gate()
+        self._check_writable(off)
+        end = min(off + length, self.size)
+        bs = self.block_size
+        cache = self.array.cache
+        pos = off
+        while pos < end:
+            bno, boff = divmod(pos, bs)
+            n = min(bs - boff, end - pos)
+            if n == bs:
+                e = self.cache.get(bno)
+                if e is None:
+                    e = Entry(self, bno, None)
+                else:
+                    e.buf, e.shared = None, False
+                cache.mark_dirty(e)
+            else:
+                e = await self._entry_for_update(bno)     # never refused: no space needed
+                e.own()[boff:boff + n] = bytes(n)
+                cache.mark_dirty(e)
+            pos += n
+        self.array.write_seq += 1
+        cache.wake_committer.set()
+
+    def discard_cache(self, from_bno: int = 0) -> None:
+        """Forget cached blocks and overlay entries at or after `from_bno`
+        (their content is replaced); in-flight loads are invalidated."""
+        self.generation += 1
+        for bno, e in list(self.cache.items()):
+            if bno >= from_bno:
+                self.array.cache.drop(e)
+        for bno in [b for b in self.overlay if b >= from_bno]:
+            del self.overlay[bno]

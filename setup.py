@@ -1,0 +1,24 @@
+"""Builds the one native piece: the libfuse shim that adds the fallocate op
+pyfuse3 does not register (see fusearray/_fuseshim.c)."""
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def pkg_config(*args):
+    try:
+        out = subprocess.run(["pkg-config", *args, "fuse3"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return out.split()
+
+
+flags = pkg_config("--cflags")
+libs = [f[2:] for f in pkg_config("--libs") if f.startswith("-l")] or ["fuse3"]
+setup(ext_modules=[Extension(
+    "fusearray._fuseshim",
+    sources=["fusearray/_fuseshim.c"],
+    extra_compile_args=flags + ["-O2", "-Wall"],
+    libraries=libs + ["dl"],
+)])

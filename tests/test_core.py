@@ -1,0 +1,452 @@
+"""Core units without FUSE: store, maps, cache, catalogue and the array's
+commit/GC, each ending with the invariant check (fusearray.fsck)."""
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from fusearray import ZERO_ID, fsck, maps
+from fusearray.array import Array, init_array
+from fusearray.errors import ArrayError, ChecksumError
+from fusearray.store import Disk, Hasher, Pack
+
+MiB = 1 << 20
+
+
+# ---- store ---------------------------------------------------------------------------
+def labelled(path, idx=0):
+    d = Disk(idx, str(path))
+    d.write_label("u", "p")
+    return d
+
+
+def test_store_append_read_verify(tmp_path):
+    h = Hasher(1234)
+    pack = Pack("p", "single", [labelled(tmp_path)], h)
+    pack.open_blocking([])
+    datas = [os.urandom(4096) for _ in range(10)]
+    recs = [(h.block_id(d), d) for d in datas]
+    locs = pack.append_blocking(recs)
+    for (bid, d), loc in zip(recs, locs):
+        pack.add(bid, loc)
+        assert pack.read_blocking(bid, loc) == d
+    pack.sync_blocking()
+    # bit rot is detected, never returned
+    seg, off, n = locs[3]
+    with open(pack.disk.seg_path(seg), "r+b") as f:
+        f.seek(off + 100)
+        f.write(b"\xff" if datas[3][100] != 0xff else b"\x00")
+    pack.close_blocking()
+    pack2 = Pack("p", "single", [labelled(tmp_path)], h)
+    pack2.open_blocking([(b, *l) for (b, _), l in zip(recs, locs)])
+    with pytest.raises(ChecksumError):
+        pack2.read_blocking(recs[3][0], locs[3])
+    assert pack2.read_blocking(recs[4][0], locs[4]) == datas[4]
+    pack2.close_blocking()
+
+
+def test_store_open_removes_unreferenced_segments(tmp_path):
+    h = Hasher(7)
+    pack = Pack("p", "single", [labelled(tmp_path)], h)
+    pack.open_blocking([])
+    d = os.urandom(1000)
+    loc = pack.append_blocking([(h.block_id(d), d)])[0]
+    pack.sync_blocking()
+    pack.close_blocking()
+    # nothing committed: the segment is crash garbage
+    pack2 = Pack("p", "single", [labelled(tmp_path)], h)
+    assert pack2.open_blocking([]) == [loc[0]]
+    assert os.listdir(pack2.disk.segdir) == []
+    pack2.close_blocking()
+
+
+def test_hasher_keyed_and_zero():
+    a, b = Hasher(1), Hasher(2)
+    data = b"x" * 4096
+    assert a.block_id(data) != b.block_id(data)
+    assert a.block_id(bytes(4096)) == ZERO_ID
+    assert a.block_id(data) == a.block_id(bytes(data))
+
+
+# ---- maps ----------------------------------------------------------------------------
+async def test_maps_apply_lookup_trim_mark():
+    h = Hasher(5)
+    nodes = {}
+
+    async def load(nid):
+        return nodes[nid]
+
+    def emit(nid, data):
+        nodes[nid] = data
+    nblocks = 3 * maps.FANOUT * maps.FANOUT + 17          # height 3
+    height = maps.height_for(nblocks)
+    assert height == 3
+    rng = random.Random(1)
+    model = {}
+    root = ZERO_ID
+    for _ in range(5):
+        upd = {rng.randrange(nblocks): os.urandom(16) for _ in range(200)}
+        old_root = root
+        root, delta = await maps.apply(root, height, upd, load, emit, h)
+        before = len([v for v in model.values() if v != ZERO_ID])
+        model.update(upd)
+        assert len([v for v in model.values() if v != ZERO_ID]) - before == delta
+        # the old root still reads as before (copy on write)
+        assert old_root != root
+    for bno, bid in model.items():
+        assert await maps.lookup(root, height, bno, load) == bid
+        assert maps.lookup_nowait(nodes, root, height, bno) == bid
+    assert await maps.lookup(root, height, nblocks - 1, load) in (ZERO_ID, model.get(nblocks - 1))
+    n = await maps.count(root, height - 1, load)
+    assert n == len(model)
+    cut = nblocks // 2
+    troot, tdelta = await maps.trim(root, height, cut, load, emit, h)
+    assert n + tdelta == len([b for b in model if b < cut])
+    for bno, bid in model.items():
+        want = bid if bno < cut else ZERO_ID
+        assert await maps.lookup(troot, height, bno, load) == want
+    live, seen = set(), set()
+    await maps.mark(root, height, load, live, seen)
+    assert set(model.values()) <= live
+    # growing keeps content
+    groot = maps.grow(root, height, height + 1, emit, h)
+    some = next(iter(model))
+    assert await maps.lookup(groot, height + 1, some, load) == model[some]
+
+
+async def test_maps_zero_subtrees_are_free():
+    h = Hasher(5)
+    nodes = {}
+
+    async def load(nid):
+        return nodes[nid]
+    root, _ = await maps.apply(ZERO_ID, 2, {5: os.urandom(16)}, load,
+                               nodes.__setitem__, h)
+    assert len(nodes) == 2
+    root, delta = await maps.apply(root, 2, {5: ZERO_ID}, load, nodes.__setitem__, h)
+    assert root == ZERO_ID and delta == -1
+
+
+# ---- the array, in process -------------------------------------------------------------
+async def open_array(path, cache=8 * MiB):
+    a = Array(str(path), cache)
+    return a
+
+
+async def with_array(path, fn, cache=8 * MiB):
+    async with trio.open_nursery() as n:
+        a = Array(str(path), cache)
+        await a.open(n)
+        try:
+            return await fn(a)
+        finally:
+            await a.close()
+            n.cancel_scope.cancel()
+
+
+async def assert_clean(a, strict=False):
+    r = await fsck.check(a, strict=strict, verify_data=True)
+    assert r["problems"] == [], r["problems"]
+    return r
+
+
+async def test_array_write_read_model_and_persist(tmp_path):
+    init_array(str(tmp_path / "arr"))
+    rng = random.Random(3)
+    size = 8 * MiB
+    model = bytearray(size)
+
+    async def phase1(a):
+        vol = await a.create_lun("lun0", "8M", block_size=16384)
+        for _ in range(300):
+            off = rng.randrange(size)
+            n = rng.randrange(1, 70000)
+            data = os.urandom(n)
+            written = await vol.write(off, data)
+            assert written == min(n, size - off)
+            model[off:off + written] = data[:written]
+        # reads at random places, crossing blocks
+        for _ in range(200):
+            off = rng.randrange(size)
+            n = rng.randrange(1, 100000)
+            assert await vol.read(off, n) == bytes(model[off:off + n])
+        await a.sync()
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", phase1, cache=1 * MiB)   # small: forces flushes
+
+    async def phase2(a):
+        vol = a.lun("lun0")
+        assert await vol.read(0, size) == bytes(model)
+        await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", phase2)
+
+
+async def test_array_end_semantics_and_errors(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "1M")
+        assert await vol.write(1 * MiB - 10, b"x" * 100) == 10     # short at the end
+        with pytest.raises(ArrayError) as e:
+            await vol.write(1 * MiB, b"x")
+        assert e.value.errno == errno.ENOSPC
+        assert await vol.read(1 * MiB - 10, 100) == b"x" * 10
+        assert await vol.read(1 * MiB, 100) == b""
+        with pytest.raises(ArrayError) as e:
+            await a.create_lun("l", "1M")
+        assert e.value.errno == errno.EEXIST
+        for bad in ("bad name", "-x", "x" * 65):
+            with pytest.raises(ArrayError) as e:
+                await a.create_lun(bad, "1M")
+            assert e.value.errno == errno.EINVAL
+        for bad in ("1000", "0", "1Q", "-5"):
+            with pytest.raises(ArrayError) as e:
+                await a.create_lun("ok", bad)
+            assert e.value.errno == errno.EINVAL
+        with pytest.raises(ArrayError) as e:
+            await a.create_lun("ok", "1M", pack="nope")
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(ArrayError) as e:
+            await a.create_lun("huge", "1024T")
+        assert e.value.errno == errno.ENOSPC
+        assert set(a.luns) == {"l"}
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_dedup_and_zero_blocks(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "16M")
+        block = os.urandom(64 * 1024)
+        for i in range(32):
+            await vol.write(i * 64 * 1024, block)
+        await vol.write(8 * MiB, bytes(4 * MiB))                  # zeros: no space
+        await a.sync()
+        pack = a.packs["main"]
+        data_blocks = [b for b in pack.index if b not in a.nodes]
+        assert len(data_blocks) == 1                              # stored once
+        assert vol.allocated == 32
+        assert await vol.read(0, 64 * 1024) == block
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_resize_shrink_then_grow_reads_zeros(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "4M")
+        data = os.urandom(4 * MiB)
+        await vol.write(0, data)
+        await a.resize_lun("l", "1000K")
+        assert vol.size == 1000 * 1024
+        await a.resize_lun("l", "8M")
+        got = await vol.read(0, 8 * MiB)
+        assert got[:1000 * 1024] == data[:1000 * 1024]
+        assert got[1000 * 1024:] == bytes(8 * MiB - 1000 * 1024)
+        await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_delete_reclaims_space(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "32M")
+        keep = await a.create_lun("k", "1M")
+        await keep.write(0, os.urandom(MiB))
+        await vol.write(0, os.urandom(24 * MiB))
+        await a.sync()
+        used = a.packs["main"].used_bytes()
+        assert used > 24 * MiB
+        await a.delete_lun("l")
+        after = a.packs["main"].used_bytes()
+        assert after < used - 20 * MiB, (used, after)
+        assert await keep.read(0, 10) != bytes(10)
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_punch_frees_blocks(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "4M")
+        data = os.urandom(4 * MiB)
+        await vol.write(0, data)
+        await a.sync()
+        assert vol.allocated == 64
+        await vol.zero(100, 2 * MiB)         # partial first block, whole ones after
+        await a.sync()
+        got = await vol.read(0, 4 * MiB)
+        assert got == data[:100] + bytes(2 * MiB) + data[100 + 2 * MiB:]
+        assert vol.allocated == 64 - 31
+        await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_concurrent_writers_and_readers(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "4M", block_size=4096)
+        # each task owns disjoint 4K-aligned slots but shares blocks with others
+        models = {}
+
+        async def writer(k):
+            rng = random.Random(k)
+            for _ in range(100):
+                slot = rng.randrange(256) * 4 + k       # 1K slots interleaved
+                data = os.urandom(1024)
+                await vol.write(slot * 1024, data)
+                models[slot] = data
+                if rng.random() < 0.1:
+                    await a.sync()
+        async with trio.open_nursery() as n:
+            for k in range(4):
+                n.start_soon(writer, k)
+        for slot, data in models.items():
+            assert await vol.read(slot * 1024, 1024) == data
+        await a.sync()
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body, cache=1 * MiB)
+
+
+async def test_not_an_array_and_already_open(tmp_path):
+    with pytest.raises(ArrayError) as e:
+        Array(str(tmp_path))
+    assert e.value.errno == errno.ENOENT and "not a fusearray array" in e.value.message
+    init_array(str(tmp_path / "arr"))
+    with pytest.raises(ArrayError) as e:
+        init_array(str(tmp_path / "arr"))
+    assert e.value.errno == errno.EEXIST
+
+    async def body(a):
+        b = Array(str(tmp_path / "arr"))
+        with pytest.raises(ArrayError) as e:
+            b._take_lock()
+        assert e.value.errno == errno.EBUSY and "already mounted" in e.value.message
+    await with_array(tmp_path / "arr", body)
+
+
+class CollidingHasher(Hasher):
+    """Every non-zero block gets the same id: a forced hash collision."""
+
+    def block_id(self, data):
+        return ZERO_ID if self.is_zero(data) else b"\x01" * 16
+
+
+async def test_verify_mode_refuses_a_hash_collision(tmp_path):
+    init_array(str(tmp_path / "arr"), verify=True)
+
+    async def body(a):
+        vol = await a.create_lun("l", "1M", block_size=4096)
+        block = os.urandom(4096)
+        await vol.write(0, block)
+        await vol.write(4096, block)              # a true duplicate: verified, shared
+        await a.sync()
+        assert vol.allocated == 2
+        a.hasher.__class__ = CollidingHasher      # from now on, ids collide
+        await vol.write(8192, os.urandom(4096))   # different data, same id
+        with pytest.raises(ArrayError) as e:
+            await a.sync()
+        assert e.value.errno == errno.EIO
+        assert "hash collision" in a.events[-1][3]
+        a.hasher.__class__ = Hasher
+        assert await vol.read(0, 4096) == block   # nothing already stored was harmed
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_snapshot_resync_swap_in_process(tmp_path):
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        await a.add_pack("far", "single", [str(tmp_path / "far")])
+        lun = await a.create_lun("db", "8M")
+        v1 = os.urandom(8 * MiB)
+        await lun.write(0, v1)
+        set_name, job = await a.snapshot(["db"], "s1")
+        assert set_name == "s1" and job is None
+        snap = a.shadow("s1/db")
+        assert snap.root == lun.root and snap.readonly and snap.wwn != lun.wwn
+        await lun.write(0, os.urandom(4 * MiB))
+        assert await snap.read(0, 8 * MiB) == v1
+        # same pack: instant, with an undo set of the state before
+        job, undo = await a.resync(["s1/db"])
+        assert job.state == "done" and len(undo) == 1
+        assert await lun.read(0, 8 * MiB) == v1
+        # cross pack: reads right at once, the job makes it independent
+        job, _ = await a.resync(["s1/db=copy"], pack="far", undo=False)
+        copy = a.lun("copy")
+        assert copy.pack.name == "far" and copy.source is not None
+        assert await copy.read(0, 8 * MiB) == v1
+        await copy.write(0, b"new" * 1000)                 # never overwritten by the copy
+        with trio.fail_after(30):
+            while job.state != "done":
+                await trio.sleep(0.01)
+        assert copy.source is None and job.percent == 100
+        assert await copy.read(0, 3000) == b"new" * 1000
+        assert await copy.read(3000, 8 * MiB - 3000) == v1[3000:]
+        await assert_clean(a)
+        # delete the origin LUN and its sets: the copy keeps its data
+        await a.delete_lun("db")
+        for s in list(a.sets):
+            await a.delete_shadow(s)
+        await a.collect_garbage()
+        assert await copy.read(3000, 8 * MiB - 3000) == v1[3000:]
+        await assert_clean(a, strict=True)
+        # swap: the shadow copy becomes the LUN and keeps its WWN
+        await a.snapshot(["copy"], "s2")
+        wwn = a.shadow("s2/copy").wwn
+        await copy.write(0, bytes(8 * MiB))
+        swapped = await a.swap("s2/copy")
+        assert a.lun("copy") is swapped and swapped.wwn == wwn and not swapped.readonly
+        assert await swapped.read(3000, 100) == v1[3000:3100]
+        assert "s2" not in a.sets
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_copy_job_resumes_after_reopen(tmp_path):
+    init_array(str(tmp_path / "arr"))
+    data = os.urandom(6 * MiB)
+
+    async def start(a):
+        await a.add_pack("far", "single", [str(tmp_path / "far")])
+        lun = await a.create_lun("db", "6M")
+        await lun.write(0, data)
+        _, job = await a.snapshot(["db"], "p", context="plex", pack="far")
+        await a.control_job(str(job.id), "pause")
+        return job.id
+    jid = await with_array(tmp_path / "arr", start)
+
+    async def resume(a):
+        job = a.jobs[jid]
+        assert job.state == "paused"                  # paused stays paused
+        snap = a.shadow("p/db")
+        assert snap.source is not None and await snap.read(0, 6 * MiB) == data
+        await a.control_job(str(jid), "resume")
+        with trio.fail_after(30):
+            while job.state != "done":
+                await trio.sleep(0.01)
+        assert snap.source is None
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", resume)
+
+
+def test_native_xor_matches_python():
+    from fusearray import store
+    assert store._xor_into is not None, "the C extension (fusearray._fuseshim) is not built"
+    for n in (1, 7, 8, 65536, 65537):
+        parts = [os.urandom(n) for _ in range(3)]
+        x = 0
+        for p in parts:
+            x ^= int.from_bytes(p, "little")
+        assert store._xor(parts) == x.to_bytes(n, "little")

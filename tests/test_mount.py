@@ -1,0 +1,413 @@
+"""Against a real mount (daemon in a subprocess): what users do from a shell."""
+import errno
+import json
+import os
+import random
+import re
+import subprocess
+
+import pytest
+
+from conftest import cli, run
+
+MiB = 1 << 20
+WWN_RE = re.compile(r"naa\.6[0-9a-f]{31}\Z")
+
+
+def sh(script: str, check=True) -> subprocess.CompletedProcess:
+    return run(["bash", "-c", script], check=check)
+
+
+def lun_status(m, name) -> dict:
+    return next(v for v in m.status()["luns"] if v["name"] == name)
+
+
+def synced(m, name):
+    """fsync the LUN (commit), return its status row."""
+    fd = os.open(m.path("luns", name), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return lun_status(m, name)
+
+
+def test_random_io_against_model(mount):
+    m = mount
+    m.ok("create", "lun0 8M")
+    size = 8 * MiB
+    model = bytearray(size)
+    rng = random.Random(42)
+    fds = [os.open(m.path("luns", "lun0"), os.O_RDWR) for _ in range(3)]
+    try:
+        for i in range(400):
+            fd = rng.choice(fds)
+            off = rng.randrange(size)
+            n = rng.choice([1, 511, 512, 4096, 65535, 65536, 65537, 200000])
+            if rng.random() < 0.6:
+                data = os.urandom(n)
+                done = os.pwrite(fd, data, off)
+                assert done == min(n, size - off)
+                model[off:off + done] = data[:done]
+            else:
+                assert os.pread(fd, n, off) == bytes(model[off:off + n])
+            if i % 97 == 0:
+                os.fsync(fd)
+        assert os.pread(fds[0], size, 0) == bytes(model)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    # the same through dd and cmp, as a user would
+    img = m.base / "img"
+    img.write_bytes(bytes(model))
+    run(["cmp", str(img), m.path("luns", "lun0")])
+
+
+def test_block_device_end_semantics(mount):
+    m = mount
+    m.ok("create", "dev 1M")
+    p = m.path("luns", "dev")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"a" * 100, MiB - 40) == 40          # short at the end
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"b", MiB)                               # at the end
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"b", MiB + 4096)                        # past the end
+        assert e.value.errno == errno.ENOSPC
+        assert os.pread(fd, 100, MiB - 40) == b"a" * 40            # read what lies before
+        assert os.pread(fd, 100, MiB) == b""
+    finally:
+        os.close(fd)
+    os.truncate(p, 0)
+    assert os.stat(p).st_size == MiB
+    with open(p, "r+b") as f:
+        f.truncate(10)
+    assert os.stat(p).st_size == MiB
+    # cp of an image and dd with O_TRUNC keep the size and land the bytes
+    img = m.base / "disk.img"
+    img.write_bytes(os.urandom(MiB // 2))
+    run(["cp", str(img), p])
+    assert os.stat(p).st_size == MiB
+    run(["cmp", "-n", str(MiB // 2), str(img), p])
+    sh(f"dd if={img} of={p} bs=64k status=none")
+    assert os.stat(p).st_size == MiB
+    # a write bigger than the LUN is short; dd reports the error and stops
+    big = m.base / "big.img"
+    big.write_bytes(os.urandom(MiB + 65536))
+    r = run(["dd", f"if={big}", f"of={p}", "bs=64k", "status=none", "conv=notrunc"],
+            check=False)
+    assert r.returncode != 0 and "No space left" in r.stderr
+    run(["cmp", "-n", str(MiB), str(big), p])
+
+
+def test_ctl_verbs_from_the_shell(mount):
+    m = mount
+    r = sh(f"echo 'lun0 1G' > {m.mnt}/ctl/create && echo 'lun0 2G' > {m.mnt}/ctl/resize "
+           f"&& stat -c %s {m.mnt}/luns/lun0")
+    assert r.stdout.strip() == str(2 << 30)
+    # the reply on the same descriptor
+    r = sh(f"exec 3<>{m.mnt}/ctl/create; echo 'lun1 64M' >&3; cat <&3; exec 3>&-")
+    assert r.stdout.splitlines()[0] == "status=ok" and "lun=lun1" in r.stdout
+    assert "wwn=naa.6" in r.stdout
+    r = sh(f"echo lun1 > {m.mnt}/ctl/delete; ls {m.mnt}/luns")
+    assert r.stdout.split() == ["lun0"]
+    # failure: the shell sees the errno, the reply and the event tell why
+    r = sh(f"echo 'lun0 1G' > {m.mnt}/ctl/create", check=False)
+    assert r.returncode != 0 and "File exists" in r.stderr
+    r = sh(f"exec 3<>{m.mnt}/ctl/create; echo 'lun0 1G' >&3; cat <&3", check=False)
+    assert "status=error" in r.stdout and "errno=EEXIST" in r.stdout
+    assert "already exists" in r.stdout
+    assert "create lun0 1G: a LUN named lun0 already exists [EEXIST]" in m.events()
+
+
+def test_ctl_errnos_change_nothing(mount):
+    m = mount
+    m.ok("create", "a 16M")
+    before = m.status()["luns"]
+    cases = [
+        ("create", "bad/name 1G", errno.EINVAL),
+        ("create", "x 1001", errno.EINVAL),
+        ("create", "x 1G color=red", errno.EINVAL),
+        ("create", "x", errno.EINVAL),
+        ("create", "a 1G", errno.EEXIST),
+        ("create", "x 1G pack=nope", errno.ENOENT),
+        ("create", "x 4096T", errno.ENOSPC),
+        ("delete", "nope", errno.ENOENT),
+        ("resize", "nope 1G", errno.ENOENT),
+        ("resize", "a 1G force=maybe", errno.EINVAL),
+        ("readonly", "a sideways", errno.EINVAL),
+        ("addpack", f"m2 mirror {m.base}/d1", errno.EINVAL),              # one disk
+        ("addpack", f"m2 mirror {m.base}/d1,{m.base}/d1", errno.EINVAL),  # same twice
+        ("addpack", f"m2 raid5 {m.base}/d1,{m.base}/d2", errno.EINVAL),   # too few
+        ("addpack", "m2 zigzag /tmp/x", errno.EINVAL),
+    ]
+    for verb, line, want in cases:
+        err, reply = m.ctl(verb, line)
+        assert err == want, (verb, line, err, reply)
+        assert reply["status"] == "error" and reply["errno"] == errno.errorcode[want]
+        assert reply["message"] and "\n" not in reply["message"]
+        assert reply["message"] in m.events()
+    # open LUN: delete and shrink are EBUSY unless force=yes
+    fd = os.open(m.path("luns", "a"), os.O_RDWR)
+    try:
+        assert m.ctl("delete", "a")[0] == errno.EBUSY
+        assert m.ctl("resize", "a 8M")[0] == errno.EBUSY
+        assert m.status()["luns"] == [dict(before[0], open=1)]
+        m.ok("resize", "a 32M")                      # growing an open LUN is fine
+    finally:
+        os.close(fd)
+    assert lun_status(m, "a")["size"] == 32 * MiB
+    # read-only: EROFS for writes, opens for writing, resize
+    m.ok("readonly", "a on")
+    assert oct(os.stat(m.path("luns", "a")).st_mode & 0o777) == "0o444"
+    with pytest.raises(OSError) as e:
+        os.open(m.path("luns", "a"), os.O_WRONLY)
+    assert e.value.errno == errno.EROFS
+    assert m.ctl("resize", "a 64M")[0] == errno.EROFS
+    m.ok("readonly", "a off")
+    fd = os.open(m.path("luns", "a"), os.O_WRONLY)
+    os.close(fd)
+
+
+def test_cli_verbs_and_status(mount):
+    m = mount
+    cli("create", "lun0", "1G", mnt=m.mnt)
+    cli("resize", "lun0", "2G", mnt=m.mnt)
+    r = cli("create", "lun0", "1G", mnt=m.mnt, check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr and "EEXIST" in r.stderr
+    st = json.loads(cli("status", "--json", mnt=m.mnt).stdout)
+    assert [v["name"] for v in st["luns"]] == ["lun0"] and st["luns"][0]["size"] == 2 << 30
+    for key in ("packs", "luns", "sets", "jobs"):
+        assert key in st
+    p = st["packs"][0]
+    assert p["name"] == "main" and p["layout"] == "single" and p["state"] == "healthy"
+    assert p["disks"][0]["state"] == "online" and p["capacity_bytes"] > 0
+    txt = cli("status", mnt=m.mnt).stdout
+    assert "lun0" in txt and "main: single healthy" in txt
+    assert "created LUN lun0" in cli("events", mnt=m.mnt).stdout
+    env = dict(os.environ, FUSEARRAY_MOUNT=m.mnt)
+    r = subprocess.run(["python", "-m", "fusearray", "delete", "lun0"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(m.path("luns")) == []
+
+
+def test_identity_xattrs_unique_never_reused(mount):
+    m = mount
+    seen = set()
+    for i in range(3):
+        m.ok("create", f"l{i} 1M")
+    r = run(["getfattr", "-d", m.path("luns", "l0")]).stdout
+    for key in ("wwn", "serial", "kind", "pack", "readonly", "hidden"):
+        assert f"user.fusearray.{key}=" in r
+    for i in range(3):
+        p = m.path("luns", f"l{i}")
+        wwn = os.getxattr(p, "user.fusearray.wwn").decode()
+        assert WWN_RE.match(wwn), wwn
+        assert os.getxattr(p, "user.fusearray.kind") == b"lun"
+        assert os.getxattr(p, "user.fusearray.pack") == b"main"
+        seen.add(wwn)
+    assert len(seen) == 3
+    m.ok("delete", "l2")
+    m.ok("create", "l2 1M")
+    again = os.getxattr(m.path("luns", "l2"), "user.fusearray.wwn").decode()
+    assert again not in seen
+    with pytest.raises(OSError) as e:
+        os.setxattr(m.path("luns", "l0"), "user.fusearray.wwn", b"naa.60")
+    assert e.value.errno == errno.EPERM
+    # identity survives a restart
+    wwn0 = os.getxattr(m.path("luns", "l0"), "user.fusearray.wwn")
+    m.stop()
+    m.start()
+    assert os.getxattr(m.path("luns", "l0"), "user.fusearray.wwn") == wwn0
+
+
+def test_thin_allocation_punch_and_du(mount):
+    m = mount
+    m.ok("create", "thin 1G")
+    p = m.path("luns", "thin")
+    assert os.stat(p).st_blocks == 0
+    assert lun_status(m, "thin")["allocated_bytes"] == 0
+    sh(f"dd if=/dev/urandom of={p} bs=1M count=8 seek=100 conv=notrunc,fsync status=none")
+    row = synced(m, "thin")
+    assert row["allocated_bytes"] == 8 * MiB
+    assert os.stat(p).st_blocks * 512 == 8 * MiB
+    du = int(run(["du", "-k", p]).stdout.split()[0])
+    assert du == 8 * 1024
+    # zeros take no space
+    sh(f"dd if=/dev/zero of={p} bs=1M count=8 seek=300 conv=notrunc,fsync status=none")
+    assert synced(m, "thin")["allocated_bytes"] == 8 * MiB
+    # punch a hole: those blocks read zeros and are freed
+    run(["fallocate", "--punch-hole", "--offset", str(100 * MiB), "--length", str(4 * MiB), p])
+    with open(p, "rb") as f:
+        f.seek(100 * MiB)
+        assert f.read(4 * MiB) == bytes(4 * MiB)
+        assert f.read(4 * MiB) != bytes(4 * MiB)
+    assert synced(m, "thin")["allocated_bytes"] == 4 * MiB
+    assert os.stat(p).st_blocks * 512 == 4 * MiB
+
+
+def test_dedup_visible_in_physical_usage(mount):
+    m = mount
+    m.ok("create", "a 64M")
+    m.ok("create", "b 64M")
+    pattern = m.base / "pattern"
+    pattern.write_bytes(os.urandom(16 * MiB))
+    sh(f"dd if={pattern} of={m.path('luns', 'a')} bs=1M conv=notrunc,fsync status=none")
+    used1 = m.status()["packs"][0]["used_bytes"]
+    assert used1 >= 16 * MiB
+    sh(f"dd if={pattern} of={m.path('luns', 'b')} bs=1M conv=notrunc,fsync status=none")
+    sh(f"dd if={pattern} of={m.path('luns', 'b')} bs=1M seek=32 conv=notrunc,fsync status=none")
+    used2 = m.status()["packs"][0]["used_bytes"]
+    assert used2 - used1 < MiB, (used1, used2)          # 32 MiB more written, ~0 stored
+    assert synced(m, "b")["allocated_bytes"] == 32 * MiB
+    run(["cmp", str(pattern), m.path("luns", "b"), "-n", str(16 * MiB)])
+
+
+def test_persistence_across_umount_mount(mount):
+    m = mount
+    m.ok("create", "p 32M")
+    m.ok("create", "q 4M")
+    data = os.urandom(20 * MiB)
+    img = m.base / "img"
+    img.write_bytes(data)
+    sh(f"dd if={img} of={m.path('luns', 'p')} bs=1M seek=3 conv=notrunc status=none")
+    m.ok("readonly", "q on")
+    m.ok("hidden", "q on")
+    m.stop()                                     # clean unmount commits everything
+    m.start()
+    with open(m.path("luns", "p"), "rb") as f:
+        assert f.read(3 * MiB) == bytes(3 * MiB)
+        assert f.read(20 * MiB) == data
+    assert os.listdir(m.path("luns")) == ["p"]              # q is hidden
+    assert not os.path.exists(m.path("luns", "q"))
+    q = lun_status(m, "q")
+    assert q["hidden"] and q["readonly"]
+    m.ok("hidden", "q off")
+    assert sorted(os.listdir(m.path("luns"))) == ["p", "q"]
+    with pytest.raises(OSError) as e:
+        open(m.path("luns", "q"), "r+b")
+    assert e.value.errno == errno.EROFS
+
+
+def test_resize_visible_at_once(mount):
+    m = mount
+    m.ok("create", "r 16M")
+    p = m.path("luns", "r")
+    with open(p, "r+b") as f:
+        f.write(b"z" * MiB)
+    assert os.stat(p).st_size == 16 * MiB
+    m.ok("resize", "r 48M")
+    assert os.stat(p).st_size == 48 * MiB
+    m.ok("resize", "r 512K")
+    assert os.stat(p).st_size == 512 * 1024
+    m.ok("resize", "r 2M")
+    with open(p, "rb") as f:
+        data = f.read()
+    assert data == b"z" * (512 * 1024) + bytes(2 * MiB - 512 * 1024)
+
+
+def test_mount_errors_and_stale_mountpoint(make_mount, tmp_path):
+    m = make_mount()
+    # not an array
+    (tmp_path / "notarray").mkdir()
+    r = cli("mount", str(tmp_path / "notarray"), m.mnt, "--background", check=False)
+    assert r.returncode == 1 and "not a fusearray array" in r.stderr
+    assert not os.path.ismount(m.mnt)
+    r = cli("init", str(tmp_path / "notempty"), check=False)
+    assert r.returncode == 0
+    r = cli("init", str(tmp_path / "notempty"), check=False)
+    assert r.returncode == 1 and "already an array" in r.stderr
+    m.init().start()
+    m.ok("create", "l 4M")
+    # the same array twice
+    other = tmp_path / "mnt2"
+    other.mkdir()
+    r = cli("mount", m.array, str(other), "--background", check=False)
+    assert r.returncode == 1 and "already mounted" in r.stderr
+    assert not os.path.ismount(other)
+    # a killed daemon leaves a stale mountpoint; the next mount clears it
+    m.proc.kill()
+    m.proc.wait()
+    m.proc = None
+    with pytest.raises(OSError) as e:
+        os.stat(m.mnt)
+    assert e.value.errno == errno.ENOTCONN
+    m.start()
+    assert os.listdir(m.path("luns")) == ["l"]
+    with open("/proc/mounts") as f:
+        assert sum(1 for line in f if line.split()[1] == m.mnt) == 1
+
+
+def test_handler_errors_never_unmount(mount):
+    """Bad requests get errnos; the mount stays up."""
+    m = mount
+    with pytest.raises(OSError) as e:
+        open(m.path("luns", "nope"))
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(OSError):
+        open(m.path("ctl", "status"), "w")
+    with pytest.raises(OSError) as e:
+        os.mkdir(m.path("luns", "dir"))
+    with pytest.raises(OSError):
+        os.unlink(m.path("ctl", "create"))
+    r = sh(f"printf '\\xff\\xfe\\n' > {m.mnt}/ctl/create", check=False)
+    assert r.returncode != 0
+    assert "not valid UTF-8" in m.events()
+    assert os.path.ismount(m.mnt) and m.proc.poll() is None
+    m.ok("create", "still 1M")
+
+
+def test_up_brings_up_default_array(tmp_path):
+    """The README's main command, pointed at a temporary place."""
+    from conftest import require_fuse
+    require_fuse()
+    arr, mnt = tmp_path / "arr", tmp_path / "mnt"
+    pid = None
+    try:
+        r = cli("up", "--array", str(arr), "--mountpoint", str(mnt))
+        assert "created LUN lun0" in r.stdout and "Next steps" in r.stdout
+        pid = json.loads((mnt / "ctl" / "status.json").read_text())["pid"]
+        assert os.stat(mnt / "luns" / "lun0").st_size == 1 << 30
+        r = cli("up", "--array", str(arr), "--mountpoint", str(mnt))   # idempotent
+        assert "already mounted" in r.stdout
+        cli("umount", str(mnt))
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        if pid and os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, 9)
+
+
+def test_fsck_tool_finds_corruption(make_mount):
+    m = make_mount()
+    m.init().start()
+    m.ok("create", "l 4M")
+    sh(f"dd if=/dev/urandom of={m.path('luns', 'l')} bs=1M count=2 conv=notrunc,fsync status=none")
+    m.stop()
+    fsck = [os.sys.executable, "tools/fsck", m.array]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = run(fsck + ["--strict"], cwd=root)
+    assert "0 problem(s)" in r.stdout
+    segdir = os.path.join(m.array, "disks", "main.0", "segments")
+    seg = os.path.join(segdir, sorted(os.listdir(segdir))[0])
+    with open(seg, "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = run(fsck, cwd=root, check=False)
+    assert r.returncode == 1 and "does not match its hash" in r.stdout
+    # the mount reports the rot as EIO and an event, never as data
+    m.start()
+    fd = os.open(m.path("luns", "l"), os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 2 * MiB, 0)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "does not match its hash" in m.events()

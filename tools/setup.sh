@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up everything fusearray needs on a Debian machine, as root:
+# system packages, a venv in .venv, and the package (with its libfuse shim).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(libfuse3-dev fuse3 e2fsprogs util-linux pkg-config gcc python3-venv python3-dev attr fio)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -c 'import fusearray._fuseshim, pyfuse3, trio, xxhash' \
+  || { echo "setup: the package did not install correctly" >&2; exit 1; }
+echo "setup: ready (.venv/bin/fusearray)"
