@@ -238,13 +238,15 @@ except OSError:
 """
 
 FS_WRITER = r"""
-import os, random, sys
+import os, random, sys, time
 root, progress, prefix = sys.argv[1:4]
 log = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 os.write(log, b"started\n")
-i = 0
+i = total = 0
 try:
-    while True:
+    # bounded: past the cap it idles until killed, so four crash cycles of
+    # page-cache-speed writing cannot fill the filesystem under the test
+    while total < (16 << 20):
         rng = random.Random(f"{prefix}-{i}")
         data = rng.randbytes(rng.randrange(1, 1 << 20))
         p = os.path.join(root, f"{prefix}-{i}.bin")
@@ -255,6 +257,9 @@ try:
                 os.fsync(f.fileno())
                 os.write(log, b"synced %s\n" % p.encode())
         i += 1
+        total += len(data)
+    while True:
+        time.sleep(1)
 except OSError:
     sys.exit(1)
 """
@@ -378,7 +383,7 @@ def test_sigkill_crash_loop(mount, tmp_path):
         assert sum(1 for c in synced_counts if c) >= cycles // 2, synced_counts
 
         # ---- ext4 on a loop device, killed during file writes ----
-        m.ok("create", "fs 128M")
+        m.ok("create", "fs 256M")
         dev = m.attach("fs")
         run(["mkfs.ext4", "-q", dev])
         where = str(tmp_path / "fs")
