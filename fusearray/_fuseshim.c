@@ -44,15 +44,15 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
     fallocate_cb(req, ino, mode, offset, length, fi ? fi->fh : 0);
 }
 
+static void *libfuse(void);
+
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
     static session_new_t real;
     if (!real) {
-        void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
-        if (!lib)
-            lib = dlopen("libfuse3.so.3", RTLD_NOW);
+        void *lib = libfuse();
         if (lib)
             real = (session_new_t)dlsym(lib, "fuse_session_new");
         if (!real || real == fuse_session_new)
@@ -65,6 +65,96 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         shim_installed = 1;
     }
     return real(args, &shim_ops, sizeof(shim_ops), userdata);
+}
+
+/*
+ * Request intake and read replies without the GIL.
+ *
+ * pyfuse3 calls fuse_session_receive_buf() (the read() of a request from
+ * /dev/fuse: for a 1 MiB write, a 1 MiB copy in the kernel) and
+ * fuse_reply_buf() (the writev() of a read's data) with the GIL held, so the
+ * write-back thread (hashing, appends) stalls behind every copy. These
+ * interposers drop the GIL around the real call when the calling thread
+ * holds it; pyfuse3 keeps the buffers alive meanwhile (its own fuse_buf, a
+ * Py_buffer it holds until the reply returns). Small replies keep the GIL:
+ * handing it over costs more than the copy.
+ */
+#define REPLY_NOGIL_MIN (32 * 1024)
+
+static void *libfuse(void)
+{
+    static void *lib;
+    if (!lib) {
+        lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+        if (!lib)
+            lib = dlopen("libfuse3.so.3", RTLD_NOW);
+    }
+    return lib;
+}
+
+static int holds_gil(void)
+{
+    return Py_IsInitialized() && PyGILState_Check();
+}
+
+typedef int (*receive_buf_t)(struct fuse_session *, struct fuse_buf *);
+
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    static receive_buf_t real;
+    if (!real) {
+        void *lib = libfuse();
+        real = lib ? (receive_buf_t)dlsym(lib, "fuse_session_receive_buf") : NULL;
+        if (!real || real == fuse_session_receive_buf)
+            return -ENOSYS;
+    }
+    if (!holds_gil())
+        return real(se, buf);
+    int res;
+    Py_BEGIN_ALLOW_THREADS
+    res = real(se, buf);
+    Py_END_ALLOW_THREADS
+    return res;
+}
+
+typedef int (*reply_buf_t)(fuse_req_t, const char *, size_t);
+
+int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+{
+    static reply_buf_t real;
+    if (!real) {
+        void *lib = libfuse();
+        real = lib ? (reply_buf_t)dlsym(lib, "fuse_reply_buf") : NULL;
+        if (!real || real == fuse_reply_buf)
+            return -ENOSYS;
+    }
+    if (size < REPLY_NOGIL_MIN || !holds_gil())
+        return real(req, buf, size);
+    int res;
+    Py_BEGIN_ALLOW_THREADS
+    res = real(req, buf, size);
+    Py_END_ALLOW_THREADS
+    return res;
+}
+
+typedef int (*reply_write_t)(fuse_req_t, size_t);
+
+int fuse_reply_write(fuse_req_t req, size_t count)
+{
+    static reply_write_t real;
+    if (!real) {
+        void *lib = libfuse();
+        real = lib ? (reply_write_t)dlsym(lib, "fuse_reply_write") : NULL;
+        if (!real || real == fuse_reply_write)
+            return -ENOSYS;
+    }
+    if (count < REPLY_NOGIL_MIN || !holds_gil())
+        return real(req, count);
+    int res;
+    Py_BEGIN_ALLOW_THREADS
+    res = real(req, count);
+    Py_END_ALLOW_THREADS
+    return res;
 }
 
 /* xor_into(dst, src): dst ^= src, byte for byte (RAID-5 parity and

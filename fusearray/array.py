@@ -351,6 +351,20 @@ class Array(RecoveryOps, ShadowOps):
             out.extend(await self._read_locs(pack, [b], [loc]))
         return out
 
+    async def read_into(self, vol: Volume, items) -> None:
+        """Fill each (dst, id) of `items`, dst a memoryview of the block's
+        length: from the page cache straight into dst where the pack allows
+        (verified there), the rest through read_blocks in one batch."""
+        rest = items
+        if vol.source is None:
+            pack = vol.pack
+            rest = [(dst, bid) for dst, bid in items
+                    if not pack.read_into_nowait(bid, pack.lookup(bid), dst)]
+        if rest:
+            datas = await self.read_blocks(vol, [bid for _, bid in rest])
+            for (dst, _), data in zip(rest, datas):
+                dst[:] = data
+
     def drain_notes(self) -> None:
         """Pack messages from worker threads -> events."""
         for pack in self.packs.values():

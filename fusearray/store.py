@@ -642,6 +642,26 @@ class Pack:
             return None
         return buf
 
+    def read_into_nowait(self, bid: bytes, loc, dst) -> bool:
+        """read_nowait into a caller's buffer (a memoryview of exactly the
+        block's length). False when it would block or anything is unusual:
+        then dst holds garbage and the caller reads the block another way."""
+        if loc is None or self.layout != "single" or self._nowait is None \
+                or loc[2] != len(dst):
+            return False
+        seg, off, length = loc
+        fd = self.fds.get((0, seg))
+        if fd is None:
+            return False
+        try:
+            n = os.preadv(fd, [dst], off, self._nowait)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                self._nowait = 0 if _in_memory(self.disk.path) else None
+            return False
+        # stored blocks are never all-zero, so the id is the plain keyed hash
+        return n == length and xxhash.xxh3_128_digest(dst, self.hasher.seed) == bid
+
     def sync_blocking(self) -> None:
         for key in list(self._unsynced):
             fd = self.fds.get(key)

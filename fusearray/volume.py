@@ -47,6 +47,29 @@ class Entry:
         return self.buf
 
 
+_POOL: dict[int, list] = {}
+_POOL_MIN = 128 << 10
+_POOL_DEPTH = 8
+
+
+def _take_buffer(n: int) -> bytearray:
+    """A reply buffer for a large read. pyfuse3 sends the reply as soon as
+    the handler returns, with no await in between, so a buffer given back
+    just before `return` is free again by the time any other task runs."""
+    free = _POOL.get(n)
+    if free:
+        return free.pop()
+    return bytearray(n)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    n = len(buf)
+    if n >= _POOL_MIN:
+        free = _POOL.setdefault(n, [])
+        if len(free) < _POOL_DEPTH:
+            free.append(buf)
+
+
 class BlockCache:
     """The mount's write-back cache, shared by all volumes."""
 
@@ -223,14 +246,50 @@ class Volume:
         end = min(off + size, self.size)
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
-        blocks = await self._blocks(range(first, last + 1))
         if first == last:
+            blocks = await self._blocks((first,))
             return bytes(blocks[0][off - first * bs:end - first * bs])
-        parts = []
-        for i, data in enumerate(blocks):
-            base = (first + i) * bs
-            parts.append(memoryview(data)[max(off - base, 0):min(end - base, bs)])
-        return b"".join(parts)        # the one copy
+        return await self._read_span(off, end, first, last)
+
+    async def _read_span(self, off: int, end: int, first: int, last: int):
+        """A read of several blocks, assembled in one (pooled) buffer:
+        whole blocks that miss the cache are read straight into it and
+        verified there (one copy from the store, none to join), and are not
+        cached: large reads are streaming reads, and the pack's page cache
+        serves them again as cheaply. Partial end blocks go through the
+        cache, so small reads around them stay fast."""
+        bs = self.block_size
+        cache = self.array.cache
+        out = _take_buffer(end - off)
+        mv = memoryview(out)
+        direct = []
+        for bno in range(first, last + 1):
+            base = bno * bs
+            lo, hi = max(off, base), min(end, base + bs)
+            dst = mv[lo - off:hi - off]
+            e = self.cache.get(bno)
+            if e is None and hi - lo < bs:
+                data = (await self._blocks((bno,)))[0]
+                dst[:] = memoryview(data)[lo - base:hi - base]
+                continue
+            if e is not None:
+                cache.touch(e)
+                if e.buf is None:
+                    dst[:] = self._zeros[:hi - lo]
+                else:
+                    dst[:] = memoryview(e.buf)[lo - base:hi - base]
+                continue
+            bid = self.current_id_nowait(bno)
+            if bid is None:
+                bid = await self.current_id(bno)
+            if bid == ZERO_ID:
+                dst[:] = self._zeros[:hi - lo]
+            else:
+                direct.append((dst, bid))
+        if direct:
+            await self.array.read_into(self, direct)
+        _give_buffer(out)      # reused only after pyfuse3 has sent this reply
+        return mv
 
     async def _blocks(self, bnos) -> list:
         cache = self.array.cache
