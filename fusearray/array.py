@@ -510,7 +510,7 @@ class Array(RecoveryOps, ShadowOps):
         finally:
             for batch in groups.values():
                 for e, _, _, buf in batch:
-                    if e.buf is buf:
+                    if e.buf is buf and type(buf) is bytearray:
                         e.shared = False
             cache.stuck_bytes = sum(e.vol.block_size for e in cache.dirty
                                     if e.vol.pack.name in cache.errors)
@@ -556,6 +556,8 @@ class Array(RecoveryOps, ShadowOps):
                 self._gc_wanted = True
             vol.overlay[e.bno] = bid
             cache.mark_clean(e, gen)
+            if not e.dirty and type(e.buf) is memoryview:
+                cache.drop(e)   # a view pins its whole write request: let it go
 
     def _append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
         """The error writers get; an event unless the pack already had one."""

@@ -8,6 +8,7 @@ Every handler is guarded: ArrayError -> its errno; anything unexpected ->
 logged, an event, and EIO (never an exception that would end the main
 loop and unmount the array).
 """
+import collections
 import ctypes
 import errno
 import functools
@@ -74,14 +75,44 @@ class CtlHandle:
 
 class ExportHandle:
     """ctl/export: write `SET [base=SET2]`, then read the stream."""
-    __slots__ = ("gen", "buf", "pos", "reply", "done")
+    __slots__ = ("gen", "pieces", "avail", "reply", "done")
 
     def __init__(self):
         self.gen = None
-        self.buf = bytearray()
-        self.pos = 0
+        self.pieces = collections.deque()   # memoryviews of stream bytes not yet read
+        self.avail = 0
         self.reply = b""
         self.done = False
+
+    def add(self, pieces) -> None:
+        for p in pieces:
+            if len(p):
+                self.pieces.append(memoryview(p))
+                self.avail += len(p)
+
+    def take(self, size: int):
+        """Up to `size` bytes off the front: the piece itself when one
+        covers the read, else one join."""
+        first = self.pieces[0] if self.pieces else b""
+        if len(first) >= size:
+            data = first[:size]
+            if len(first) > size:
+                self.pieces[0] = first[size:]
+            else:
+                self.pieces.popleft()
+        else:
+            out = []
+            n = 0
+            while self.pieces and n < size:
+                p = self.pieces.popleft()
+                if n + len(p) > size:
+                    self.pieces.appendleft(p[size - n:])
+                    p = p[:size - n]
+                out.append(p)
+                n += len(p)
+            data = b"".join(out)
+        self.avail -= len(data)
+        return data
 
 
 class ImportHandle:
@@ -345,7 +376,7 @@ class Operations(pyfuse3.Operations):
                 raise invalid("export: one command per open; the stream is being read")
             args, opts = ctl.parse(EXPORT_OPTS, "export", bytes(buf).decode().strip())
             gen = transport.export_stream(self.array, args[0], opts.get("base"))
-            h.buf += await gen.__anext__()          # errors surface here
+            h.add(await gen.__anext__())            # errors surface here
             h.gen = gen
         except ArrayError as e:
             h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
@@ -358,19 +389,12 @@ class Operations(pyfuse3.Operations):
         if h.gen is None:
             data, h.reply = h.reply, b""
             return data
-        while len(h.buf) - h.pos < size and not h.done:
+        while h.avail < size and not h.done:
             try:
-                chunk = await h.gen.__anext__()
+                h.add(await h.gen.__anext__())
             except StopAsyncIteration:
                 h.done = True
-                break
-            if h.pos:                     # compact before growing
-                del h.buf[:h.pos]
-                h.pos = 0
-            h.buf += chunk
-        data = bytes(h.buf[h.pos:h.pos + size])
-        h.pos += len(data)
-        return data
+        return h.take(size)
 
     async def _import_write(self, h, buf) -> int:
         async with h.lock:

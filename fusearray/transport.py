@@ -2,7 +2,7 @@
 array (DESIGN 4.5; format in docs/stream-format.md).
 
 Both directions stream with bounded memory: `export_stream` is an async
-generator of byte chunks; `Importer.feed` parses whatever arrives and keeps
+generator of lists of byte pieces (joined only by the reader); `Importer.feed` parses whatever arrives and keeps
 at most one batch of blocks (IMPORT_BATCH) before storing it.
 
 An import builds its volumes in a staging set whose name starts with "."
@@ -114,9 +114,9 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
                               for v, _, h in snap],
                   "total_bytes": None if base else sum(v.allocated_bytes() for v in vols),
                   "source": {"array": array.conf["uuid"]}}   # no time: a re-export is identical
-        yield MAGIC + enc.json(b"H", header)
+        yield [MAGIC + enc.json(b"H", header)]
         for i, (v, root, height) in enumerate(snap):
-            yield enc.json(b"V", {"index": i})
+            yield [enc.json(b"V", {"index": i})]
             b = base_vols.get(v.name)
             if _diffable(b, v, height):
                 changes = maps.diff(b.root, root, height, array.loader(b), array.loader(v))
@@ -132,7 +132,7 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
                     batch = []
             if batch:
                 yield await _encode_batch(array, enc, v, batch)
-        yield enc.trailer()
+        yield [enc.trailer()]
         array.event("info", f"exported set {set_name}"
                     + (f" (incremental against {base_name})" if base else "")
                     + f": {enc.blocks} blocks")
@@ -140,7 +140,7 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
         array.unpin(pins)
 
 
-async def _encode_batch(array, enc: Encoder, vol, batch) -> bytes:
+async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
     reads = [bid for _, bid in batch if bid != ZERO_ID]
     datas = iter(await array.read_blocks(vol, reads)) if reads else iter(())
     out = []
@@ -154,7 +154,7 @@ async def _encode_batch(array, enc: Encoder, vol, batch) -> bytes:
         out.extend(enc.record_pieces(b"B", [U64.pack(bno), xxhash.xxh3_64_digest(block),
                                             block]))
         enc.blocks += 1
-    return b"".join(out)
+    return out
 
 
 def _check_header(h) -> dict:
@@ -270,7 +270,8 @@ class Importer:
                                   f"{typ!r} of {n} bytes")
                 if len(self.buf) - pos < REC.size + n:
                     return
-                payload = bytes(self.buf[pos + REC.size:pos + REC.size + n])
+                with memoryview(self.buf) as mv:      # one copy, not two
+                    payload = bytes(mv[pos + REC.size:pos + REC.size + n])
                 pos += REC.size + n
                 self.offset += REC.size + n
                 await self._record(typ, payload)
@@ -312,13 +313,13 @@ class Importer:
             if typ == b"Z":
                 self.pending.append((v, bno, None))
             else:
-                data = payload[16:]
+                data = memoryview(payload)[16:]
                 if xxhash.xxh3_64_digest(data) != payload[8:16]:
                     raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
                                      f"{v.name} (stream offset {self.offset}) does not "
                                      "match its hash")
                 if len(data) < v.block_size:
-                    data += bytes(v.block_size - len(data))
+                    data = bytes(data) + bytes(v.block_size - len(data))
                 self.pending.append((v, bno, data))
                 self.pending_bytes += len(data)
                 self.blocks += 1

@@ -26,7 +26,8 @@ from .errors import ArrayError
 
 class Entry:
     """A cached block. `buf` None means all zeros (a punched block).
-    `shared`: a flush holds `buf`; a write must copy it first (`own`)."""
+    `shared`: a flush holds `buf`, or `buf` is a read-only view of a write
+    request's data; a write must copy it first (`own`)."""
     __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "__weakref__")
 
     def __init__(self, vol, bno, buf):
@@ -348,6 +349,7 @@ class Volume:
         end = min(off + len(buf), self.size)
         bs = self.block_size
         mv = memoryview(buf)
+        immutable = type(buf) is bytes      # pyfuse3's request data
         pos = off
         while pos < end:
             bno, boff = divmod(pos, bs)
@@ -355,7 +357,13 @@ class Volume:
             piece = mv[pos - off:pos - off + n]
             if n == bs:
                 e = self.cache.get(bno)
-                if e is None:
+                if immutable:       # keep a view of the request: no copy
+                    if e is None:
+                        e = Entry(self, bno, piece)
+                    else:
+                        e.buf = piece
+                    e.shared = True     # read-only: a partial write copies first
+                elif e is None:
                     e = Entry(self, bno, bytearray(piece))
                 elif e.buf is None or e.shared:
                     e.buf, e.shared = bytearray(piece), False
