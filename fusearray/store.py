@@ -51,13 +51,13 @@ except ImportError:          # the extension is not built: pure Python
     _xor_into = None
 
 
-def _xor(parts) -> bytes:
-    """XOR of equal-length byte strings."""
+def _xor(parts):
+    """XOR of equal-length buffers (a new bytes-like object)."""
     if _xor_into is not None:
         acc = bytearray(parts[0])
         for p in parts[1:]:
             _xor_into(acc, p)
-        return bytes(acc)
+        return acc
     n = len(parts[0])
     x = 0
     for p in parts:
@@ -494,8 +494,7 @@ class Pack:
     def _write(self, iov, offset) -> None:
         seq = self.active_seq
         if self.layout == "raid5":
-            self._write_raid5(seq, b"".join(bytes(b) if not isinstance(b, bytes) else b
-                                            for b in iov), offset)
+            self._write_raid5(seq, b"".join(iov), offset)
             return
         wrote = 0
         last: OSError | None = None
@@ -516,21 +515,29 @@ class Pack:
             raise last or OSError(errno.EIO, f"no disk of pack {self.name} took the write")
 
     def _write_raid5(self, seq: int, data: bytes, offset: int) -> None:
+        """Data pieces go to their disks as views of `data`; each row's
+        parity is written with them. A full row's parity comes straight
+        from `data`; a partial row is kept in `_row` (later appends fill
+        it and rewrite its parity)."""
         k, row_bytes = self.k, self.k * CHUNK
+        mv = memoryview(data)
         pos = 0
         while pos < len(data):
             row, w = divmod(offset + pos, row_bytes)
             take = min(row_bytes - w, len(data) - pos)
-            if self._row is None or self._row[:2] != (seq, row):
-                self._row = (seq, row, bytearray(row_bytes))
-            buf = self._row[2]
-            buf[w:w + take] = data[pos:pos + take]
+            if take == row_bytes:
+                buf = mv[pos:pos + take]
+                self._row = None
+            else:
+                if self._row is None or self._row[:2] != (seq, row):
+                    self._row = (seq, row, bytearray(row_bytes))
+                buf = self._row[2]
+                buf[w:w + take] = mv[pos:pos + take]
             for di, doff, n, loff in self._pieces(offset + pos, take):
-                piece = data[loff - offset:loff - offset + n]
-                self._put(di, seq, doff, piece)
-            p = self._parity_disk(row)
-            self._put(p, seq, row * CHUNK, _xor([buf[j * CHUNK:(j + 1) * CHUNK]
-                                                 for j in range(k)]))
+                self._put(di, seq, doff, mv[loff - offset:loff - offset + n])
+            bv = memoryview(buf)
+            self._put(self._parity_disk(row), seq, row * CHUNK,
+                      _xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)]))
             pos += take
 
     def _put(self, di: int, seq: int, off: int, data) -> None:
@@ -633,43 +640,43 @@ class Pack:
         """Read a block only if the page cache has it (preadv2 RWF_NOWAIT):
         safe on the event loop. None when it would block or anything is
         unusual; then use read_blocking in a thread."""
-        if self.layout != "single" or self._nowait is None:
+        if loc is None or self._nowait is None:
             return None
-        seg, off, length = loc
-        fd = self.fds.get((0, seg))
-        if fd is None:
-            return None
-        buf = bytearray(length)
-        try:
-            n = os.preadv(fd, [buf], off, self._nowait)
-        except OSError as e:
-            if e.errno == errno.EOPNOTSUPP:
-                # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
-                self._nowait = 0 if _in_memory(self.disk.path) else None
-            return None
-        if n != length or self.hasher.block_id(buf) != bid:
-            return None
-        return buf
+        buf = bytearray(loc[2])
+        return buf if self.read_into_nowait(bid, loc, memoryview(buf)) else None
 
     def read_into_nowait(self, bid: bytes, loc, dst) -> bool:
         """read_nowait into a caller's buffer (a memoryview of exactly the
-        block's length). False when it would block or anything is unusual:
-        then dst holds garbage and the caller reads the block another way."""
-        if loc is None or self.layout != "single" or self._nowait is None \
-                or loc[2] != len(dst):
+        block's length), from whichever disks hold it: one (single), the
+        first online copy (mirror) or the pieces across the data disks
+        (raid5, straight into their places). False when it would block, a
+        disk is not online, or anything is unusual: then dst holds garbage
+        and the caller reads the block the blocking way (which heals)."""
+        if loc is None or self._nowait is None or loc[2] != len(dst):
             return False
         seg, off, length = loc
-        fd = self.fds.get((0, seg))
-        if fd is None:
-            return False
-        try:
-            n = os.preadv(fd, [dst], off, self._nowait)
-        except OSError as e:
-            if e.errno == errno.EOPNOTSUPP:
-                self._nowait = 0 if _in_memory(self.disk.path) else None
-            return False
+        if self.layout == "raid5":
+            pieces = [(di, doff, ln, lo - off) for di, doff, ln, lo in self._pieces(off, length)]
+        else:
+            di = next((d.idx for d in self.disks if d.state == "online"), None)
+            if di is None:
+                return False
+            pieces = ((di, off, length, 0),)
+        for di, doff, ln, at in pieces:
+            fd = self.fds.get((di, seg)) if self.disks[di].state == "online" else None
+            if fd is None:
+                return False
+            try:
+                n = os.preadv(fd, [dst[at:at + ln]], doff, self._nowait)
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
+                    self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
+                return False
+            if n != ln:
+                return False
         # stored blocks are never all-zero, so the id is the plain keyed hash
-        return n == length and xxhash.xxh3_128_digest(dst, self.hasher.seed) == bid
+        return xxhash.xxh3_128_digest(dst, self.hasher.seed) == bid
 
     def sync_blocking(self) -> None:
         for key in list(self._unsynced):
