@@ -738,6 +738,30 @@ class Array(RecoveryOps, ShadowOps):
         await self._commit()
         if freed:
             log.info("gc freed %s", human_bytes(freed))
+        await self._retry_full_packs()
+
+    async def _retry_full_packs(self) -> None:
+        """After GC freed space: a pack that refused writes for being full
+        is retried at once (its blocks still dirty from the failed writes
+        are flushed, which clears its error), or, with none left, its error
+        is cleared. Writers then get in without waiting for the back-off."""
+        cache = self.cache
+        for pack in list(self.packs.values()):
+            err = cache.errors.get(pack.name)
+            if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                continue
+            if pack.free_bytes() <= pack.reserve:
+                continue                     # still full
+            cache.retry_at[pack.name] = 0
+            if any(e.vol.pack is pack for e in cache.dirty):
+                try:
+                    await self._flush()
+                except ArrayError:
+                    pass                     # still an error: writers keep getting it
+            elif cache.errors.pop(pack.name, None) is not None:
+                cache.stuck_bytes = sum(e.vol.block_size for e in cache.dirty
+                                        if e.vol.pack.name in cache.errors)
+                self.event("info", f"pack {pack.name} accepts writes again")
 
     async def _compact(self, pack: Pack) -> None:
         """Move the live blocks out of mostly-dead segments (they die at the

@@ -142,7 +142,12 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
 
 async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
     reads = [bid for _, bid in batch if bid != ZERO_ID]
-    datas = iter(await array.read_blocks(vol, reads)) if reads else iter(())
+    bs = vol.block_size
+    buf = memoryview(bytearray(len(reads) * bs))     # the batch's blocks, read in place
+    items = [(buf[i * bs:(i + 1) * bs], bid) for i, bid in enumerate(reads)]
+    if items:
+        await array.read_into(vol, items)
+    datas = iter([dst for dst, _ in items])
     out = []
     for bno, bid in batch:
         if bid == ZERO_ID:
