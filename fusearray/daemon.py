@@ -71,11 +71,6 @@ def setup_logging(array_path: str, foreground: bool, debug: bool) -> None:
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         debug: bool = False) -> int:
     shim = load_shim()
-    # The write-back thread releases the GIL for every append and needs it
-    # back at once; with the default 5 ms switch interval it can wait that
-    # long behind the FUSE thread each time (a GIL convoy: seq writes fell
-    # to ~340 MB/s in phases). 0.5 ms bounds the wait.
-    sys.setswitchinterval(float(os.environ.get("FUSEARRAY_SWITCH_INTERVAL", "0.0005")))
     import trio
 
     from .array import Array
