@@ -210,6 +210,8 @@ class Importer:
         self.failed: ArrayError | None = None
         self.resumed = False
         self._since_checkpoint = 0
+        self._storing: trio.Event | None = None     # set when the batch in flight is stored
+        self._store_error: Exception | None = None
 
     # ---- resume ---------------------------------------------------------------------
     @classmethod
@@ -402,13 +404,47 @@ class Importer:
                         current=self.vols.index(self.current) if self.current in self.vols else None)
         self.array._dirty_jobs.add(j)
 
-    async def _flush_pending(self) -> None:
+    async def _flush_pending(self, wait: bool = False) -> None:
+        """Store the pending blocks. In the background by default, one
+        batch in flight at a time, so that parsing the next 16 MiB of the
+        stream overlaps hashing and appending this one; at once with
+        wait=True or when a checkpoint is due. A background store's error
+        surfaces at the next call (and the import is aborted as before)."""
+        await self._wait_stored()
         if not self.pending:
             return
-        from .array import _Collision, _hash_and_store
-        a = self.array
         items, self.pending, n = self.pending, [], self.pending_bytes
         self.pending_bytes = 0
+        self._since_checkpoint += n
+        checkpoint = self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf
+        nursery = self.array._nursery
+        if not (wait or checkpoint) and nursery is not None:
+            done = self._storing = trio.Event()
+            nursery.start_soon(self._store_in_background, items, n, done)
+            return
+        await self._store(items, n)
+        if checkpoint:
+            await self._checkpoint()
+
+    async def _store_in_background(self, items, n: int, done: trio.Event) -> None:
+        try:
+            await self._store(items, n)
+        except Exception as e:
+            self._store_error = e
+        finally:
+            done.set()
+
+    async def _wait_stored(self) -> None:
+        if self._storing is not None:
+            await self._storing.wait()
+            self._storing = None
+        err, self._store_error = self._store_error, None
+        if err is not None:
+            raise err
+
+    async def _store(self, items, n: int) -> None:
+        from .array import _Collision, _hash_and_store
+        a = self.array
         async with a._lock:     # hash, dedup and append in one worker call
             try:
                 ids, added = await trio.to_thread.run_sync(
@@ -424,13 +460,11 @@ class Importer:
                 v.overlay[bno] = bid
         self.job.done_bytes += n
         a._dirty_jobs.add(self.job)
-        self._since_checkpoint += n
-        if self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf:
-            await self._checkpoint()
 
     async def _checkpoint(self) -> None:
         """Persist the maps and where the stream is, for resume. Only at a
         record boundary with nothing buffered."""
+        await self._wait_stored()
         self._since_checkpoint = 0
         self._save_params()
         async with self.array._lock:
@@ -442,7 +476,7 @@ class Importer:
                 or t.get("blocks") != self.blocks):
             raise ArrayError(errno.EIO, "the stream is damaged: its checksum or counts do "
                              "not match the data received")
-        await self._flush_pending()
+        await self._flush_pending(wait=True)
         a = self.array
         h = self.header
         name = self.as_name or h["set"]["name"]
@@ -472,6 +506,9 @@ class Importer:
         """Remove the partial set and reclaim its space."""
         self.failed = err
         a = self.array
+        if self._storing is not None:        # let the batch in flight land first
+            await self._storing.wait()
+            self._storing, self._store_error = None, None
         if self.job is None:
             return
         async with a._lock:
@@ -505,7 +542,11 @@ class Importer:
         `import --resume` (its staging set stays invisible)."""
         if self.finished or self.failed or self.job is None or not self.job.active:
             return
-        await self._flush_pending()
+        try:
+            await self._flush_pending(wait=True)
+        except ArrayError as e:              # a background store had failed
+            await self.abort(e)
+            return
         self.buf.clear()
         self.job.pause()
         await self._checkpoint()
