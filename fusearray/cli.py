@@ -11,8 +11,10 @@ import argparse
 import errno
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 from . import DEFAULT_CACHE_SIZE
@@ -244,6 +246,36 @@ def _stream_total(first: bytes) -> int | None:
         return None
 
 
+def _pump(read, write, on_chunk=None, depth: int = 4) -> None:
+    """Copy chunks from read() (b"" at the end) to write(chunk), with the
+    writes in a second thread: both are system calls that drop the GIL, so
+    reading the next MiB overlaps writing the last (a serial loop left each
+    side idle half the time). A write error stops the reading and is
+    raised here; at most `depth` chunks are in flight."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    failed: list = []
+
+    def drain():
+        while (chunk := q.get()) is not None:
+            if not failed:
+                try:
+                    write(chunk)
+                except BaseException as e:      # re-raised in the caller's thread
+                    failed.append(e)
+    t = threading.Thread(target=drain, name="writer", daemon=True)
+    t.start()
+    try:
+        while not failed and (chunk := read()):
+            if on_chunk:
+                on_chunk(chunk)
+            q.put(chunk)
+    finally:
+        q.put(None)
+        t.join()
+    if failed:
+        raise failed[0]
+
+
 def cmd_export(args) -> int:
     mnt = mountpoint(args)
     fd = os.open(os.path.join(mnt, "ctl", "export"), os.O_RDWR)
@@ -257,16 +289,18 @@ def cmd_export(args) -> int:
             raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
         out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
         bar = None
-        while chunk := os.read(fd, 1 << 20):
+
+        def progress(chunk):
+            nonlocal bar
             if bar is None:
                 bar = Progress(f"export {args.set}", _stream_total(chunk))
-            try:
-                out.write(chunk)
-            except BrokenPipeError:
-                out = None
-                raise UserError("export: the output was closed before the stream "
-                                "ended") from None
             bar.add(len(chunk))
+        try:
+            _pump(lambda: os.read(fd, 1 << 20), out.write, progress)
+        except BrokenPipeError:
+            out = None
+            raise UserError("export: the output was closed before the stream "
+                            "ended") from None
         if bar:
             bar.close()
         out.flush()
@@ -314,11 +348,13 @@ def cmd_import(args) -> int:
         failed = None
         bar = Progress("import", os.fstat(src.fileno()).st_size - start
                        if src is not sys.stdin.buffer else None)
+        def put(chunk):
+            view = memoryview(chunk)
+            while view:                  # a FUSE write may take less than asked
+                view = view[os.write(fd, view):]
         try:
             os.write(fd, (" ".join(opts) + "\n").encode())
-            while chunk := src.read(1 << 20):
-                os.write(fd, chunk)
-                bar.add(len(chunk))
+            _pump(lambda: src.read(1 << 20), put, lambda c: bar.add(len(c)))
         except OSError as e:
             failed = e
         bar.close()

@@ -35,6 +35,8 @@ DIRS = {ROOT: None, LUNS: b"luns", SNAPS: b"snapshots", CTL: b"ctl", JOBS: b"job
 TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events"}
 XATTR = "user.fusearray."
 
+EXPORT_PREFETCH = 2     # stream batches (64 blocks each) encoded ahead of the reader
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -75,7 +77,7 @@ class CtlHandle:
 
 class ExportHandle:
     """ctl/export: write `SET [base=SET2]`, then read the stream."""
-    __slots__ = ("gen", "pieces", "avail", "reply", "done")
+    __slots__ = ("gen", "pieces", "avail", "reply", "done", "recv", "scope")
 
     def __init__(self):
         self.gen = None
@@ -83,6 +85,41 @@ class ExportHandle:
         self.avail = 0
         self.reply = b""
         self.done = False
+        self.recv = None        # batches from the producer task (prefetch)
+        self.scope = None       # the producer's cancel scope
+
+    async def produce(self, send, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the stream generator ahead of the reader: the next batches
+        are read and encoded while the reader is busy with the last one
+        (the channel holds EXPORT_PREFETCH of them: bounded memory). An
+        error is passed down the channel to the reader."""
+        with trio.CancelScope() as self.scope:
+            task_status.started()
+            try:
+                async with send:
+                    try:
+                        async for pieces in self.gen:
+                            await send.send(pieces)
+                    except ArrayError as e:
+                        await send.send(e)
+                    except Exception as e:      # a bug: fail this stream, not the mount
+                        log.exception("export stream failed")
+                        await send.send(ArrayError(errno.EIO, f"internal error in the "
+                                                   f"export: {type(e).__name__}: {e}"))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gen.aclose()     # unpins the roots
+
+    async def next_batch(self):
+        """The next batch of pieces, or None at the end; raises the
+        producer's error."""
+        try:
+            item = await self.recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        if isinstance(item, ArrayError):
+            raise item
+        return item
 
     def add(self, pieces) -> None:
         for p in pieces:
@@ -378,6 +415,8 @@ class Operations(pyfuse3.Operations):
             gen = transport.export_stream(self.array, args[0], opts.get("base"))
             h.add(await gen.__anext__())            # errors surface here
             h.gen = gen
+            send, h.recv = trio.open_memory_channel(EXPORT_PREFETCH)
+            await self.array._nursery.start(h.produce, send)
         except ArrayError as e:
             h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
             raise
@@ -390,10 +429,11 @@ class Operations(pyfuse3.Operations):
             data, h.reply = h.reply, b""
             return data
         while h.avail < size and not h.done:
-            try:
-                h.add(await h.gen.__anext__())
-            except StopAsyncIteration:
+            pieces = await h.next_batch()
+            if pieces is None:
                 h.done = True
+            else:
+                h.add(pieces)
         return h.take(size)
 
     async def _import_write(self, h, buf) -> int:
@@ -455,7 +495,10 @@ class Operations(pyfuse3.Operations):
             h.vol.open_count -= 1
             self.array.released(h.vol)
         elif type(h) is ExportHandle and h.gen is not None:
-            await h.gen.aclose()
+            if h.scope is not None:
+                h.scope.cancel()        # the producer closes the generator
+            if h.recv is not None:
+                h.recv.close()
         elif type(h) is ImportHandle and h.importer is not None and not h.reply:
             await h.importer.interrupted()
 
