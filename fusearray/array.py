@@ -358,8 +358,9 @@ class Array(RecoveryOps, ShadowOps):
         rest = items
         if vol.source is None:
             pack = vol.pack
-            rest = [(dst, bid) for dst, bid in items
-                    if not pack.read_into_nowait(bid, pack.lookup(bid), dst)]
+            missed = pack.read_many_into_nowait([(bid, pack.lookup(bid), dst)
+                                                 for dst, bid in items])
+            rest = [(dst, bid) for bid, _, dst in missed]
         if rest:
             datas = await self.read_blocks(vol, [bid for _, bid in rest])
             for (dst, _), data in zip(rest, datas):

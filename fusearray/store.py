@@ -221,6 +221,7 @@ class Pack:
         self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
         self.seg_limit = SEGMENT_LIMIT       # set from the capacity at open
         self._nowait = _NOWAIT               # preadv2 flags for reads on the loop
+        self._gap = bytearray(HDR.size)      # where record headers go in a run read
         self.reserve = 2 * SEGMENT_LIMIT     # free space only GC may use
         self.lost_reads = 0
 
@@ -647,6 +648,55 @@ class Pack:
             return None
         buf = bytearray(loc[2])
         return buf if self.read_into_nowait(bid, loc, memoryview(buf)) else None
+
+    def read_many_into_nowait(self, items) -> list:
+        """read_into_nowait for [(bid, loc, dst)], with one preadv per run
+        of records that lie back to back in a segment (a sequential write
+        lays them out so: a 1 MiB read is one system call, not 16). The
+        record headers between them land in a scratch buffer. Returns the
+        items it could not serve (for the caller's fallback)."""
+        if self._nowait is None or self.layout == "raid5" or not items:
+            return [it for it in items if not self.read_into_nowait(*it)]
+        di = next((d.idx for d in self.disks if d.state == "online"), None)
+        if di is None:
+            return list(items)
+        rest = []
+        i = 0
+        while i < len(items):
+            bid, loc, dst = items[i]
+            if loc is None or loc[2] != len(dst):
+                rest.append(items[i])
+                i += 1
+                continue
+            j = i + 1           # extend the run while the next record follows on
+            end = loc[1] + loc[2]
+            while j < len(items) and j - i < _IOV_MAX // 2:
+                nloc = items[j][1]
+                if nloc is None or nloc[0] != loc[0] or nloc[1] != end + HDR.size \
+                        or nloc[2] != len(items[j][2]):
+                    break
+                end = nloc[1] + nloc[2]
+                j += 1
+            run = items[i:j]
+            fd = self.fds.get((di, loc[0])) if self.disks[di].state == "online" else None
+            ok = False
+            if fd is not None:
+                iov = []
+                for k, (_, _, d) in enumerate(run):
+                    if k:
+                        iov.append(self._gap)
+                    iov.append(d)
+                try:
+                    ok = os.preadv(fd, iov, loc[1], self._nowait) == end - loc[1]
+                except OSError as e:
+                    if e.errno == errno.EOPNOTSUPP:
+                        self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
+            seed = self.hasher.seed
+            for it in run:
+                if not ok or xxhash.xxh3_128_digest(it[2], seed) != it[0]:
+                    rest.append(it)
+            i = j
+        return rest
 
     def read_into_nowait(self, bid: bytes, loc, dst) -> bool:
         """read_nowait into a caller's buffer (a memoryview of exactly the
