@@ -240,9 +240,8 @@ class Importer:
             raise self.failed
         if self.finished:
             raise invalid("data after the end of the stream")
-        self.buf += data
         try:
-            await self._parse()
+            await self._take(data)
         except ArrayError as e:
             if self.resumed and not self.finished:
                 # maybe not the same stream: keep what the first run stored
@@ -256,6 +255,56 @@ class Importer:
                 raise
             await self.abort(e)
             raise
+
+    async def _take(self, data) -> None:
+        """Parse what a write brought. Records wholly inside it are parsed
+        in place (a block's payload stays a view of the write's bytes: no
+        copy); only a record split across writes, and the stream's start,
+        go through `buf`."""
+        mv = memoryview(data)
+        if self.buf or (self.offset == 0 and self.header is None):
+            take = self._to_complete(mv)
+            self.buf += mv[:take]
+            await self._parse()
+            mv = mv[take:]
+            if self.buf or not len(mv):
+                self.buf += mv
+                return
+        used = await self._parse_view(mv)
+        self.buf += mv[used:]
+
+    def _to_complete(self, mv) -> int:
+        """How much of `mv` completes the record begun in `buf` (all of
+        it at the stream's start, or while even its header is unknown)."""
+        if self.offset == 0 and self.header is None:
+            return len(mv)
+        have = len(self.buf)
+        head = bytes(self.buf[:REC.size]) + bytes(mv[:max(REC.size - have, 0)])
+        if len(head) < REC.size:
+            return len(mv)
+        n = REC.unpack(head)[1]
+        if n > MAX_RECORD:
+            return len(mv)          # _parse reports it
+        return min(max(REC.size + n - have, 0), len(mv))
+
+    async def _parse_view(self, mv) -> int:
+        """Parse the whole records at the start of `mv`; returns the bytes
+        used (the rest is an incomplete record)."""
+        pos = 0
+        while len(mv) - pos >= REC.size:
+            typ, n = REC.unpack_from(mv, pos)
+            if n > MAX_RECORD or typ not in b"HVBZT":
+                raise invalid(f"corrupt stream at offset {self.offset}: bad record "
+                              f"{typ!r} of {n} bytes")
+            if len(mv) - pos < REC.size + n:
+                break
+            payload = mv[pos + REC.size:pos + REC.size + n]
+            if typ != b"B":
+                payload = bytes(payload)      # small (JSON, zero runs)
+            pos += REC.size + n
+            self.offset += REC.size + n
+            await self._record(typ, payload)
+        return pos
 
     async def _parse(self) -> None:
         if self.offset == 0 and self.header is None:
