@@ -22,6 +22,7 @@ Crash safety: the index is persisted by the catalogue in the same SQLite
 transaction as the map roots, after `sync_blocking()`. Anything appended
 after the last commit is unreferenced garbage, removed at the next open.
 """
+import bisect
 import errno
 import json
 import os
@@ -63,6 +64,44 @@ def _xor(parts):
     for p in parts:
         x ^= int.from_bytes(p, "little")
     return x.to_bytes(n, "little")
+
+
+def _xor_at(acc: bytearray, at: int, src) -> None:
+    """acc[at:at+len(src)] ^= src."""
+    n = len(src)
+    if _xor_into is not None:
+        _xor_into(memoryview(acc)[at:at + n], src)
+    else:
+        x = int.from_bytes(acc[at:at + n], "little") ^ int.from_bytes(src, "little")
+        acc[at:at + n] = x.to_bytes(n, "little")
+
+
+class _Gather:
+    """A batch of buffers as one logical byte string, sliced into views
+    without copying (RAID-5 cuts a batch of records into stripe chunks)."""
+
+    def __init__(self, bufs):
+        self.views = [memoryview(b) for b in bufs]
+        self.starts = []
+        pos = 0
+        for v in self.views:
+            self.starts.append(pos)
+            pos += len(v)
+        self.size = pos
+
+    def slices(self, start: int, n: int) -> list:
+        i = bisect.bisect_right(self.starts, start) - 1
+        out = []
+        while n > 0:
+            v = self.views[i]
+            o = start - self.starts[i]
+            take = min(len(v) - o, n)
+            if take > 0:
+                out.append(v[o:o + take])
+                start += take
+                n -= take
+            i += 1
+        return out
 
 
 def _in_memory(path: str) -> bool:
@@ -215,7 +254,7 @@ class Pack:
         self.active_open = False             # appends go to active_seq
         self._unsynced: set[tuple[int, int]] = set()
         self._new_files = False
-        self.spares: list[tuple[str, int]] = []  # (path, bytes) of dead segment files kept for reuse (single)
+        self.spares: list[tuple[dict, int]] = []  # ({disk idx: path}, free-space credit) of dead segments kept for reuse
         self.spare_bytes = 0
         self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
         self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
@@ -412,18 +451,26 @@ class Pack:
             raise OSError(errno.EIO, f"pack {self.name} has failed: writes are refused")
         self.active_seq += 1
         seq = self.active_seq
+        group: dict = {}
+        if self.spares:
+            group, credit = self.spares.pop()
+            self.spare_bytes -= credit
         for d in self.online():
             path = d.seg_path(seq)
             os.makedirs(d.segdir, exist_ok=True)
-            if self.spares and self.layout == "single":
-                spare, size = self.spares.pop()
-                self.spare_bytes -= size
+            spare = group.pop(d.idx, None)
+            if spare is not None:
                 os.rename(spare, path)   # reuse its pages: no fresh allocation
                 fd = os.open(path, os.O_RDWR)
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             with self._lock:
                 self.fds[(d.idx, seq)] = fd
+        for spare in group.values():     # of a disk that is no longer online
+            try:
+                os.unlink(spare)
+            except OSError:
+                pass
         self.active_tail = 0
         self.active_open = True
         self._new_files = True
@@ -498,7 +545,7 @@ class Pack:
     def _write(self, iov, offset) -> None:
         seq = self.active_seq
         if self.layout == "raid5":
-            self._write_raid5(seq, b"".join(iov), offset)
+            self._write_raid5(seq, _Gather(iov), offset)
             return
         wrote = 0
         last: OSError | None = None
@@ -518,30 +565,42 @@ class Pack:
         if not wrote:
             raise last or OSError(errno.EIO, f"no disk of pack {self.name} took the write")
 
-    def _write_raid5(self, seq: int, data: bytes, offset: int) -> None:
-        """Data pieces go to their disks as views of `data`; each row's
-        parity is written with them. A full row's parity comes straight
-        from `data`; a partial row is kept in `_row` (later appends fill
-        it and rewrite its parity)."""
+    def _write_raid5(self, seq: int, data: "_Gather", offset: int) -> None:
+        """Data pieces go to their disks as views of the batch's buffers
+        (pwritev, no joining); each row's parity is written with them. A
+        full row's parity is XORed straight from the batch; a partial row
+        is kept in `_row` (later appends fill it and rewrite its parity)."""
         k, row_bytes = self.k, self.k * CHUNK
-        mv = memoryview(data)
         pos = 0
-        while pos < len(data):
+        while pos < data.size:
             row, w = divmod(offset + pos, row_bytes)
-            take = min(row_bytes - w, len(data) - pos)
+            take = min(row_bytes - w, data.size - pos)
             if take == row_bytes:
-                buf = mv[pos:pos + take]
                 self._row = None
+                parity = bytearray(CHUNK)
+                for j in range(k):
+                    at = 0
+                    for v in data.slices(pos + j * CHUNK, CHUNK):
+                        _xor_at(parity, at, v)
+                        at += len(v)
             else:
                 if self._row is None or self._row[:2] != (seq, row):
                     self._row = (seq, row, bytearray(row_bytes))
+                    rest = row_bytes - (w + take)
+                    if rest:     # a reused file has old bytes there: parity counts zeros
+                        zeros = bytes(CHUNK)
+                        for di, doff, n, _ in self._pieces(row * row_bytes + w + take, rest):
+                            self._put(di, seq, doff, zeros[:n])
                 buf = self._row[2]
-                buf[w:w + take] = mv[pos:pos + take]
+                at = w
+                for v in data.slices(pos, take):
+                    buf[at:at + len(v)] = v
+                    at += len(v)
+                bv = memoryview(buf)
+                parity = _xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)])
             for di, doff, n, loff in self._pieces(offset + pos, take):
-                self._put(di, seq, doff, mv[loff - offset:loff - offset + n])
-            bv = memoryview(buf)
-            self._put(self._parity_disk(row), seq, row * CHUNK,
-                      _xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)]))
+                self._put(di, seq, doff, data.slices(loff - offset, n))
+            self._put(self._parity_disk(row), seq, row * CHUNK, parity)
             pos += take
 
     def _put(self, di: int, seq: int, off: int, data) -> None:
@@ -550,7 +609,7 @@ class Pack:
         if fd is None:
             return                     # a missing disk: parity covers it
         try:
-            _pwritev_all(fd, [data], off)
+            _pwritev_all(fd, data if type(data) is list else [data], off)
             self._unsynced.add((di, seq))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -755,26 +814,37 @@ class Pack:
         """A dead segment (nothing in the committed index points into it):
         keep its file as a spare for the next segment, or delete it.
 
-        Spares matter on memory-backed packs in a VM: freed tmpfs pages go
-        back to the host, and writing fresh ones faulted at ~340 MB/s on the
-        bench machine against ~1.5 GB/s for reused ones. Their space counts
-        as free (free_bytes), and the caller keeps none on a tight pack."""
+        Reusing a file overwrites pages the filesystem already has instead
+        of allocating (and zeroing) new ones: on the bench VM, seq writes
+        that kept allocating fresh segment memory ran at ~340 MB/s (the
+        profile: the copy into new tmpfs pages), with reuse ~1.4 GB/s. A
+        spare is one file per online disk; its space counts as free
+        (free_bytes, per disk as the layout uses it), and the caller keeps
+        none on a tight pack. A reused file holds old bytes past the new
+        segment's end: nothing reads there, and RAID-5 zeroes the rest of
+        each row it starts (see _write_raid5) so parity stays exact."""
+        keep = reuse and len(self.spares) < SPARES
+        group: dict = {}
+        sizes = []
         for d in self.disks:
             if d.state == "missing":
                 continue
             path = d.seg_path(seq)
             try:
-                if reuse and self.layout == "single" and len(self.spares) < SPARES:
+                if keep and d.state == "online":
                     spare = os.path.join(d.segdir, f"{seq:08d}.spare")
                     os.rename(path, spare)
-                    size = os.stat(spare).st_blocks * 512
-                    self.spares.append((spare, size))
-                    self.spare_bytes += size
+                    group[d.idx] = spare
+                    sizes.append(os.stat(spare).st_blocks * 512)
                 else:
                     os.unlink(path)
                 fsync_dir(d.segdir)
             except FileNotFoundError:
                 pass
+        if group:
+            credit = min(sizes) * (self.k if self.layout == "raid5" else 1)
+            self.spares.append((group, credit))
+            self.spare_bytes += credit
         self.close_segment_blocking(seq)
 
     def unlink_segment_blocking(self, seq: int) -> None:
