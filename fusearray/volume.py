@@ -241,7 +241,10 @@ class Volume:
                 return bid
 
     # ---- reads -------------------------------------------------------------
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int):
+        """Bytes at [off, off+size), clipped at the end. A read of several
+        blocks returns a view of a pooled buffer: use it before the next
+        await (the FUSE reply does; nothing else calls this)."""
         if off >= self.size or size <= 0:
             return b""
         end = min(off + size, self.size)
