@@ -1,5 +1,6 @@
 """Builds the one native piece: the libfuse shim that adds the fallocate op
 pyfuse3 does not register (see fusearray/_fuseshim.c)."""
+import os
 import subprocess
 
 from setuptools import Extension, setup
@@ -16,9 +17,14 @@ def pkg_config(*args):
 
 flags = pkg_config("--cflags")
 libs = [f[2:] for f in pkg_config("--libs") if f.startswith("-l")] or ["fuse3"]
+macros = []
+if os.path.exists("/usr/include/xxhash.h"):    # libxxhash-dev: block ids off the GIL
+    macros.append(("HAVE_XXHASH", "1"))
+    libs.append("xxhash")
 setup(ext_modules=[Extension(
     "fusearray._fuseshim",
     sources=["fusearray/_fuseshim.c"],
     extra_compile_args=flags + ["-O2", "-Wall"],
+    define_macros=macros,
     libraries=libs + ["dl"],
 )])

@@ -190,8 +190,64 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifdef HAVE_XXHASH
+#include <xxhash.h>
+
+/* hash128_many(buffers, seed) -> [16-byte ids]: XXH3-128 with a seed, in
+ * the canonical (big-endian) form python-xxhash's xxh3_128_digest gives,
+ * computed with the GIL released: the flush thread hashes a whole batch
+ * while the FUSE thread goes on taking requests. */
+static PyObject *hash128_many(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OK", &seq, &seed))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "hash128_many: a sequence of buffers");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), got = 0;
+    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    XXH128_canonical_t *out = PyMem_Calloc(n ? n : 1, sizeof(XXH128_canonical_t));
+    PyObject *result = NULL;
+    if (!views || !out) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &views[got],
+                               PyBUF_SIMPLE) < 0)
+            goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        XXH128_canonicalFromHash(&out[i], XXH3_128bits_withSeed(views[i].buf,
+                                 (size_t)views[i].len, (XXH64_hash_t)seed));
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)out[i].digest, 16);
+        if (!b) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, i, b);
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(out);
+    Py_DECREF(fast);
+    return result;
+}
+#endif
+
 static PyMethodDef shim_methods[] = {
     {"xor_into", xor_into, METH_VARARGS, "dst ^= src (buffers)"},
+#ifdef HAVE_XXHASH
+    {"hash128_many", hash128_many, METH_VARARGS,
+     "keyed XXH3-128 ids of buffers, GIL released"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

@@ -1036,11 +1036,12 @@ def _hash_and_store(hasher: Hasher, items, verify: bool):
     caller to add to the indexes on the trio thread."""
     ids = []
     new: dict = {}
+    hashed = iter(hasher.block_ids([data for _, data in items if data is not None]))
     for pack, data in items:
         if data is None:
             ids.append(ZERO_ID)
             continue
-        bid = hasher.block_id(data)
+        bid = next(hashed)
         ids.append(bid)
         if bid == ZERO_ID:
             continue

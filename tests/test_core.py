@@ -94,6 +94,21 @@ def test_store_open_removes_unreferenced_segments(tmp_path):
     pack2.close_blocking()
 
 
+def test_native_block_ids_match_python_xxhash():
+    """The shim's GIL-free XXH3-128 (libxxhash) gives python-xxhash's ids,
+    for every buffer type and length, zero blocks included."""
+    from fusearray import store
+    assert store._hash128_many is not None, "the shim was built without libxxhash-dev"
+    h = Hasher(0xDEADBEEF12345678)
+    bufs = [b"", b"a", os.urandom(17), os.urandom(64 << 10), bytearray(os.urandom(999)),
+            memoryview(os.urandom(70000))[3:65539], bytes(64 << 10), bytearray(4096)]
+    got = h.block_ids(bufs)
+    assert got == [h.block_id(b) for b in bufs]
+    assert got[-2] == got[-1] == ZERO_ID and got[3] != ZERO_ID
+    import xxhash
+    assert store._hash128_many(bufs[:4], 7) == [xxhash.xxh3_128_digest(b, 7) for b in bufs[:4]]
+
+
 def test_hasher_keyed_and_zero():
     a, b = Hasher(1), Hasher(2)
     data = b"x" * 4096
@@ -373,6 +388,9 @@ class CollidingHasher(Hasher):
 
     def block_id(self, data):
         return ZERO_ID if self.is_zero(data) else b"\x01" * 16
+
+    def block_ids(self, datas):
+        return [self.block_id(d) for d in datas]
 
 
 async def test_verify_mode_refuses_a_hash_collision(tmp_path):

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(libfuse3-dev fuse3 e2fsprogs util-linux pkg-config gcc python3-venv python3-dev attr fio)
+pkgs=(libfuse3-dev libxxhash-dev fuse3 e2fsprogs util-linux pkg-config gcc python3-venv python3-dev attr fio)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
