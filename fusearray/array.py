@@ -41,6 +41,7 @@ log = logging.getLogger("fusearray")
 
 ARRAY_FILE = "array.json"
 CATALOGUE_FILE = "catalogue.db"
+EVENT_JOURNAL = "events.journal"     # events.journal.N: events not yet in the catalogue
 LOCK_FILE = "lock"
 LAYOUTS = ("single", "mirror", "raid5")
 #: A LUN may be this many times larger than its pack (thin provisioning).
@@ -201,6 +202,8 @@ class Array(RecoveryOps, ShadowOps):
         self._last_gc = 0.0
         self._lockfd = None
         self._event_seq = 0
+        self._journal_no = 0                     # events.journal.N being appended
+        self._journal_fd = None
         self.catalogue: Catalogue | None = None
         self.fatal: BaseException | None = None
         self.jobs: dict[int, Job] = {}
@@ -248,12 +251,60 @@ class Array(RecoveryOps, ShadowOps):
                              + f"; run `recover {name}`")
             self.packs[name] = pack
         rows = cat.volumes()
+        replayed = self._replay_event_journals(cat, int(meta.get("events_journal", 0)))
+        if replayed:
+            notes.append(f"recovered {replayed} event(s) logged after the last commit "
+                         "of the previous session")
         for seq, t, level, msg in cat.events(EVENTS_KEPT):
             self.events.append((seq, t, level, msg))
             self._event_seq = seq
         for name, created in cat.sets():
             self.sets[name] = {"created": created, "members": {}}
         return rows, notes
+
+    def _journal_path(self, n: int) -> str:
+        return os.path.join(self.path, f"{EVENT_JOURNAL}.{n}")
+
+    def _replay_event_journals(self, cat: Catalogue, done: int) -> int:
+        """Events reach the catalogue at a commit; in between they are
+        appended to a journal file, so a SIGKILL loses none. Journals
+        numbered `done` or above are not in the catalogue yet: insert their
+        events (a torn last line is skipped), then start a new journal."""
+        nums = []
+        for fn in os.listdir(self.path):
+            head, _, tail = fn.rpartition(".")
+            if head == EVENT_JOURNAL and tail.isdigit():
+                nums.append(int(tail))
+        events = []
+        for n in sorted(x for x in nums if x >= done):
+            with open(self._journal_path(n), "rb") as f:
+                for line in f:
+                    try:
+                        t, level, msg = json.loads(line)
+                        events.append((float(t), str(level), str(msg)))
+                    except (ValueError, TypeError):
+                        continue
+        self._journal_no = max(nums + [done - 1]) + 1
+        if events or nums:
+            cat.commit_blocking(Changes(events=events,
+                                        meta={"events_journal": self._journal_no}))
+        for n in nums:
+            os.unlink(self._journal_path(n))
+        self._journal_fd = os.open(self._journal_path(self._journal_no),
+                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return len(events)
+
+    def _rotate_event_journal(self) -> int | None:
+        """At a commit that carries events: later events go to a new journal;
+        the old one is deleted once the commit is in (returns its number)."""
+        if self._journal_fd is None:
+            return None
+        old = self._journal_no
+        fd = os.open(self._journal_path(old + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o644)
+        os.close(self._journal_fd)
+        self._journal_fd, self._journal_no = fd, old + 1
+        return old
 
     async def open(self, nursery) -> None:
         rows, notes = await trio.to_thread.run_sync(self._open_blocking)
@@ -297,6 +348,9 @@ class Array(RecoveryOps, ShadowOps):
             if self.catalogue is not None:
                 self.catalogue.close()
                 self.catalogue = None
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
             if self._lockfd is not None:
                 os.close(self._lockfd)
                 self._lockfd = None
@@ -308,6 +362,11 @@ class Array(RecoveryOps, ShadowOps):
         self.events.append((self._event_seq, t, level, message))
         self._pending.events.append((t, level, message))
         getattr(log, "info" if level == "info" else "warning")(message)
+        if self._journal_fd is not None:     # a line in the page cache: survives SIGKILL
+            try:
+                os.write(self._journal_fd, (json.dumps([t, level, message]) + "\n").encode())
+            except OSError:
+                pass         # the daemon log has it; the catalogue gets it at the commit
 
     # ---- the data path helpers used by volumes ---------------------------------
     async def load_node(self, vol: Volume, nid: bytes) -> bytes:
@@ -664,6 +723,9 @@ class Array(RecoveryOps, ShadowOps):
         for pack in self.packs.values():
             await trio.to_thread.run_sync(pack.sync_blocking)
         ch, self._pending = self._pending, Changes()
+        journal = self._rotate_event_journal() if ch.events else None
+        if journal is not None:
+            ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
         for pack in self.packs.values():
             adds, dels = pack.take_pending()
             if adds:
@@ -686,6 +748,8 @@ class Array(RecoveryOps, ShadowOps):
             log.exception("catalogue commit failed")
             raise ioerror(f"catalogue commit failed: {e}; the array stopped "
                           "accepting changes, remount it") from None
+        if journal is not None:
+            await trio.to_thread.run_sync(_unlink_quietly, self._journal_path(journal))
         if flushed:
             self.durable_seq = max(self.durable_seq, seq)
         self._meta_changed = False
@@ -1066,6 +1130,13 @@ def _hash_and_store(hasher: Hasher, items, verify: bool):
             locs = pack.append_blocking(records)
             added.extend((pack, bid, loc) for (bid, _), loc in zip(records, locs))
     return ids, added
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _make_disks(disks, array_uuid: str, pack: str) -> None:

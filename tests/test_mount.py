@@ -473,3 +473,27 @@ def test_concurrent_large_direct_reads_with_a_small_cache(make_mount, tmp_path, 
     img = m.base / "img"
     img.write_bytes(bytes(model))
     run(["cmp", str(img), lun])
+
+
+def test_events_survive_sigkill(mount):
+    """Events reach the catalogue at a commit; one logged just before a
+    SIGKILL (here: a refused command, which commits nothing) is still in
+    ctl/events after the restart, once, with what came before."""
+    m = mount
+    m.ok("create", "a 16M")
+    err, _ = m.ctl("delete", "no-such-lun-4711")
+    assert err == errno.ENOENT
+    with open(m.path("ctl", "events")) as f:
+        assert "no-such-lun-4711" in f.read()
+    m.kill9()
+    m.start()
+    with open(m.path("ctl", "events")) as f:
+        text = f.read()
+    assert text.count("error delete no-such-lun-4711") == 1, text
+    assert "created LUN a" in text
+    assert "recovered 1 event(s)" in text, text
+    # and a clean restart neither loses nor repeats them
+    m.stop()
+    m.start()
+    with open(m.path("ctl", "events")) as f:
+        assert f.read().count("error delete no-such-lun-4711") == 1
