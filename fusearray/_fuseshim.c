@@ -44,20 +44,16 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
     fallocate_cb(req, ino, mode, offset, length, fi ? fi->fh : 0);
 }
 
-static void *libfuse(void);
+static void *real_symbol(const char *name, void *self);
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
     static session_new_t real;
-    if (!real) {
-        void *lib = libfuse();
-        if (lib)
-            real = (session_new_t)dlsym(lib, "fuse_session_new");
-        if (!real || real == fuse_session_new)
-            return NULL;
-    }
+    if (!real && !(real = (session_new_t)real_symbol("fuse_session_new",
+                                                     (void *)fuse_session_new)))
+        return NULL;
     memset(&shim_ops, 0, sizeof(shim_ops));
     memcpy(&shim_ops, op, op_size < sizeof(shim_ops) ? op_size : sizeof(shim_ops));
     if (!shim_ops.fallocate) {
@@ -72,7 +68,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
  *
  * pyfuse3 calls fuse_session_receive_buf() (the read() of a request from
  * /dev/fuse: for a 1 MiB write, a 1 MiB copy in the kernel) and
- * fuse_reply_buf() (the writev() of a read's data) with the GIL held, so the
+ * fuse_reply_buf()/fuse_reply_write() (the replies) with the GIL held, so the
  * write-back thread (hashing, appends) stalls behind every copy. These
  * interposers drop the GIL around the real call when the calling thread
  * holds it; pyfuse3 keeps the buffers alive meanwhile (its own fuse_buf, a
@@ -97,64 +93,47 @@ static int holds_gil(void)
     return Py_IsInitialized() && PyGILState_Check();
 }
 
+/* libfuse's own `name`, or NULL (then the interposer fails the call). */
+static void *real_symbol(const char *name, void *self)
+{
+    void *lib = libfuse();
+    void *sym = lib ? dlsym(lib, name) : NULL;
+    return sym == self ? NULL : sym;
+}
+
+/* Call the real function: without the GIL when this thread holds it and
+ * `big`, else as is. `real` is resolved once. */
+#define CALL_REAL(type, name, big, ...)                                     \
+    do {                                                                   \
+        static type real;                                                  \
+        if (!real && !(real = (type)real_symbol(#name, (void *)name)))     \
+            return -ENOSYS;                                                \
+        if (!(big) || !holds_gil())                                        \
+            return real(__VA_ARGS__);                                      \
+        int res;                                                           \
+        Py_BEGIN_ALLOW_THREADS                                             \
+        res = real(__VA_ARGS__);                                           \
+        Py_END_ALLOW_THREADS                                               \
+        return res;                                                        \
+    } while (0)
+
 typedef int (*receive_buf_t)(struct fuse_session *, struct fuse_buf *);
+typedef int (*reply_buf_t)(fuse_req_t, const char *, size_t);
+typedef int (*reply_write_t)(fuse_req_t, size_t);
 
 int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
-    static receive_buf_t real;
-    if (!real) {
-        void *lib = libfuse();
-        real = lib ? (receive_buf_t)dlsym(lib, "fuse_session_receive_buf") : NULL;
-        if (!real || real == fuse_session_receive_buf)
-            return -ENOSYS;
-    }
-    if (!holds_gil())
-        return real(se, buf);
-    int res;
-    Py_BEGIN_ALLOW_THREADS
-    res = real(se, buf);
-    Py_END_ALLOW_THREADS
-    return res;
+    CALL_REAL(receive_buf_t, fuse_session_receive_buf, 1, se, buf);
 }
-
-typedef int (*reply_buf_t)(fuse_req_t, const char *, size_t);
 
 int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
 {
-    static reply_buf_t real;
-    if (!real) {
-        void *lib = libfuse();
-        real = lib ? (reply_buf_t)dlsym(lib, "fuse_reply_buf") : NULL;
-        if (!real || real == fuse_reply_buf)
-            return -ENOSYS;
-    }
-    if (size < REPLY_NOGIL_MIN || !holds_gil())
-        return real(req, buf, size);
-    int res;
-    Py_BEGIN_ALLOW_THREADS
-    res = real(req, buf, size);
-    Py_END_ALLOW_THREADS
-    return res;
+    CALL_REAL(reply_buf_t, fuse_reply_buf, size >= REPLY_NOGIL_MIN, req, buf, size);
 }
-
-typedef int (*reply_write_t)(fuse_req_t, size_t);
 
 int fuse_reply_write(fuse_req_t req, size_t count)
 {
-    static reply_write_t real;
-    if (!real) {
-        void *lib = libfuse();
-        real = lib ? (reply_write_t)dlsym(lib, "fuse_reply_write") : NULL;
-        if (!real || real == fuse_reply_write)
-            return -ENOSYS;
-    }
-    if (count < REPLY_NOGIL_MIN || !holds_gil())
-        return real(req, count);
-    int res;
-    Py_BEGIN_ALLOW_THREADS
-    res = real(req, count);
-    Py_END_ALLOW_THREADS
-    return res;
+    CALL_REAL(reply_write_t, fuse_reply_write, count >= REPLY_NOGIL_MIN, req, count);
 }
 
 /* xor_into(dst, src): dst ^= src, byte for byte (RAID-5 parity and

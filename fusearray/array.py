@@ -204,6 +204,7 @@ class Array(RecoveryOps, ShadowOps):
         self._event_seq = 0
         self._journal_no = 0                     # events.journal.N being appended
         self._journal_fd = None
+        self._journal_next = None                # N+1, opened ahead for the rotation
         self.catalogue: Catalogue | None = None
         self.fatal: BaseException | None = None
         self.jobs: dict[int, Job] = {}
@@ -290,21 +291,39 @@ class Array(RecoveryOps, ShadowOps):
                                         meta={"events_journal": self._journal_no}))
         for n in nums:
             os.unlink(self._journal_path(n))
-        self._journal_fd = os.open(self._journal_path(self._journal_no),
-                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._journal_fd = self._open_journal(self._journal_no)
+        self._journal_next = self._open_journal(self._journal_no + 1)
         return len(events)
 
-    def _rotate_event_journal(self) -> int | None:
-        """At a commit that carries events: later events go to a new journal;
-        the old one is deleted once the commit is in (returns its number)."""
+    def _open_journal(self, n: int) -> int:
+        return os.open(self._journal_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _rotate_event_journal(self):
+        """At a commit that carries events: later events go to the next
+        journal, opened ahead (no file system call on the loop). Returns
+        (number, fd) of the old one, which _retire_journal_blocking closes
+        and deletes once the commit is in."""
         if self._journal_fd is None:
             return None
-        old = self._journal_no
-        fd = os.open(self._journal_path(old + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                     0o644)
-        os.close(self._journal_fd)
-        self._journal_fd, self._journal_no = fd, old + 1
+        old = (self._journal_no, self._journal_fd)
+        nxt = self._journal_next
+        if nxt is None:              # rare: opening it ahead failed
+            try:
+                nxt = self._open_journal(self._journal_no + 1)
+            except OSError:
+                nxt = None           # journaling stops; the catalogue still gets events
+        self._journal_fd, self._journal_next = nxt, None
+        self._journal_no += 1
         return old
+
+    def _retire_journal_blocking(self, n: int, fd: int):
+        """Worker thread: the old journal goes; the one after next opens."""
+        os.close(fd)
+        try:
+            _unlink_quietly(self._journal_path(n))
+            return self._open_journal(n + 2)
+        except OSError:
+            return None
 
     async def open(self, nursery) -> None:
         rows, notes = await trio.to_thread.run_sync(self._open_blocking)
@@ -348,9 +367,10 @@ class Array(RecoveryOps, ShadowOps):
             if self.catalogue is not None:
                 self.catalogue.close()
                 self.catalogue = None
-            if self._journal_fd is not None:
-                os.close(self._journal_fd)
-                self._journal_fd = None
+            for fd in (self._journal_fd, self._journal_next):
+                if fd is not None:
+                    os.close(fd)
+            self._journal_fd = self._journal_next = None
             if self._lockfd is not None:
                 os.close(self._lockfd)
                 self._lockfd = None
@@ -578,8 +598,7 @@ class Array(RecoveryOps, ShadowOps):
                 for e, _, _, buf in batch:
                     if e.buf is buf and type(buf) is bytearray:
                         e.shared = False
-            cache.stuck_bytes = sum(e.vol.block_size for e in cache.dirty
-                                    if e.vol.pack.name in cache.errors)
+            cache.recount_stuck()
             cache.flushed()
         if first is not None:
             raise first
@@ -725,7 +744,7 @@ class Array(RecoveryOps, ShadowOps):
         ch, self._pending = self._pending, Changes()
         journal = self._rotate_event_journal() if ch.events else None
         if journal is not None:
-            ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
+            ch.meta["events_journal"] = journal[0] + 1   # journals below are in the catalogue
         for pack in self.packs.values():
             adds, dels = pack.take_pending()
             if adds:
@@ -749,7 +768,8 @@ class Array(RecoveryOps, ShadowOps):
             raise ioerror(f"catalogue commit failed: {e}; the array stopped "
                           "accepting changes, remount it") from None
         if journal is not None:
-            await trio.to_thread.run_sync(_unlink_quietly, self._journal_path(journal))
+            self._journal_next = await trio.to_thread.run_sync(
+                self._retire_journal_blocking, *journal)
         if flushed:
             self.durable_seq = max(self.durable_seq, seq)
         self._meta_changed = False
@@ -824,8 +844,7 @@ class Array(RecoveryOps, ShadowOps):
                 except ArrayError:
                     pass                     # still an error: writers keep getting it
             elif cache.errors.pop(pack.name, None) is not None:
-                cache.stuck_bytes = sum(e.vol.block_size for e in cache.dirty
-                                        if e.vol.pack.name in cache.errors)
+                cache.recount_stuck()
                 self.event("info", f"pack {pack.name} accepts writes again")
 
     async def _compact(self, pack: Pack) -> None:

@@ -351,7 +351,10 @@ def cmd_import(args) -> int:
         def put(chunk):
             view = memoryview(chunk)
             while view:                  # a FUSE write may take less than asked
-                view = view[os.write(fd, view):]
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, "the array took no bytes of the stream")
+                view = view[n:]
         try:
             os.write(fd, (" ".join(opts) + "\n").encode())
             _pump(lambda: src.read(1 << 20), put, lambda c: bar.add(len(c)))

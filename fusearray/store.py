@@ -58,16 +58,10 @@ except ImportError:          # built without libxxhash-dev: python-xxhash, GIL h
 
 def _xor(parts):
     """XOR of equal-length buffers (a new bytes-like object)."""
-    if _xor_into is not None:
-        acc = bytearray(parts[0])
-        for p in parts[1:]:
-            _xor_into(acc, p)
-        return acc
-    n = len(parts[0])
-    x = 0
-    for p in parts:
-        x ^= int.from_bytes(p, "little")
-    return x.to_bytes(n, "little")
+    acc = bytearray(parts[0])
+    for p in parts[1:]:
+        _xor_at(acc, 0, p)
+    return acc
 
 
 def _xor_at(acc: bytearray, at: int, src) -> None:
@@ -168,17 +162,14 @@ class Hasher:
             raw = _hash128_many(datas, self.seed)
         else:
             raw = [xxhash.xxh3_128_digest(d, self.seed) for d in datas]
-        out = []
-        for d, bid in zip(datas, raw):
-            if bid == self._zero(len(d))[1] and self.is_zero(d):
-                bid = ZERO_ID
-            out.append(bid)
-        return out
+        return [self._id(d, bid) for d, bid in zip(datas, raw)]
 
     def block_id(self, data) -> bytes:
+        return self._id(data, xxhash.xxh3_128_digest(data, self.seed))
+
+    def _id(self, data, bid: bytes) -> bytes:
         """The hash first (memory speed for any buffer type); only a block
         hashing like all-zeros is compared byte for byte."""
-        bid = xxhash.xxh3_128_digest(data, self.seed)
         if bid == self._zero(len(data))[1] and self.is_zero(data):
             return ZERO_ID
         return bid
@@ -732,46 +723,30 @@ class Pack:
         lays them out so: a 1 MiB read is one system call, not 16). The
         record headers between them land in a scratch buffer. Returns the
         items it could not serve (for the caller's fallback)."""
-        if self._nowait is None or self.layout == "raid5" or not items:
+        if self._nowait is None or self.layout == "raid5":
             return [it for it in items if not self.read_into_nowait(*it)]
-        di = next((d.idx for d in self.disks if d.state == "online"), None)
-        if di is None:
-            return list(items)
+        di = self._first_online()
         rest = []
         i = 0
         while i < len(items):
             bid, loc, dst = items[i]
-            if loc is None or loc[2] != len(dst):
-                rest.append(items[i])
-                i += 1
-                continue
-            j = i + 1           # extend the run while the next record follows on
-            end = loc[1] + loc[2]
-            while j < len(items) and j - i < _IOV_MAX // 2:
-                nloc = items[j][1]
-                if nloc is None or nloc[0] != loc[0] or nloc[1] != end + HDR.size \
-                        or nloc[2] != len(items[j][2]):
-                    break
-                end = nloc[1] + nloc[2]
-                j += 1
-            run = items[i:j]
-            fd = self.fds.get((di, loc[0])) if self.disks[di].state == "online" else None
-            ok = False
-            if fd is not None:
+            j = i + 1
+            if di is not None and loc is not None and loc[2] == len(dst):
+                end = loc[1] + loc[2]   # extend the run while the next record follows on
+                while j < len(items) and j - i < _IOV_MAX // 2:
+                    nloc = items[j][1]
+                    if nloc is None or nloc[0] != loc[0] or nloc[1] != end + HDR.size \
+                            or nloc[2] != len(items[j][2]):
+                        break
+                    end = nloc[1] + nloc[2]
+                    j += 1
                 iov = []
-                for k, (_, _, d) in enumerate(run):
-                    if k:
-                        iov.append(self._gap)
-                    iov.append(d)
-                try:
-                    ok = os.preadv(fd, iov, loc[1], self._nowait) == end - loc[1]
-                except OSError as e:
-                    if e.errno == errno.EOPNOTSUPP:
-                        self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
-            seed = self.hasher.seed
-            for it in run:
-                if not ok or xxhash.xxh3_128_digest(it[2], seed) != it[0]:
-                    rest.append(it)
+                for _, _, d in items[i:j]:
+                    iov += [self._gap, d] if iov else [d]
+                ok = self._preadv_nowait(di, loc[0], iov, loc[1]) == end - loc[1]
+            else:
+                ok = False
+            rest += [it for it in items[i:j] if not (ok and self._verified(it[0], it[2]))]
             i = j
         return rest
 
@@ -784,29 +759,35 @@ class Pack:
         and the caller reads the block the blocking way (which heals)."""
         if loc is None or self._nowait is None or loc[2] != len(dst):
             return False
+        if self.layout != "raid5":
+            return not self.read_many_into_nowait([(bid, loc, dst)])
         seg, off, length = loc
-        if self.layout == "raid5":
-            pieces = [(di, doff, ln, lo - off) for di, doff, ln, lo in self._pieces(off, length)]
-        else:
-            di = next((d.idx for d in self.disks if d.state == "online"), None)
-            if di is None:
+        for di, doff, ln, lo in self._pieces(off, length):
+            if self._preadv_nowait(di, seg, [dst[lo - off:lo - off + ln]], doff) != ln:
                 return False
-            pieces = ((di, off, length, 0),)
-        for di, doff, ln, at in pieces:
-            fd = self.fds.get((di, seg)) if self.disks[di].state == "online" else None
-            if fd is None:
-                return False
-            try:
-                n = os.preadv(fd, [dst[at:at + ln]], doff, self._nowait)
-            except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
-                    # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
-                    self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
-                return False
-            if n != ln:
-                return False
+        return self._verified(bid, dst)
+
+    def _first_online(self) -> int | None:
+        return next((d.idx for d in self.disks if d.state == "online"), None)
+
+    def _preadv_nowait(self, di: int, seg: int, iov, off: int) -> int:
+        """preadv2 from disk `di`'s file of `seg` with the no-wait flags;
+        -1 when the disk is not online, the file is not open or the read
+        would block."""
+        fd = self.fds.get((di, seg)) if self.disks[di].state == "online" else None
+        if fd is None:
+            return -1
+        try:
+            return os.preadv(fd, iov, off, self._nowait)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
+                self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
+            return -1
+
+    def _verified(self, bid: bytes, data) -> bool:
         # stored blocks are never all-zero, so the id is the plain keyed hash
-        return xxhash.xxh3_128_digest(dst, self.hasher.seed) == bid
+        return xxhash.xxh3_128_digest(data, self.hasher.seed) == bid
 
     def sync_blocking(self) -> None:
         for key in list(self._unsynced):

@@ -2,8 +2,9 @@
 array (DESIGN 4.5; format in docs/stream-format.md).
 
 Both directions stream with bounded memory: `export_stream` is an async
-generator of lists of byte pieces (joined only by the reader); `Importer.feed` parses whatever arrives and keeps
-at most one batch of blocks (IMPORT_BATCH) before storing it.
+generator of lists of byte pieces (joined only by the reader);
+`Importer.feed` parses whatever arrives and keeps at most one batch of
+blocks (IMPORT_BATCH) pending and one being stored.
 
 An import builds its volumes in a staging set whose name starts with "."
 (never a user name, never listed). It becomes visible only when the trailer
@@ -287,9 +288,10 @@ class Importer:
             return len(mv)          # _parse reports it
         return min(max(REC.size + n - have, 0), len(mv))
 
-    async def _parse_view(self, mv) -> int:
+    async def _parse_view(self, mv, copy: bool = False) -> int:
         """Parse the whole records at the start of `mv`; returns the bytes
-        used (the rest is an incomplete record)."""
+        used (the rest is an incomplete record). A block's payload stays a
+        view of `mv` unless `copy`."""
         pos = 0
         while len(mv) - pos >= REC.size:
             typ, n = REC.unpack_from(mv, pos)
@@ -299,8 +301,8 @@ class Importer:
             if len(mv) - pos < REC.size + n:
                 break
             payload = mv[pos + REC.size:pos + REC.size + n]
-            if typ != b"B":
-                payload = bytes(payload)      # small (JSON, zero runs)
+            if copy or typ != b"B":
+                payload = bytes(payload)      # (non-block records are small)
             pos += REC.size + n
             self.offset += REC.size + n
             await self._record(typ, payload)
@@ -317,22 +319,9 @@ class Importer:
                               f"(this fusearray reads version {MAGIC[7]})")
             del self.buf[:8]
             self.offset = 8
-        pos = 0
-        try:
-            while len(self.buf) - pos >= REC.size:
-                typ, n = REC.unpack_from(self.buf, pos)
-                if n > MAX_RECORD or typ not in b"HVBZT":
-                    raise invalid(f"corrupt stream at offset {self.offset}: bad record "
-                                  f"{typ!r} of {n} bytes")
-                if len(self.buf) - pos < REC.size + n:
-                    return
-                with memoryview(self.buf) as mv:      # one copy, not two
-                    payload = bytes(mv[pos + REC.size:pos + REC.size + n])
-                pos += REC.size + n
-                self.offset += REC.size + n
-                await self._record(typ, payload)
-        finally:
-            del self.buf[:pos]          # once per feed, not per record
+        with memoryview(self.buf) as mv:     # payloads copied: buf is trimmed next
+            used = await self._parse_view(mv, copy=True)
+        del self.buf[:used]             # once per feed, not per record
 
     async def _record(self, typ: bytes, payload: bytes) -> None:
         try:

@@ -48,27 +48,24 @@ class Entry:
         return self.buf
 
 
-_POOL: dict[int, list] = {}
-_POOL_MIN = 128 << 10
-_POOL_DEPTH = 8
+_POOL: list = []              # free reply buffers of _POOL_SIZE bytes
+_POOL_SIZE = 1 << 20          # the largest FUSE read
+_POOL_DEPTH = 8               # at most 8 MiB kept
 
 
 def _take_buffer(n: int) -> bytearray:
-    """A reply buffer for a large read. pyfuse3 sends the reply as soon as
-    the handler returns, with no await in between, so a buffer given back
-    just before `return` is free again by the time any other task runs."""
-    free = _POOL.get(n)
-    if free:
-        return free.pop()
+    """A reply buffer of at least `n` bytes for a large read. pyfuse3 sends
+    the reply as soon as the handler returns, with no await in between, so a
+    buffer given back just before `return` is free again by the time any
+    other task runs."""
+    if n <= _POOL_SIZE:
+        return _POOL.pop() if _POOL else bytearray(_POOL_SIZE)
     return bytearray(n)
 
 
 def _give_buffer(buf: bytearray) -> None:
-    n = len(buf)
-    if n >= _POOL_MIN:
-        free = _POOL.setdefault(n, [])
-        if len(free) < _POOL_DEPTH:
-            free.append(buf)
+    if len(buf) == _POOL_SIZE and len(_POOL) < _POOL_DEPTH:
+        _POOL.append(buf)
 
 
 class BlockCache:
@@ -160,6 +157,10 @@ class BlockCache:
             await room.wait()
         if self.dirty_bytes > self.dirty_limit // 2:
             self.wake_committer.set()
+
+    def recount_stuck(self) -> None:
+        self.stuck_bytes = sum(e.vol.block_size for e in self.dirty
+                               if e.vol.pack.name in self.errors)
 
     def flushed(self) -> None:
         self.room.set()
@@ -265,7 +266,7 @@ class Volume:
         bs = self.block_size
         cache = self.array.cache
         out = _take_buffer(end - off)
-        mv = memoryview(out)
+        mv = memoryview(out)[:end - off]
         direct = []
         for bno in range(first, last + 1):
             base = bno * bs

@@ -58,6 +58,12 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def drop_caches() -> None:
+    """Empty the page cache: the next reads go to the disks."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def write_files(root: str, prefix: str, sizes, rng) -> dict:
     """Write files of random content; returns {path: sha256}."""
     out = {}

@@ -264,6 +264,29 @@ async def test_array_end_semantics_and_errors(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+async def test_steady_writes_still_commit_and_collect(tmp_path, monkeypatch):
+    """Under a stream of writes that keeps the cache over its flush mark,
+    the committer must still commit and collect garbage: an unbounded
+    flush loop once starved both (a 1 GiB LUN piled up 7 GB of segments).
+    The commit interval is shortened so the stream outlasts it."""
+    from fusearray import array as array_mod
+    monkeypatch.setattr(array_mod, "COMMIT_INTERVAL", 0.05)
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        vol = await a.create_lun("l", "256M")     # twice the cache: writes must flush
+        rng = random.Random(3)
+        start = a._last_commit
+        for i in range(4 * 256):                  # 4 passes over the LUN, never pausing
+            await vol.write((i % 256) * MiB, bytes(rng.randbytes(MiB)))
+        used = a.packs["main"].used_bytes()
+        assert a._last_commit > start, "no commit during the write stream"
+        assert used < 3 * 256 * MiB, f"garbage never collected: {used >> 20} MiB"
+        await a.sync()
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body, cache=128 * MiB)
+
+
 async def test_dedup_and_zero_blocks(tmp_path):
     init_array(str(tmp_path / "arr"))
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli, run
+from conftest import cli, drop_caches, run
 
 MiB = 1 << 20
 WWN_RE = re.compile(r"naa\.6[0-9a-f]{31}\Z")
@@ -416,12 +416,11 @@ def test_fsck_tool_finds_corruption(make_mount):
 @pytest.mark.parametrize("layout", ["single", "mirror"])
 def test_concurrent_large_direct_reads_with_a_small_cache(make_mount, tmp_path, layout):
     """Large O_DIRECT reads bypass the cache and are assembled in pooled
-    buffers; with a 4 MiB cache most blocks come from the store (on a
-    mirror through a worker thread, so the requests interleave). Several
-    readers at once, at unaligned offsets over blocks that are cached
-    dirty, cached clean, zero or only in the store (offsets not aligned to blocks),
-    must each get their
-    own bytes."""
+    buffers; with a 4 MiB cache most blocks come from the store. The page
+    cache is dropped all along, so reads miss it and go to a worker thread:
+    the requests interleave. Several readers at once, over blocks that are
+    cached dirty, cached clean, zero or only in the store (offsets not
+    aligned to blocks), must each get their own bytes."""
     import mmap
     import threading
     m = make_mount(cache_size=4 * MiB)
@@ -464,11 +463,24 @@ def test_concurrent_large_direct_reads_with_a_small_cache(make_mount, tmp_path, 
             os.close(fd)
             buf.close()
 
+    stop = threading.Event()
+
+    def dropper():
+        while not stop.is_set():
+            drop_caches()
+            stop.wait(0.01)
+
     threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    drop = threading.Thread(target=dropper)
+    drop.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        drop.join()
     assert not errors, errors[:3]
     img = m.base / "img"
     img.write_bytes(bytes(model))

@@ -32,7 +32,7 @@ import time
 import pytest
 import xxhash
 
-from conftest import Mount, cli, run, wait_for
+from conftest import Mount, cli, drop_caches, run, wait_for
 
 MiB = 1 << 20
 CHUNK = 64 << 10                  # RAID-5 stripe unit (README: 64 KiB chunks)
@@ -46,11 +46,6 @@ DISK_WAIT = 12.0                  # disks are checked every ~2 s
 # ---- helpers -----------------------------------------------------------------------
 def sh(script: str, check=True) -> subprocess.CompletedProcess:
     return run(["bash", "-c", script], check=check)
-
-
-def drop_caches() -> None:
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def new_mount(make_mount, tmp_path, *packs, sub="a") -> tuple[Mount, dict]:
