@@ -18,12 +18,14 @@ def pkg_config(*args):
 flags = pkg_config("--cflags")
 libs = [f[2:] for f in pkg_config("--libs") if f.startswith("-l")] or ["fuse3"]
 macros = []
+sources = ["fusearray/_fuseshim.c"]
 if os.path.exists("/usr/include/xxhash.h"):    # libxxhash-dev: block ids off the GIL
+    # header only, compiled in (see fusearray/_xxh3_impl.h): no libxxhash.so
     macros.append(("HAVE_XXHASH", "1"))
-    libs.append("xxhash")
+    sources += ["fusearray/_xxh3_generic.c", "fusearray/_xxh3_avx2.c"]
 setup(ext_modules=[Extension(
     "fusearray._fuseshim",
-    sources=["fusearray/_fuseshim.c"],
+    sources=sources,
     extra_compile_args=flags + ["-O2", "-Wall"],
     define_macros=macros,
     libraries=libs + ["dl"],

@@ -12,7 +12,23 @@ __version__ = "0.1.0"
 ZERO_ID = bytes(16)
 #: Default LUN block size.
 DEFAULT_BLOCK_SIZE = 64 * 1024
-#: Default write-back cache size of a mount.
+#: Smallest default write-back cache of a mount (and the size unit tests use).
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
+#: Largest default write-back cache of a mount.
+MAX_DEFAULT_CACHE_SIZE = 4 * 1024 * 1024 * 1024
 #: Format version of an array directory.
 FORMAT_VERSION = 1
+
+
+def default_cache_size() -> int:
+    """The write-back cache a mount gets without --cache-size: 1/8 of the
+    machine's memory, between 256 MiB and 4 GiB. Like an array controller's
+    (or ZFS's ARC), the cache is what makes small random I/O cheap: a block
+    in it is read or updated without reading and verifying the whole block
+    from the store. Memory is only taken as blocks are used."""
+    import os
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return DEFAULT_CACHE_SIZE
+    return max(DEFAULT_CACHE_SIZE, min(ram // 8, MAX_DEFAULT_CACHE_SIZE))

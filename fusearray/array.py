@@ -180,7 +180,7 @@ class Array(RecoveryOps, ShadowOps):
         self.verify = bool(self.conf.get("verify"))
         self.default_block_size = self.conf["block_size"]
         self.cache = BlockCache(cache_size)
-        self.nodes = NodeCache(max(64 << 20, cache_size // 4))
+        self.nodes = NodeCache(max(64 << 20, min(cache_size // 4, 512 << 20)))
         self.packs: dict[str, Pack] = {}
         self.volumes: dict[int, Volume] = {}     # every live volume, also deleted-but-open
         self.luns: dict[str, Volume] = {}

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from . import DEFAULT_CACHE_SIZE
+from . import default_cache_size
 from .errors import ArrayError
 
 DEFAULT_ARRAY = os.path.join(os.environ.get("XDG_DATA_HOME") or
@@ -88,7 +88,7 @@ def cmd_init(args) -> int:
 
 def cmd_mount(args) -> int:
     from .util import parse_bytes
-    cache = parse_bytes(args.cache_size, "cache size") if args.cache_size else DEFAULT_CACHE_SIZE
+    cache = parse_bytes(args.cache_size, "cache size") if args.cache_size else default_cache_size()
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug)
@@ -419,7 +419,7 @@ def cmd_up(args) -> int:
     if os.path.isdir(os.path.join(mnt, "ctl")):
         print(f"{array} is already mounted on {mnt}")
     else:
-        start_background(array, mnt, DEFAULT_CACHE_SIZE)
+        start_background(array, mnt, default_cache_size())
     if not os.path.exists(os.path.join(mnt, "luns", "lun0")):
         ctl_call(mnt, "create", ["lun0", "1G"])
         print("created LUN lun0 (1G)")

@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    from . import DEFAULT_CACHE_SIZE
-    return run(a.array, a.mountpoint, a.cache_size or DEFAULT_CACHE_SIZE, a.ready_fd, a.debug)
+    from . import default_cache_size
+    return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd, a.debug)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self.handles[fh]
         if type(h) is VolHandle:
-            return await h.vol.read(off, size)
+            data = h.vol.read_cached(off, size)
+            return data if data is not None else await h.vol.read(off, size)
         if type(h) is CtlHandle:
             data = h.reply[h.pos:h.pos + size]
             h.pos += len(data)

@@ -231,6 +231,17 @@ class Volume:
             return bid
         return maps.lookup_nowait(self.array.nodes, self.root, self.height, bno)
 
+    def current_ids_nowait(self, first: int, last: int) -> list:
+        """current_id_nowait for the blocks [first, last]."""
+        ids = maps.ids_nowait(self.array.nodes, self.root, self.height, first, last)
+        if self.overlay:
+            get = self.overlay.get
+            for i in range(len(ids)):
+                bid = get(first + i)
+                if bid is not None:
+                    ids[i] = bid
+        return ids
+
     async def current_id(self, bno: int) -> bytes:
         while True:
             bid = self.current_id_nowait(bno)
@@ -242,6 +253,22 @@ class Volume:
                 return bid
 
     # ---- reads -------------------------------------------------------------
+    def read_cached(self, off: int, size: int):
+        """A read within one block that the cache holds, without a
+        coroutine (the path of every small random read hit), or None. The
+        result may share memory with the cache entry: like read(), it is
+        for the FUSE reply, which is sent before any other task runs."""
+        bs = self.block_size
+        bno = off // bs
+        if (off + size - 1) // bs != bno or off + size > self.size or size <= 0:
+            return None
+        e = self.cache.get(bno)
+        if e is None:
+            return None
+        self.array.cache.touch(e)
+        lo = off - bno * bs
+        return self._zeros[:size] if e.buf is None else e.buf[lo:lo + size]
+
     async def read(self, off: int, size: int):
         """Bytes at [off, off+size), clipped at the end. A read of several
         blocks returns a view of a pooled buffer: use it before the next
@@ -268,6 +295,8 @@ class Volume:
         out = _take_buffer(end - off)
         mv = memoryview(out)[:end - off]
         direct = []
+        ids = self.current_ids_nowait(first, last)   # valid until the first await
+        awaited = False
         for bno in range(first, last + 1):
             base = bno * bs
             lo, hi = max(off, base), min(end, base + bs)
@@ -275,6 +304,7 @@ class Volume:
             e = self.cache.get(bno)
             if e is None and hi - lo < bs:
                 data = (await self._blocks((bno,)))[0]
+                awaited = True
                 dst[:] = memoryview(data)[lo - base:hi - base]
                 continue
             if e is not None:
@@ -284,9 +314,10 @@ class Volume:
                 else:
                     dst[:] = memoryview(e.buf)[lo - base:hi - base]
                 continue
-            bid = self.current_id_nowait(bno)
+            bid = ids[bno - first] if not awaited else self.current_id_nowait(bno)
             if bid is None:
                 bid = await self.current_id(bno)
+                awaited = True
             if bid == ZERO_ID:
                 dst[:] = self._zeros[:hi - lo]
             else:
@@ -375,12 +406,15 @@ class Volume:
                     e.buf[:] = piece
                 cache.mark_dirty(e)
             else:
-                e = await self._entry_for_update(bno)
+                e = self.cache.get(bno)
+                if e is None:
+                    e = await self._entry_for_update(bno)
                 e.own()[boff:boff + n] = piece
                 cache.mark_dirty(e)
             pos += n
         self.array.write_seq += 1
-        await cache.wait_for_room(self.pack.name)
+        if cache.dirty_bytes > cache.dirty_limit // 2:
+            await cache.wait_for_room(self.pack.name)
         return end - off
 
     async def _entry_for_update(self, bno: int) -> Entry:

@@ -95,8 +95,9 @@ def test_store_open_removes_unreferenced_segments(tmp_path):
 
 
 def test_native_block_ids_match_python_xxhash():
-    """The shim's GIL-free XXH3-128 (libxxhash) gives python-xxhash's ids,
-    for every buffer type and length, zero blocks included."""
+    """The shim's GIL-free XXH3-128 (both builds: generic and, on a CPU
+    with it, AVX2) gives python-xxhash's ids, for every buffer type and
+    length, zero blocks included."""
     from fusearray import store
     assert store._hash128_many is not None, "the shim was built without libxxhash-dev"
     h = Hasher(0xDEADBEEF12345678)
@@ -107,6 +108,12 @@ def test_native_block_ids_match_python_xxhash():
     assert got[-2] == got[-1] == ZERO_ID and got[3] != ZERO_ID
     import xxhash
     assert store._hash128_many(bufs[:4], 7) == [xxhash.xxh3_128_digest(b, 7) for b in bufs[:4]]
+    # the generic build too, over lengths that take each of XXH3's code paths
+    lens = [0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1024, 1025, 65536, 100003]
+    data = [os.urandom(n) for n in lens]
+    want = [xxhash.xxh3_128_digest(d, 99) for d in data]
+    assert store._hash128_many(data, 99, 1) == want
+    assert store._hash128_many(data, 99) == want
 
 
 def test_hasher_keyed_and_zero():
@@ -146,6 +153,22 @@ async def test_maps_apply_lookup_trim_mark():
         assert await maps.lookup(root, height, bno, load) == bid
         assert maps.lookup_nowait(nodes, root, height, bno) == bid
     assert await maps.lookup(root, height, nblocks - 1, load) in (ZERO_ID, model.get(nblocks - 1))
+    # runs of ids, across leaf boundaries and all-zero subtrees, equal lookups one by one
+    for first, n_ in [(0, 1), (maps.FANOUT - 3, 7), (rng.randrange(nblocks - 3000), 2500),
+                      (2 * maps.FANOUT * maps.FANOUT - 5, 10), (nblocks - 16, 16)]:
+        last = first + n_ - 1
+        assert maps.ids_nowait(nodes, root, height, first, last) == \
+            [maps.lookup_nowait(nodes, root, height, b) for b in range(first, last + 1)]
+    # a leaf missing from the node cache: None for its blocks, not a guess
+    b = min(model)
+    leaf = root
+    for level in range(height - 1, 0, -1):
+        leaf = maps.child(nodes[leaf], b // maps.FANOUT ** level % maps.FANOUT)
+    partial = {k: v for k, v in nodes.items() if k != leaf}
+    end = b - b % maps.FANOUT + maps.FANOUT      # the first block of the next leaf
+    got = maps.ids_nowait(partial, root, height, end - 2, end + 1)
+    assert got == [None, None] + [maps.lookup_nowait(nodes, root, height, x)
+                                  for x in (end, end + 1)]
     n = await maps.count(root, height - 1, load)
     assert n == len(model)
     cut = nblocks // 2

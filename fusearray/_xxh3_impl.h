@@ -1,0 +1,23 @@
+/*
+ * One XXH3-128 entry point, compiled from the xxhash.h header of
+ * libxxhash-dev (XXH_INLINE_ALL: everything static, nothing exported) for
+ * the instruction set the including file selects. Two files include it:
+ * _xxh3_generic.c (the compiler's baseline, SSE2 on x86-64) and
+ * _xxh3_avx2.c (#pragma GCC target("avx2")); the shim picks one at load.
+ *
+ * Why not link libxxhash.so: Debian's build runs at ~19 GB/s here against
+ * ~44 GB/s for AVX2, and a shared libxxhash loaded RTLD_GLOBAL (as the shim
+ * must be) also captures python-xxhash's own XXH3 symbols, slowing it down.
+ */
+#define XXH_INLINE_ALL
+#include <string.h>
+#include <xxhash.h>
+
+/* out: the 16-byte canonical (big-endian) digest, as python-xxhash's
+ * xxh3_128_digest(data, seed) gives */
+void FA_XXH3_NAME(const void *data, size_t len, unsigned long long seed, unsigned char *out)
+{
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_withSeed(data, len, (XXH64_hash_t)seed));
+    memcpy(out, c.digest, sizeof(c.digest));
+}
