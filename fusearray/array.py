@@ -520,13 +520,13 @@ class Array(RecoveryOps, ShadowOps):
             self.drain_notes()
             async with self._lock:
                 try:
-                    if cache.dirty_bytes > cache.dirty_limit // 2:
+                    if cache.dirty_bytes > cache.flush_at:
                         # bounded: under a steady stream of writes the dirty
                         # level never drops, and an unbounded loop starved the
                         # commits and GC below (segments piled up, 7 GB of
                         # them for a 1 GB LUN, and fresh pages cost 4x)
                         budget = cache.dirty_limit
-                        while cache.dirty_bytes > cache.dirty_limit // 4 and budget > 0:
+                        while cache.dirty_bytes > cache.flush_to and budget > 0:
                             await self._flush(FLUSH_BATCH)
                             budget -= FLUSH_BATCH
                     now = time.monotonic()

@@ -136,18 +136,22 @@ class ExportHandle:
             if len(first) > size:
                 self.pieces[0] = first[size:]
             else:
-                self.pieces.popleft()
+                transport.recycle(self.pieces.popleft().obj)
         else:
-            out = []
+            out, used = [], []
             n = 0
             while self.pieces and n < size:
                 p = self.pieces.popleft()
                 if n + len(p) > size:
                     self.pieces.appendleft(p[size - n:])
                     p = p[:size - n]
+                else:
+                    used.append(p.obj)
                 out.append(p)
                 n += len(p)
             data = b"".join(out)
+            for buf in used:        # copied: whole pieces' buffers are free again
+                transport.recycle(buf)
         self.avail -= len(data)
         return data
 

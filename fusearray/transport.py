@@ -59,12 +59,6 @@ class Encoder:
         self.records += 1
         return REC.pack(typ, len(payload)) + bytes(payload)
 
-    def record_pieces(self, typ: bytes, pieces: list) -> list:
-        """A record whose payload is `pieces` joined, without joining them."""
-        self.chain = _chain(self.chain, typ, *pieces)
-        self.records += 1
-        return [REC.pack(typ, sum(len(p) for p in pieces))] + pieces
-
     def json(self, typ: bytes, obj) -> bytes:
         return self.record(typ, json.dumps(obj, sort_keys=True).encode())
 
@@ -141,26 +135,73 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
         array.unpin(pins)
 
 
+class BatchBuffer(bytearray):
+    """The buffer of one encoded batch. The reader gives it back with
+    `recycle` once it has sent its last byte, so a long export reuses a few
+    buffers instead of faulting in fresh memory for every batch."""
+
+
+_FREE: list = []          # recycled BatchBuffers
+_FREE_DEPTH = 4
+
+
+def _batch_buffer(n: int) -> BatchBuffer:
+    while _FREE:
+        buf = _FREE.pop()
+        if len(buf) == n:
+            return buf
+    return BatchBuffer(n)
+
+
+def recycle(buf) -> None:
+    """Give back a batch's buffer: no view of it may be used after the
+    current FUSE reply (which is sent before any other task runs)."""
+    if type(buf) is BatchBuffer and len(_FREE) < _FREE_DEPTH:
+        _FREE.append(buf)
+
+
 async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
-    reads = [bid for _, bid in batch if bid != ZERO_ID]
+    """The records of `batch` ([(bno, id)]) as one buffer: the blocks are
+    read straight into their places in it (verified there), and the reader
+    gets views of it, so the stream's bytes are copied once on the way out."""
     bs = vol.block_size
-    buf = memoryview(bytearray(len(reads) * bs))     # the batch's blocks, read in place
-    items = [(buf[i * bs:(i + 1) * bs], bid) for i, bid in enumerate(reads)]
-    if items:
-        await array.read_into(vol, items)
-    datas = iter([dst for dst, _ in items])
-    out = []
+    layout = []                # (bno, id, record offset, data length)
+    pos = 0
     for bno, bid in batch:
-        if bid == ZERO_ID:
-            out.append(enc.record(b"Z", U64.pack(bno)))
+        n = 0 if bid == ZERO_ID else min(bs, vol.size - bno * bs)
+        layout.append((bno, bid, pos, n))
+        pos += REC.size + U64.size + (8 + n if n else 0)
+    buf = _batch_buffer(pos)
+    mv = memoryview(buf)
+    reads, short = [], []
+    for bno, bid, off, n in layout:
+        if not n:
             continue
-        data = next(datas)
-        end = min(vol.block_size, vol.size - bno * vol.block_size)
-        block = memoryview(data)[:end]
-        out.extend(enc.record_pieces(b"B", [U64.pack(bno), xxhash.xxh3_64_digest(block),
-                                            block]))
-        enc.blocks += 1
-    return out
+        data = off + REC.size + 16
+        if n == bs:
+            reads.append((mv[data:data + n], bid))
+        else:                  # the volume's last block, cut at its end
+            tmp = memoryview(bytearray(bs))
+            reads.append((tmp, bid))
+            short.append((mv[data:data + n], tmp[:n]))
+    if reads:
+        await array.read_into(vol, reads)
+    for dst, src in short:
+        dst[:] = src
+    for bno, bid, off, n in layout:
+        if not n:
+            REC.pack_into(buf, off, b"Z", U64.size)
+            U64.pack_into(buf, off + REC.size, bno)
+            enc.chain = _chain(enc.chain, b"Z", mv[off + REC.size:off + REC.size + U64.size])
+        else:
+            p = off + REC.size
+            REC.pack_into(buf, off, b"B", 16 + n)
+            U64.pack_into(buf, p, bno)
+            buf[p + 8:p + 16] = xxhash.xxh3_64_digest(mv[p + 16:p + 16 + n])
+            enc.chain = _chain(enc.chain, b"B", mv[p:p + 16 + n])
+            enc.blocks += 1
+        enc.records += 1
+    return [mv]
 
 
 def _check_header(h) -> dict:

@@ -48,6 +48,8 @@ class Entry:
         return self.buf
 
 
+FLUSH_AT = 64 << 20       # dirty bytes that start a write-back (at most half the dirty limit)
+
 _POOL: list = []              # free reply buffers of _POOL_SIZE bytes
 _POOL_SIZE = 1 << 20          # the largest FUSE read
 _POOL_DEPTH = 8               # at most 8 MiB kept
@@ -73,7 +75,12 @@ class BlockCache:
 
     def __init__(self, limit: int):
         self.limit = max(limit, 1 << 20)
-        self.dirty_limit = self.limit // 2
+        self.dirty_limit = self.limit // 2            # writers wait above this
+        # the committer starts writing back here, whatever the cache size,
+        # so a burst is written back while it arrives rather than after it
+        # (what fsync then waits for); down to flush_to
+        self.flush_at = min(self.dirty_limit // 2, FLUSH_AT)
+        self.flush_to = self.flush_at // 2
         self.clean: collections.OrderedDict = collections.OrderedDict()  # Entry -> None, LRU first
         self.dirty: dict = {}            # Entry -> None, oldest dirtied first
         self.bytes = 0
@@ -136,7 +143,7 @@ class BlockCache:
             if e.vol.cache.get(e.bno) is e:
                 del e.vol.cache[e.bno]
             self.bytes -= e.vol.block_size
-        if self.dirty_bytes > self.dirty_limit // 2:
+        if self.dirty_bytes > self.flush_at:
             self.wake_committer.set()
 
     def error_for(self, pack: str | None):
@@ -155,7 +162,7 @@ class BlockCache:
             self.wake_committer.set()
             room = self.room
             await room.wait()
-        if self.dirty_bytes > self.dirty_limit // 2:
+        if self.dirty_bytes > self.flush_at:
             self.wake_committer.set()
 
     def recount_stuck(self) -> None:
@@ -413,7 +420,7 @@ class Volume:
                 cache.mark_dirty(e)
             pos += n
         self.array.write_seq += 1
-        if cache.dirty_bytes > cache.dirty_limit // 2:
+        if cache.dirty_bytes > cache.flush_at:
             await cache.wait_for_room(self.pack.name)
         return end - off
 
