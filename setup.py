@@ -26,7 +26,7 @@ if os.path.exists("/usr/include/xxhash.h"):    # libxxhash-dev: block ids off th
 setup(ext_modules=[Extension(
     "fusearray._fuseshim",
     sources=sources,
-    extra_compile_args=flags + ["-O2", "-Wall"],
+    extra_compile_args=flags + ["-O3", "-Wall"],
     define_macros=macros,
     libraries=libs + ["dl"],
 )])

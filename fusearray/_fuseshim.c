@@ -139,6 +139,18 @@ int fuse_reply_write(fuse_req_t req, size_t count)
 /* xor_into(dst, src): dst ^= src, byte for byte (RAID-5 parity and
  * reconstruction; Python's big-int XOR runs at ~250 MB/s, this at memory
  * speed). dst is a writable buffer at least as long as src. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void xor_bytes(unsigned char *d, const unsigned char *s, size_t n)
+{
+    /* a plain loop: the compiler vectorises it (-O3), in an AVX2 and a
+     * baseline version picked at load by the CPU (8 bytes at a time, as
+     * before, ran at a third of memory speed: most of a RAID-5 rebuild) */
+    for (size_t i = 0; i < n; i++)
+        d[i] ^= s[i];
+}
+
 static PyObject *xor_into(PyObject *self, PyObject *args)
 {
     Py_buffer dst, src;
@@ -150,19 +162,8 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "xor_into: dst is shorter than src");
         return NULL;
     }
-    unsigned char *d = dst.buf;
-    const unsigned char *s = src.buf;
-    Py_ssize_t n = src.len, i = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (; i + 8 <= n; i += 8) {
-        uint64_t a, b;
-        memcpy(&a, d + i, 8);
-        memcpy(&b, s + i, 8);
-        a ^= b;
-        memcpy(d + i, &a, 8);
-    }
-    for (; i < n; i++)
-        d[i] ^= s[i];
+    xor_bytes(dst.buf, src.buf, (size_t)src.len);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&dst);
     PyBuffer_Release(&src);

@@ -115,18 +115,22 @@ class Job:
 
     # ---- for the worker ----------------------------------------------------------------
     async def checkpoint(self) -> None:
-        """Between batches: honour cancel, pause and the rate limit."""
+        """Between batches: honour cancel, pause and the rate limit. A
+        rate-limit wait is taken in slices of at most 0.1 s, so a pause,
+        cancel or new rate given meanwhile holds before the next batch."""
         while True:
             if self._cancel:
                 raise JobCancelled()
-            if self._resumed.is_set():
-                break
-            await self._resumed.wait()
-        if self.rate_limit:
-            t0, d0 = self._throttle_from
-            ahead = (self.done_bytes - d0) / self.rate_limit - (time.monotonic() - t0)
-            if ahead > 0:
-                await trio.sleep(ahead)
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+                continue
+            if self.rate_limit:
+                t0, d0 = self._throttle_from
+                ahead = (self.done_bytes - d0) / self.rate_limit - (time.monotonic() - t0)
+                if ahead > 0:
+                    await trio.sleep(min(ahead, 0.1))
+                    continue
+            break
         now = time.monotonic()
         if now - self._window[0] > 2.0:
             self._window = (now, self.done_bytes)

@@ -21,6 +21,30 @@ from .jobs import Job, JobCancelled
 from .util import human_bytes
 
 PIECE = 4 << 20
+PARALLEL = 2        # rebuild pieces in flight: the reads, XOR and writes of one
+                    # piece drop the GIL, so two use two cores
+
+
+async def _rebuild_pieces(pack, d, seq: int, pieces) -> int:
+    """Rebuild [(off, n)] of disk `d`'s file of `seq`, each piece in its own
+    worker thread at once. Returns the bytes written; raises the first
+    piece's error (after all have ended)."""
+    errors: list = []
+    done = [0]
+
+    async def one(off: int, n: int) -> None:
+        try:
+            wrote = await trio.to_thread.run_sync(pack.rebuild_piece_blocking, d, seq, off, n)
+        except (ArrayError, OSError) as e:
+            errors.append(e)
+        else:
+            done[0] += wrote        # (not `+= await`: that reads done[0] before the wait)
+    async with trio.open_nursery() as nursery:
+        for off, n in pieces:
+            nursery.start_soon(one, off, n)
+    if errors:
+        raise errors[0]
+    return done[0]
 
 
 class RecoveryOps:
@@ -138,14 +162,14 @@ class RecoveryOps:
             for d in disks:
                 for seq, size in plans[d.idx]:
                     stable = min(size, pack.stable_size(seq))
-                    for off in range(0, stable, PIECE):
+                    for start in range(0, stable, PARALLEL * PIECE):
                         await job.checkpoint()
                         if seq not in pack.segments():
                             break             # deleted meanwhile
-                        n = await trio.to_thread.run_sync(
-                            pack.rebuild_piece_blocking, d, seq, off, min(PIECE, stable - off))
-                        upto[(d.idx, seq)] = off + n
-                        job.done_bytes += n
+                        pieces = [(off, min(PIECE, stable - off)) for off in
+                                  range(start, min(stable, start + PARALLEL * PIECE), PIECE)]
+                        job.done_bytes += await _rebuild_pieces(pack, d, seq, pieces)
+                        upto[(d.idx, seq)] = sum(pieces[-1])
                         self._dirty_jobs.add(job)
                         self._job_progress_event(job)
             await job.checkpoint()

@@ -410,23 +410,50 @@ class ShadowOps:
                 job.state = "running"
             self.event("info", f"job {job.id} ({job.kind}) started: "
                        f"{human_bytes(job.total_bytes - job.done_bytes)} to copy")
-            for i in range(0, len(todo), COPY_BATCH):
-                await job.checkpoint()
-                batch = todo[i:i + COPY_BATCH]
-                by_source: dict = {}
-                for vol, bid, n in batch:
-                    if vol.source is not None and vol.pack.lookup(bid) is None:
-                        by_source.setdefault(vol.source, []).append((vol, bid))
-                for source, items in by_source.items():
-                    bids = [b for _, b in items]
-                    datas = await self._read_locs(source, bids,
-                                                  [source.lookup(b) for b in bids])
+            # one batch is stored (hashed, appended: a worker thread) while
+            # the next is read (another): the copy runs on two cores
+            storing = None          # (done event, [error]) of the batch in flight
+
+            async def store(records, nbytes, done, failed) -> None:
+                try:
                     async with self._lock:
-                        await self._store_new([(v.pack, b, bytes(d))
-                                               for (v, b), d in zip(items, datas)])
-                job.done_bytes += sum(n for _, _, n in batch)
-                self._dirty_jobs.add(job)
-                self._job_progress_event(job)
+                        await self._store_new(records)
+                    job.done_bytes += nbytes
+                    self._dirty_jobs.add(job)
+                    self._job_progress_event(job)
+                except ArrayError as e:
+                    failed.append(e)
+                finally:
+                    done.set()
+
+            async def stored() -> None:
+                if storing is not None:
+                    await storing[0].wait()
+                    if storing[1]:
+                        raise storing[1][0]
+            try:
+                for i in range(0, len(todo), COPY_BATCH):
+                    await job.checkpoint()
+                    batch = todo[i:i + COPY_BATCH]
+                    by_source: dict = {}
+                    for vol, bid, n in batch:
+                        if vol.source is not None and vol.pack.lookup(bid) is None:
+                            by_source.setdefault(vol.source, []).append((vol, bid))
+                    records = []
+                    for source, items in by_source.items():
+                        bids = [b for _, b in items]
+                        datas = await self._read_locs(source, bids,
+                                                      [source.lookup(b) for b in bids])
+                        records += [(v.pack, b, d) for (v, b), d in zip(items, datas)]
+                    await stored()
+                    storing = (trio.Event(), [])
+                    self._nursery.start_soon(store, records, sum(n for _, _, n in batch),
+                                             *storing)
+                await stored()
+            finally:        # a cancelled or failed job ends after its last store
+                if storing is not None:
+                    with trio.CancelScope(shield=True):
+                        await storing[0].wait()
             async with self._lock:
                 for vol in vols:
                     if vol.vid in self.volumes:

@@ -56,6 +56,18 @@ except ImportError:          # built without libxxhash-dev: python-xxhash, GIL h
     _hash128_many = None
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int):
+    """Two n-byte buffers private to the calling thread, reused call after
+    call (memoryviews; their content is whatever the last user left)."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or len(bufs[0]) < n:
+        bufs = _SCRATCH.bufs = (memoryview(bytearray(n)), memoryview(bytearray(n)))
+    return bufs[0][:n], bufs[1][:n]
+
+
 def _xor(parts):
     """XOR of equal-length buffers (a new bytes-like object)."""
     acc = bytearray(parts[0])
@@ -638,6 +650,22 @@ class Pack:
             return None
         return data + bytes(n - len(data)) if len(data) < n else data
 
+    def _get_into(self, di: int, seq: int, off: int, dst) -> bool:
+        """_get into a caller's buffer (zero-filled past the file's end);
+        False when that disk can't give the bytes."""
+        d = self.disks[di]
+        fd = self.fds.get((di, seq)) if d.state == "online" else None
+        if fd is None:
+            return False
+        try:
+            got = os.preadv(fd, [dst], off)
+        except OSError as e:
+            self.disk_error(d, f"read failed: {e.strerror}")
+            return False
+        if got < len(dst):
+            dst[got:] = bytes(len(dst) - got)
+        return True
+
     def _reconstruct(self, skip: int, seq: int, off: int, n: int):
         """raid5: disk `skip`'s bytes at [off, off+n) from all the others."""
         parts = []
@@ -898,21 +926,31 @@ class Pack:
 
     def rebuild_piece_blocking(self, d: Disk, seq: int, off: int, n: int) -> int:
         """Write disk `d`'s bytes of segment `seq` at [off, off+n) from the
-        other disks. Returns bytes written."""
+        other disks. Returns bytes written. Reads go into two scratch
+        buffers kept per thread (a rebuild is thousands of pieces: fresh
+        memory for each cost more than the XOR)."""
         src = [x for x in self.disks if x is not d and x.state == "online"]
         if not src:
             raise OSError(errno.EIO, f"no online disk of pack {self.name} to rebuild from")
+        acc, tmp = _scratch(n)
         if self.layout == "raid5":
-            data = self._reconstruct(d.idx, seq, off, n)
+            others = [di for di in range(len(self.disks)) if di != d.idx]
+            ok = self._get_into(others[0], seq, off, acc)
+            for di in others[1:]:
+                if not ok:
+                    break
+                ok = self._get_into(di, seq, off, tmp)
+                if ok:
+                    _xor_at(acc, 0, tmp)
         else:
-            data = self._get(src[0].idx, seq, off, n)
-        if data is None:
+            ok = self._get_into(src[0].idx, seq, off, acc)
+        if not ok:
             raise OSError(errno.EIO, f"segment {seq} cannot be rebuilt: too many disks "
                           f"of pack {self.name} are unavailable")
         os.makedirs(d.segdir, exist_ok=True)
         fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _pwritev_all(fd, [data], off)
+            _pwritev_all(fd, [acc], off)
             if off + n >= self.disk_file_size(seq):
                 os.ftruncate(fd, self.disk_file_size(seq))
                 os.fsync(fd)
