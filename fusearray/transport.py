@@ -25,10 +25,10 @@ from .errors import ArrayError, exists, invalid, notfound
 from .jobs import Job
 from .util import check_name, human_bytes
 
-MAGIC = b"FASTRM\x00\x01"
+MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
 U64 = struct.Struct("<Q")
-FORMAT = 1
+FORMAT = 2
 EXPORT_BATCH = 64
 IMPORT_BATCH = 16 << 20
 CHECKPOINT_BYTES = 64 << 20
@@ -37,13 +37,20 @@ MAX_RECORD = (1 << 20) + 64
 
 def _chain(chain: bytes, typ: bytes, *pieces) -> bytes:
     """The next chain value: xxh3_128(chain || type || payload), where the
-    payload may come in pieces (hashed as one string)."""
+    payload may come in pieces (hashed as one string). A block record
+    chains only its first 16 bytes (bno, xxh3_64 of the data): the hash
+    binds the data (format 2; see docs/stream-format.md)."""
     h = xxhash.xxh3_128()
     h.update(chain)
     h.update(typ)
     for p in pieces:
         h.update(p)
     return h.digest()
+
+
+def _block_chain(chain: bytes, head) -> bytes:
+    """_chain of a block record, from its 16-byte head (bno, data hash)."""
+    return xxhash.xxh3_128_digest(b"".join((chain, b"B", head)))
 
 
 class Encoder:
@@ -198,7 +205,7 @@ async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
             REC.pack_into(buf, off, b"B", 16 + n)
             U64.pack_into(buf, p, bno)
             buf[p + 8:p + 16] = xxhash.xxh3_64_digest(mv[p + 16:p + 16 + n])
-            enc.chain = _chain(enc.chain, b"B", mv[p:p + 16 + n])
+            enc.chain = _block_chain(enc.chain, mv[p:p + 16])
             enc.blocks += 1
         enc.records += 1
     return [mv]
@@ -341,6 +348,14 @@ class Importer:
                               f"{typ!r} of {n} bytes")
             if len(mv) - pos < REC.size + n:
                 break
+            if typ == b"B" and self.current is not None and n >= 16:
+                # the bulk of a stream: no coroutine per block
+                self.offset += REC.size + n
+                self._block(mv[pos + REC.size:pos + REC.size + n], copy)
+                pos += REC.size + n
+                if self.pending_bytes >= IMPORT_BATCH:
+                    await self._flush_pending()
+                continue
             payload = mv[pos + REC.size:pos + REC.size + n]
             if copy or typ != b"B":
                 payload = bytes(payload)      # (non-block records are small)
@@ -364,16 +379,42 @@ class Importer:
             used = await self._parse_view(mv, copy=True)
         del self.buf[:used]             # once per feed, not per record
 
+    def _block(self, payload, copy: bool) -> None:
+        """A block record (payload: bno, xxh3_64 of the data, the data)."""
+        self.chain = _block_chain(self.chain, payload[:16])
+        self.records += 1
+        bno = U64.unpack_from(payload)[0]
+        v = self.current
+        if bno * v.block_size >= v.size:
+            raise invalid(f"corrupt stream: block {bno} is past the end of {v.name}")
+        data = payload[16:]
+        if xxhash.xxh3_64_digest(data) != payload[8:16]:
+            raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
+                             f"{v.name} (stream offset {self.offset}) does not "
+                             "match its hash")
+        if len(data) < v.block_size:
+            data = bytes(data) + bytes(v.block_size - len(data))
+        elif copy:
+            data = bytes(data)
+        self.pending.append((v, bno, data))
+        self.pending_bytes += len(data)
+        self.blocks += 1
+
     async def _record(self, typ: bytes, payload: bytes) -> None:
         try:
             await self._record_inner(typ, payload)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, struct.error) as e:
             raise invalid(f"corrupt stream at offset {self.offset}: record {typ!r} "
                           f"is not valid ({type(e).__name__})") from None
 
     async def _record_inner(self, typ: bytes, payload: bytes) -> None:
         if typ == b"T":
             await self._trailer(payload)
+            return
+        if typ == b"B" and self.current is not None:
+            self._block(memoryview(payload), False)
+            if self.pending_bytes >= IMPORT_BATCH:
+                await self._flush_pending()
             return
         self.chain = _chain(self.chain, typ, payload)
         self.records += 1
@@ -396,19 +437,7 @@ class Importer:
             v = self.current
             if bno * v.block_size >= v.size:
                 raise invalid(f"corrupt stream: block {bno} is past the end of {v.name}")
-            if typ == b"Z":
-                self.pending.append((v, bno, None))
-            else:
-                data = memoryview(payload)[16:]
-                if xxhash.xxh3_64_digest(data) != payload[8:16]:
-                    raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
-                                     f"{v.name} (stream offset {self.offset}) does not "
-                                     "match its hash")
-                if len(data) < v.block_size:
-                    data = bytes(data) + bytes(v.block_size - len(data))
-                self.pending.append((v, bno, data))
-                self.pending_bytes += len(data)
-                self.blocks += 1
+            self.pending.append((v, bno, None))        # a Z record
             if self.pending_bytes >= IMPORT_BATCH:
                 await self._flush_pending()
 

@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WWN_RE = re.compile(r"naa\.6[0-9a-f]{31}\Z")
 XA = "user.fusearray."
 REC = struct.Struct("<cI")           # record framing (docs/stream-format.md)
-MAGIC = b"FASTRM\x00\x01"
+MAGIC = b"FASTRM\x00\x02"
 
 
 # ---- helpers -----------------------------------------------------------------------
@@ -432,6 +432,14 @@ def test_damaged_truncated_foreign_streams_leave_nothing(make_mount, tmp_path):
     pos = hdr.index(b'"array": "') + len(b'"array": "')
     refused_import(b, damaged(good, tmp_path / "hdr.bad", pos),
                    "checksum or counts do not match")
+    # the hash field of a block whose data is unchanged: refused at that block
+    off, _, n = blocks[200]
+    refused_import(b, damaged(good, tmp_path / "h64.bad", off + REC.size + 8 + 3),
+                   "does not match its hash")
+    # a block's number (within the LUN): only the chain covers it
+    off, _, n = blocks[300]
+    refused_import(b, damaged(good, tmp_path / "bno.bad", off + REC.size, 0x01),
+                   "checksum or counts do not match")
     # a record's type byte
     refused_import(b, damaged(good, tmp_path / "type.bad", blocks[100][0], 0x40),
                    "corrupt stream")
@@ -446,8 +454,8 @@ def test_damaged_truncated_foreign_streams_leave_nothing(make_mount, tmp_path):
     p.write_bytes(os.urandom(MiB))
     refused_import(b, p, "not a fusearray stream")
     refused_import(b, os.path.join(REPO, "README.md"), "not a fusearray stream")
-    refused_import(b, damaged(good, tmp_path / "v2.bad", 7, 0x03),
-                   "stream version 2 is not supported")
+    refused_import(b, damaged(good, tmp_path / "v1.bad", 7, 0x03),
+                   "stream version 1 is not supported")
 
     assert used(b) == u0 and listed(b) == ["mine"]
     fa(b, "import", good)                          # and the good stream still works
