@@ -151,6 +151,11 @@ static void xor_bytes(unsigned char *d, const unsigned char *s, size_t n)
         d[i] ^= s[i];
 }
 
+/* Below this, keep the GIL: a 64 KiB XOR takes a few microseconds, and
+ * handing the GIL over and waiting to get it back can take milliseconds
+ * when the FUSE thread is busy (RAID-5 appends XOR every 64 KiB chunk). */
+#define XOR_NOGIL_MIN (1 << 20)
+
 static PyObject *xor_into(PyObject *self, PyObject *args)
 {
     Py_buffer dst, src;
@@ -162,9 +167,13 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "xor_into: dst is shorter than src");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    xor_bytes(dst.buf, src.buf, (size_t)src.len);
-    Py_END_ALLOW_THREADS
+    if (src.len >= XOR_NOGIL_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        xor_bytes(dst.buf, src.buf, (size_t)src.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        xor_bytes(dst.buf, src.buf, (size_t)src.len);
+    }
     PyBuffer_Release(&dst);
     PyBuffer_Release(&src);
     Py_RETURN_NONE;

@@ -592,7 +592,19 @@ class Pack:
         full row's parity is XORed straight from the batch; a partial row
         is kept in `_row` (later appends fill it and rewrite its parity)."""
         k, row_bytes = self.k, self.k * CHUNK
+        runs: dict = {}        # disk -> [offset, bytes, views]: one pwritev per run
         pos = 0
+
+        def put(di: int, doff: int, views) -> None:
+            views = views if type(views) is list else [views]
+            run = runs.get(di)
+            if run is not None and run[0] + run[1] == doff and len(run[2]) < _IOV_MAX - 64:
+                run[1] += sum(len(v) for v in views)
+                run[2] += views
+                return
+            if run is not None:
+                self._put(di, seq, run[0], run[2])
+            runs[di] = [doff, sum(len(v) for v in views), views]
         while pos < data.size:
             row, w = divmod(offset + pos, row_bytes)
             take = min(row_bytes - w, data.size - pos)
@@ -611,7 +623,7 @@ class Pack:
                     if rest:     # a reused file has old bytes there: parity counts zeros
                         zeros = bytes(CHUNK)
                         for di, doff, n, _ in self._pieces(row * row_bytes + w + take, rest):
-                            self._put(di, seq, doff, zeros[:n])
+                            put(di, doff, zeros[:n])
                 buf = self._row[2]
                 at = w
                 for v in data.slices(pos, take):
@@ -620,9 +632,11 @@ class Pack:
                 bv = memoryview(buf)
                 parity = _xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)])
             for di, doff, n, loff in self._pieces(offset + pos, take):
-                self._put(di, seq, doff, data.slices(loff - offset, n))
-            self._put(self._parity_disk(row), seq, row * CHUNK, parity)
+                put(di, doff, data.slices(loff - offset, n))
+            put(self._parity_disk(row), row * CHUNK, parity)
             pos += take
+        for di, (doff, _, views) in runs.items():
+            self._put(di, seq, doff, views)
 
     def _put(self, di: int, seq: int, off: int, data) -> None:
         d = self.disks[di]
