@@ -50,6 +50,10 @@ class Job:
                    r["finished"], r["error"])
 
     def row(self) -> dict:
+        # what was shown is kept: a resumed job may find more work left than
+        # it had (a crash loses the pieces in flight), and its percent holds
+        # there rather than going back
+        self.params["percent_floor"] = self.percent
         return {"id": self.id, "kind": self.kind, "state": self.state,
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "rate_limit": self.rate_limit, "started": self.started,
@@ -58,11 +62,13 @@ class Job:
 
     @property
     def percent(self) -> int:
+        """done/total, never below what this job showed before a restart."""
         if self.state == "done":
             return 100
+        floor = self.params.get("percent_floor", 0)
         if not self.total_bytes:
-            return 0
-        return min(100, self.done_bytes * 100 // self.total_bytes)
+            return floor
+        return min(100, max(floor, self.done_bytes * 100 // self.total_bytes))
 
     @property
     def active(self) -> bool:

@@ -535,6 +535,26 @@ async def test_snapshot_resync_swap_in_process(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+def test_resumed_job_percent_never_goes_back():
+    """A job resumed after a crash may find more left to do than it had
+    (the pieces in flight are redone): its percent holds at what it showed,
+    then moves on; the bytes stay what they are."""
+    from fusearray.jobs import Job
+    j = Job(7, "recover", {"pack": "p"}, total=100 * MiB, state="running", done=60 * MiB)
+    assert j.percent == 60
+    row = j.row()                              # persisted at a commit
+    k = Job.from_row(row)                      # the daemon restarts
+    k.total_bytes = k.done_bytes + 80 * MiB    # the rebuild plans again: more left
+    assert k.done_bytes * 100 // k.total_bytes < 60
+    assert k.percent == 60 and k.last_decile == 6
+    k.done_bytes += 10 * MiB
+    assert k.percent == 60                     # 70/140: still below what it showed
+    k.done_bytes += 60 * MiB
+    assert k.percent == 92                     # 130/140
+    k.state = "done"
+    assert k.percent == 100
+
+
 async def test_copy_job_resumes_after_reopen(tmp_path):
     init_array(str(tmp_path / "arr"))
     data = os.urandom(6 * MiB)
