@@ -277,6 +277,7 @@ class Pack:
         self._new_files = False
         self.spares: list[tuple[dict, int]] = []  # ({disk idx: path}, free-space credit) of dead segments kept for reuse
         self.spare_bytes = 0
+        self._space = None        # (capacity, available) from the last statvfs
         self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
         self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
         self.seg_limit = SEGMENT_LIMIT       # set from the capacity at open
@@ -351,6 +352,7 @@ class Pack:
                 d.state = "stale"
                 self.note("warning", f"disk {d.idx} of pack {self.name} ({d.path}) is "
                           f"back but older than the pack: run `recover {self.name}`")
+        self.refresh_space_blocking()
 
     def _lose(self, d: Disk, state: str, why: str) -> None:
         if d.state != "online":
@@ -432,6 +434,7 @@ class Pack:
                 with self._lock:
                     for key in [k for k in self.fds if k[0] == d.idx]:
                         os.close(self.fds.pop(key))
+        self.refresh_space_blocking()
         cap = self.capacity_bytes()
         if cap:   # small packs get small segments, so garbage frees space sooner
             self.seg_limit = max(SEGMENT_MIN, min(SEGMENT_LIMIT, cap // 32))
@@ -506,6 +509,7 @@ class Pack:
         if self.state == "failed":
             raise OSError(errno.EIO, f"pack {self.name} has failed: writes are refused "
                           "(too many disks are unavailable)")
+        self.refresh_space_blocking()
         if not reserve_ok:
             need = sum(len(d) + HDR.size for _, d in records)
             if self.free_bytes() < self.reserve + need:
@@ -887,6 +891,7 @@ class Pack:
             self.spares.append((group, credit))
             self.spare_bytes += credit
         self.close_segment_blocking(seq)
+        self.refresh_space_blocking()
 
     def unlink_segment_blocking(self, seq: int) -> None:
         for d in self.disks:
@@ -895,6 +900,7 @@ class Pack:
                 fsync_dir(d.segdir)
             except OSError:
                 pass
+        self.refresh_space_blocking()
 
     # ---- rebuild and scrub (blocking, one piece per call) -------------------
     def disk_file_size(self, seq: int) -> int:
@@ -1111,9 +1117,22 @@ class Pack:
             return 0
         return min(sizes) * self.k if self.layout == "raid5" else min(sizes)
 
+    def refresh_space_blocking(self) -> None:
+        """statvfs the disks (a worker thread: a hung disk must not stall
+        the trio thread) for capacity_bytes and free_bytes. Called after
+        every append, segment retirement and disk check, and at open."""
+        self._space = (self._statvfs("f_blocks"), self._statvfs("f_bavail"))
+
+    def _space_now(self) -> tuple[int, int]:
+        if self._space is None:        # not opened through open_blocking
+            self.refresh_space_blocking()
+        return self._space
+
     def capacity_bytes(self) -> int:
-        """What the pack can hold (usable, after redundancy)."""
-        return self._statvfs("f_blocks")
+        """What the pack can hold (usable, after redundancy), as of the
+        last refresh."""
+        return self._space_now()[0]
 
     def free_bytes(self) -> int:
-        return self._statvfs("f_bavail") + self.spare_bytes
+        """Free space as of the last refresh (plus spare segment files)."""
+        return self._space_now()[1] + self.spare_bytes

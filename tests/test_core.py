@@ -535,6 +535,39 @@ async def test_snapshot_resync_swap_in_process(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+async def test_space_figures_never_statvfs_on_the_trio_thread(tmp_path, monkeypatch):
+    """free_bytes/capacity_bytes (statfs, status, GC and full-pack
+    decisions on the trio thread) come from figures refreshed in worker
+    threads: a hung disk's statvfs must not stall every request."""
+    import threading
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        real, on_loop = os.statvfs, []
+
+        def spy(path):
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(path)
+            return real(path)
+        monkeypatch.setattr(os, "statvfs", spy)
+        vol = await a.create_lun("l", "16M")
+        await vol.write(0, os.urandom(4 * MiB))
+        await a.sync()
+        a.status()
+        pack = a.packs["main"]
+        assert pack.free_bytes() > 0 and pack.capacity_bytes() >= pack.free_bytes() - \
+            pack.spare_bytes
+        await vol.write(0, os.urandom(4 * MiB))     # garbage, then GC retires segments
+        await a.sync()
+        async with a._lock:
+            await a._gc()
+        a.status()
+        assert not on_loop, f"statvfs on the trio thread: {on_loop}"
+        monkeypatch.setattr(os, "statvfs", real)
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body)
+
+
 def test_resumed_job_percent_never_goes_back():
     """A job resumed after a crash may find more left to do than it had
     (the pieces in flight are redone): its percent holds at what it showed,
