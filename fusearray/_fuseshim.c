@@ -145,8 +145,7 @@ __attribute__((target_clones("avx2", "default")))
 static void xor_bytes(unsigned char *d, const unsigned char *s, size_t n)
 {
     /* a plain loop: the compiler vectorises it (-O3), in an AVX2 and a
-     * baseline version picked at load by the CPU (8 bytes at a time, as
-     * before, ran at a third of memory speed: most of a RAID-5 rebuild) */
+     * baseline version picked at load by the CPU */
     for (size_t i = 0; i < n; i++)
         d[i] ^= s[i];
 }

@@ -168,7 +168,8 @@ class RecoveryOps:
                             break             # deleted meanwhile
                         pieces = [(off, min(PIECE, stable - off)) for off in
                                   range(start, min(stable, start + PARALLEL * PIECE), PIECE)]
-                        job.done_bytes += await _rebuild_pieces(pack, d, seq, pieces)
+                        n = await _rebuild_pieces(pack, d, seq, pieces)
+                        job.done_bytes += n
                         upto[(d.idx, seq)] = sum(pieces[-1])
                         self._dirty_jobs.add(job)
                         self._job_progress_event(job)

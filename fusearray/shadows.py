@@ -23,7 +23,7 @@ import trio
 from . import ZERO_ID, maps
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound, unsupported
 from .jobs import Job, JobCancelled
-from .util import check_name, human_bytes, parse_bytes, utc_stamp
+from .util import InFlight, check_name, human_bytes, parse_bytes, utc_stamp
 from .volume import Volume
 
 COPY_BATCH = 64
@@ -412,25 +412,14 @@ class ShadowOps:
                        f"{human_bytes(job.total_bytes - job.done_bytes)} to copy")
             # one batch is stored (hashed, appended: a worker thread) while
             # the next is read (another): the copy runs on two cores
-            storing = None          # (done event, [error]) of the batch in flight
+            storing = InFlight()
 
-            async def store(records, nbytes, done, failed) -> None:
-                try:
-                    async with self._lock:
-                        await self._store_new(records)
-                    job.done_bytes += nbytes
-                    self._dirty_jobs.add(job)
-                    self._job_progress_event(job)
-                except ArrayError as e:
-                    failed.append(e)
-                finally:
-                    done.set()
-
-            async def stored() -> None:
-                if storing is not None:
-                    await storing[0].wait()
-                    if storing[1]:
-                        raise storing[1][0]
+            async def store(records, nbytes) -> None:
+                async with self._lock:
+                    await self._store_new(records)
+                job.done_bytes += nbytes
+                self._dirty_jobs.add(job)
+                self._job_progress_event(job)
             try:
                 for i in range(0, len(todo), COPY_BATCH):
                     await job.checkpoint()
@@ -445,15 +434,12 @@ class ShadowOps:
                         datas = await self._read_locs(source, bids,
                                                       [source.lookup(b) for b in bids])
                         records += [(v.pack, b, d) for (v, b), d in zip(items, datas)]
-                    await stored()
-                    storing = (trio.Event(), [])
-                    self._nursery.start_soon(store, records, sum(n for _, _, n in batch),
-                                             *storing)
-                await stored()
+                    await storing.wait()
+                    storing.start(self._nursery, store, records, sum(n for _, _, n in batch))
+                await storing.wait()
             finally:        # a cancelled or failed job ends after its last store
-                if storing is not None:
-                    with trio.CancelScope(shield=True):
-                        await storing[0].wait()
+                with trio.CancelScope(shield=True):
+                    await storing.wait(raise_error=False)
             async with self._lock:
                 for vol in vols:
                     if vol.vid in self.volumes:

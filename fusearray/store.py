@@ -169,7 +169,7 @@ class Hasher:
 
     def block_ids(self, datas) -> list:
         """block_id of each buffer; the hashing runs without the GIL when
-        the shim has libxxhash (same ids: checked in the tests)."""
+        the shim was built with XXH3 (same ids: checked in the tests)."""
         if _hash128_many is not None:
             raw = _hash128_many(datas, self.seed)
         else:
@@ -656,21 +656,14 @@ class Pack:
             self.disk_error(d, f"write failed: {e.strerror}")
 
     def _get(self, di: int, seq: int, off: int, n: int):
-        """Bytes of disk `di`'s file, or None when that disk can't give them."""
-        d = self.disks[di]
-        fd = self.fds.get((di, seq)) if d.state == "online" else None
-        if fd is None:
-            return None
-        try:
-            data = os.pread(fd, n, off)
-        except OSError as e:
-            self.disk_error(d, f"read failed: {e.strerror}")
-            return None
-        return data + bytes(n - len(data)) if len(data) < n else data
+        """Bytes of disk `di`'s file (a bytearray), or None when that disk
+        can't give them."""
+        buf = bytearray(n)
+        return buf if self._get_into(di, seq, off, memoryview(buf)) else None
 
     def _get_into(self, di: int, seq: int, off: int, dst) -> bool:
-        """_get into a caller's buffer (zero-filled past the file's end);
-        False when that disk can't give the bytes."""
+        """Fill `dst` from disk `di`'s file at `off` (zeros past the file's
+        end); False when that disk can't give the bytes."""
         d = self.disks[di]
         fd = self.fds.get((di, seq)) if d.state == "online" else None
         if fd is None:
@@ -686,15 +679,20 @@ class Pack:
 
     def _reconstruct(self, skip: int, seq: int, off: int, n: int):
         """raid5: disk `skip`'s bytes at [off, off+n) from all the others."""
-        parts = []
-        for di in range(len(self.disks)):
-            if di == skip:
-                continue
-            got = self._get(di, seq, off, n)
-            if got is None:
-                return None
-            parts.append(got)
-        return _xor(parts)
+        acc = bytearray(n)
+        ok = self._reconstruct_into(skip, seq, off, memoryview(acc), memoryview(bytearray(n)))
+        return acc if ok else None
+
+    def _reconstruct_into(self, skip: int, seq: int, off: int, acc, tmp) -> bool:
+        """_reconstruct into `acc`, with `tmp` (as long) as scratch."""
+        others = [di for di in range(len(self.disks)) if di != skip]
+        if not self._get_into(others[0], seq, off, acc):
+            return False
+        for di in others[1:]:
+            if not self._get_into(di, seq, off, tmp):
+                return False
+            _xor_at(acc, 0, tmp)
+        return True
 
     def _read_logical(self, seq: int, off: int, n: int, avoid: int | None = None):
         if self.layout != "raid5":
@@ -954,14 +952,7 @@ class Pack:
             raise OSError(errno.EIO, f"no online disk of pack {self.name} to rebuild from")
         acc, tmp = _scratch(n)
         if self.layout == "raid5":
-            others = [di for di in range(len(self.disks)) if di != d.idx]
-            ok = self._get_into(others[0], seq, off, acc)
-            for di in others[1:]:
-                if not ok:
-                    break
-                ok = self._get_into(di, seq, off, tmp)
-                if ok:
-                    _xor_at(acc, 0, tmp)
+            ok = self._reconstruct_into(d.idx, seq, off, acc, tmp)
         else:
             ok = self._get_into(src[0].idx, seq, off, acc)
         if not ok:

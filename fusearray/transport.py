@@ -23,7 +23,7 @@ import xxhash
 from . import ZERO_ID, maps
 from .errors import ArrayError, exists, invalid, notfound
 from .jobs import Job
-from .util import check_name, human_bytes
+from .util import InFlight, check_name, human_bytes
 
 MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
@@ -259,8 +259,7 @@ class Importer:
         self.failed: ArrayError | None = None
         self.resumed = False
         self._since_checkpoint = 0
-        self._storing: trio.Event | None = None     # set when the batch in flight is stored
-        self._store_error: Exception | None = None
+        self._storing = InFlight()    # the batch being stored while the next is parsed
 
     # ---- resume ---------------------------------------------------------------------
     @classmethod
@@ -518,7 +517,7 @@ class Importer:
         stream overlaps hashing and appending this one; at once with
         wait=True or when a checkpoint is due. A background store's error
         surfaces at the next call (and the import is aborted as before)."""
-        await self._wait_stored()
+        await self._storing.wait()
         if not self.pending:
             return
         items, self.pending, n = self.pending, [], self.pending_bytes
@@ -527,28 +526,11 @@ class Importer:
         checkpoint = self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf
         nursery = self.array._nursery
         if not (wait or checkpoint) and nursery is not None:
-            done = self._storing = trio.Event()
-            nursery.start_soon(self._store_in_background, items, n, done)
+            self._storing.start(nursery, self._store, items, n)
             return
         await self._store(items, n)
         if checkpoint:
             await self._checkpoint()
-
-    async def _store_in_background(self, items, n: int, done: trio.Event) -> None:
-        try:
-            await self._store(items, n)
-        except Exception as e:
-            self._store_error = e
-        finally:
-            done.set()
-
-    async def _wait_stored(self) -> None:
-        if self._storing is not None:
-            await self._storing.wait()
-            self._storing = None
-        err, self._store_error = self._store_error, None
-        if err is not None:
-            raise err
 
     async def _store(self, items, n: int) -> None:
         from .array import _Collision, _hash_and_store
@@ -572,7 +554,7 @@ class Importer:
     async def _checkpoint(self) -> None:
         """Persist the maps and where the stream is, for resume. Only at a
         record boundary with nothing buffered."""
-        await self._wait_stored()
+        await self._storing.wait()
         self._since_checkpoint = 0
         self._save_params()
         async with self.array._lock:
@@ -614,9 +596,7 @@ class Importer:
         """Remove the partial set and reclaim its space."""
         self.failed = err
         a = self.array
-        if self._storing is not None:        # let the batch in flight land first
-            await self._storing.wait()
-            self._storing, self._store_error = None, None
+        await self._storing.wait(raise_error=False)    # let the batch in flight land first
         if self.job is None:
             return
         async with a._lock:

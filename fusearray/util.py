@@ -1,6 +1,9 @@
-"""Parsing of names and sizes, and time formats (DESIGN section 2, 6)."""
+"""Parsing of names and sizes, time formats (DESIGN section 2, 6), and a
+one-step pipeline for the trio thread."""
 import re
 import time
+
+import trio
 
 from .errors import invalid
 
@@ -60,3 +63,36 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return f"{n}"
+
+
+class InFlight:
+    """At most one step running in the background while the caller
+    prepares the next (import: store a batch while parsing the next;
+    background copy: store a batch while reading the next). A step's error
+    is raised by the next `wait`."""
+
+    def __init__(self):
+        self._done: trio.Event | None = None
+        self._error: Exception | None = None
+
+    def start(self, nursery, fn, *args) -> None:
+        """Run `await fn(*args)` in `nursery`. Call `wait` first."""
+        done = self._done = trio.Event()
+
+        async def step() -> None:
+            try:
+                await fn(*args)
+            except Exception as e:     # raised to the caller at its next wait
+                self._error = e
+            finally:
+                done.set()
+        nursery.start_soon(step)
+
+    async def wait(self, raise_error: bool = True) -> None:
+        """Until the step in flight (if any) has ended; then its error."""
+        if self._done is not None:
+            await self._done.wait()
+            self._done = None
+        err, self._error = self._error, None
+        if err is not None and raise_error:
+            raise err

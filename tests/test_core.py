@@ -568,6 +568,32 @@ async def test_space_figures_never_statvfs_on_the_trio_thread(tmp_path, monkeypa
     await with_array(tmp_path / "arr", body)
 
 
+async def test_in_flight_runs_one_step_and_raises_its_error_at_the_next_wait():
+    from fusearray.util import InFlight
+    log = []
+
+    async def step(name, fail=False):
+        await trio.sleep(0.01)
+        log.append(name)
+        if fail:
+            raise ArrayError(errno.ENOSPC, f"{name} failed")
+    f = InFlight()
+    async with trio.open_nursery() as n:
+        await f.wait()                        # nothing in flight: returns at once
+        f.start(n, step, "a")
+        assert log == []                      # runs in the background
+        await f.wait()
+        assert log == ["a"]
+        f.start(n, step, "b", True)
+        with pytest.raises(ArrayError, match="b failed"):
+            await f.wait()
+        await f.wait()                        # the error is raised once
+        f.start(n, step, "c", True)
+        await f.wait(raise_error=False)       # or dropped, for a caller ending anyway
+        await f.wait()
+    assert log == ["a", "b", "c"]
+
+
 def test_resumed_job_percent_never_goes_back():
     """A job resumed after a crash may find more left to do than it had
     (the pieces in flight are redone): its percent holds at what it showed,
