@@ -180,9 +180,12 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
 
 #ifdef HAVE_XXHASH
 typedef void (*xxh3_128_fn)(const void *, size_t, unsigned long long, unsigned char *);
+typedef void (*xxh3_64_fn)(const void *, size_t, unsigned char *);
 void fa_xxh3_128_generic(const void *, size_t, unsigned long long, unsigned char *);
+void fa_xxh3_64_generic(const void *, size_t, unsigned char *);
 #if defined(__x86_64__) && defined(__GNUC__)
 void fa_xxh3_128_avx2(const void *, size_t, unsigned long long, unsigned char *);
+void fa_xxh3_64_avx2(const void *, size_t, unsigned char *);
 #endif
 
 /* The XXH3-128 build for this CPU (AVX2 where it has it: twice as fast). */
@@ -205,27 +208,25 @@ static PyObject *xxh3_build(PyObject *self, PyObject *noargs)
     return PyUnicode_FromString(xxh3_128() == fa_xxh3_128_generic ? "generic" : "avx2");
 }
 
-/* hash128_many(buffers, seed[, build]) -> [16-byte ids] (build 1: the
- * generic code whatever the CPU): XXH3-128 with a seed, in
- * the canonical (big-endian) form python-xxhash's xxh3_128_digest gives,
- * computed with the GIL released: the flush thread hashes a whole batch
- * while the FUSE thread goes on taking requests. */
-static PyObject *hash128_many(PyObject *self, PyObject *args)
+/* Hash every buffer of `seq` with the GIL released: `width` 16 (XXH3-128
+ * keyed with `seed`) or 8 (XXH3-64, unseeded), in the canonical
+ * (big-endian) form python-xxhash's digests give; `generic` forces the
+ * baseline build whatever the CPU (the tests check both). Returns a list
+ * of bytes. */
+static PyObject *hash_many(PyObject *seq, unsigned long long seed, int width, int generic)
 {
-    PyObject *seq;
-    unsigned long long seed;
-    int build = 0;
-    if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
-        return NULL;
-    xxh3_128_fn hash = xxh3_128();
-    if (build == 1)
-        hash = fa_xxh3_128_generic;       /* the tests check both builds */
-    PyObject *fast = PySequence_Fast(seq, "hash128_many: a sequence of buffers");
+    xxh3_128_fn h128 = generic ? fa_xxh3_128_generic : xxh3_128();
+    xxh3_64_fn h64 = fa_xxh3_64_generic;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!generic && h128 == fa_xxh3_128_avx2)
+        h64 = fa_xxh3_64_avx2;
+#endif
+    PyObject *fast = PySequence_Fast(seq, "a sequence of buffers");
     if (!fast)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), got = 0;
     Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    unsigned char (*out)[16] = PyMem_Calloc(n ? n : 1, 16);
+    unsigned char *out = PyMem_Calloc(n ? n : 1, (size_t)width);
     PyObject *result = NULL;
     if (!views || !out) {
         PyErr_NoMemory();
@@ -236,12 +237,16 @@ static PyObject *hash128_many(PyObject *self, PyObject *args)
                                PyBUF_SIMPLE) < 0)
             goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        hash(views[i].buf, (size_t)views[i].len, seed, out[i]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (width == 16)
+            h128(views[i].buf, (size_t)views[i].len, seed, out + 16 * i);
+        else
+            h64(views[i].buf, (size_t)views[i].len, out + 8 * i);
+    }
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result && i < n; i++) {
-        PyObject *b = PyBytes_FromStringAndSize((const char *)out[i], 16);
+        PyObject *b = PyBytes_FromStringAndSize((const char *)out + (size_t)width * i, width);
         if (!b) {
             Py_CLEAR(result);
             break;
@@ -256,6 +261,30 @@ done:
     Py_DECREF(fast);
     return result;
 }
+
+/* hash128_many(buffers, seed[, build]) -> [16-byte ids] (build 1: the
+ * generic code): keyed XXH3-128 block ids. The flush thread hashes a whole
+ * batch while the FUSE thread goes on taking requests. */
+static PyObject *hash128_many(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
+    unsigned long long seed;
+    int build = 0;
+    if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
+        return NULL;
+    return hash_many(seq, seed, 16, build == 1);
+}
+
+/* hash64_many(buffers[, build]) -> [8-byte digests]: the stream's record
+ * hashes (xxh3_64_digest), a batch at a time in a worker thread. */
+static PyObject *hash64_many(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
+    int build = 0;
+    if (!PyArg_ParseTuple(args, "O|i", &seq, &build))
+        return NULL;
+    return hash_many(seq, 0, 8, build == 1);
+}
 #endif
 
 static PyMethodDef shim_methods[] = {
@@ -263,6 +292,8 @@ static PyMethodDef shim_methods[] = {
 #ifdef HAVE_XXHASH
     {"hash128_many", hash128_many, METH_VARARGS,
      "keyed XXH3-128 ids of buffers, GIL released"},
+    {"hash64_many", hash64_many, METH_VARARGS,
+     "XXH3-64 digests of buffers, GIL released"},
     {"xxh3_build", xxh3_build, METH_NOARGS, "the XXH3 build in use: avx2 or generic"},
 #endif
     {NULL, NULL, 0, NULL},

@@ -1,3 +1,4 @@
-/* XXH3-128 for the baseline instruction set (see _xxh3_impl.h). */
+/* XXH3-128 and XXH3-64 for the baseline instruction set (see _xxh3_impl.h). */
 #define FA_XXH3_NAME fa_xxh3_128_generic
+#define FA_XXH3_64_NAME fa_xxh3_64_generic
 #include "_xxh3_impl.h"

@@ -1,5 +1,6 @@
 /*
- * One XXH3-128 entry point, compiled from the xxhash.h header of
+ * The XXH3 entry points (128-bit keyed ids, 64-bit stream record
+ * hashes), compiled from the xxhash.h header of
  * libxxhash-dev (XXH_INLINE_ALL: everything static, nothing exported) for
  * the instruction set the including file selects. Two files include it:
  * _xxh3_generic.c (the compiler's baseline, SSE2 on x86-64) and
@@ -19,5 +20,14 @@ void FA_XXH3_NAME(const void *data, size_t len, unsigned long long seed, unsigne
 {
     XXH128_canonical_t c;
     XXH128_canonicalFromHash(&c, XXH3_128bits_withSeed(data, len, (XXH64_hash_t)seed));
+    memcpy(out, c.digest, sizeof(c.digest));
+}
+
+/* out: the 8-byte canonical (big-endian) digest, as python-xxhash's
+ * xxh3_64_digest(data) gives (unseeded: the stream's record hash) */
+void FA_XXH3_64_NAME(const void *data, size_t len, unsigned char *out)
+{
+    XXH64_canonical_t c;
+    XXH64_canonicalFromHash(&c, XXH3_64bits(data, len));
     memcpy(out, c.digest, sizeof(c.digest));
 }

@@ -15,6 +15,7 @@ acknowledged before it is committed (group commit: one commit serves every
 fsync that arrived before it started).
 """
 import collections
+import contextlib
 import errno
 import fcntl
 import json
@@ -430,15 +431,21 @@ class Array(RecoveryOps, ShadowOps):
             out.extend(await self._read_locs(pack, [b], [loc]))
         return out
 
-    async def read_into(self, vol: Volume, items) -> None:
+    async def read_into(self, vol: Volume, items, in_thread: bool = False) -> None:
         """Fill each (dst, id) of `items`, dst a memoryview of the block's
         length: from the page cache straight into dst where the pack allows
-        (verified there), the rest through read_blocks in one batch."""
+        (verified there), the rest through read_blocks in one batch.
+        `in_thread`: the page-cache reads run in a worker thread (a big
+        batch, e.g. an export's, while the trio thread goes on)."""
         rest = items
         if vol.source is None:
             pack = vol.pack
-            missed = pack.read_many_into_nowait([(bid, pack.lookup(bid), dst)
-                                                 for dst, bid in items])
+            todo = [(bid, pack.lookup(bid), dst) for dst, bid in items]
+            if in_thread:
+                with self._reading(pack, [loc[0] for _, loc, _ in todo if loc is not None]):
+                    missed = await trio.to_thread.run_sync(pack.read_many_into_nowait, todo)
+            else:
+                missed = pack.read_many_into_nowait(todo)
             rest = [(dst, bid) for bid, _, dst in missed]
         if rest:
             datas = await self.read_blocks(vol, [bid for _, bid in rest])
@@ -469,11 +476,9 @@ class Array(RecoveryOps, ShadowOps):
                 out.append(data)
             else:
                 return out
-        segs = [loc[0] for loc in locs]
-        for s in segs:
-            pack.inflight[s] = pack.inflight.get(s, 0) + 1
         try:
-            return await trio.to_thread.run_sync(_read_many, pack, bids, locs)
+            with self._reading(pack, [loc[0] for loc in locs]):
+                return await trio.to_thread.run_sync(_read_many, pack, bids, locs)
         except ChecksumError as e:
             self.drain_notes()
             msg = f"read error in pack {pack.name}: {e}; the read failed with EIO"
@@ -486,6 +491,16 @@ class Array(RecoveryOps, ShadowOps):
         finally:
             if pack.notes:
                 self.drain_notes()
+
+    @contextlib.contextmanager
+    def _reading(self, pack: Pack, segs):
+        """Segments a worker thread reads: none is closed (retired by GC)
+        until the read is over."""
+        for s in segs:
+            pack.inflight[s] = pack.inflight.get(s, 0) + 1
+        try:
+            yield
+        finally:
             for s in segs:
                 pack.inflight[s] -= 1
                 if not pack.inflight[s]:

@@ -2,7 +2,10 @@
 
 Array-side commands (init, mount, umount) act on directories; every other
 command talks to a mount through its ctl/ files, exactly as a shell script
-would (`exec 3<>ctl/VERB; echo ARGS >&3; cat <&3`).
+would (`exec 3<>ctl/VERB; echo ARGS >&3; cat <&3`). Export and import hand
+the daemon their file's descriptor through its stream socket instead
+(fusearray/streamsock.py), so the stream does not cross FUSE; ctl/export
+and ctl/import are the fallback.
 
 Exit codes: 0 success, 1 the array refused or failed (message on stderr),
 2 usage error.
@@ -12,6 +15,9 @@ import errno
 import json
 import os
 import queue
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -237,13 +243,65 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _stream_total(first: bytes) -> int | None:
-    """The size estimate in a stream's header, for the progress bar."""
-    try:
-        n = int.from_bytes(first[9:13], "little")
-        return json.loads(first[13:13 + n]).get("total_bytes")
-    except (ValueError, IndexError):
+STREAM_XATTR = "user.fusearray.stream_socket"
+PEERCRED = struct.Struct("3i")
+
+
+def stream_socket(mnt: str) -> socket.socket | None:
+    """A connection to the mount's stream socket, or None: the daemon has
+    none, it is in another network namespace, or FUSEARRAY_STREAM_SOCKET=0
+    (then export and import go through ctl/)."""
+    if os.environ.get("FUSEARRAY_STREAM_SOCKET", "1") == "0":
         return None
+    try:
+        name = os.getxattr(os.path.join(mnt, "ctl"), STREAM_XATTR)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(b"\0" + name)
+        _, uid, _ = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    PEERCRED.size))
+        if uid not in (0, os.stat(mnt).st_uid):     # not the daemon: never hand it a file
+            raise OSError(errno.EPERM, "the stream socket is not the array's")
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def stream_call(mnt: str, sock: socket.socket, line: str, fd: int, label: str,
+                total: int | None = None) -> dict:
+    """Send `line` with descriptor `fd` through the stream socket, show the
+    daemon's progress lines, return its reply. The mount is held busy (an
+    open directory) meanwhile, as an open ctl/ file would hold it."""
+    busy = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with sock:
+            sock.sendmsg([(line + "\n").encode()],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            bar = Progress(label, total)
+            reply, rest = None, b""
+            while data := sock.recv(65536):
+                *lines, rest = (rest + data).split(b"\n")
+                for text in lines:
+                    key, _, value = text.decode(errors="replace").partition("=")
+                    if reply is not None or key == "status":
+                        reply = reply or {}
+                        reply[key] = value
+                    elif key == "total":
+                        bar.total = int(value)
+                    elif key == "progress":
+                        bar.add(int(value) - bar.done)
+            bar.close()
+    finally:
+        os.close(busy)
+    if reply is None:
+        raise UserError(f"{line.split()[0]}: the array's daemon went away before the "
+                        "stream ended")
+    if reply.get("status") != "ok":
+        raise UserError(reply.get("message") or "the array refused the stream")
+    return reply
 
 
 def _pump(read, write, on_chunk=None, depth: int = 4) -> None:
@@ -278,6 +336,10 @@ def _pump(read, write, on_chunk=None, depth: int = 4) -> None:
 
 def cmd_export(args) -> int:
     mnt = mountpoint(args)
+    sock = stream_socket(mnt)
+    if sock is not None:
+        return _export_by_socket(args, mnt, sock)
+    from .transport import header_total
     fd = os.open(os.path.join(mnt, "ctl", "export"), os.O_RDWR)
     out = None
     try:
@@ -293,7 +355,7 @@ def cmd_export(args) -> int:
         def progress(chunk):
             nonlocal bar
             if bar is None:
-                bar = Progress(f"export {args.set}", _stream_total(chunk))
+                bar = Progress(f"export {args.set}", header_total(chunk))
             bar.add(len(chunk))
         try:
             _pump(lambda: os.read(fd, 1 << 20), out.write, progress)
@@ -315,6 +377,52 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_by_socket(args, mnt: str, sock) -> int:
+    """The daemon writes the stream to our file or standard output. A file
+    this command created is removed if the export fails."""
+    line = "export " + args.set + (f" base={args.base}" if args.base else "")
+    if args.file == "-":
+        sys.stdout.flush()
+        stream_call(mnt, sock, line, sys.stdout.fileno(), f"export {args.set}")
+        return 0
+    created = not os.path.lexists(args.file)
+    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o666)    # the daemon truncates
+    done = False
+    try:
+        stream_call(mnt, sock, line, fd, f"export {args.set}")
+        os.fsync(fd)
+        done = True
+    finally:
+        os.close(fd)
+        if not done and created:
+            os.unlink(args.file)
+    return 0
+
+
+def _import_by_socket(args, mnt: str, sock, opts: list, start: int) -> int:
+    """The daemon reads the stream from our file or standard input, from
+    `start` bytes past where it stands (a resume)."""
+    fd = sys.stdin.fileno() if args.file == "-" else os.open(args.file, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        total = None
+        if stat.S_ISREG(st.st_mode):
+            pos = os.lseek(fd, start, os.SEEK_CUR)
+            total = max(st.st_size - pos, 0)
+        else:
+            while start > 0:             # a pipe: read past what the array has
+                got = os.read(fd, min(start, 1 << 20))
+                if not got:
+                    break
+                start -= len(got)
+        reply = stream_call(mnt, sock, " ".join(["import"] + opts), fd, "import", total)
+    finally:
+        if args.file != "-":
+            os.close(fd)
+    print(f"imported set {reply['set']} ({reply.get('blocks', '?')} blocks)")
+    return 0
+
+
 def cmd_import(args) -> int:
     mnt = mountpoint(args)
     opts = []
@@ -333,6 +441,9 @@ def cmd_import(args) -> int:
         jid = str(jobs[-1]["id"])
         start = int(read_job(mnt, jid)["stream_offset"])
         opts += ["resume=yes", f"job={jid}"]
+    sock = stream_socket(mnt)
+    if sock is not None:
+        return _import_by_socket(args, mnt, sock, opts, start)
     src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     fd = os.open(os.path.join(mnt, "ctl", "import"), os.O_RDWR)
     try:

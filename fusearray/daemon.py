@@ -113,6 +113,7 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
     import trio
 
     from .fs import Operations, install_fallocate
+    from .streamsock import StreamServer
 
     from .errors import ArrayError
 
@@ -125,6 +126,9 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
             nursery.cancel_scope.cancel()
             return 1
         ops = Operations(array)
+        streams = StreamServer(array)
+        if await nursery.start(streams.serve):
+            ops.stream_socket = streams.name
         opts = set(pyfuse3.default_options)
         opts |= {"fsname=fusearray", "subtype=fusearray", "allow_other"}
         if debug:
@@ -132,6 +136,7 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
         try:
             pyfuse3.init(ops, mnt, opts)
         except RuntimeError as e:
+            await streams.close()
             await array.close()
             ready(f"error: cannot mount {mnt}: {e}")
             nursery.cancel_scope.cancel()
@@ -149,6 +154,7 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
         finally:
             try:
                 with trio.CancelScope(shield=True):
+                    await streams.close()       # its sessions end before the array
                     await array.close()
             finally:
                 pyfuse3.close(unmount=clean)

@@ -19,7 +19,7 @@ import stat
 import pyfuse3
 import trio
 
-from . import ctl, transport
+from . import ctl, streamsock, transport
 from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
@@ -34,8 +34,6 @@ JOB_BASE = 1 << 48
 DIRS = {ROOT: None, LUNS: b"luns", SNAPS: b"snapshots", CTL: b"ctl", JOBS: b"jobs"}
 TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events"}
 XATTR = "user.fusearray."
-
-EXPORT_PREFETCH = 2     # stream batches (64 blocks each) encoded ahead of the reader
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -77,49 +75,14 @@ class CtlHandle:
 
 class ExportHandle:
     """ctl/export: write `SET [base=SET2]`, then read the stream."""
-    __slots__ = ("gen", "pieces", "avail", "reply", "done", "recv", "scope")
+    __slots__ = ("run", "pieces", "avail", "reply", "done")
 
     def __init__(self):
-        self.gen = None
+        self.run = None             # transport.ExportRun once the command is taken
         self.pieces = collections.deque()   # memoryviews of stream bytes not yet read
         self.avail = 0
         self.reply = b""
         self.done = False
-        self.recv = None        # batches from the producer task (prefetch)
-        self.scope = None       # the producer's cancel scope
-
-    async def produce(self, send, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run the stream generator ahead of the reader: the next batches
-        are read and encoded while the reader is busy with the last one
-        (the channel holds EXPORT_PREFETCH of them: bounded memory). An
-        error is passed down the channel to the reader."""
-        with trio.CancelScope() as self.scope:
-            task_status.started()
-            try:
-                async with send:
-                    try:
-                        async for pieces in self.gen:
-                            await send.send(pieces)
-                    except ArrayError as e:
-                        await send.send(e)
-                    except Exception as e:      # a bug: fail this stream, not the mount
-                        log.exception("export stream failed")
-                        await send.send(ArrayError(errno.EIO, f"internal error in the "
-                                                   f"export: {type(e).__name__}: {e}"))
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.gen.aclose()     # unpins the roots
-
-    async def next_batch(self):
-        """The next batch of pieces, or None at the end; raises the
-        producer's error."""
-        try:
-            item = await self.recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return None
-        if isinstance(item, ArrayError):
-            raise item
-        return item
 
     def add(self, pieces) -> None:
         for p in pieces:
@@ -168,11 +131,6 @@ class ImportHandle:
         self.lock = trio.Lock()
 
 
-IMPORT_OPTS = ctl.Verb(None, (0, 0), ("as", "pack", "remap", "resume", "job"),
-                       "[as=SET] [pack=P] [remap=yes] [resume=yes [job=N]]")
-EXPORT_OPTS = ctl.Verb(None, (1, 1), ("base",), "SET [base=SET2]")
-
-
 class TextHandle:
     __slots__ = ("data",)
 
@@ -194,6 +152,7 @@ class Operations(pyfuse3.Operations):
         self.set_inos: dict[str, int] = {}
         self.ino_sets: dict[int, str] = {}
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.stream_socket = None       # its name once streamsock serves
         array.notify = self._invalidate
 
     # ---- inode <-> object ----------------------------------------------------------
@@ -414,14 +373,9 @@ class Operations(pyfuse3.Operations):
     # ---- ctl/export and ctl/import: streams on one descriptor -----------------------
     async def _export_write(self, h, buf) -> int:
         try:
-            if h.gen is not None:
+            if h.run is not None:
                 raise invalid("export: one command per open; the stream is being read")
-            args, opts = ctl.parse(EXPORT_OPTS, "export", bytes(buf).decode().strip())
-            gen = transport.export_stream(self.array, args[0], opts.get("base"))
-            h.add(await gen.__anext__())            # errors surface here
-            h.gen = gen
-            send, h.recv = trio.open_memory_channel(EXPORT_PREFETCH)
-            await self.array._nursery.start(h.produce, send)
+            h.run = await transport.ExportRun.start(self.array, bytes(buf).decode())
         except ArrayError as e:
             h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
             raise
@@ -430,11 +384,11 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     async def _export_read(self, h, size) -> bytes:
-        if h.gen is None:
+        if h.run is None:
             data, h.reply = h.reply, b""
             return data
         while h.avail < size and not h.done:
-            pieces = await h.next_batch()
+            pieces = await h.run.next_batch()
             if pieces is None:
                 h.done = True
             else:
@@ -449,13 +403,7 @@ class Operations(pyfuse3.Operations):
                     line, nl, rest = data.partition(b"\n")
                     if not nl:
                         raise invalid("import: the first line is the command, ended by a newline")
-                    args, opts = ctl.parse(IMPORT_OPTS, "import", line.decode().strip())
-                    if ctl.parse_bool(opts.get("resume", "no"), "resume"):
-                        h.importer = transport.Importer.resume(self.array, opts.get("job"))
-                    else:
-                        h.importer = transport.Importer(
-                            self.array, opts.get("as"), opts.get("pack"),
-                            ctl.parse_bool(opts.get("remap", "no"), "remap"))
+                    h.importer = transport.start_import(self.array, line.decode())
                     data = rest
                 if data:
                     await h.importer.feed(data)
@@ -499,11 +447,8 @@ class Operations(pyfuse3.Operations):
         if type(h) is VolHandle:
             h.vol.open_count -= 1
             self.array.released(h.vol)
-        elif type(h) is ExportHandle and h.gen is not None:
-            if h.scope is not None:
-                h.scope.cancel()        # the producer closes the generator
-            if h.recv is not None:
-                h.recv.close()
+        elif type(h) is ExportHandle and h.run is not None:
+            h.run.close()
         elif type(h) is ImportHandle and h.importer is not None and not h.reply:
             await h.importer.interrupted()
 
@@ -538,6 +483,8 @@ class Operations(pyfuse3.Operations):
 
     # ---- extended attributes -----------------------------------------------------
     def _xattrs(self, inode) -> dict:
+        if inode == CTL and self.stream_socket:
+            return {streamsock.XATTR_NAME.encode(): self.stream_socket.encode()}
         if not VOL_BASE <= inode < SET_BASE:
             return {}
         v = self._vol(inode)

@@ -14,13 +14,14 @@ interrupted transfer resumes from the last checkpoint (`resume=yes`).
 """
 import errno
 import json
+import logging
 import struct
 import time
 
 import trio
 import xxhash
 
-from . import ZERO_ID, maps
+from . import ZERO_ID, ctl, maps
 from .errors import ArrayError, exists, invalid, notfound
 from .jobs import Job
 from .util import InFlight, check_name, human_bytes
@@ -28,11 +29,21 @@ from .util import InFlight, check_name, human_bytes
 MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
 U64 = struct.Struct("<Q")
+log = logging.getLogger("fusearray")
+try:
+    from ._fuseshim import hash64_many as _shim_hash64_many
+except ImportError:         # built without xxhash.h: python-xxhash, GIL held
+    _shim_hash64_many = None
 FORMAT = 2
 EXPORT_BATCH = 64
 IMPORT_BATCH = 16 << 20
 CHECKPOINT_BYTES = 64 << 20
 MAX_RECORD = (1 << 20) + 64
+EXPORT_PREFETCH = 2     # batches encoded ahead of the reader
+
+EXPORT_OPTS = ctl.Verb(None, (1, 1), ("base",), "SET [base=SET2]")
+IMPORT_OPTS = ctl.Verb(None, (0, 0), ("as", "pack", "remap", "resume", "job"),
+                       "[as=SET] [pack=P] [remap=yes] [resume=yes [job=N]]")
 
 
 def _chain(chain: bytes, typ: bytes, *pieces) -> bytes:
@@ -142,6 +153,94 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
         array.unpin(pins)
 
 
+def header_total(first) -> int | None:
+    """The size estimate (`total_bytes`) in a stream's first bytes, for a
+    progress bar; None when they hold no whole header."""
+    try:
+        n = int.from_bytes(first[9:13], "little")
+        total = json.loads(bytes(first[13:13 + n])).get("total_bytes")
+        return total if isinstance(total, int) else None
+    except (ValueError, IndexError, AttributeError):
+        return None
+
+
+class ExportRun:
+    """One export command, its stream run ahead of the reader: the next
+    batches are read and encoded while the reader is busy sending the last
+    (a channel of EXPORT_PREFETCH batches: bounded memory). Shared by
+    ctl/export and the stream socket."""
+
+    def __init__(self, gen, first):
+        self.gen = gen
+        self.first = first          # the header's pieces, read by `start`
+        self.recv = None
+        self.scope = None
+
+    @classmethod
+    async def start(cls, array, line: str) -> "ExportRun":
+        """Parse `SET [base=SET2]` and start the stream; a bad command (or a
+        set that is not there) raises here, before any stream byte."""
+        args, opts = ctl.parse(EXPORT_OPTS, "export", line.strip())
+        gen = export_stream(array, args[0], opts.get("base"))
+        run = cls(gen, await gen.__anext__())
+        send, run.recv = trio.open_memory_channel(EXPORT_PREFETCH)
+        await array._nursery.start(run._produce, send)
+        return run
+
+    @property
+    def total(self) -> int | None:
+        return header_total(self.first[0]) if self.first else None
+
+    async def _produce(self, send, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self.scope:
+            task_status.started()
+            try:
+                async with send:
+                    try:
+                        async for pieces in self.gen:
+                            await send.send(pieces)
+                    except ArrayError as e:
+                        await send.send(e)
+                    except Exception as e:      # a bug: fail this stream, not the mount
+                        log.exception("export stream failed")
+                        await send.send(ArrayError(errno.EIO, f"internal error in the "
+                                                   f"export: {type(e).__name__}: {e}"))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gen.aclose()     # unpins the roots
+
+    async def next_batch(self):
+        """The next batch of pieces, or None at the end; raises the
+        producer's error."""
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        try:
+            item = await self.recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        if isinstance(item, ArrayError):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """The reader went away: stop the producer (it closes the generator)."""
+        if self.scope is not None:
+            self.scope.cancel()
+        if self.recv is not None:
+            self.recv.close()
+
+
+def start_import(array, line: str) -> "Importer":
+    """Parse `[as=SET] [pack=P] [remap=yes] [resume=yes [job=N]]`: a new
+    import, or the interrupted one it resumes."""
+    args, opts = ctl.parse(IMPORT_OPTS, "import", line.strip())
+    if ctl.parse_bool(opts.get("resume", "no"), "resume"):
+        return Importer.resume(array, opts.get("job"))
+    return Importer(array, opts.get("as"), opts.get("pack"),
+                    ctl.parse_bool(opts.get("remap", "no"), "remap"))
+
+
 class BatchBuffer(bytearray):
     """The buffer of one encoded batch. The reader gives it back with
     `recycle` once it has sent its last byte, so a long export reuses a few
@@ -191,10 +290,12 @@ async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
             tmp = memoryview(bytearray(bs))
             reads.append((tmp, bid))
             short.append((mv[data:data + n], tmp[:n]))
-    if reads:
-        await array.read_into(vol, reads)
+    if reads:       # a worker thread reads (and verifies) while the loop goes on
+        await array.read_into(vol, reads, in_thread=True)
     for dst, src in short:
         dst[:] = src
+    datas = [mv[off + REC.size + 16:off + REC.size + 16 + n] for _, _, off, n in layout if n]
+    h64s = iter(await trio.to_thread.run_sync(_hash64_many, datas) if datas else ())
     for bno, bid, off, n in layout:
         if not n:
             REC.pack_into(buf, off, b"Z", U64.size)
@@ -204,11 +305,18 @@ async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
             p = off + REC.size
             REC.pack_into(buf, off, b"B", 16 + n)
             U64.pack_into(buf, p, bno)
-            buf[p + 8:p + 16] = xxhash.xxh3_64_digest(mv[p + 16:p + 16 + n])
+            buf[p + 8:p + 16] = next(h64s)
             enc.chain = _block_chain(enc.chain, mv[p:p + 16])
             enc.blocks += 1
         enc.records += 1
     return [mv]
+
+
+def _hash64_many(datas) -> list:
+    """xxh3_64 digests of the blocks, without the GIL where the shim has XXH3."""
+    if _shim_hash64_many is not None:
+        return _shim_hash64_many(datas)
+    return [xxhash.xxh3_64_digest(d) for d in datas]
 
 
 def _check_header(h) -> dict:
@@ -252,7 +360,8 @@ class Importer:
         self.header = None
         self.vols: list = []
         self.current = None
-        self.pending: list = []       # [(vol, bno, data)]
+        self.pending: list = []       # [(vol, bno, data)]; data None: a zero block
+        self.checks: list = []        # [(index in pending, data as sent, its xxh3_64, offset)]
         self.pending_bytes = 0
         self.job: Job | None = None
         self.finished = False
@@ -387,14 +496,12 @@ class Importer:
         if bno * v.block_size >= v.size:
             raise invalid(f"corrupt stream: block {bno} is past the end of {v.name}")
         data = payload[16:]
-        if xxhash.xxh3_64_digest(data) != payload[8:16]:
-            raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
-                             f"{v.name} (stream offset {self.offset}) does not "
-                             "match its hash")
+        if copy:                # a view of `buf`, which is trimmed after the parse
+            data = bytes(data)
+        # its hash is checked with the batch, in the store's worker thread
+        self.checks.append((len(self.pending), data, bytes(payload[8:16]), self.offset))
         if len(data) < v.block_size:
             data = bytes(data) + bytes(v.block_size - len(data))
-        elif copy:
-            data = bytes(data)
         self.pending.append((v, bno, data))
         self.pending_bytes += len(data)
         self.blocks += 1
@@ -521,24 +628,37 @@ class Importer:
         if not self.pending:
             return
         items, self.pending, n = self.pending, [], self.pending_bytes
+        checks, self.checks = self.checks, []
         self.pending_bytes = 0
         self._since_checkpoint += n
         checkpoint = self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf
         nursery = self.array._nursery
         if not (wait or checkpoint) and nursery is not None:
-            self._storing.start(nursery, self._store, items, n)
+            self._storing.start(nursery, self._store, items, checks, n)
             return
-        await self._store(items, n)
+        await self._store(items, checks, n)
         if checkpoint:
             await self._checkpoint()
 
-    async def _store(self, items, n: int) -> None:
+    async def _store(self, items, checks, n: int) -> None:
+        """Verify the blocks against the stream's hashes, then hash, dedup
+        and append them: one worker call, so the trio thread parses on.
+        Nothing is referenced before this succeeds (a checkpoint or the
+        trailer waits for it), so a damaged block fails the import."""
         from .array import _Collision, _hash_and_store
         a = self.array
-        async with a._lock:     # hash, dedup and append in one worker call
+
+        def work():
+            for (i, _, want, off), got in zip(checks, _hash64_many([c[1] for c in checks])):
+                if got != want:
+                    v, bno, _ = items[i]
+                    raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
+                                     f"{v.name} (stream offset {off}) does not match its "
+                                     "hash")
+            return _hash_and_store(a.hasher, [(v.pack, d) for v, _, d in items], a.verify)
+        async with a._lock:
             try:
-                ids, added = await trio.to_thread.run_sync(
-                    _hash_and_store, a.hasher, [(v.pack, d) for v, _, d in items], a.verify)
+                ids, added = await trio.to_thread.run_sync(work)
             except OSError as e:
                 raise a._append_error(items[0][0].pack, e) from None
             except _Collision as c:

@@ -114,6 +114,13 @@ def test_native_block_ids_match_python_xxhash():
     want = [xxhash.xxh3_128_digest(d, 99) for d in data]
     assert store._hash128_many(data, 99, 1) == want
     assert store._hash128_many(data, 99) == want
+    # the stream's record hashes (transport), both builds, any buffer type
+    from fusearray import transport
+    from fusearray._fuseshim import hash64_many
+    want64 = [xxhash.xxh3_64_digest(d) for d in data]
+    assert hash64_many(data, 1) == hash64_many(data) == want64
+    assert transport._hash64_many([memoryview(d) for d in data]) == want64
+    assert transport._hash64_many([bytearray(d) for d in data]) == want64
 
 
 def test_hasher_keyed_and_zero():

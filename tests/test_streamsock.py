@@ -1,0 +1,211 @@
+"""The stream socket (fusearray/streamsock.py): `fusearray export` and
+`import` hand the daemon their descriptor instead of copying the stream
+through ctl/export and ctl/import.
+
+Covered: the protocol spoken by hand (a pipe's descriptor, the progress and
+reply lines, the same bytes as ctl/export), bad commands (no descriptor,
+another verb, a missing set, an unwritable descriptor, a user who is
+neither root nor the daemon's) refused with an errno, a reply and an event
+and nothing changed; the CLI's two paths (socket, and ctl/ files with
+FUSEARRAY_STREAM_SOCKET=0) giving the same streams and imports; and an
+unmount refused while a socket export is still streaming.
+"""
+import array
+import os
+import socket
+import subprocess
+import threading
+import time
+
+from conftest import PY, run, wait_for
+
+MiB = 1 << 20
+XATTR = "user.fusearray.stream_socket"
+NOBODY = 65534
+
+
+def fa(m, *args, check=True, env=None):
+    return run([PY, "-m", "fusearray", "-m", m.mnt, *map(str, args)], check=check,
+               env={**os.environ, **(env or {})})
+
+
+def connect(m) -> socket.socket:
+    name = os.getxattr(m.path("ctl"), XATTR)
+    assert name.startswith(b"fusearray-") and len(name) == len("fusearray-") + 32, name
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(b"\0" + name)
+    return s
+
+
+def call(m, line: bytes, fd: int | None) -> tuple[dict, list[str]]:
+    """One command by hand; returns the reply and the lines before it."""
+    with connect(m) as s:
+        anc = [] if fd is None else \
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        s.sendmsg([line], anc)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    i = next(i for i, text in enumerate(lines) if text.startswith("status="))
+    return dict(text.split("=", 1) for text in lines[i:]), lines[:i]
+
+
+def make_set(m, name="S", size=24 * MiB):
+    m.ok("create", f"d {size >> 20}M")
+    with open(m.path("luns", "d"), "r+b") as f:
+        f.write(os.urandom(size - 3 * MiB))      # the rest stays zero
+    m.ok("snapshot", f"d set={name}")
+
+
+def ctl_export(m, name: str, path) -> bytes:
+    """The stream read from ctl/export by the shell."""
+    run(["bash", "-c", f"exec 3<>{m.path('ctl', 'export')}; echo {name} >&3; "
+                       f"cat <&3 > {path}; exec 3>&-"])
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_the_protocol_by_hand(mount, tmp_path):
+    m = mount
+    make_set(m)
+    ref = ctl_export(m, "S", tmp_path / "ref.stream")
+    r, w = os.pipe()
+    got = []
+    def drain():
+        with os.fdopen(r, "rb") as f:
+            got.append(f.read())
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        reply, before = call(m, b"export S\n", w)
+    finally:
+        os.close(w)
+        reader.join(timeout=60)
+    assert reply == {"status": "ok", "bytes": str(len(ref))}, reply
+    assert got == [ref]                                  # the daemon wrote the pipe
+    assert before and before[0].startswith("total="), before        # allocated bytes
+    assert 20 * MiB <= int(before[0][6:]) <= 24 * MiB, before
+    assert all(b.startswith(("total=", "progress=")) for b in before), before
+
+    # import it back under another name, from a file's descriptor; first
+    # without remap=yes: refused (the WWNs are taken here), the mount serves on
+    for line, ok in ((b"import as=T\n", False), (b"import as=T remap=yes\n", True)):
+        fd = os.open(tmp_path / "ref.stream", os.O_RDONLY)
+        try:
+            reply, _ = call(m, line, fd)
+        finally:
+            os.close(fd)
+        if not ok:
+            assert reply["status"] == "error" and reply["errno"] == "EEXIST", reply
+            assert "--remap" in reply["message"] and os.listdir(m.path("snapshots")) == ["S"]
+    assert reply["status"] == "ok" and reply["set"] == "T", reply
+    run(["cmp", m.path("snapshots", "S", "d"), m.path("snapshots", "T", "d")])
+
+
+def test_bad_commands_are_refused_with_an_errno_and_change_nothing(mount, tmp_path):
+    m = mount
+    make_set(m, size=4 * MiB)
+    before = m.status()
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    ro = os.open(tmp_path / "out", os.O_RDONLY)
+    try:
+        cases = [(b"export S\n", None, "EINVAL", "exactly one file descriptor"),
+                 (b"export S", out, "EINVAL", "ended by a newline"),
+                 (b"snapshot d\n", out, "EINVAL", "takes export and import"),
+                 (b"export nope\n", out, "ENOENT", "no shadow copy set named 'nope'"),
+                 (b"export S bogus=1\n", out, "EINVAL", "unknown option"),
+                 (b"export S\n", ro, "EINVAL", "export: the output cannot be written"),
+                 (b"import as=bad/name\n", ro, None, None)]
+        for line, fd, errname, text in cases:
+            reply, _ = call(m, line, fd)
+            assert reply["status"] == "error", (line, reply)
+            if errname:
+                assert reply["errno"] == errname and text in reply["message"], (line, reply)
+            assert "Traceback" not in m.events()
+        assert os.path.getsize(tmp_path / "out") == 0
+    finally:
+        os.close(out)
+        os.close(ro)
+    assert "export nope: no shadow copy set named 'nope' [ENOENT]" in m.events()
+    after = m.status()
+    assert after["sets"] == before["sets"] and after["luns"] == before["luns"]
+    assert not [j for j in after["jobs"] if j["kind"] == "import" and j["state"] != "failed"]
+
+
+def test_only_root_and_the_daemons_user_may_use_it(mount, tmp_path):
+    m = mount
+    make_set(m, size=4 * MiB)
+    name = os.getxattr(m.path("ctl"), XATTR).decode()
+    script = f"""
+import array, os, socket
+os.setgid({NOBODY}); os.setuid({NOBODY})
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(b"\\0{name}")
+r, w = os.pipe()
+s.sendmsg([b"export S\\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
+os.close(w)
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode(), end="")
+print("stream bytes", len(os.read(r, 1 << 20)))
+"""
+    py = "/usr/bin/python3"          # the venv may sit in a directory nobody can enter
+    if not os.access(py, os.X_OK):
+        py = PY
+    r = run([py, "-c", script], cwd="/")
+    assert "status=error" in r.stdout and "errno=EACCES" in r.stdout, r.stdout
+    assert "stream bytes 0" in r.stdout, r.stdout
+    assert f"not uid {NOBODY}" in m.events()
+
+
+def test_cli_socket_and_ctl_paths_give_the_same_streams(make_mount, tmp_path):
+    from fusearray import cli
+    a, b = make_mount("a").init().start(), make_mount("b").init().start()
+    make_set(a)
+    sock = cli.stream_socket(a.mnt)
+    assert sock is not None, "the CLI found no stream socket on a fresh mount"
+    sock.close()
+    via_sock, via_ctl = tmp_path / "sock.stream", tmp_path / "ctl.stream"
+    fa(a, "export", "S", via_sock)
+    fa(a, "export", "S", via_ctl, env={"FUSEARRAY_STREAM_SOCKET": "0"})
+    run(["cmp", via_sock, via_ctl])
+    assert os.path.getsize(via_sock) > 21 * MiB
+    fa(b, "import", via_sock, "--as", "A")
+    fa(b, "import", via_ctl, "--as", "B", "--remap", env={"FUSEARRAY_STREAM_SOCKET": "0"})
+    r = run(["bash", "-c", f"{PY} -m fusearray -m {a.mnt} export S - | FUSEARRAY_STREAM_SOCKET=0 "
+                           f"{PY} -m fusearray -m {b.mnt} import - --as C --remap"])
+    assert "imported set C" in r.stdout, r.stdout
+    r = run(["bash", "-c", f"FUSEARRAY_STREAM_SOCKET=0 {PY} -m fusearray -m {a.mnt} export S - "
+                           f"| {PY} -m fusearray -m {b.mnt} import - --as D --remap"])
+    assert "imported set D" in r.stdout, r.stdout
+    for s in "ABCD":
+        run(["cmp", a.path("snapshots", "S", "d"), b.path("snapshots", s, "d")])
+    # a failed export through the socket leaves no file behind
+    r = fa(a, "export", "nope", tmp_path / "nope.stream", check=False)
+    assert r.returncode == 1 and "no shadow copy set named 'nope'" in r.stderr, r
+    assert not os.path.exists(tmp_path / "nope.stream")
+
+
+def test_umount_is_refused_while_a_socket_export_streams(mount, tmp_path):
+    m = mount
+    make_set(m, size=32 * MiB)
+    ref = ctl_export(m, "S", tmp_path / "ref.stream")
+    p = subprocess.Popen([PY, "-m", "fusearray", "-m", m.mnt, "export", "S", "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        first = b""
+        while len(first) < 1 << 16:          # it has started; the pipe fills up again
+            first += p.stdout.read((1 << 16) - len(first))
+        time.sleep(0.3)
+        r = run([PY, "-m", "fusearray", "umount", m.mnt], check=False)
+        assert r.returncode != 0 and os.path.ismount(m.mnt), r
+        rest, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert first + rest == ref
+    wait_for(lambda: m.proc.poll() is None and os.path.ismount(m.mnt), 5, "the mount to stay")
