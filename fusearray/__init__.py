@@ -16,6 +16,8 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
 #: Largest default write-back cache of a mount.
 MAX_DEFAULT_CACHE_SIZE = 4 * 1024 * 1024 * 1024
+#: xattr of a mount's ctl/ naming its stream socket (fusearray/streamsock.py).
+STREAM_SOCKET_XATTR = "user.fusearray.stream_socket"
 #: Format version of an array directory.
 FORMAT_VERSION = 1
 

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from . import default_cache_size
+from . import STREAM_SOCKET_XATTR, default_cache_size
 from .errors import ArrayError
 
 DEFAULT_ARRAY = os.path.join(os.environ.get("XDG_DATA_HOME") or
@@ -243,7 +243,6 @@ class Progress:
             sys.stderr.write("\n")
 
 
-STREAM_XATTR = "user.fusearray.stream_socket"
 PEERCRED = struct.Struct("3i")
 
 
@@ -254,7 +253,7 @@ def stream_socket(mnt: str) -> socket.socket | None:
     if os.environ.get("FUSEARRAY_STREAM_SOCKET", "1") == "0":
         return None
     try:
-        name = os.getxattr(os.path.join(mnt, "ctl"), STREAM_XATTR)
+        name = os.getxattr(os.path.join(mnt, "ctl"), STREAM_SOCKET_XATTR)
     except OSError:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,13 +280,14 @@ def stream_call(mnt: str, sock: socket.socket, line: str, fd: int, label: str,
             sock.sendmsg([(line + "\n").encode()],
                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
             bar = Progress(label, total)
-            reply, rest = None, b""
+            reply, rest = None, b""         # the reply: `status=` and what follows it
             while data := sock.recv(65536):
                 *lines, rest = (rest + data).split(b"\n")
                 for text in lines:
                     key, _, value = text.decode(errors="replace").partition("=")
-                    if reply is not None or key == "status":
-                        reply = reply or {}
+                    if key == "status" and reply is None:
+                        reply = {}
+                    if reply is not None:
                         reply[key] = value
                     elif key == "total":
                         bar.total = int(value)
@@ -399,6 +399,13 @@ def _export_by_socket(args, mnt: str, sock) -> int:
     return 0
 
 
+def _skip(read, n: int) -> None:
+    """Read past the first `n` bytes of a pipe (what a resumed import's
+    array already has)."""
+    while n > 0 and (got := read(min(n, 1 << 20))):
+        n -= len(got)
+
+
 def _import_by_socket(args, mnt: str, sock, opts: list, start: int) -> int:
     """The daemon reads the stream from our file or standard input, from
     `start` bytes past where it stands (a resume)."""
@@ -410,11 +417,7 @@ def _import_by_socket(args, mnt: str, sock, opts: list, start: int) -> int:
             pos = os.lseek(fd, start, os.SEEK_CUR)
             total = max(st.st_size - pos, 0)
         else:
-            while start > 0:             # a pipe: read past what the array has
-                got = os.read(fd, min(start, 1 << 20))
-                if not got:
-                    break
-                start -= len(got)
+            _skip(lambda n: os.read(fd, n), start)
         reply = stream_call(mnt, sock, " ".join(["import"] + opts), fd, "import", total)
     finally:
         if args.file != "-":
@@ -448,12 +451,8 @@ def cmd_import(args) -> int:
     fd = os.open(os.path.join(mnt, "ctl", "import"), os.O_RDWR)
     try:
         if start:
-            if src is sys.stdin.buffer:      # skip what the array already has
-                while start > 0:
-                    got = src.read(min(start, 1 << 20))
-                    if not got:
-                        break
-                    start -= len(got)
+            if src is sys.stdin.buffer:
+                _skip(src.read, start)
             else:
                 src.seek(start)
         failed = None

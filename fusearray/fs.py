@@ -19,7 +19,7 @@ import stat
 import pyfuse3
 import trio
 
-from . import ctl, streamsock, transport
+from . import STREAM_SOCKET_XATTR, ctl, transport
 from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
@@ -484,7 +484,7 @@ class Operations(pyfuse3.Operations):
     # ---- extended attributes -----------------------------------------------------
     def _xattrs(self, inode) -> dict:
         if inode == CTL and self.stream_socket:
-            return {streamsock.XATTR_NAME.encode(): self.stream_socket.encode()}
+            return {STREAM_SOCKET_XATTR.encode(): self.stream_socket.encode()}
         if not VOL_BASE <= inode < SET_BASE:
             return {}
         v = self._vol(inode)

@@ -41,7 +41,6 @@ from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
 
-XATTR_NAME = "user.fusearray.stream_socket"
 MAX_LINE = 4096
 READ_CHUNK = 4 << 20        # import: bytes per read of the source
 READ_AHEAD = 2              # import: chunks read ahead of the parser

@@ -7,11 +7,13 @@ reply lines, the same bytes as ctl/export), bad commands (no descriptor,
 another verb, a missing set, an unwritable descriptor, a user who is
 neither root nor the daemon's) refused with an errno, a reply and an event
 and nothing changed; the CLI's two paths (socket, and ctl/ files with
-FUSEARRAY_STREAM_SOCKET=0) giving the same streams and imports; and an
-unmount refused while a socket export is still streaming.
+FUSEARRAY_STREAM_SOCKET=0) giving the same streams and imports; an
+unmount refused while a socket export is still streaming; a daemon stopped
+(SIGTERM) in the middle of a socket import keeps it for `--resume`.
 """
 import array
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -209,3 +211,45 @@ def test_umount_is_refused_while_a_socket_export_streams(mount, tmp_path):
             p.wait()
     assert first + rest == ref
     wait_for(lambda: m.proc.poll() is None and os.path.ismount(m.mnt), 5, "the mount to stay")
+
+
+def test_a_daemon_stopped_mid_import_keeps_it_for_resume(make_mount, tmp_path):
+    """SIGTERM while a socket import runs: the server ends the session
+    before the array closes, so the import is checkpointed and paused; the
+    CLI says the daemon went away; after a restart `--resume` finishes it."""
+    a, b = make_mount("a").init().start(), make_mount("b").init().start()
+    make_set(a, size=96 * MiB)
+    stream = tmp_path / "S.stream"
+    fa(a, "export", "S", stream)
+    p = subprocess.Popen([PY, "-m", "fusearray", "-m", b.mnt, "import", "-"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with open(stream, "rb") as f:
+            p.stdin.write(f.read(48 * MiB))
+        p.stdin.flush()
+        wait_for(lambda: any(j["kind"] == "import" and j["done_bytes"] >= 16 * MiB
+                             for j in b.status()["jobs"]), 30, "the import to store data")
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(timeout=60) == 0, b.output()
+        b.proc = None
+        p.stdin.close()
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=30) == 1 and "went away" in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+    b.start()
+    job = next(j for j in b.status()["jobs"] if j["kind"] == "import")
+    assert job["state"] == "paused", job
+    with open(b.path("ctl", "jobs", str(job["id"]))) as f:
+        off = int(dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
+                  ["stream_offset"])
+    assert 16 * MiB <= off <= 48 * MiB, off      # checkpointed at the stop, not before
+    assert "Traceback" not in b.output()
+    assert os.listdir(b.path("snapshots")) == []
+    r = fa(b, "import", stream, "--resume")
+    assert "imported set S" in r.stdout, r.stdout
+    run(["cmp", a.path("snapshots", "S", "d"), b.path("snapshots", "S", "d")])
