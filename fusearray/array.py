@@ -1132,15 +1132,23 @@ def _hash_and_store(hasher: Hasher, items, verify: bool):
     """Worker thread, under the array's commit lock: hash each (pack, data),
     append what its pack lacks. Returns (ids, [(pack, id, loc)]) for the
     caller to add to the indexes on the trio thread."""
-    ids = []
+    ids = _block_ids(hasher, [data for _, data in items])
+    return ids, _store_hashed(items, ids, verify)
+
+
+def _block_ids(hasher: Hasher, datas) -> list:
+    """The id of each buffer; ZERO_ID for None (a zero block). Needs no lock."""
+    hashed = iter(hasher.block_ids([d for d in datas if d is not None]))
+    return [ZERO_ID if d is None else next(hashed) for d in datas]
+
+
+def _store_hashed(items, ids, verify: bool) -> list:
+    """Worker thread, under the array's commit lock: append the (pack, data)
+    of `items` whose id (`ids`, in step) their pack lacks; dedup hits are
+    confirmed byte for byte in verify mode. Returns [(pack, id, loc)] for
+    the caller to add to the indexes on the trio thread."""
     new: dict = {}
-    hashed = iter(hasher.block_ids([data for _, data in items if data is not None]))
-    for pack, data in items:
-        if data is None:
-            ids.append(ZERO_ID)
-            continue
-        bid = next(hashed)
-        ids.append(bid)
+    for (pack, data), bid in zip(items, ids):
         if bid == ZERO_ID:
             continue
         recs = new.setdefault(pack, {})
@@ -1163,7 +1171,7 @@ def _hash_and_store(hasher: Hasher, items, verify: bool):
         if records:
             locs = pack.append_blocking(records)
             added.extend((pack, bid, loc) for (bid, _), loc in zip(records, locs))
-    return ids, added
+    return added
 
 
 def _unlink_quietly(path: str) -> None:

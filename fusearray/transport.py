@@ -37,6 +37,7 @@ except ImportError:         # built without xxhash.h: python-xxhash, GIL held
 FORMAT = 2
 EXPORT_BATCH = 64
 IMPORT_BATCH = 16 << 20
+STORE_DEPTH = 2            # import batches in flight: one hashed while one is appended
 CHECKPOINT_BYTES = 64 << 20
 MAX_RECORD = (1 << 20) + 64
 EXPORT_PREFETCH = 2     # batches encoded ahead of the reader
@@ -368,7 +369,11 @@ class Importer:
         self.failed: ArrayError | None = None
         self.resumed = False
         self._since_checkpoint = 0
-        self._storing = InFlight()    # the batch being stored while the next is parsed
+        # batches being verified and hashed (no lock) and stored (in order,
+        # under the array's lock) while the next is parsed
+        self._storing = InFlight(depth=STORE_DEPTH)
+        self.batches = 0              # batches taken from `pending` so far
+        self.stored = 0               # of which stored (in order: one in flight at a time)
 
     # ---- resume ---------------------------------------------------------------------
     @classmethod
@@ -619,46 +624,69 @@ class Importer:
         self.array._dirty_jobs.add(j)
 
     async def _flush_pending(self, wait: bool = False) -> None:
-        """Store the pending blocks. In the background by default, one
-        batch in flight at a time, so that parsing the next 16 MiB of the
-        stream overlaps hashing and appending this one; at once with
-        wait=True or when a checkpoint is due. A background store's error
-        surfaces at the next call (and the import is aborted as before)."""
-        await self._storing.wait()
+        """Store the pending blocks. In the background by default, up to
+        STORE_DEPTH batches in flight, so that parsing the next 16 MiB of
+        the stream overlaps verifying and hashing one batch and appending
+        the one before; at once with wait=True or when a checkpoint is due.
+        A background store's error surfaces at the next call (and the
+        import is aborted as before)."""
+        checkpoint = (self._since_checkpoint + self.pending_bytes >= CHECKPOINT_BYTES
+                      and not self.buf)
+        nursery = self.array._nursery
+        background = not (wait or checkpoint) and nursery is not None
+        if background:
+            await self._storing.room()
+        else:
+            await self._storing.wait()
         if not self.pending:
             return
         items, self.pending, n = self.pending, [], self.pending_bytes
         checks, self.checks = self.checks, []
         self.pending_bytes = 0
         self._since_checkpoint += n
-        checkpoint = self._since_checkpoint >= CHECKPOINT_BYTES and not self.buf
-        nursery = self.array._nursery
-        if not (wait or checkpoint) and nursery is not None:
-            self._storing.start(nursery, self._store, items, checks, n)
+        self.batches += 1
+        if background:
+            self._storing.start(nursery, self._store, items, checks, n, self.batches,
+                                self._storing.last())
             return
-        await self._store(items, checks, n)
+        await self._store(items, checks, n, self.batches, None)
         if checkpoint:
             await self._checkpoint()
 
-    async def _store(self, items, checks, n: int) -> None:
-        """Verify the blocks against the stream's hashes, then hash, dedup
-        and append them: one worker call, so the trio thread parses on.
-        Nothing is referenced before this succeeds (a checkpoint or the
-        trailer waits for it), so a damaged block fails the import."""
-        from .array import _Collision, _hash_and_store
-        a = self.array
+    def holding(self) -> int:
+        """The batch that holds the last block parsed so far: every view
+        of what was fed until now is let go once `stored` reaches it (the
+        caller may then reuse the buffer it fed)."""
+        return self.batches + (1 if self.pending else 0)
 
-        def work():
+    async def _store(self, items, checks, n: int, seq: int, after) -> None:
+        """Verify the blocks against the stream's hashes and compute their
+        ids in a worker thread (no lock: the data is the import's own);
+        then, once the batch before (`after`) is stored, dedup and append
+        them under the array's lock. Nothing is referenced before this
+        succeeds (a checkpoint or the trailer waits for it), so a damaged
+        block fails the import."""
+        from .array import _block_ids, _Collision, _store_hashed
+        a = self.array
+        datas = [d for _, _, d in items]
+
+        def verify_and_hash():
             for (i, _, want, off), got in zip(checks, _hash64_many([c[1] for c in checks])):
                 if got != want:
                     v, bno, _ = items[i]
                     raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
                                      f"{v.name} (stream offset {off}) does not match its "
                                      "hash")
-            return _hash_and_store(a.hasher, [(v.pack, d) for v, _, d in items], a.verify)
+            return _block_ids(a.hasher, datas)
+        ids = await trio.to_thread.run_sync(verify_and_hash)
+        if after is not None:
+            await after.wait()
+            if self.stored != seq - 1:
+                return          # the batch before failed: so does the import
         async with a._lock:
             try:
-                ids, added = await trio.to_thread.run_sync(work)
+                added = await trio.to_thread.run_sync(
+                    _store_hashed, [(v.pack, d) for v, _, d in items], ids, a.verify)
             except OSError as e:
                 raise a._append_error(items[0][0].pack, e) from None
             except _Collision as c:
@@ -668,6 +696,7 @@ class Importer:
                 p.add(bid, loc)
             for (v, bno, _), bid in zip(items, ids):
                 v.overlay[bno] = bid
+        self.stored = seq
         self.job.done_bytes += n
         a._dirty_jobs.add(self.job)
 

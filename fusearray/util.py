@@ -1,5 +1,6 @@
 """Parsing of names and sizes, time formats (DESIGN section 2, 6), and a
-one-step pipeline for the trio thread."""
+small pipeline for the trio thread."""
+import collections
 import re
 import time
 
@@ -66,33 +67,49 @@ def human_bytes(n: float) -> str:
 
 
 class InFlight:
-    """At most one step running in the background while the caller
-    prepares the next (import: store a batch while parsing the next;
+    """Up to `depth` steps running in the background while the caller
+    prepares the next (import: store batches while parsing the next;
     background copy: store a batch while reading the next). A step's error
-    is raised by the next `wait`."""
+    is raised by the next `room` or `wait`."""
 
-    def __init__(self):
-        self._done: trio.Event | None = None
+    def __init__(self, depth: int = 1):
+        self.depth = depth
+        self._running: collections.deque = collections.deque()   # done events, oldest first
         self._error: Exception | None = None
 
     def start(self, nursery, fn, *args) -> None:
-        """Run `await fn(*args)` in `nursery`. Call `wait` first."""
-        done = self._done = trio.Event()
+        """Run `await fn(*args)` in `nursery`. Call `room` (or `wait`) first."""
+        done = trio.Event()
+        self._running.append(done)
 
         async def step() -> None:
             try:
                 await fn(*args)
-            except Exception as e:     # raised to the caller at its next wait
-                self._error = e
+            except Exception as e:     # raised to the caller at its next room/wait
+                if self._error is None:
+                    self._error = e
             finally:
                 done.set()
         nursery.start_soon(step)
 
+    def last(self) -> trio.Event | None:
+        """The end of the newest step in flight (None when none is)."""
+        return self._running[-1] if self._running else None
+
+    async def room(self) -> None:
+        """Until fewer than `depth` steps run; then the error of any that failed."""
+        while self._running and (len(self._running) >= self.depth
+                                 or self._running[0].is_set()):
+            await self._running.popleft().wait()
+        self._raise(True)
+
     async def wait(self, raise_error: bool = True) -> None:
-        """Until the step in flight (if any) has ended; then its error."""
-        if self._done is not None:
-            await self._done.wait()
-            self._done = None
+        """Until every step in flight has ended; then the first error."""
+        while self._running:
+            await self._running.popleft().wait()
+        self._raise(raise_error)
+
+    def _raise(self, raise_error: bool) -> None:
         err, self._error = self._error, None
         if err is not None and raise_error:
             raise err

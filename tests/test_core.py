@@ -657,3 +657,91 @@ def test_native_xor_matches_python():
         for p in parts:
             x ^= int.from_bytes(p, "little")
         assert store._xor(parts) == x.to_bytes(n, "little")
+
+
+async def test_in_flight_depth_two_keeps_two_steps_running():
+    from fusearray.util import InFlight
+    gates = {name: trio.Event() for name in "abc"}
+    ended = []
+
+    async def step(name, fail=False):
+        await gates[name].wait()
+        ended.append(name)
+        if fail:
+            raise ArrayError(errno.EIO, f"{name} failed")
+    f = InFlight(depth=2)
+    async with trio.open_nursery() as n:
+        await f.room()
+        f.start(n, step, "a")
+        await f.room()                        # one running: room for a second at once
+        f.start(n, step, "b", True)
+        assert f.last() is not None and not f.last().is_set()
+        with trio.move_on_after(0.05) as waited:
+            await f.room()                    # two running: waits for the oldest
+        assert waited.cancelled_caught
+        gates["b"].set()
+        await trio.sleep(0.01)
+        assert ended == ["b"]                 # b ended (failed) while a still runs
+        gates["a"].set()
+        with pytest.raises(ArrayError, match="b failed"):
+            await f.room()
+        f.start(n, step, "c")
+        gates["c"].set()
+        await f.wait()
+    assert ended == ["b", "a", "c"] and f.last() is None
+
+
+@pytest.mark.parametrize("premature", [False, True])
+async def test_pooled_import_reuses_a_chunk_only_once_its_blocks_are_stored(
+        tmp_path, monkeypatch, premature):
+    """The stream socket's import parses its read buffers in place and
+    reuses them. Here every buffer that comes back is overwritten at once:
+    the import must still be bit-exact. The control run hands buffers back
+    as soon as they are parsed, and the scribbled blocks fail the import,
+    so this test sees a buffer reused too early."""
+    from fusearray import streamsock, transport
+    monkeypatch.setattr(transport, "IMPORT_BATCH", 256 << 10)    # many batches
+    init_array(str(tmp_path / "a"))
+    init_array(str(tmp_path / "b"))
+    data = os.urandom(8 * MiB)
+
+    class Scribbling(streamsock.ChunkPool):
+        reused = 0
+
+        def _reuse(self, chunk):
+            chunk[:] = b"\xaa" * len(chunk)
+            self.reused += 1
+            super()._reuse(chunk)
+
+    async with trio.open_nursery() as n:
+        a, b = Array(str(tmp_path / "a"), 8 * MiB), Array(str(tmp_path / "b"), 8 * MiB)
+        await a.open(n)
+        await b.open(n)
+        try:
+            lun = await a.create_lun("lun0", "8M")
+            await lun.write(0, data)
+            await a.snapshot(["lun0"], "s1")
+            stream = b"".join([bytes(p) async for batch in transport.export_stream(a, "s1")
+                               for p in batch])
+            imp = transport.start_import(b, "")
+            if premature:
+                imp.holding = lambda: 0
+            pool = Scribbling(100 << 10)      # records straddle the chunks
+            try:
+                for at in range(0, len(stream), pool.size):
+                    chunk = pool.get()
+                    piece = stream[at:at + pool.size]
+                    chunk[:len(piece)] = piece
+                    await pool.feed(imp, chunk, len(piece))
+                await imp.end_of_input()
+            except ArrayError as e:
+                assert premature and "damaged" in e.message, e.message
+                assert "s1" not in b.sets
+            else:
+                assert not premature, "buffers handed back early went unnoticed"
+                assert pool.reused > 50
+                assert await b.shadow("s1/lun0").read(0, 8 * MiB) == data
+        finally:
+            await a.close()
+            await b.close()
+            n.cancel_scope.cancel()
