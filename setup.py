@@ -28,5 +28,5 @@ setup(ext_modules=[Extension(
     sources=sources,
     extra_compile_args=flags + ["-O3", "-Wall"],
     define_macros=macros,
-    libraries=libs + ["dl"],
+    libraries=libs + ["dl", "pthread"],
 )])

@@ -18,6 +18,9 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <fuse_lowlevel.h>
 
@@ -27,6 +30,7 @@ typedef struct fuse_session *(*session_new_t)(struct fuse_args *,
         const struct fuse_lowlevel_ops *, size_t, void *);
 
 static fallocate_cb_t fallocate_cb;
+static struct fuse_session *shim_session;   /* the one pyfuse3 made */
 static struct fuse_lowlevel_ops shim_ops;
 static int shim_installed;
 
@@ -60,7 +64,9 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         shim_ops.fallocate = shim_fallocate;
         shim_installed = 1;
     }
-    return real(args, &shim_ops, sizeof(shim_ops), userdata);
+    struct fuse_session *se = real(args, &shim_ops, sizeof(shim_ops), userdata);
+    shim_session = se;
+    return se;
 }
 
 /*
@@ -126,9 +132,181 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
     CALL_REAL(receive_buf_t, fuse_session_receive_buf, 1, se, buf);
 }
 
+/*
+ * Large read replies from a thread of their own.
+ *
+ * A 1 MiB read reply is a writev to /dev/fuse in which the kernel copies the
+ * data page by page into the request: about 0.3 ms, during which the FUSE
+ * thread (pyfuse3's trio thread) can take no other request. Measured on an
+ * ext4 cold read over a loop device: 60 % of that thread's time, with the
+ * other core half idle. So a reply of REPLY_ASYNC_MIN bytes or more is
+ * copied into one of REPLY_SLOTS buffers (a memcpy is a third of the
+ * writev) and sent by the reply thread; the FUSE thread goes on at once
+ * to the next request. Only when there is one: with nothing else waiting
+ * on /dev/fuse (a reader at queue depth 1) the copy would only add to the
+ * reply's latency, so the reply is sent in place.
+ * The data is what the handler returned, copied before the handler's
+ * buffer is released, so a later write cannot change a reply in flight.
+ * When every slot is busy (or the thread cannot start, or
+ * FUSEARRAY_ASYNC_REPLY=0) the reply is sent in place as before.
+ * fuse_session_unmount/destroy wait for the queue to drain first: the
+ * replies refer to the session.
+ */
+#define REPLY_ASYNC_MIN (256 * 1024)
+#define REPLY_SLOTS 4
+
+struct reply_slot {
+    fuse_req_t req;
+    char *buf;
+    size_t cap, size;
+    int busy;
+};
+
+static struct reply_slot slots[REPLY_SLOTS];
+static int rq_fifo[REPLY_SLOTS];            /* slot indices, oldest first */
+static unsigned rq_head, rq_count;
+static unsigned rq_pending;                  /* queued or being sent */
+static unsigned long long rq_sent;          /* replies the thread has sent */
+static int rq_state;                         /* 0 not started, 1 running, -1 off */
+static pthread_mutex_t rq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t rq_work = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t rq_idle = PTHREAD_COND_INITIALIZER;
+static reply_buf_t rq_real;
+
+static void *reply_thread(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&rq_lock);
+    for (;;) {
+        while (!rq_count)
+            pthread_cond_wait(&rq_work, &rq_lock);
+        struct reply_slot *s = &slots[rq_fifo[rq_head]];
+        rq_head = (rq_head + 1) % REPLY_SLOTS;
+        rq_count--;
+        pthread_mutex_unlock(&rq_lock);
+        rq_real(s->req, s->buf, s->size);   /* an error: the request is gone */
+        pthread_mutex_lock(&rq_lock);
+        s->busy = 0;
+        rq_sent++;
+        if (!--rq_pending)
+            pthread_cond_broadcast(&rq_idle);
+    }
+    return NULL;
+}
+
+/* A free slot with room for `size` bytes, marked busy; NULL: reply in place.
+ * Called with rq_lock held. */
+static struct reply_slot *take_slot(size_t size)
+{
+    if (rq_state == 0) {
+        const char *env = getenv("FUSEARRAY_ASYNC_REPLY");
+        pthread_t t;
+        pthread_attr_t attr;
+        rq_state = -1;
+        if (!(env && env[0] == '0') && pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &attr, reply_thread, NULL) == 0)
+                rq_state = 1;
+            pthread_attr_destroy(&attr);
+        }
+    }
+    if (rq_state != 1)
+        return NULL;
+    for (int i = 0; i < REPLY_SLOTS; i++) {
+        struct reply_slot *s = &slots[i];
+        if (s->busy)
+            continue;
+        if (s->cap < size) {
+            char *b = realloc(s->buf, size);
+            if (!b)
+                return NULL;
+            s->buf = b;
+            s->cap = size;
+        }
+        s->busy = 1;
+        return s;
+    }
+    return NULL;
+}
+
+static void drain_replies(void)
+{
+    pthread_mutex_lock(&rq_lock);
+    while (rq_pending)
+        pthread_cond_wait(&rq_idle, &rq_lock);
+    pthread_mutex_unlock(&rq_lock);
+}
+
+/* Whether another request is waiting to be read from /dev/fuse. */
+static int requests_waiting(void)
+{
+    struct pollfd p;
+    if (!shim_session)
+        return 0;
+    p.fd = fuse_session_fd(shim_session);
+    p.events = POLLIN;
+    p.revents = 0;
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
 int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
 {
+    if (size >= REPLY_ASYNC_MIN && rq_state >= 0 && requests_waiting()) {
+        if (!rq_real && !(rq_real = (reply_buf_t)real_symbol("fuse_reply_buf",
+                                                             (void *)fuse_reply_buf)))
+            return -ENOSYS;
+        pthread_mutex_lock(&rq_lock);
+        struct reply_slot *s = take_slot(size);
+        pthread_mutex_unlock(&rq_lock);
+        if (s) {
+            int gil = holds_gil();
+            PyThreadState *ts = gil ? PyEval_SaveThread() : NULL;
+            memcpy(s->buf, buf, size);
+            s->req = req;
+            s->size = size;
+            pthread_mutex_lock(&rq_lock);
+            rq_fifo[(rq_head + rq_count) % REPLY_SLOTS] = (int)(s - slots);
+            rq_count++;
+            rq_pending++;
+            pthread_cond_signal(&rq_work);
+            pthread_mutex_unlock(&rq_lock);
+            if (ts)
+                PyEval_RestoreThread(ts);
+            return 0;
+        }
+    }
     CALL_REAL(reply_buf_t, fuse_reply_buf, size >= REPLY_NOGIL_MIN, req, buf, size);
+}
+
+/* How many replies the reply thread has sent (logged at unmount). */
+unsigned long long fusearray_async_replies(void)
+{
+    pthread_mutex_lock(&rq_lock);
+    unsigned long long n = rq_sent;
+    pthread_mutex_unlock(&rq_lock);
+    return n;
+}
+
+typedef void (*session_fn_t)(struct fuse_session *);
+
+void fuse_session_unmount(struct fuse_session *se)
+{
+    static session_fn_t real;
+    drain_replies();
+    if (!real && !(real = (session_fn_t)real_symbol("fuse_session_unmount",
+                                                     (void *)fuse_session_unmount)))
+        return;
+    real(se);
+}
+
+void fuse_session_destroy(struct fuse_session *se)
+{
+    static session_fn_t real;
+    drain_replies();
+    if (!real && !(real = (session_fn_t)real_symbol("fuse_session_destroy",
+                                                     (void *)fuse_session_destroy)))
+        return;
+    real(se);
 }
 
 int fuse_reply_write(fuse_req_t req, size_t count)

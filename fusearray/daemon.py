@@ -36,6 +36,7 @@ def load_shim():
         log.warning("cannot load the fallocate shim: %s", e)
         return None
     lib.fusearray_set_fallocate.argtypes = (ctypes.c_void_p,)
+    lib.fusearray_async_replies.restype = ctypes.c_ulonglong
     return lib
 
 
@@ -157,8 +158,11 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
                     await streams.close()       # its sessions end before the array
                     await array.close()
             finally:
-                pyfuse3.close(unmount=clean)
+                pyfuse3.close(unmount=clean)      # the shim sends queued replies first
                 nursery.cancel_scope.cancel()
+    if shim is not None:
+        log.info("%d read replies were sent by the shim's reply thread",
+                 shim.fusearray_async_replies())
     log.info("unmounted %s", mnt)
     return 0
 

@@ -1,6 +1,7 @@
 """Against a real mount (daemon in a subprocess): what users do from a shell."""
 import errno
 import json
+import mmap
 import os
 import random
 import re
@@ -509,3 +510,48 @@ def test_events_survive_sigkill(mount):
     m.start()
     with open(m.path("ctl", "events")) as f:
         assert f.read().count("error delete no-such-lun-4711") == 1
+
+
+@pytest.mark.parametrize("async_replies", ["1", "0"])
+def test_parallel_large_reads_are_answered_from_the_reply_thread(make_mount, monkeypatch,
+                                                                 async_replies):
+    """With several 1 MiB O_DIRECT reads in flight the shim sends their
+    replies from its own thread (_fuseshim.c); every byte must still be the
+    right one. FUSEARRAY_ASYNC_REPLY=0 turns it off (the count shows 0)."""
+    import threading
+    monkeypatch.setenv("FUSEARRAY_ASYNC_REPLY", async_replies)
+    m = make_mount()
+    m.init().start()
+    m.ok("create", "vol 48M")
+    data = os.urandom(48 * MiB)
+    lun = m.path("luns", "vol")
+    with open(lun, "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    bad = []
+
+    def reader(part):
+        fd = os.open(lun, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, MiB)            # page-aligned for O_DIRECT
+        try:
+            for _ in range(3):
+                for off in range(part * 12 * MiB, (part + 1) * 12 * MiB, MiB):
+                    if os.preadv(fd, [buf], off) != MiB or buf[:] != data[off:off + MiB]:
+                        bad.append(off)
+        finally:
+            buf.close()
+            os.close(fd)
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == [], f"wrong data at offsets {bad[:5]}"
+    m.stop()
+    with open(os.path.join(m.array, "daemon.log")) as f:
+        counts = re.findall(r"(\d+) read replies were sent by the shim's reply thread", f.read())
+    assert counts, "the daemon did not log its reply count"
+    if async_replies == "1":
+        assert int(counts[-1]) > 0, "no reply went through the reply thread"
+    else:
+        assert int(counts[-1]) == 0
