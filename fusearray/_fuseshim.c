@@ -289,24 +289,26 @@ unsigned long long fusearray_async_replies(void)
 
 typedef void (*session_fn_t)(struct fuse_session *);
 
+/* Send the queued replies, then call libfuse's `name` (cached in *real). */
+static void drain_then(session_fn_t *real, const char *name, void *self,
+                       struct fuse_session *se)
+{
+    drain_replies();
+    if (!*real && !(*real = (session_fn_t)real_symbol(name, self)))
+        return;
+    (*real)(se);
+}
+
 void fuse_session_unmount(struct fuse_session *se)
 {
     static session_fn_t real;
-    drain_replies();
-    if (!real && !(real = (session_fn_t)real_symbol("fuse_session_unmount",
-                                                     (void *)fuse_session_unmount)))
-        return;
-    real(se);
+    drain_then(&real, "fuse_session_unmount", (void *)fuse_session_unmount, se);
 }
 
 void fuse_session_destroy(struct fuse_session *se)
 {
     static session_fn_t real;
-    drain_replies();
-    if (!real && !(real = (session_fn_t)real_symbol("fuse_session_destroy",
-                                                     (void *)fuse_session_destroy)))
-        return;
-    real(se);
+    drain_then(&real, "fuse_session_destroy", (void *)fuse_session_destroy, se);
 }
 
 int fuse_reply_write(fuse_req_t req, size_t count)
