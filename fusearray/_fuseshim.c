@@ -21,7 +21,12 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <fuse_lowlevel.h>
 
 typedef void (*fallocate_cb_t)(fuse_req_t req, fuse_ino_t ino, int mode,
@@ -249,33 +254,160 @@ static int requests_waiting(void)
     return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
 }
 
-int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+/* Hand a large reply to the reply thread when another request waits: the
+ * data (`n` buffers, `size` bytes in all) is gathered into a free slot.
+ * 1: queued; 0: send it in place. */
+static int queue_reply(fuse_req_t req, const struct iovec *iov, int n, size_t size)
 {
-    if (size >= REPLY_ASYNC_MIN && rq_state >= 0 && requests_waiting()) {
-        if (!rq_real && !(rq_real = (reply_buf_t)real_symbol("fuse_reply_buf",
-                                                             (void *)fuse_reply_buf)))
-            return -ENOSYS;
-        pthread_mutex_lock(&rq_lock);
-        struct reply_slot *s = take_slot(size);
-        pthread_mutex_unlock(&rq_lock);
-        if (s) {
-            int gil = holds_gil();
-            PyThreadState *ts = gil ? PyEval_SaveThread() : NULL;
-            memcpy(s->buf, buf, size);
-            s->req = req;
-            s->size = size;
-            pthread_mutex_lock(&rq_lock);
-            rq_fifo[(rq_head + rq_count) % REPLY_SLOTS] = (int)(s - slots);
-            rq_count++;
-            rq_pending++;
-            pthread_cond_signal(&rq_work);
-            pthread_mutex_unlock(&rq_lock);
-            if (ts)
-                PyEval_RestoreThread(ts);
-            return 0;
+    if (size < REPLY_ASYNC_MIN || rq_state < 0 || !requests_waiting())
+        return 0;
+    if (!rq_real && !(rq_real = (reply_buf_t)real_symbol("fuse_reply_buf",
+                                                         (void *)fuse_reply_buf)))
+        return 0;
+    pthread_mutex_lock(&rq_lock);
+    struct reply_slot *s = take_slot(size);
+    pthread_mutex_unlock(&rq_lock);
+    if (!s)
+        return 0;
+    int gil = holds_gil();
+    PyThreadState *ts = gil ? PyEval_SaveThread() : NULL;
+    char *p = s->buf;
+    for (int i = 0; i < n; i++) {
+        memcpy(p, iov[i].iov_base, iov[i].iov_len);
+        p += iov[i].iov_len;
+    }
+    s->req = req;
+    s->size = size;
+    pthread_mutex_lock(&rq_lock);
+    rq_fifo[(rq_head + rq_count) % REPLY_SLOTS] = (int)(s - slots);
+    rq_count++;
+    rq_pending++;
+    pthread_cond_signal(&rq_work);
+    pthread_mutex_unlock(&rq_lock);
+    if (ts)
+        PyEval_RestoreThread(ts);
+    return 1;
+}
+
+/*
+ * Read replies gathered from several buffers.
+ *
+ * A multi-block read is a list of buffers: blocks verified where they lie
+ * in the store's mapped segment files, copies of cached blocks, zeros.
+ * Joining them would copy every byte once more before the reply's own
+ * copy into the reader's pages. reply_plan(buffers) instead keeps the
+ * buffers (Py_buffer, so they stay alive and unchanged in size) and returns
+ * a read-only memoryview of the same length over `plan_marker`, which the
+ * handler returns to pyfuse3. pyfuse3 passes that pointer to
+ * fuse_reply_buf() at once, in the same thread, before any other task runs;
+ * the interposer below recognises it and sends the plan with
+ * fuse_reply_iov() (or gathers it into a reply slot). The marker is a
+ * PROT_NONE reservation: if its pointer ever reached the kernel by any
+ * other way, the reply would fail with EFAULT rather than carry zeros.
+ * Only pyfuse3's FUSE thread makes and sends plans, so they need no lock.
+ */
+#define PLAN_MAX 512
+#define PLAN_MARKER_SIZE ((size_t)64 << 20)
+
+static char *plan_marker;
+static Py_buffer plan_bufs[PLAN_MAX];
+static struct iovec plan_iov[PLAN_MAX];
+static int plan_n;              /* buffers held */
+static size_t plan_total;
+static int plan_armed;          /* made and not yet sent */
+static unsigned long long plan_sent;
+
+/* Let go of the plan's buffers (needs the GIL). */
+static void plan_release(void)
+{
+    for (int i = 0; i < plan_n; i++)
+        PyBuffer_Release(&plan_bufs[i]);
+    plan_n = 0;
+    plan_armed = 0;
+}
+
+static int reply_planned(fuse_req_t req, size_t size)
+{
+    int res;
+    if (!plan_armed || size != plan_total) {
+        res = fuse_reply_err(req, EIO);     /* cannot happen: never send the marker */
+    } else {
+        plan_armed = 0;
+        plan_sent++;
+        if (queue_reply(req, plan_iov, plan_n, size)) {
+            res = 0;
+        } else if (size >= REPLY_NOGIL_MIN && holds_gil()) {
+            Py_BEGIN_ALLOW_THREADS
+            res = fuse_reply_iov(req, plan_iov, plan_n);
+            Py_END_ALLOW_THREADS
+        } else {
+            res = fuse_reply_iov(req, plan_iov, plan_n);
         }
     }
+    if (holds_gil())
+        plan_release();
+    return res;
+}
+
+int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+{
+    if (plan_marker && buf == plan_marker)
+        return reply_planned(req, size);
+    struct iovec one = {(void *)buf, size};
+    if (queue_reply(req, &one, 1, size))
+        return 0;
     CALL_REAL(reply_buf_t, fuse_reply_buf, size >= REPLY_NOGIL_MIN, req, buf, size);
+}
+
+/* reply_plan(buffers) -> memoryview, or None (the shim is not interposed,
+ * too many buffers or bytes: join them instead). See above. */
+static PyObject *reply_plan(PyObject *self, PyObject *seq)
+{
+    plan_release();
+    if (!shim_installed)
+        Py_RETURN_NONE;
+    if (!plan_marker) {
+        void *m = mmap(NULL, PLAN_MARKER_SIZE, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED)
+            Py_RETURN_NONE;
+        plan_marker = m;
+    }
+    PyObject *fast = PySequence_Fast(seq, "a sequence of buffers");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    size_t total = 0;
+    if (n > PLAN_MAX) {
+        Py_DECREF(fast);
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &plan_bufs[i],
+                               PyBUF_SIMPLE) < 0) {
+            Py_DECREF(fast);
+            plan_release();
+            return NULL;
+        }
+        plan_n = (int)i + 1;
+        plan_iov[i].iov_base = plan_bufs[i].buf;
+        plan_iov[i].iov_len = (size_t)plan_bufs[i].len;
+        total += (size_t)plan_bufs[i].len;
+    }
+    Py_DECREF(fast);
+    if (total > PLAN_MARKER_SIZE) {
+        plan_release();
+        Py_RETURN_NONE;
+    }
+    plan_total = total;
+    plan_armed = 1;
+    return PyMemoryView_FromMemory(plan_marker, (Py_ssize_t)total, PyBUF_READ);
+}
+
+/* How many replies were sent from plans (logged at unmount). */
+unsigned long long fusearray_planned_replies(void)
+{
+    return plan_sent;
 }
 
 /* How many replies the reply thread has sent (logged at unmount). */
@@ -465,6 +597,161 @@ static PyObject *hash64_many(PyObject *self, PyObject *args)
         return NULL;
     return hash_many(seq, 0, 8, build == 1);
 }
+
+/*
+ * Verifying blocks in place in mapped segment files.
+ *
+ * The store maps its segment files read-only and checks each block's hash
+ * where it lies, so a read needs no copy before the reply's. A mapped file
+ * that shrank under us (a disk's file truncated from outside) raises
+ * SIGBUS on the first touch past its end, which would kill the daemon. So
+ * the hashing runs under a guard: a SIGBUS in it jumps back here and the
+ * block counts as failed (the caller reads it the ordinary way, which
+ * reports and heals). A SIGBUS anywhere else goes to the handler that was
+ * there before, or kills the process as it would have.
+ */
+static __thread sigjmp_buf *bus_guard __attribute__((tls_model("initial-exec")));
+static struct sigaction bus_prev;
+static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
+static int bus_ok;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *jb = bus_guard;
+    if (jb) {
+        bus_guard = NULL;
+        siglongjmp(*jb, 1);
+    }
+    if ((bus_prev.sa_flags & SA_SIGINFO) && bus_prev.sa_sigaction) {
+        bus_prev.sa_sigaction(sig, si, uc);
+    } else if (bus_prev.sa_handler != SIG_DFL && bus_prev.sa_handler != SIG_IGN) {
+        bus_prev.sa_handler(sig);
+    } else {
+        signal(SIGBUS, SIG_DFL);    /* the fault repeats on return and kills us */
+    }
+}
+
+static void bus_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    bus_ok = sigaction(SIGBUS, &sa, &bus_prev) == 0;
+}
+
+/* Are all pages under [p, p+n) in memory (mincore)? */
+static int resident(const void *p, size_t n)
+{
+    static long page;
+    unsigned char vec[256];
+    if (!page)
+        page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), end = (uintptr_t)p + n;
+    while (a < end) {
+        size_t pages = (end - a + page - 1) / page;
+        if (pages > sizeof(vec))
+            pages = sizeof(vec);
+        if (mincore((void *)a, pages * page, vec) != 0)
+            return 0;
+        for (size_t i = 0; i < pages; i++)
+            if (!(vec[i] & 1))
+                return 0;
+        a += pages * page;
+    }
+    return 1;
+}
+
+/* Hash views[i] and compare with ids[i] for each i from *next on, setting
+ * bad[i]; a SIGBUS marks the block it hit and goes on with the next. */
+static void verify_guarded(Py_buffer *views, Py_buffer *ids, Py_ssize_t n,
+                           unsigned long long seed, int check_resident, char *bad)
+{
+    xxh3_128_fn h128 = xxh3_128();
+    sigjmp_buf jb;
+    volatile Py_ssize_t i = 0;
+    unsigned char out[16];
+    if (sigsetjmp(jb, 1)) {
+        bad[i] = 1;     /* the block that faulted */
+        i++;
+    }
+    for (; i < n; i++) {
+        if (check_resident && !resident(views[i].buf, (size_t)views[i].len)) {
+            bad[i] = 1;
+            continue;
+        }
+        bus_guard = &jb;
+        h128(views[i].buf, (size_t)views[i].len, seed, out);
+        bus_guard = NULL;
+        bad[i] = ids[i].len != 16 || memcmp(out, ids[i].buf, 16) != 0;
+    }
+}
+
+/* verify_mapped(views, ids, seed, check_resident) -> [indexes that failed]:
+ * each view (of a mapped file) hashed under the SIGBUS guard and compared
+ * with its id; with check_resident, a view whose pages are not all in
+ * memory fails without being touched (a page fault there would wait for
+ * the disk on the event loop). */
+static PyObject *verify_mapped(PyObject *self, PyObject *args)
+{
+    PyObject *vseq, *iseq, *result = NULL;
+    unsigned long long seed;
+    int check_resident;
+    if (!PyArg_ParseTuple(args, "OOKp", &vseq, &iseq, &seed, &check_resident))
+        return NULL;
+    pthread_once(&bus_once, bus_install);
+    if (!bus_ok) {
+        PyErr_SetString(PyExc_OSError, "verify_mapped: cannot install a SIGBUS handler");
+        return NULL;
+    }
+    PyObject *vf = PySequence_Fast(vseq, "a sequence of buffers");
+    PyObject *idf = vf ? PySequence_Fast(iseq, "a sequence of ids") : NULL;
+    Py_ssize_t n = vf ? PySequence_Fast_GET_SIZE(vf) : 0, got = 0;
+    Py_buffer *bufs = NULL;
+    char *bad = NULL;
+    if (!idf)
+        goto done;
+    if (PySequence_Fast_GET_SIZE(idf) != n) {
+        PyErr_SetString(PyExc_ValueError, "verify_mapped: as many ids as views");
+        goto done;
+    }
+    bufs = PyMem_Calloc(2 * (n ? n : 1), sizeof(Py_buffer));
+    bad = PyMem_Calloc(n ? n : 1, 1);
+    if (!bufs || !bad) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(vf, got), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(idf, got), &bufs[n + got],
+                               PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&bufs[got]);
+            goto done;
+        }
+    }
+    verify_guarded(bufs, bufs + n, n, seed, check_resident, bad);
+    result = PyList_New(0);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        if (!bad[i])
+            continue;
+        PyObject *x = PyLong_FromSsize_t(i);
+        if (!x || PyList_Append(result, x) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(x);
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++) {
+        PyBuffer_Release(&bufs[i]);
+        PyBuffer_Release(&bufs[n + i]);
+    }
+    PyMem_Free(bufs);
+    PyMem_Free(bad);
+    Py_XDECREF(vf);
+    Py_XDECREF(idf);
+    return result;
+}
 #endif
 
 static PyMethodDef shim_methods[] = {
@@ -475,7 +762,11 @@ static PyMethodDef shim_methods[] = {
     {"hash64_many", hash64_many, METH_VARARGS,
      "XXH3-64 digests of buffers, GIL released"},
     {"xxh3_build", xxh3_build, METH_NOARGS, "the XXH3 build in use: avx2 or generic"},
+    {"verify_mapped", verify_mapped, METH_VARARGS,
+     "check blocks' ids where they lie in mapped files, SIGBUS-guarded"},
 #endif
+    {"reply_plan", reply_plan, METH_O,
+     "a read reply gathered from buffers: return the memoryview it gives"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -431,6 +431,15 @@ class Array(RecoveryOps, ShadowOps):
             out.extend(await self._read_locs(pack, [b], [loc]))
         return out
 
+    def mapped_blocks(self, vol: Volume, bids: list) -> list:
+        """Views of the blocks `bids` of `vol` where they lie in the pack's
+        mapped segment files, verified there, or None for each the pack
+        cannot serve so (see Pack.mapped_blocks); no I/O wait, no copy."""
+        if vol.source is not None:
+            return [None] * len(bids)
+        pack = vol.pack
+        return pack.mapped_blocks(bids, [pack.lookup(b) for b in bids])
+
     async def read_into(self, vol: Volume, items, in_thread: bool = False) -> None:
         """Fill each (dst, id) of `items`, dst a memoryview of the block's
         length: from the page cache straight into dst where the pack allows

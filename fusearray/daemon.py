@@ -37,6 +37,7 @@ def load_shim():
         return None
     lib.fusearray_set_fallocate.argtypes = (ctypes.c_void_p,)
     lib.fusearray_async_replies.restype = ctypes.c_ulonglong
+    lib.fusearray_planned_replies.restype = ctypes.c_ulonglong
     return lib
 
 
@@ -163,6 +164,8 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
     if shim is not None:
         log.info("%d read replies were sent by the shim's reply thread",
                  shim.fusearray_async_replies())
+        log.info("%d read replies were gathered from several buffers",
+                 shim.fusearray_planned_replies())
     log.info("unmounted %s", mnt)
     return 0
 

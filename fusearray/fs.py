@@ -24,6 +24,11 @@ from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
 
+try:
+    from ._fuseshim import reply_plan as _reply_plan
+except ImportError:         # the extension is not built: join the parts
+    _reply_plan = None
+
 ROOT = pyfuse3.ROOT_INODE
 LUNS, SNAPS, CTL, JOBS = 2, 3, 4, 5
 STATUS, STATUS_JSON, EVENTS = 10, 11, 12
@@ -55,6 +60,16 @@ def guarded(fn):
                              f"{type(e).__name__}: {e} (request failed with EIO)")
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
+
+
+def _reply(parts):
+    """The read reply for a list of buffers: the one buffer, or the shim's
+    gathered reply (sent straight from the buffers, see reply_plan in
+    _fuseshim.c), or else the buffers joined."""
+    if len(parts) == 1:
+        return parts[0]
+    plan = _reply_plan(parts) if _reply_plan is not None else None
+    return plan if plan is not None else b"".join(parts)
 
 
 class VolHandle:
@@ -331,7 +346,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if type(h) is VolHandle:
             data = h.vol.read_cached(off, size)
-            return data if data is not None else await h.vol.read(off, size)
+            return data if data is not None else _reply(await h.vol.read_parts(off, size))
         if type(h) is CtlHandle:
             data = h.reply[h.pos:h.pos + size]
             h.pos += len(data)

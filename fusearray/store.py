@@ -25,6 +25,7 @@ after the last commit is unreferenced garbage, removed at the next open.
 import bisect
 import errno
 import json
+import mmap
 import os
 import struct
 import threading
@@ -43,6 +44,7 @@ LABEL = "fusearray-disk.json"
 _IOV_MAX = 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 CHUNK = 64 << 10          # raid5 stripe unit
+MAPS_MAX = 64             # segment files kept mapped for reads
 ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
 
 
@@ -52,8 +54,9 @@ except ImportError:          # the extension is not built: pure Python
     _xor_into = None
 try:
     from ._fuseshim import hash128_many as _hash128_many
+    from ._fuseshim import verify_mapped as _verify_mapped
 except ImportError:          # built without libxxhash-dev: python-xxhash, GIL held
-    _hash128_many = None
+    _hash128_many = _verify_mapped = None      # and no reads from mapped files
 
 
 _SCRATCH = threading.local()
@@ -269,6 +272,9 @@ class Pack:
         self.retired: set[int] = set()       # deleted, fds closed when idle
         # file state (appender thread + readers)
         self.fds: dict[tuple[int, int], int] = {}            # (disk idx, seg) -> fd
+        # (disk idx, seg) -> (fd, read-only map of the file, on tmpfs/ramfs): see mapped_blocks
+        self._maps: dict[tuple[int, int], tuple[int, memoryview, bool]] = {}
+        self._mem_paths: dict[str, bool] = {}
         self._lock = threading.Lock()        # fd table
         self.active_seq = 0
         self.active_tail = 0
@@ -362,7 +368,7 @@ class Pack:
         with self._lock:
             for key in [k for k in self.fds if k[0] == d.idx]:
                 try:
-                    os.close(self.fds.pop(key))
+                    os.close(self._pop_fd(key))
                 except OSError:
                     pass
         what = {"degraded": "data is still readable (redundancy lost)",
@@ -433,7 +439,7 @@ class Pack:
                           f"`recover {self.name}`")
                 with self._lock:
                     for key in [k for k in self.fds if k[0] == d.idx]:
-                        os.close(self.fds.pop(key))
+                        os.close(self._pop_fd(key))
         self.refresh_space_blocking()
         cap = self.capacity_bytes()
         if cap:   # small packs get small segments, so garbage frees space sooner
@@ -449,6 +455,7 @@ class Pack:
             for fd in self.fds.values():
                 os.close(fd)
             self.fds.clear()
+            self._maps.clear()
 
     # ---- geometry (raid5) ------------------------------------------------
     def _pieces(self, off: int, n: int):
@@ -526,7 +533,7 @@ class Pack:
         for s in range(seq + 1, self.active_seq + 1):     # segments this call made
             for d in self.disks:
                 with self._lock:
-                    fd = self.fds.pop((d.idx, s), None)
+                    fd = self._pop_fd((d.idx, s), None)
                 if fd is not None:
                     os.close(fd)
                 try:
@@ -811,6 +818,75 @@ class Pack:
                 return False
         return self._verified(bid, dst)
 
+    def mapped_blocks(self, bids, locs) -> list:
+        """Views of blocks where they lie in the segment files, mapped
+        read-only, each verified against its id there; None for a block
+        that cannot be served so (raid5, no online disk, not in the page
+        cache, a bad hash: the caller reads it the ordinary way, which
+        heals). The reply is then the only copy of the data. The views keep
+        their mapping alive; a file that shrinks under a view cannot crash
+        the daemon (the check is SIGBUS-guarded, see _fuseshim.c)."""
+        out = [None] * len(bids)
+        if _verify_mapped is None or self._nowait is None or self.layout == "raid5":
+            return out
+        di = self._first_online()
+        if di is None:
+            return out
+        idx, views, on_disk = [], [], False
+        for i, loc in enumerate(locs):
+            m = self._mapping(di, loc[0], loc[1] + loc[2]) if loc is not None else None
+            if m is not None:
+                idx.append(i)
+                views.append(m[1][loc[1]:loc[1] + loc[2]])
+                on_disk = on_disk or not m[2]
+        if not views:
+            return out
+        try:
+            bad = set(_verify_mapped(views, [bids[i] for i in idx], self.hasher.seed, on_disk))
+        except OSError:
+            return out
+        for k, i in enumerate(idx):
+            if k not in bad:
+                out[i] = views[k]
+        return out
+
+    def _mapping(self, di: int, seq: int, end: int):
+        """(fd, view, in memory) of disk `di`'s file of segment `seq`,
+        mapped up to at least `end`, or None. A growing file is mapped
+        again when a read goes past the old map. Mappings go with their fd
+        (_pop_fd); at most MAPS_MAX are kept, each holding a duplicate fd."""
+        key = (di, seq)
+        fd = self.fds.get(key) if self.disks[di].state == "online" else None
+        if fd is None:
+            return None
+        m = self._maps.get(key)
+        if m is not None and m[0] == fd and len(m[1]) >= end:
+            return m
+        try:
+            size = os.fstat(fd).st_size
+            if size < end:
+                return None
+            mv = memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+        except (OSError, ValueError):
+            return None
+        path = self.disks[di].path
+        mem = self._mem_paths.get(path)
+        if mem is None:
+            mem = self._mem_paths[path] = _in_memory(path)
+        with self._lock:                # the fd table's lock: closers hold it
+            if self.fds.get(key) != fd:     # closed (and maybe reused) meanwhile
+                return None
+            self._maps.pop(key, None)
+            while len(self._maps) >= MAPS_MAX:
+                self._maps.pop(next(iter(self._maps)))
+            m = self._maps[key] = (fd, mv, mem)
+        return m
+
+    def _pop_fd(self, key, *default):
+        """Take `key`'s fd out of the table (to close it), with its mapping."""
+        self._maps.pop(key, None)
+        return self.fds.pop(key, *default)
+
     def _first_online(self) -> int | None:
         return next((d.idx for d in self.disks if d.state == "online"), None)
 
@@ -849,7 +925,7 @@ class Pack:
 
     def close_segment_blocking(self, seq: int) -> None:
         with self._lock:
-            fds = [self.fds.pop(k) for k in [k for k in self.fds if k[1] == seq]]
+            fds = [self._pop_fd(k) for k in [k for k in self.fds if k[1] == seq]]
         for fd in fds:
             os.close(fd)
 

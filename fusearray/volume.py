@@ -206,6 +206,7 @@ class Volume:
         self.deleted = False
         self.frozen: trio.Event | None = None   # set while a snapshot is taken
         self._zeros = bytes(self.block_size)
+        self._zview = memoryview(self._zeros)
 
     def row(self) -> dict:
         return {"vid": self.vid, "name": self.name, "kind": self.kind,
@@ -276,63 +277,73 @@ class Volume:
         lo = off - bno * bs
         return self._zeros[:size] if e.buf is None else e.buf[lo:lo + size]
 
-    async def read(self, off: int, size: int):
-        """Bytes at [off, off+size), clipped at the end. A read of several
-        blocks returns a view of a pooled buffer: use it before the next
-        await (the FUSE reply does; nothing else calls this)."""
+    async def read(self, off: int, size: int) -> bytes:
+        """Bytes at [off, off+size), clipped at the end."""
+        parts = await self.read_parts(off, size)
+        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+
+    async def read_parts(self, off: int, size: int) -> list:
+        """The bytes at [off, off+size), clipped at the end, as a list of
+        buffers in order, for the FUSE reply to gather (fs.py). Whole blocks
+        that miss the cache are views of the store's mapped segment files,
+        verified where they lie (no copy at all before the reply's); the
+        rest are copies (cache hits, zeros) or blocks read into a pooled
+        buffer. Use them before the next await: the pooled buffer is
+        reused by the next read. Large reads do not fill the cache: they are
+        streaming reads, and the pack's page cache serves them again as
+        cheaply. Partial end blocks go through the cache, so small reads
+        around them stay fast."""
         if off >= self.size or size <= 0:
-            return b""
+            return [b""]
         end = min(off + size, self.size)
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
         if first == last:
             blocks = await self._blocks((first,))
-            return bytes(blocks[0][off - first * bs:end - first * bs])
-        return await self._read_span(off, end, first, last)
-
-    async def _read_span(self, off: int, end: int, first: int, last: int):
-        """A read of several blocks, assembled in one (pooled) buffer:
-        whole blocks that miss the cache are read straight into it and
-        verified there (one copy from the store, none to join), and are not
-        cached: large reads are streaming reads, and the pack's page cache
-        serves them again as cheaply. Partial end blocks go through the
-        cache, so small reads around them stay fast."""
-        bs = self.block_size
+            return [bytes(blocks[0][off - first * bs:end - first * bs])]
         cache = self.array.cache
-        out = _take_buffer(end - off)
-        mv = memoryview(out)[:end - off]
-        direct = []
+        parts: list = []
+        direct = []                     # (index in parts, id) of whole blocks to read
         ids = self.current_ids_nowait(first, last)   # valid until the first await
         awaited = False
         for bno in range(first, last + 1):
             base = bno * bs
             lo, hi = max(off, base), min(end, base + bs)
-            dst = mv[lo - off:hi - off]
             e = self.cache.get(bno)
             if e is None and hi - lo < bs:
                 data = (await self._blocks((bno,)))[0]
                 awaited = True
-                dst[:] = memoryview(data)[lo - base:hi - base]
+                parts.append(bytes(memoryview(data)[lo - base:hi - base]))
                 continue
             if e is not None:
-                cache.touch(e)
-                if e.buf is None:
-                    dst[:] = self._zeros[:hi - lo]
-                else:
-                    dst[:] = memoryview(e.buf)[lo - base:hi - base]
+                cache.touch(e)      # a copy: the entry may change at the next await
+                parts.append(self._zview[:hi - lo] if e.buf is None
+                             else bytes(memoryview(e.buf)[lo - base:hi - base]))
                 continue
             bid = ids[bno - first] if not awaited else self.current_id_nowait(bno)
             if bid is None:
                 bid = await self.current_id(bno)
                 awaited = True
             if bid == ZERO_ID:
-                dst[:] = self._zeros[:hi - lo]
+                parts.append(self._zview[:hi - lo])
             else:
-                direct.append((dst, bid))
+                direct.append((len(parts), bid))
+                parts.append(None)
         if direct:
-            await self.array.read_into(self, direct)
-        _give_buffer(out)      # reused only after pyfuse3 has sent this reply
-        return mv
+            views = self.array.mapped_blocks(self, [bid for _, bid in direct])
+            rest = [(i, bid) for (i, bid), v in zip(direct, views) if v is None]
+            for (i, _), v in zip(direct, views):
+                parts[i] = v
+            if rest:
+                out = _take_buffer(len(rest) * bs)
+                mv = memoryview(out)
+                items = []
+                for k, (i, bid) in enumerate(rest):
+                    parts[i] = mv[k * bs:(k + 1) * bs]
+                    items.append((parts[i], bid))
+                await self.array.read_into(self, items)
+                _give_buffer(out)      # reused only after pyfuse3 has sent this reply
+        return parts
 
     async def _blocks(self, bnos) -> list:
         cache = self.array.cache

@@ -47,6 +47,45 @@ def test_store_append_read_verify(tmp_path):
     pack2.close_blocking()
 
 
+def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tmp_path):
+    """Large reads take blocks straight from the segment files, mapped, and
+    check them there (Pack.mapped_blocks). A byte flipped on disk fails
+    that check (the ordinary read heals it), and a file cut short from
+    outside while mapped must not kill the process with SIGBUS: its blocks
+    fail the check, and the ordinary read gets them from the other copy."""
+    h = Hasher(77)
+    disks = [labelled(tmp_path / f"d{i}", i) for i in range(2)]
+    pack = Pack("p", "mirror", disks, h)
+    pack.open_blocking([])
+    rng = random.Random(3)
+    datas = [rng.randbytes(64 << 10) for _ in range(24)]
+    bids = [h.block_id(d) for d in datas]
+    locs = pack.append_blocking(list(zip(bids, datas)))
+    seq = locs[0][0]
+    views = pack.mapped_blocks(bids, locs)
+    assert [bytes(v) for v in views] == datas
+    assert (0, seq) in pack._maps          # served from disk 0, the first online copy
+    del views
+
+    with open(disks[0].seg_path(seq), "r+b") as f:       # bit rot on disk 0
+        f.seek(locs[5][1] + 7)
+        f.write(bytes([datas[5][7] ^ 0x55]))
+    views = pack.mapped_blocks(bids, locs)
+    assert views[5] is None and all(bytes(v) == d for i, (v, d) in enumerate(zip(views, datas))
+                                    if i != 5)
+    assert pack.read_blocking(bids[5], locs[5]) == datas[5]     # healed from disk 1
+    assert bytes(pack.mapped_blocks(bids[5:6], locs[5:6])[0]) == datas[5]
+    del views
+
+    os.truncate(disks[0].seg_path(seq), 4096)     # cut short under the live mapping
+    assert pack.mapped_blocks(bids, locs) == [None] * len(bids)
+    for bid, loc, d in zip(bids, locs, datas):
+        assert pack.read_blocking(bid, loc) == d
+    pack.close_segment_blocking(seq)
+    assert not pack._maps                  # a closed file's mapping goes with its fd
+    pack.close_blocking()
+
+
 @pytest.mark.parametrize("layout", ["mirror", "raid5"])
 def test_reused_segment_files_keep_redundancy_exact(tmp_path, layout):
     """A dead segment's files are reused for a new segment (spares); they
