@@ -329,20 +329,30 @@ class Volume:
             else:
                 direct.append((len(parts), bid))
                 parts.append(None)
-        if direct:
+        taken = []
+        while direct:
+            # A mapped block is checked where it lies, so no await may come
+            # between its check and the reply: while other tasks run, GC
+            # may recycle its segment file for new data. After reading the
+            # rest (an await), the mapped ones are checked again.
             views = self.array.mapped_blocks(self, [bid for _, bid in direct])
             rest = [(i, bid) for (i, bid), v in zip(direct, views) if v is None]
-            for (i, _), v in zip(direct, views):
-                parts[i] = v
-            if rest:
-                out = _take_buffer(len(rest) * bs)
-                mv = memoryview(out)
-                items = []
-                for k, (i, bid) in enumerate(rest):
-                    parts[i] = mv[k * bs:(k + 1) * bs]
-                    items.append((parts[i], bid))
-                await self.array.read_into(self, items)
-                _give_buffer(out)      # reused only after pyfuse3 has sent this reply
+            if not rest:
+                for (i, _), v in zip(direct, views):
+                    parts[i] = v
+                break
+            direct = [(i, bid) for (i, bid), v in zip(direct, views) if v is not None]
+            out = _take_buffer(len(rest) * bs)
+            taken.append(out)
+            mv = memoryview(out)
+            items = []
+            for k, (i, bid) in enumerate(rest):
+                parts[i] = mv[k * bs:(k + 1) * bs]
+                items.append((parts[i], bid))
+            del views
+            await self.array.read_into(self, items)
+        for out in taken:
+            _give_buffer(out)      # reused only after pyfuse3 has sent this reply
         return parts
 
     async def _blocks(self, bnos) -> list:

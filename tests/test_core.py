@@ -400,6 +400,46 @@ async def test_dedup_and_zero_blocks(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+async def test_a_mapped_block_is_checked_again_after_any_await_before_the_reply(
+        tmp_path, monkeypatch):
+    """A large read checks blocks where they lie in the mapped segment
+    files and replies from there. A block that fails the check is read the
+    ordinary way, an await during which GC may recycle a file under the
+    mapped ones. Simulated: while the ordinary read runs, the bytes under
+    an already checked block change on disk 0 of a mirror. The read must
+    check it again and return the right bytes (healed from disk 1), never
+    the changed ones."""
+    init_array(str(tmp_path / "arr"), packs=[f"m=mirror:{tmp_path}/d0,{tmp_path}/d1"])
+
+    async def body(a):
+        vol = await a.create_lun("l", "4M", pack="m")
+        data = os.urandom(4 * MiB)
+        await vol.write(0, data)
+        await a.sync()
+        for e in list(vol.cache.values()):     # clean now: read from the pack
+            assert not e.dirty
+            a.cache.drop(e)
+        pack = a.packs["m"]
+        bs = vol.block_size
+        locs = [pack.lookup(vol.current_id_nowait(b)) for b in range(4)]
+        path = pack.disks[0].seg_path(locs[0][0])
+
+        def flip(block):
+            with open(path, "r+b") as f:
+                f.seek(locs[block][1] + 11)
+                f.write(bytes([data[block * bs + 11] ^ 0xA5]))
+        flip(1)                  # block 1 fails its mapped check: an ordinary read
+        read_into = a.read_into
+
+        async def read_into_while_block_2_changes(*args, **kw):
+            flip(2)              # block 2 was checked in place already
+            await read_into(*args, **kw)
+        monkeypatch.setattr(a, "read_into", read_into_while_block_2_changes)
+        parts = await vol.read_parts(0, 4 * bs)
+        assert b"".join(parts) == data[:4 * bs]
+    await with_array(tmp_path / "arr", body)
+
+
 async def test_resize_shrink_then_grow_reads_zeros(tmp_path):
     init_array(str(tmp_path / "arr"))
 
