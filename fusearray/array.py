@@ -31,7 +31,7 @@ import trio
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
 from .catalogue import Catalogue, Changes
 from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
-from .store import Disk, Hasher, Pack, write_file_atomic
+from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, parse_size
 from .jobs import Job
 from .recovery import RecoveryOps
@@ -524,6 +524,10 @@ class Array(RecoveryOps, ShadowOps):
         return load
 
     # ---- committer ---------------------------------------------------------------
+    def _piled(self) -> int:
+        """Bytes of blocks written back but not yet merged into the maps."""
+        return sum(len(v.overlay) * v.block_size for v in self.volumes.values())
+
     async def _committer(self) -> None:
         cache = self.cache
         while True:
@@ -554,13 +558,15 @@ class Array(RecoveryOps, ShadowOps):
                             await self._flush(FLUSH_BATCH)
                             budget -= FLUSH_BATCH
                     now = time.monotonic()
-                    piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
                     if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
-                            or piled > OVERLAY_MERGE:
+                            or self._piled() > OVERLAY_MERGE:
                         await self._commit()     # merging finds overwritten blocks
                     if self._gc_wanted and (now - self._last_gc >= GC_INTERVAL
                                             or self._garbage_pressing()):
                         await self._gc()
+                    for pack in self.packs.values():
+                        if len(pack.spares) > SPARES and now - pack.last_roll > SPARE_IDLE:
+                            await trio.to_thread.run_sync(pack.trim_spares_blocking, SPARES)
                 except ArrayError:
                     pass     # recorded as an event and in cache.errors; retried
                 except Exception as e:   # a bug: keep serving, say so, retry later

@@ -29,6 +29,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 
 import xxhash
 
@@ -40,6 +41,7 @@ MAGIC = b"FAB1"
 SEGMENT_LIMIT = 64 << 20
 SEGMENT_MIN = 4 << 20
 SPARES = 8                # dead segment files kept for reuse (see retire_blocking)
+SPARE_IDLE = 30.0         # seconds without a new segment before extra spares go
 LABEL = "fusearray-disk.json"
 _IOV_MAX = 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
@@ -283,6 +285,8 @@ class Pack:
         self._new_files = False
         self.spares: list[tuple[dict, int]] = []  # ({disk idx: path}, free-space credit) of dead segments kept for reuse
         self.spare_bytes = 0
+        self.spare_limit = SPARES            # spares kept (set at open, see retire_blocking)
+        self.last_roll = 0.0                 # time.monotonic() of the last new segment
         self._space = None        # (capacity, available) from the last statvfs
         self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
         self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
@@ -444,6 +448,8 @@ class Pack:
         cap = self.capacity_bytes()
         if cap:   # small packs get small segments, so garbage frees space sooner
             self.seg_limit = max(SEGMENT_MIN, min(SEGMENT_LIMIT, cap // 32))
+            # enough spares for the segments one GC finds dead at once
+            self.spare_limit = max(SPARES, cap // 2 // self.seg_limit)
         self.reserve = 2 * self.seg_limit * (len(self.disks) if self.layout == "mirror" else 1)
         top = max([top] + list(ends))
         self.active_seq = top      # a new segment is started on first append
@@ -482,6 +488,7 @@ class Pack:
             raise OSError(errno.EIO, f"pack {self.name} has failed: writes are refused")
         self.active_seq += 1
         seq = self.active_seq
+        self.last_roll = time.monotonic()
         group: dict = {}
         if self.spares:
             group, credit = self.spares.pop()
@@ -939,10 +946,17 @@ class Pack:
         profile: the copy into new tmpfs pages), with reuse ~1.4 GB/s. A
         spare is one file per online disk; its space counts as free
         (free_bytes, per disk as the layout uses it), and the caller keeps
-        none on a tight pack. A reused file holds old bytes past the new
+        none on a tight pack. Up to `spare_limit` (half the pack's
+        segments) are kept: under steady overwrites one GC finds 40-110
+        segments dead at once on the bench (1 GiB LUN, 9 GiB pack), and with
+        8 kept, 258 of 298 new segments were fresh files; with the limit at
+        half the pack, 103 of 378 (the first GC's among them). The space
+        was garbage until then anyway, so keeping it raises no peak; spares
+        past SPARES go after SPARE_IDLE seconds without a new segment
+        (trim_spares_blocking). A reused file holds old bytes past the new
         segment's end: nothing reads there, and RAID-5 zeroes the rest of
         each row it starts (see _write_raid5) so parity stays exact."""
-        keep = reuse and len(self.spares) < SPARES
+        keep = reuse and len(self.spares) < self.spare_limit
         group: dict = {}
         sizes = []
         for d in self.disks:
@@ -966,6 +980,26 @@ class Pack:
             self.spare_bytes += credit
         self.close_segment_blocking(seq)
         self.refresh_space_blocking()
+
+    def trim_spares_blocking(self, keep: int = SPARES) -> int:
+        """Delete spares beyond `keep` (the array calls this when no new
+        segment was started for SPARE_IDLE seconds). Returns how many went.
+        Caller serialises with appends and retire_blocking."""
+        gone = 0
+        while len(self.spares) > keep:
+            group, credit = self.spares.pop(0)
+            self.spare_bytes -= credit
+            for spare in group.values():
+                try:
+                    os.unlink(spare)
+                except OSError:
+                    pass
+            gone += 1
+        if gone:
+            for d in self.online():
+                fsync_dir(d.segdir)
+            self.refresh_space_blocking()
+        return gone
 
     def unlink_segment_blocking(self, seq: int) -> None:
         for d in self.disks:

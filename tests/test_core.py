@@ -47,6 +47,40 @@ def test_store_append_read_verify(tmp_path):
     pack2.close_blocking()
 
 
+def test_spares_cover_a_gc_burst_and_extra_ones_go_when_idle(tmp_path):
+    """Dead segments are kept as spare files for new segments, up to half
+    the pack (one GC frees many at once), and reused before any fresh file;
+    trim_spares_blocking deletes those past SPARES and gives their space
+    back."""
+    from fusearray.store import SPARES
+    h = Hasher(5)
+    pack = Pack("p", "single", [labelled(tmp_path)], h)
+    pack.open_blocking([])
+    pack.seg_limit = 1 << 20
+    pack.spare_limit = SPARES + 4
+    rng = random.Random(9)
+    segs = []
+    for _ in range(SPARES + 6):
+        pack.append_blocking([(h.block_id(d), d) for d in [rng.randbytes(1 << 20)]])
+        segs.append(pack.active_seq)
+        pack.active_open = False
+    for seq in segs:
+        pack.retire_blocking(seq, True)
+    assert len(pack.spares) == SPARES + 4          # the rest were deleted
+    segdir = pack.disk.segdir
+    spares = sorted(f for f in os.listdir(segdir) if f.endswith(".spare"))
+    assert len(spares) == SPARES + 4
+    inodes = {os.stat(os.path.join(segdir, f)).st_ino for f in spares}
+    pack.append_blocking([(h.block_id(d), d) for d in [rng.randbytes(1 << 20)]])
+    assert os.stat(pack.disk.seg_path(pack.active_seq)).st_ino in inodes   # reused
+    assert len(pack.spares) == SPARES + 3
+    before = pack.spare_bytes
+    assert pack.trim_spares_blocking() == 3
+    assert len(pack.spares) == SPARES and pack.spare_bytes < before
+    assert len([f for f in os.listdir(segdir) if f.endswith(".spare")]) == SPARES
+    pack.close_blocking()
+
+
 def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tmp_path):
     """Large reads take blocks straight from the segment files, mapped, and
     check them there (Pack.mapped_blocks). A byte flipped on disk fails
