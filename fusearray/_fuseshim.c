@@ -663,8 +663,8 @@ static int resident(const void *p, size_t n)
     return 1;
 }
 
-/* Hash views[i] and compare with ids[i] for each i from *next on, setting
- * bad[i]; a SIGBUS marks the block it hit and goes on with the next. */
+/* Hash each views[i] and compare it with ids[i], setting bad[i]; a SIGBUS
+ * marks the block it hit and goes on with the next. */
 static void verify_guarded(Py_buffer *views, Py_buffer *ids, Py_ssize_t n,
                            unsigned long long seed, int check_resident, char *bad)
 {

@@ -524,10 +524,6 @@ class Array(RecoveryOps, ShadowOps):
         return load
 
     # ---- committer ---------------------------------------------------------------
-    def _piled(self) -> int:
-        """Bytes of blocks written back but not yet merged into the maps."""
-        return sum(len(v.overlay) * v.block_size for v in self.volumes.values())
-
     async def _committer(self) -> None:
         cache = self.cache
         while True:
@@ -558,8 +554,9 @@ class Array(RecoveryOps, ShadowOps):
                             await self._flush(FLUSH_BATCH)
                             budget -= FLUSH_BATCH
                     now = time.monotonic()
+                    piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
                     if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
-                            or self._piled() > OVERLAY_MERGE:
+                            or piled > OVERLAY_MERGE:
                         await self._commit()     # merging finds overwritten blocks
                     if self._gc_wanted and (now - self._last_gc >= GC_INTERVAL
                                             or self._garbage_pressing()):

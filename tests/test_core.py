@@ -492,6 +492,33 @@ async def test_resize_shrink_then_grow_reads_zeros(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+async def test_committer_trims_extra_spares_once_no_segment_was_started_for_a_while(tmp_path):
+    """Deleting a LUN leaves many dead segments kept as spare files (up to
+    half the pack); once no new segment was started for SPARE_IDLE seconds
+    the committer deletes all but SPARES of them."""
+    from fusearray.store import SPARES
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        pack = a.packs["main"]
+        pack.seg_limit = 1 << 20                     # many small segments
+        vol = await a.create_lun("l", "24M")
+        await vol.write(0, os.urandom(24 * MiB))
+        await a.sync()
+        await a.delete_lun("l")
+        await a.collect_garbage()
+        assert len(pack.spares) > SPARES, (len(pack.spares), pack.spare_limit)
+        segdir = pack.disk.segdir
+        assert len([f for f in os.listdir(segdir) if f.endswith(".spare")]) > SPARES
+        pack.last_roll -= 3600                       # idle for an hour
+        with trio.fail_after(10):
+            while len(pack.spares) > SPARES:
+                await trio.sleep(0.1)
+        assert len([f for f in os.listdir(segdir) if f.endswith(".spare")]) == SPARES
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
 async def test_delete_reclaims_space(tmp_path):
     init_array(str(tmp_path / "arr"))
 
