@@ -493,11 +493,18 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
 #ifdef HAVE_XXHASH
 typedef void (*xxh3_128_fn)(const void *, size_t, unsigned long long, unsigned char *);
 typedef void (*xxh3_64_fn)(const void *, size_t, unsigned char *);
+typedef void (*xxh3_pieces_fn)(const void *const *, const size_t *, size_t,
+                               unsigned long long, unsigned char *);
+#define PIECES_MAX 64      /* pieces of one block verify_mapped takes */
 void fa_xxh3_128_generic(const void *, size_t, unsigned long long, unsigned char *);
 void fa_xxh3_64_generic(const void *, size_t, unsigned char *);
+void fa_xxh3_128_pieces_generic(const void *const *, const size_t *, size_t,
+                                unsigned long long, unsigned char *);
 #if defined(__x86_64__) && defined(__GNUC__)
 void fa_xxh3_128_avx2(const void *, size_t, unsigned long long, unsigned char *);
 void fa_xxh3_64_avx2(const void *, size_t, unsigned char *);
+void fa_xxh3_128_pieces_avx2(const void *const *, const size_t *, size_t,
+                             unsigned long long, unsigned char *);
 #endif
 
 /* The XXH3-128 build for this CPU (AVX2 where it has it: twice as fast). */
@@ -663,12 +670,28 @@ static int resident(const void *p, size_t n)
     return 1;
 }
 
-/* Hash each views[i] and compare it with ids[i], setting bad[i]; a SIGBUS
- * marks the block it hit and goes on with the next. */
-static void verify_guarded(Py_buffer *views, Py_buffer *ids, Py_ssize_t n,
-                           unsigned long long seed, int check_resident, char *bad)
+/* The XXH3-128 over pieces taken in order, for the build xxh3_128() chose. */
+static xxh3_pieces_fn xxh3_128_pieces(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (xxh3_128() == fa_xxh3_128_avx2)
+        return fa_xxh3_128_pieces_avx2;
+#endif
+    return fa_xxh3_128_pieces_generic;
+}
+
+/* Block i lies in the pieces bufs[first[i]], ... bufs[first[i+1] - 1]:
+ * hash it (one piece, or the pieces in order as one) and compare it with
+ * ids[i], setting bad[i]; a SIGBUS marks the block it hit and goes on with
+ * the next. */
+static void verify_guarded(Py_buffer *bufs, const Py_ssize_t *first, Py_buffer *ids,
+                           Py_ssize_t n, unsigned long long seed, int check_resident,
+                           char *bad)
 {
     xxh3_128_fn h128 = xxh3_128();
+    xxh3_pieces_fn hpieces = xxh3_128_pieces();
+    const void *ptrs[PIECES_MAX];
+    size_t lens[PIECES_MAX];
     sigjmp_buf jb;
     volatile Py_ssize_t i = 0;
     unsigned char out[16];
@@ -677,22 +700,33 @@ static void verify_guarded(Py_buffer *views, Py_buffer *ids, Py_ssize_t n,
         i++;
     }
     for (; i < n; i++) {
-        if (check_resident && !resident(views[i].buf, (size_t)views[i].len)) {
+        Py_ssize_t a = first[i], m = first[i + 1] - a;
+        int ok = m >= 1 && m <= PIECES_MAX;
+        for (Py_ssize_t j = 0; ok && j < m; j++) {
+            ptrs[j] = bufs[a + j].buf;
+            lens[j] = (size_t)bufs[a + j].len;
+            ok = !check_resident || resident(ptrs[j], lens[j]);
+        }
+        if (!ok) {
             bad[i] = 1;
             continue;
         }
         bus_guard = &jb;
-        h128(views[i].buf, (size_t)views[i].len, seed, out);
+        if (m == 1)
+            h128(ptrs[0], lens[0], seed, out);
+        else
+            hpieces(ptrs, lens, (size_t)m, seed, out);
         bus_guard = NULL;
         bad[i] = ids[i].len != 16 || memcmp(out, ids[i].buf, 16) != 0;
     }
 }
 
 /* verify_mapped(views, ids, seed, check_resident) -> [indexes that failed]:
- * each view (of a mapped file) hashed under the SIGBUS guard and compared
- * with its id; with check_resident, a view whose pages are not all in
- * memory fails without being touched (a page fault there would wait for
- * the disk on the event loop). */
+ * each view (of a mapped file), or tuple of views (a block in pieces, up to
+ * PIECES_MAX, hashed in order as one), hashed under the SIGBUS guard and
+ * compared with its id; with check_resident, a block whose pages are not
+ * all in memory fails without being touched (a page fault there would
+ * wait for the disk on the event loop). */
 static PyObject *verify_mapped(PyObject *self, PyObject *args)
 {
     PyObject *vseq, *iseq, *result = NULL;
@@ -707,8 +741,9 @@ static PyObject *verify_mapped(PyObject *self, PyObject *args)
     }
     PyObject *vf = PySequence_Fast(vseq, "a sequence of buffers");
     PyObject *idf = vf ? PySequence_Fast(iseq, "a sequence of ids") : NULL;
-    Py_ssize_t n = vf ? PySequence_Fast_GET_SIZE(vf) : 0, got = 0;
-    Py_buffer *bufs = NULL;
+    Py_ssize_t n = vf ? PySequence_Fast_GET_SIZE(vf) : 0, nbufs = 0, got = 0, gotids = 0;
+    Py_buffer *bufs = NULL, *ids = NULL;
+    Py_ssize_t *first = NULL;
     char *bad = NULL;
     if (!idf)
         goto done;
@@ -716,22 +751,35 @@ static PyObject *verify_mapped(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "verify_mapped: as many ids as views");
         goto done;
     }
-    bufs = PyMem_Calloc(2 * (n ? n : 1), sizeof(Py_buffer));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(vf, i);
+        nbufs += PyTuple_Check(v) ? PyTuple_GET_SIZE(v) : 1;
+    }
+    bufs = PyMem_Calloc(nbufs ? nbufs : 1, sizeof(Py_buffer));
+    ids = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    first = PyMem_Calloc(n + 1, sizeof(Py_ssize_t));
     bad = PyMem_Calloc(n ? n : 1, 1);
-    if (!bufs || !bad) {
+    if (!bufs || !ids || !first || !bad) {
         PyErr_NoMemory();
         goto done;
     }
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(vf, got), &bufs[got], PyBUF_SIMPLE) < 0)
-            goto done;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(idf, got), &bufs[n + got],
-                               PyBUF_SIMPLE) < 0) {
-            PyBuffer_Release(&bufs[got]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(vf, i);
+        first[i] = got;
+        if (PyTuple_Check(v)) {
+            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(v); j++, got++)
+                if (PyObject_GetBuffer(PyTuple_GET_ITEM(v, j), &bufs[got], PyBUF_SIMPLE) < 0)
+                    goto done;
+        } else if (PyObject_GetBuffer(v, &bufs[got++], PyBUF_SIMPLE) < 0) {
+            got--;
             goto done;
         }
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(idf, i), &ids[i], PyBUF_SIMPLE) < 0)
+            goto done;
+        gotids++;
     }
-    verify_guarded(bufs, bufs + n, n, seed, check_resident, bad);
+    first[n] = got;
+    verify_guarded(bufs, first, ids, n, seed, check_resident, bad);
     result = PyList_New(0);
     for (Py_ssize_t i = 0; result && i < n; i++) {
         if (!bad[i])
@@ -742,11 +790,13 @@ static PyObject *verify_mapped(PyObject *self, PyObject *args)
         Py_XDECREF(x);
     }
 done:
-    for (Py_ssize_t i = 0; i < got; i++) {
+    for (Py_ssize_t i = 0; i < got; i++)
         PyBuffer_Release(&bufs[i]);
-        PyBuffer_Release(&bufs[n + i]);
-    }
+    for (Py_ssize_t i = 0; i < gotids; i++)
+        PyBuffer_Release(&ids[i]);
     PyMem_Free(bufs);
+    PyMem_Free(ids);
+    PyMem_Free(first);
     PyMem_Free(bad);
     Py_XDECREF(vf);
     Py_XDECREF(idf);

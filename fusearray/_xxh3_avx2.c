@@ -3,5 +3,6 @@
 #pragma GCC target("avx2")
 #define FA_XXH3_NAME fa_xxh3_128_avx2
 #define FA_XXH3_64_NAME fa_xxh3_64_avx2
+#define FA_XXH3_PIECES_NAME fa_xxh3_128_pieces_avx2
 #include "_xxh3_impl.h"
 #endif

@@ -23,6 +23,22 @@ void FA_XXH3_NAME(const void *data, size_t len, unsigned long long seed, unsigne
     memcpy(out, c.digest, sizeof(c.digest));
 }
 
+/* out: the XXH3-128 id of the n pieces ptrs[i] (lens[i] bytes each) taken
+ * in order as one block (the streaming state: a RAID-5 block lies in
+ * pieces on several disks); the same digest as FA_XXH3_NAME of their join */
+void FA_XXH3_PIECES_NAME(const void *const *ptrs, const size_t *lens, size_t n,
+                         unsigned long long seed, unsigned char *out)
+{
+    XXH3_state_t st;
+    XXH128_canonical_t c;
+    XXH3_INITSTATE(&st);
+    XXH3_128bits_reset_withSeed(&st, (XXH64_hash_t)seed);
+    for (size_t i = 0; i < n; i++)
+        XXH3_128bits_update(&st, ptrs[i], lens[i]);
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+    memcpy(out, c.digest, sizeof(c.digest));
+}
+
 /* out: the 8-byte canonical (big-endian) digest, as python-xxhash's
  * xxh3_64_digest(data) gives (unseeded: the stream's record hash) */
 void FA_XXH3_64_NAME(const void *data, size_t len, unsigned char *out)

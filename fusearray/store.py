@@ -827,25 +827,37 @@ class Pack:
 
     def mapped_blocks(self, bids, locs) -> list:
         """Views of blocks where they lie in the segment files, mapped
-        read-only, each verified against its id there; None for a block
-        that cannot be served so (raid5, no online disk, not in the page
-        cache, a bad hash: the caller reads it the ordinary way, which
-        heals). The reply is then the only copy of the data. The views keep
-        their mapping alive; a file that shrinks under a view cannot crash
-        the daemon (the check is SIGBUS-guarded, see _fuseshim.c)."""
+        read-only, each verified against its id there: a memoryview, or for
+        raid5 a tuple of them (the block's pieces on the data disks, in
+        order, hashed as one); None for a block that cannot be served so
+        (no online copy, a piece's disk not online, not in the page cache,
+        a bad hash: the caller reads it the ordinary way, which
+        reconstructs and heals). The reply is then the only copy of the
+        data. The views keep their mapping alive; a file that shrinks under
+        a view cannot crash the daemon (the check is SIGBUS-guarded, see
+        _fuseshim.c)."""
         out = [None] * len(bids)
-        if _verify_mapped is None or self._nowait is None or self.layout == "raid5":
+        if _verify_mapped is None or self._nowait is None:
             return out
-        di = self._first_online()
-        if di is None:
+        raid5 = self.layout == "raid5"
+        di = None if raid5 else self._first_online()
+        if di is None and not raid5:
             return out
         idx, views, on_disk = [], [], False
         for i, loc in enumerate(locs):
-            m = self._mapping(di, loc[0], loc[1] + loc[2]) if loc is not None else None
-            if m is not None:
-                idx.append(i)
-                views.append(m[1][loc[1]:loc[1] + loc[2]])
+            if loc is None:
+                continue
+            seq, off, n = loc
+            pieces = []
+            for pdi, doff, ln, _ in self._pieces(off, n) if raid5 else [(di, off, n, off)]:
+                m = self._mapping(pdi, seq, doff + ln)
+                if m is None:
+                    break
+                pieces.append(m[1][doff:doff + ln])
                 on_disk = on_disk or not m[2]
+            else:
+                idx.append(i)
+                views.append(tuple(pieces) if raid5 else pieces[0])
         if not views:
             return out
         try:
@@ -861,7 +873,8 @@ class Pack:
         """(fd, view, in memory) of disk `di`'s file of segment `seq`,
         mapped up to at least `end`, or None. A growing file is mapped
         again when a read goes past the old map. Mappings go with their fd
-        (_pop_fd); at most MAPS_MAX are kept, each holding a duplicate fd."""
+        (_pop_fd); at most MAPS_MAX a disk are kept, each holding a
+        duplicate fd."""
         key = (di, seq)
         fd = self.fds.get(key) if self.disks[di].state == "online" else None
         if fd is None:
@@ -884,7 +897,7 @@ class Pack:
             if self.fds.get(key) != fd:     # closed (and maybe reused) meanwhile
                 return None
             self._maps.pop(key, None)
-            while len(self._maps) >= MAPS_MAX:
+            while len(self._maps) >= MAPS_MAX * len(self.disks):
                 self._maps.pop(next(iter(self._maps)))
             m = self._maps[key] = (fd, mv, mem)
         return m

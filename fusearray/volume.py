@@ -285,8 +285,9 @@ class Volume:
     async def read_parts(self, off: int, size: int) -> list:
         """The bytes at [off, off+size), clipped at the end, as a list of
         buffers in order, for the FUSE reply to gather (fs.py). Whole blocks
-        that miss the cache are views of the store's mapped segment files,
-        verified where they lie (no copy at all before the reply's); the
+        that miss the cache are views of the store's mapped segment files
+        (RAID-5: of its pieces on the data disks), verified where they lie
+        (no copy at all before the reply's); the
         rest are copies (cache hits, zeros) or blocks read into a pooled
         buffer. Use them before the next await: the pooled buffer is
         reused by the next read. Large reads do not fill the cache: they are
@@ -353,6 +354,8 @@ class Volume:
             await self.array.read_into(self, items)
         for out in taken:
             _give_buffer(out)      # reused only after pyfuse3 has sent this reply
+        if any(type(x) is tuple for x in parts):    # a RAID-5 block in pieces
+            parts = [p for x in parts for p in (x if type(x) is tuple else (x,))]
         return parts
 
     async def _blocks(self, bnos) -> list:

@@ -120,6 +120,71 @@ def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tm
     pack.close_blocking()
 
 
+def test_raid5_mapped_reads_hash_a_block_in_pieces_across_the_disks(tmp_path):
+    """A RAID-5 block lies in 64 KiB chunks on several data disks; mapped
+    reads give its pieces (a tuple of views, in order, from more than one
+    disk) hashed as one. A flipped byte in one piece, a disk that is not
+    online, a file cut short under its mapping: only the blocks with a
+    piece there fail (None), and the ordinary read returns them right."""
+    h = Hasher(78)
+    disks = [labelled(tmp_path / f"d{i}", i) for i in range(3)]
+    pack = Pack("p", "raid5", disks, h)
+    pack.open_blocking([])
+    rng = random.Random(4)
+    datas = [rng.randbytes(rng.choice([64 << 10, 4096, 100 << 10, 130 << 10]))
+             for _ in range(40)]
+    bids = [h.block_id(d) for d in datas]
+    locs = pack.append_blocking(list(zip(bids, datas)))
+    seq = locs[0][0]
+
+    def on(i):          # the disks block i has a piece on
+        return {di for di, _, _, _ in pack._pieces(locs[i][1], locs[i][2])}
+
+    views = pack.mapped_blocks(bids, locs)
+    assert all(type(v) is tuple for v in views)
+    assert [b"".join(v) for v in views] == datas
+    assert sum(len(on(i)) > 1 for i in range(len(datas))) >= 20     # most span disks
+    del views
+
+    # bit rot in the second piece of a block that spans two disks
+    i = next(i for i in range(len(datas)) if len(on(i)) > 1)
+    di, doff, ln, loff = pack._pieces(locs[i][1], locs[i][2])[1]
+    at = loff - locs[i][1] + 5
+    with open(disks[di].seg_path(seq), "r+b") as f:
+        f.seek(doff + 5)
+        f.write(bytes([datas[i][at] ^ 0x11]))
+    views = pack.mapped_blocks(bids, locs)
+    assert views[i] is None
+    assert all(b"".join(v) == d for k, (v, d) in enumerate(zip(views, datas)) if k != i)
+    del views
+    assert pack.read_blocking(bids[i], locs[i]) == datas[i]            # healed
+    assert b"".join(pack.mapped_blocks(bids[i:i + 1], locs[i:i + 1])[0]) == datas[i]
+
+    # a disk not online: its blocks are left to the ordinary read (rebuilt from parity)
+    disks[1].state = "missing"
+    views = pack.mapped_blocks(bids, locs)
+    for k, (v, d) in enumerate(zip(views, datas)):
+        assert (v is None) == (1 in on(k)), k
+        assert v is None or b"".join(v) == d
+    del views
+    assert all(pack.read_blocking(b, l) == d for b, l, d in zip(bids, locs, datas))
+    disks[1].state = "online"
+
+    # a file cut short under its live mapping: no SIGBUS, those blocks fail
+    views = pack.mapped_blocks(bids, locs)
+    assert all(v is not None for v in views)
+    del views
+    os.truncate(disks[2].seg_path(seq), 4096)
+    views = pack.mapped_blocks(bids, locs)
+    hit = [k for k in range(len(datas)) if views[k] is None]
+    assert hit and all(2 in on(k) for k in hit)
+    assert all(b"".join(v) == d for v, d in zip(views, datas) if v is not None)
+    del views
+    for bid, loc, d in zip(bids, locs, datas):
+        assert pack.read_blocking(bid, loc) == d
+    pack.close_blocking()
+
+
 @pytest.mark.parametrize("layout", ["mirror", "raid5"])
 def test_reused_segment_files_keep_redundancy_exact(tmp_path, layout):
     """A dead segment's files are reused for a new segment (spares); they
