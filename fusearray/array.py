@@ -577,8 +577,10 @@ class Array(RecoveryOps, ShadowOps):
     def _garbage_pressing(self) -> bool:
         """Overwritten data worth reclaiming now rather than at the next
         GC interval (random writes into large blocks make it fast)."""
-        used = sum(p.used_bytes() for p in self.packs.values())
-        return self._garbage > max(GC_GARBAGE_MIN, used // 4)
+        # both logical: a mirror's copies would double the bar and leave
+        # its overwrites in fresh segment files for twice as long
+        stored = sum(p.data_bytes() for p in self.packs.values())
+        return self._garbage > max(GC_GARBAGE_MIN, stored // 4)
 
     def _needs_commit(self) -> bool:
         return bool(self.cache.dirty or self._dirty_rows or not self._pending.empty()

@@ -450,7 +450,8 @@ class Pack:
             self.seg_limit = max(SEGMENT_MIN, min(SEGMENT_LIMIT, cap // 32))
             # enough spares for the segments one GC finds dead at once
             self.spare_limit = max(SPARES, cap // 2 // self.seg_limit)
-        self.reserve = 2 * self.seg_limit * (len(self.disks) if self.layout == "mirror" else 1)
+        # free space is logical (a mirror's least free disk), and so is this
+        self.reserve = 2 * self.seg_limit
         top = max([top] + list(ends))
         self.active_seq = top      # a new segment is started on first append
         self.active_tail = 0
@@ -1210,9 +1211,13 @@ class Pack:
         self.seg_size.pop(seq, None)
 
     # ---- accounting ------------------------------------------------------
+    def data_bytes(self) -> int:
+        """Logical: the bytes in the pack's segments, before redundancy."""
+        return sum(self.seg_size.values())
+
     def used_bytes(self) -> int:
         """Physical: every disk's share, redundancy included."""
-        logical = sum(self.seg_size.values())
+        logical = self.data_bytes()
         if self.layout == "mirror":
             return logical * len(self.disks)
         if self.layout == "raid5":

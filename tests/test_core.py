@@ -584,6 +584,61 @@ async def test_committer_trims_extra_spares_once_no_segment_was_started_for_a_wh
     await with_array(tmp_path / "arr", body)
 
 
+@pytest.mark.parametrize("layout", ["single", "mirror", "raid5"])
+async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path, monkeypatch,
+                                                                       layout):
+    """Dead segment files are kept as spares and reused for new segments
+    (fresh memory is slow on some VMs: a mirror that could not reuse wrote
+    its overwrite passes at 170-290 MB/s against ~1100 when it could).
+    Free space and the reserve are both logical; the mirror's reserve was
+    once counted per copy, which on disks of this size kept it from ever
+    reusing a file; GC came at a quarter of its physical bytes overwritten,
+    twice as late as on a single disk. Disks of 400 MiB are simulated."""
+    from fusearray import array as array_mod
+    disks = 3 if layout == "raid5" else 2 if layout == "mirror" else 1
+    spec = f"m={layout}:" + ",".join(str(tmp_path / f"d{i}") for i in range(disks))
+    init_array(str(tmp_path / "arr"), packs=[spec])
+    cap = 400 * MiB
+
+    def fake_statvfs(self, field):
+        per_disk = []
+        for d in self.disks:
+            used = 0
+            for root, _, files in os.walk(d.path):
+                used += sum(os.stat(os.path.join(root, f)).st_blocks * 512 for f in files)
+            per_disk.append(cap if field == "f_blocks" else cap - used)
+        return min(per_disk) * self.k if self.layout == "raid5" else min(per_disk)
+    monkeypatch.setattr(Pack, "_statvfs", fake_statvfs)
+
+    async def body(a):
+        pack = a.packs["m"]
+        assert pack.reserve == 2 * pack.seg_limit
+        vol = await a.create_lun("l", "24M", pack="m")
+        rng = random.Random(2)
+        for _ in range(2):
+            await vol.write(0, rng.randbytes(24 * MiB))
+            await a.sync()
+            await a.collect_garbage()
+        assert pack.spares, "the overwritten segments were deleted, not kept for reuse"
+        spare_inodes = {os.stat(p).st_ino for g, _ in pack.spares for p in g.values()}
+        before = pack.active_seq
+        await vol.write(0, rng.randbytes(24 * MiB))
+        await a.sync()
+        new = [os.stat(d.seg_path(s)).st_ino for s in range(before + 1, pack.active_seq + 1)
+               for d in pack.disks if os.path.exists(d.seg_path(s))]
+        assert new and spare_inodes & set(new), "no new segment reused a spare file"
+        # GC is pressing at a quarter of the data overwritten, logical bytes
+        # on both sides (not a mirror's two copies against one)
+        monkeypatch.setattr(array_mod, "GC_GARBAGE_MIN", 0)
+        a._garbage = pack.data_bytes() // 4 + 1
+        assert a._garbage_pressing()
+        a._garbage = pack.data_bytes() // 4 - 1
+        assert not a._garbage_pressing()
+        await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
 async def test_delete_reclaims_space(tmp_path):
     init_array(str(tmp_path / "arr"))
 
