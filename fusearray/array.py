@@ -195,7 +195,7 @@ class Array(RecoveryOps, ShadowOps):
         self._pending = Changes()
         self._dirty_rows: set = set()
         self._gc_wanted = False
-        self._garbage = 0                        # bytes overwritten since the last GC
+        self._garbage: dict = {}                 # pack name -> bytes overwritten since its last GC
         self._meta_changed = False               # disk states changed
         self._reclaiming = False
         self._last_disk_check = 0.0
@@ -558,9 +558,11 @@ class Array(RecoveryOps, ShadowOps):
                     if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
                             or piled > OVERLAY_MERGE:
                         await self._commit()     # merging finds overwritten blocks
-                    if self._gc_wanted and (now - self._last_gc >= GC_INTERVAL
-                                            or self._garbage_pressing()):
-                        await self._gc()
+                    if self._gc_wanted:
+                        if now - self._last_gc >= GC_INTERVAL:
+                            await self._gc()
+                        elif pressing := self._garbage_pressing():
+                            await self._gc(pressing)
                     for pack in self.packs.values():
                         if len(pack.spares) > SPARES and now - pack.last_roll > SPARE_IDLE:
                             await trio.to_thread.run_sync(pack.trim_spares_blocking, SPARES)
@@ -574,13 +576,16 @@ class Array(RecoveryOps, ShadowOps):
                                                      f"data: {e}")
                     await trio.sleep(1)
 
-    def _garbage_pressing(self) -> bool:
-        """Overwritten data worth reclaiming now rather than at the next
-        GC interval (random writes into large blocks make it fast)."""
-        # both logical: a mirror's copies would double the bar and leave
-        # its overwrites in fresh segment files for twice as long
-        stored = sum(p.data_bytes() for p in self.packs.values())
-        return self._garbage > max(GC_GARBAGE_MIN, stored // 4)
+    def _garbage_pressing(self) -> list:
+        """The packs with overwritten data worth reclaiming now rather than
+        at the next GC interval: a quarter of what each stores (so the
+        marking, which walks that pack's maps, stays in proportion). Per
+        pack: against the whole array, one LUN's overwrite pass found no GC
+        until it ended, and all of it went to fresh segment files. Both
+        sides logical: a mirror's copies would double the bar."""
+        return [name for name, garbage in self._garbage.items()
+                if name in self.packs
+                and garbage > max(GC_GARBAGE_MIN, self.packs[name].data_bytes() // 4)]
 
     def _needs_commit(self) -> bool:
         return bool(self.cache.dirty or self._dirty_rows or not self._pending.empty()
@@ -666,7 +671,7 @@ class Array(RecoveryOps, ShadowOps):
                 continue
             old = vol.overlay.get(e.bno)
             if old is not None and old != bid and old != ZERO_ID:
-                self._garbage += vol.block_size     # flushed, then overwritten
+                self._add_garbage(vol)               # flushed, then overwritten
                 self._gc_wanted = True
             vol.overlay[e.bno] = bid
             cache.mark_clean(e, gen)
@@ -752,7 +757,7 @@ class Array(RecoveryOps, ShadowOps):
             self._dirty_rows.add(vol)
             if stats["replaced"]:
                 self._gc_wanted = True   # something was overwritten or zeroed
-                self._garbage += stats["replaced"] * vol.block_size
+                self._add_garbage(vol, stats["replaced"])
 
     async def _commit(self, flush: bool = True) -> None:
         """The commit point. Caller holds `_lock`. flush=False commits only
@@ -834,18 +839,27 @@ class Array(RecoveryOps, ShadowOps):
                     raise err
 
     # ---- garbage collection ----------------------------------------------------
-    async def _gc(self) -> None:
+    def _add_garbage(self, vol: Volume, blocks: int = 1) -> None:
+        name = vol.pack.name
+        self._garbage[name] = self._garbage.get(name, 0) + blocks * vol.block_size
+
+    async def _gc(self, only: list | None = None) -> None:
         """Mark every block reachable from a volume, sweep the rest, compact
-        sparse segments, commit, delete emptied segments. Caller holds
-        `_lock`."""
-        self._gc_wanted = False
-        self._garbage = 0
-        self._last_gc = time.monotonic()
+        sparse segments, commit, delete emptied segments; with `only`, in
+        those packs alone (their volumes' maps are all it walks). Caller
+        holds `_lock`."""
+        if only is None:
+            self._gc_wanted = False
+            self._garbage.clear()
+            self._last_gc = time.monotonic()
+        for name in only or ():
+            self._garbage.pop(name, None)
         await self._flush()
         await self._merge()
-        live, seen = await self._mark_live()
+        live, seen = await self._mark_live(only)
         freed = 0
-        for name, pack in self.packs.items():
+        for name in live:
+            pack = self.packs[name]
             freed += pack.sweep(live[name])
             pack.seal_if_sparse()
             await self._compact(pack)
@@ -892,24 +906,29 @@ class Array(RecoveryOps, ShadowOps):
             for b, loc in zip(bids, locs):
                 pack.add(b, loc)
 
-    async def _mark_live(self):
+    async def _mark_live(self, only: list | None = None):
         """Every id reachable from a volume, an overlay or a pinned root,
-        per pack."""
-        live: dict = {name: set() for name in self.packs}
-        seen: dict = {name: set() for name in self.packs}   # per pack: a node shared
-        for vol in list(self.volumes.values()):             # across packs counts in each
+        per pack (of the packs in `only`, default all)."""
+        names = list(self.packs) if only is None else [n for n in only if n in self.packs]
+        live: dict = {name: set() for name in names}
+        seen: dict = {name: set() for name in names}   # per pack: a node shared
+        for vol in list(self.volumes.values()):        # across packs counts in each
             if vol.source is not None:     # its blocks must stay in both packs
+                if vol.source.name not in live and vol.pack.name not in live:
+                    continue
                 mine: set = set(vol.overlay.values())
                 await maps.mark(vol.root, vol.height, self.loader(vol), mine, set())
-                live[vol.source.name] |= mine
-                live[vol.pack.name] |= mine
-            else:
+                for name in (vol.source.name, vol.pack.name):
+                    if name in live:
+                        live[name] |= mine
+            elif vol.pack.name in live:
                 await maps.mark(vol.root, vol.height, self.loader(vol),
                                 live[vol.pack.name], seen[vol.pack.name])
                 live[vol.pack.name].update(vol.overlay.values())
         for vol, root, height in list(self._pins):
-            await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
-                            seen[vol.pack.name])
+            if vol.pack.name in live:
+                await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
+                                seen[vol.pack.name])
         return live, seen
 
     async def _reclaim(self) -> None:

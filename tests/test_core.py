@@ -630,11 +630,43 @@ async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path,
         # GC is pressing at a quarter of the data overwritten, logical bytes
         # on both sides (not a mirror's two copies against one)
         monkeypatch.setattr(array_mod, "GC_GARBAGE_MIN", 0)
-        a._garbage = pack.data_bytes() // 4 + 1
-        assert a._garbage_pressing()
-        a._garbage = pack.data_bytes() // 4 - 1
-        assert not a._garbage_pressing()
+        a._garbage = {"m": pack.data_bytes() // 4 + 1}
+        assert a._garbage_pressing() == ["m"]
+        a._garbage = {"m": pack.data_bytes() // 4 - 1}
+        assert a._garbage_pressing() == []
         await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_gc_pressed_by_one_pack_walks_and_sweeps_that_pack_alone(tmp_path):
+    """Garbage is counted per pack, and a GC called for by one pack's
+    overwrites marks and sweeps that pack alone: the other keeps its
+    garbage (and its count) for the next full GC, and nothing live is lost
+    in either."""
+    init_array(str(tmp_path / "arr"), packs=[f"a=single:{tmp_path}/d0",
+                                             f"b=single:{tmp_path}/d1"])
+
+    async def body(a):
+        rng = random.Random(8)
+        vols = {n: await a.create_lun(f"l{n}", "4M", pack=n) for n in "ab"}
+        for _ in range(2):
+            for v in vols.values():
+                await v.write(0, rng.randbytes(4 * MiB))
+            await a.sync()
+        want = {n: await v.read(0, 4 * MiB) for n, v in vols.items()}
+        pa, pb = a.packs["a"], a.packs["b"]
+        assert set(a._garbage) == {"a", "b"} and a._garbage["a"] >= 4 * MiB
+        before_a, before_b = len(pa.index), len(pb.index)      # blocks and map nodes
+        async with a._lock:
+            await a._gc(["a"])
+        assert len(pa.index) <= before_a - 64, (before_a, len(pa.index))   # 4M of 64K
+        assert len(pb.index) == before_b
+        assert set(a._garbage) == {"b"}
+        for n, v in vols.items():
+            assert await v.read(0, 4 * MiB) == want[n]
+        await a.collect_garbage()
+        assert len(pb.index) <= before_b - 64 and not a._garbage
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", body)
 
