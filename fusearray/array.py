@@ -553,6 +553,7 @@ class Array(RecoveryOps, ShadowOps):
                         while cache.dirty_bytes > cache.flush_to and budget > 0:
                             await self._flush(FLUSH_BATCH)
                             budget -= FLUSH_BATCH
+                            await self._reclaim_as_we_go()
                     now = time.monotonic()
                     piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
                     if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
@@ -575,6 +576,21 @@ class Array(RecoveryOps, ShadowOps):
                     self.cache.errors["*"] = ioerror(f"the array could not write back "
                                                      f"data: {e}")
                     await trio.sleep(1)
+
+    async def _reclaim_as_we_go(self) -> None:
+        """In a long write-back (a LUN overwritten end to end): once
+        OVERLAY_MERGE is flushed, fold it into the maps, and if that shows
+        a pack's garbage pressing, collect it there and then, without
+        flushing the rest (the old data's segments become spares for the
+        rest of the flush instead of after it: one overwrite pass took
+        twice the LUN's space, all of it new files, at a quarter of the
+        speed on the bench VM). Caller holds `_lock`."""
+        if sum(len(v.overlay) * v.block_size for v in self.volumes.values()) < OVERLAY_MERGE:
+            return
+        await self._merge()
+        pressing = self._garbage_pressing()
+        if pressing:
+            await self._gc(pressing, flush=False)
 
     def _garbage_pressing(self) -> list:
         """The packs with overwritten data worth reclaiming now rather than
@@ -843,18 +859,20 @@ class Array(RecoveryOps, ShadowOps):
         name = vol.pack.name
         self._garbage[name] = self._garbage.get(name, 0) + blocks * vol.block_size
 
-    async def _gc(self, only: list | None = None) -> None:
+    async def _gc(self, only: list | None = None, flush: bool = True) -> None:
         """Mark every block reachable from a volume, sweep the rest, compact
         sparse segments, commit, delete emptied segments; with `only`, in
-        those packs alone (their volumes' maps are all it walks). Caller
-        holds `_lock`."""
+        those packs alone (their volumes' maps are all it walks); with
+        flush=False, what is already stored only (dirty blocks stay in the
+        cache; see _commit). Caller holds `_lock`."""
         if only is None:
             self._gc_wanted = False
             self._garbage.clear()
             self._last_gc = time.monotonic()
         for name in only or ():
             self._garbage.pop(name, None)
-        await self._flush()
+        if flush:
+            await self._flush()
         await self._merge()
         live, seen = await self._mark_live(only)
         freed = 0
@@ -863,7 +881,7 @@ class Array(RecoveryOps, ShadowOps):
             freed += pack.sweep(live[name])
             pack.seal_if_sparse()
             await self._compact(pack)
-        await self._commit()
+        await self._commit(flush)
         if freed:
             log.info("gc freed %s", human_bytes(freed))
         await self._retry_full_packs()

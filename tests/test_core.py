@@ -671,6 +671,50 @@ async def test_gc_pressed_by_one_pack_walks_and_sweeps_that_pack_alone(tmp_path)
     await with_array(tmp_path / "arr", body)
 
 
+async def test_a_long_write_back_collects_the_garbage_it_makes_as_it_goes(tmp_path,
+                                                                         monkeypatch):
+    """A LUN overwritten end to end with a large cache: the committer's
+    write-back folds each OVERLAY_MERGE into the maps and, once that
+    pack's garbage is pressing, collects it without flushing the rest, so
+    the old data's segment files are reused by the same write-back. Before,
+    the whole write-back went to new files and the garbage was found after
+    it: an overwrite needed twice the LUN's space."""
+    from fusearray import array as array_mod
+    monkeypatch.setattr(array_mod, "OVERLAY_MERGE", 8 * MiB)
+    monkeypatch.setattr(array_mod, "GC_GARBAGE_MIN", 0)
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        pack = a.packs["main"]
+        pack.seg_limit = 4 * MiB
+        vol = await a.create_lun("l", "96M")
+        rng = random.Random(12)
+        await vol.write(0, rng.randbytes(96 * MiB))
+        await a.sync()
+        await a.collect_garbage()
+        rolls = []
+        roll = pack._roll_blocking
+
+        def spy():
+            rolls.append(bool(pack.spares))
+            roll()
+        monkeypatch.setattr(pack, "_roll_blocking", spy)
+        new = rng.randbytes(96 * MiB)
+        for off in range(0, 96 * MiB, MiB):
+            await vol.write(off, new[off:off + MiB])
+        cache = a.cache
+        assert cache.dirty_bytes > cache.flush_at     # the committer's write-back, not sync's
+        with trio.fail_after(30):
+            while cache.dirty_bytes > cache.flush_to:
+                await trio.sleep(0.05)
+        assert len(rolls) >= 10 and any(rolls), rolls
+        await a.sync()
+        assert await vol.read(0, 96 * MiB) == new
+        await a.collect_garbage()
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", body, cache=256 * MiB)
+
+
 async def test_delete_reclaims_space(tmp_path):
     init_array(str(tmp_path / "arr"))
 
