@@ -120,6 +120,64 @@ def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tm
     pack.close_blocking()
 
 
+def _resident(path, off, n):
+    """How many pages of path's [off, off+n) are in the page cache (mincore
+    on a mapping of our own, which touches nothing)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    start = off - off % mmap.PAGESIZE
+    length = off + n - start
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        try:
+            anchor = ctypes.c_char.from_buffer(m)
+            base = ctypes.addressof(anchor) + start
+            del anchor
+            vec = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+            assert libc.mincore(ctypes.c_void_p(base), length, vec) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            m.close()
+
+
+def test_mapped_reads_on_a_disk_leave_pages_not_in_memory_to_the_ordinary_read(tmp_path):
+    """On a pack whose disks are not tmpfs a page fault on a mapped file
+    would wait for the device on the event loop, so a block whose pages
+    are not all in memory (mincore) fails the mapped check without being
+    touched; once the ordinary read brought it in, it is served mapped."""
+    from fusearray.store import _in_memory
+    if _in_memory(str(tmp_path)):
+        pytest.skip("needs a disk-backed directory for the page cache to drop pages")
+    h = Hasher(79)
+    pack = Pack("p", "single", [labelled(tmp_path / "d0")], h)
+    pack.open_blocking([])
+    rng = random.Random(6)
+    datas = [rng.randbytes(64 << 10) for _ in range(8)]
+    bids = [h.block_id(d) for d in datas]
+    locs = pack.append_blocking(list(zip(bids, datas)))
+    pack.sync_blocking()
+    path = pack.disk.seg_path(locs[0][0])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # clean after the fsync
+    finally:
+        os.close(fd)
+    _, off, n = locs[3]
+    assert _resident(path, off, n) == 0, "the page cache kept the pages"
+    views = pack.mapped_blocks(bids, locs)
+    assert views == [None] * len(bids)
+    assert _resident(path, off, n) == 0            # the check did not fault them in
+    del views
+    assert pack.read_blocking(bids[3], locs[3]) == datas[3]
+    assert _resident(path, off, n) > 0
+    views = pack.mapped_blocks(bids, locs)
+    assert bytes(views[3]) == datas[3]
+    del views
+    pack.close_blocking()
+
+
 def test_raid5_mapped_reads_hash_a_block_in_pieces_across_the_disks(tmp_path):
     """A RAID-5 block lies in 64 KiB chunks on several data disks; mapped
     reads give its pieces (a tuple of views, in order, from more than one
