@@ -823,7 +823,8 @@ class Array(RecoveryOps, ShadowOps):
         if flushed:
             self.durable_seq = max(self.durable_seq, seq)
         self._meta_changed = False
-        self._last_commit = time.monotonic()
+        if flush:       # commits of what is stored (GC during a write-back) don't put it off
+            self._last_commit = time.monotonic()
         await self._delete_dead_segments()
 
     async def _delete_dead_segments(self) -> None:
