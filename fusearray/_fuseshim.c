@@ -528,7 +528,9 @@ static PyObject *xxh3_build(PyObject *self, PyObject *noargs)
 }
 
 /* Hash every buffer of `seq` with the GIL released: `width` 16 (XXH3-128
- * keyed with `seed`) or 8 (XXH3-64, unseeded), in the canonical
+ * keyed with `seed`), 8 (XXH3-64, unseeded) or 24 (both, the 64 first:
+ * one buffer after the other, so the second pass reads it from the CPU's
+ * cache, not from memory), in the canonical
  * (big-endian) form python-xxhash's digests give; `generic` forces the
  * baseline build whatever the CPU (the tests check both). Returns a list
  * of bytes. */
@@ -557,10 +559,11 @@ static PyObject *hash_many(PyObject *seq, unsigned long long seed, int width, in
             goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (width == 16)
-            h128(views[i].buf, (size_t)views[i].len, seed, out + 16 * i);
-        else
-            h64(views[i].buf, (size_t)views[i].len, out + 8 * i);
+        unsigned char *o = out + (size_t)width * i;
+        if (width != 16)
+            h64(views[i].buf, (size_t)views[i].len, o);
+        if (width != 8)
+            h128(views[i].buf, (size_t)views[i].len, seed, o + (width == 24 ? 8 : 0));
     }
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
@@ -592,6 +595,19 @@ static PyObject *hash128_many(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
         return NULL;
     return hash_many(seq, seed, 16, build == 1);
+}
+
+/* hash64_128_many(buffers, seed[, build]) -> [24 bytes: the XXH3-64 digest,
+ * then the keyed XXH3-128 id]: an import checks each block against the
+ * stream's hash and takes its id in one pass over the batch. */
+static PyObject *hash64_128_many(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
+    unsigned long long seed;
+    int build = 0;
+    if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
+        return NULL;
+    return hash_many(seq, seed, 24, build == 1);
 }
 
 /* hash64_many(buffers[, build]) -> [8-byte digests]: the stream's record
@@ -811,6 +827,8 @@ static PyMethodDef shim_methods[] = {
      "keyed XXH3-128 ids of buffers, GIL released"},
     {"hash64_many", hash64_many, METH_VARARGS,
      "XXH3-64 digests of buffers, GIL released"},
+    {"hash64_128_many", hash64_128_many, METH_VARARGS,
+     "XXH3-64 digest and keyed XXH3-128 id of each buffer, one pass, GIL released"},
     {"xxh3_build", xxh3_build, METH_NOARGS, "the XXH3 build in use: avx2 or generic"},
     {"verify_mapped", verify_mapped, METH_VARARGS,
      "check blocks' ids where they lie in mapped files, SIGBUS-guarded"},

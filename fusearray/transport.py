@@ -32,8 +32,9 @@ U64 = struct.Struct("<Q")
 log = logging.getLogger("fusearray")
 try:
     from ._fuseshim import hash64_many as _shim_hash64_many
+    from ._fuseshim import hash64_128_many as _shim_hash64_128_many
 except ImportError:         # built without xxhash.h: python-xxhash, GIL held
-    _shim_hash64_many = None
+    _shim_hash64_many = _shim_hash64_128_many = None
 FORMAT = 2
 EXPORT_BATCH = 64
 IMPORT_BATCH = 16 << 20
@@ -318,6 +319,35 @@ def _hash64_many(datas) -> list:
     if _shim_hash64_many is not None:
         return _shim_hash64_many(datas)
     return [xxhash.xxh3_64_digest(d) for d in datas]
+
+
+def _check_and_ids(hasher, items, checks) -> list:
+    """The import's hashing of a batch: each block sent checked against
+    the stream's xxh3_64 (ArrayError EIO naming the first that differs),
+    and every block's id (ZERO_ID for a zero block). A block sent whole is
+    hashed both ways in one pass (the shim's hash64_128_many: the second
+    hash reads it from the CPU's cache); a short last block is padded,
+    so its id is taken from the padded copy."""
+    from .array import _block_ids
+    sent = [c[1] for c in checks]
+    both = _shim_hash64_128_many(sent, hasher.seed) if _shim_hash64_128_many else None
+    for (i, _, want, off), got in zip(checks, (b[:8] for b in both) if both is not None
+                                      else _hash64_many(sent)):
+        if got != want:
+            v, bno, _ = items[i]
+            raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of {v.name} "
+                             f"(stream offset {off}) does not match its hash")
+    datas = [d for _, _, d in items]
+    if both is None:
+        return _block_ids(hasher, datas)
+    ids: list = [None] * len(items)
+    for (i, data, _, _), b in zip(checks, both):
+        if data is datas[i]:
+            ids[i] = hasher._id(data, b[8:])
+    rest = [k for k, d in enumerate(datas) if ids[k] is None and d is not None]
+    for k, bid in zip(rest, hasher.block_ids([datas[k] for k in rest])):
+        ids[k] = bid
+    return [ZERO_ID if d is None else bid for d, bid in zip(datas, ids)]
 
 
 def _check_header(h) -> dict:
@@ -666,19 +696,9 @@ class Importer:
         them under the array's lock. Nothing is referenced before this
         succeeds (a checkpoint or the trailer waits for it), so a damaged
         block fails the import."""
-        from .array import _block_ids, _Collision, _store_hashed
+        from .array import _Collision, _store_hashed
         a = self.array
-        datas = [d for _, _, d in items]
-
-        def verify_and_hash():
-            for (i, _, want, off), got in zip(checks, _hash64_many([c[1] for c in checks])):
-                if got != want:
-                    v, bno, _ = items[i]
-                    raise ArrayError(errno.EIO, f"the stream is damaged: block {bno} of "
-                                     f"{v.name} (stream offset {off}) does not match its "
-                                     "hash")
-            return _block_ids(a.hasher, datas)
-        ids = await trio.to_thread.run_sync(verify_and_hash)
+        ids = await trio.to_thread.run_sync(_check_and_ids, a.hasher, items, checks)
         if after is not None:
             await after.wait()
             if self.stored != seq - 1:

@@ -319,6 +319,38 @@ def test_native_block_ids_match_python_xxhash():
     assert transport._hash64_many([bytearray(d) for d in data]) == want64
 
 
+def test_import_checks_and_ids_in_one_pass_match_the_two_pass_way():
+    """An import batch is checked against the stream's xxh3_64 and given
+    its ids in one pass (hash64_128_many); the ids must be the ones the
+    two passes gave: whole blocks, a block of zeros sent as data, a short
+    last block (padded, so its id is the padded copy's) and a zero record;
+    a block that does not match its hash is EIO naming it."""
+    import xxhash
+
+    from fusearray import transport
+    from fusearray.array import _block_ids
+    assert transport._shim_hash64_128_many is not None, "the shim was built without XXH3"
+    h = Hasher(0x1234)
+    bs = 64 << 10
+
+    class V:
+        name = "lun0"
+    v = V()
+    rng = random.Random(1)
+    sent = [rng.randbytes(bs), bytes(bs), rng.randbytes(bs), rng.randbytes(5000)]
+    datas = sent[:3] + [sent[3] + bytes(bs - 5000)]
+    items = [(v, i, d) for i, d in enumerate(datas)] + [(v, 9, None)]
+    checks = [(i, s, xxhash.xxh3_64_digest(s), 100 * i) for i, s in enumerate(sent)]
+    want = _block_ids(h, [d for _, _, d in items])
+    assert want[1] == want[4] == ZERO_ID
+    assert transport._check_and_ids(h, items, checks) == want
+    bad = list(checks)
+    bad[2] = (2, sent[2], bytes(8), 200)
+    with pytest.raises(ArrayError) as e:
+        transport._check_and_ids(h, items, bad)
+    assert e.value.errno == errno.EIO and "block 2 of lun0 (stream offset 200)" in str(e.value)
+
+
 def test_hasher_keyed_and_zero():
     a, b = Hasher(1), Hasher(2)
     data = b"x" * 4096
