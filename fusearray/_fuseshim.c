@@ -638,6 +638,38 @@ static struct sigaction bus_prev;
 static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
 static int bus_ok;
 
+/*
+ * Stream files mapped for an import (map_stream). The importer parses,
+ * hashes and appends the blocks straight from the mapping (no read copy).
+ * If the file is cut short meanwhile, touching a page past its new end
+ * raises SIGBUS, in Python's parsing or in a hashing thread alike: the
+ * handler maps zeros over the rest of that mapping and returns, so the
+ * bytes read as zeros, the blocks fail the stream's hashes and the import
+ * fails as damaged, as it should. Slots hold [lo, hi) of each live
+ * mapping; the handler only reads them (atomically).
+ */
+#define STREAM_SLOTS 16
+static uintptr_t stream_lo[STREAM_SLOTS], stream_hi[STREAM_SLOTS];
+static pthread_mutex_t stream_slots_lock = PTHREAD_MUTEX_INITIALIZER;
+static uintptr_t bus_page = 4096;
+
+static int stream_zero_fill(uintptr_t addr)
+{
+    for (int i = 0; i < STREAM_SLOTS; i++) {
+        uintptr_t lo = __atomic_load_n(&stream_lo[i], __ATOMIC_ACQUIRE);
+        uintptr_t hi = __atomic_load_n(&stream_hi[i], __ATOMIC_ACQUIRE);
+        if (lo && addr >= lo && addr < hi) {
+            uintptr_t at = addr & ~(bus_page - 1);
+            int saved = errno;
+            void *p = mmap((void *)at, hi - at, PROT_READ,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            errno = saved;
+            return p != MAP_FAILED;
+        }
+    }
+    return 0;
+}
+
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
     sigjmp_buf *jb = bus_guard;
@@ -645,6 +677,8 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
         bus_guard = NULL;
         siglongjmp(*jb, 1);
     }
+    if (si && stream_zero_fill((uintptr_t)si->si_addr))
+        return;         /* the access is retried and reads zeros */
     if ((bus_prev.sa_flags & SA_SIGINFO) && bus_prev.sa_sigaction) {
         bus_prev.sa_sigaction(sig, si, uc);
     } else if (bus_prev.sa_handler != SIG_DFL && bus_prev.sa_handler != SIG_IGN) {
@@ -657,6 +691,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 static void bus_install(void)
 {
     struct sigaction sa;
+    bus_page = (uintptr_t)sysconf(_SC_PAGESIZE);
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_sigbus;
     sa.sa_flags = SA_SIGINFO;
@@ -818,6 +853,123 @@ done:
     Py_XDECREF(idf);
     return result;
 }
+
+typedef struct {
+    PyObject_HEAD
+    char *base;             /* the mapping, maplen bytes */
+    size_t maplen;
+    char *data;             /* the stream's bytes in it */
+    Py_ssize_t len;
+    int slot;
+} StreamMap;
+
+static int smap_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    StreamMap *m = (StreamMap *)self;
+    return PyBuffer_FillInfo(view, self, m->data, m->len, 1, flags);
+}
+
+static void smap_dealloc(PyObject *self)
+{
+    StreamMap *m = (StreamMap *)self;    /* no view left: nothing reads it now */
+    if (m->slot >= 0) {
+        pthread_mutex_lock(&stream_slots_lock);
+        __atomic_store_n(&stream_lo[m->slot], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&stream_hi[m->slot], 0, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&stream_slots_lock);
+    }
+    if (m->base)
+        munmap(m->base, m->maplen);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyBufferProcs smap_as_buffer = {smap_getbuffer, NULL};
+
+static PyTypeObject StreamMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fusearray._fuseshim.StreamMap",
+    .tp_basicsize = sizeof(StreamMap),
+    .tp_dealloc = smap_dealloc,
+    .tp_as_buffer = &smap_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "a stream file mapped read-only for an import (a buffer)",
+};
+
+/* map_stream(fd, offset, length) -> StreamMap: bytes [offset, offset+length)
+ * of the file, mapped read-only and guarded (see stream_zero_fill);
+ * OSError when it cannot be (the caller reads the file instead). */
+static PyObject *map_stream(PyObject *self, PyObject *args)
+{
+    int fd;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &offset, &length))
+        return NULL;
+    pthread_once(&bus_once, bus_install);
+    if (!bus_ok || offset < 0 || length <= 0) {
+        errno = bus_ok ? EINVAL : ENOSYS;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    long long aligned = offset & ~(long long)(bus_page - 1);
+    size_t lead = (size_t)(offset - aligned);
+    size_t maplen = (lead + (size_t)length + bus_page - 1) & ~(size_t)(bus_page - 1);
+    void *p = mmap(NULL, maplen, PROT_READ, MAP_SHARED, fd, (off_t)aligned);
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    madvise(p, maplen, MADV_SEQUENTIAL);
+    int slot = -1;
+    pthread_mutex_lock(&stream_slots_lock);
+    for (int i = 0; i < STREAM_SLOTS && slot < 0; i++)
+        if (!__atomic_load_n(&stream_lo[i], __ATOMIC_ACQUIRE)) {
+            slot = i;
+            __atomic_store_n(&stream_hi[i], (uintptr_t)p + maplen, __ATOMIC_RELEASE);
+            __atomic_store_n(&stream_lo[i], (uintptr_t)p, __ATOMIC_RELEASE);
+        }
+    pthread_mutex_unlock(&stream_slots_lock);
+    if (slot < 0) {
+        munmap(p, maplen);
+        errno = EBUSY;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    StreamMap *m = PyObject_New(StreamMap, &StreamMapType);
+    if (!m) {
+        pthread_mutex_lock(&stream_slots_lock);
+        __atomic_store_n(&stream_lo[slot], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&stream_hi[slot], 0, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&stream_slots_lock);
+        munmap(p, maplen);
+        return NULL;
+    }
+    m->base = p;
+    m->maplen = maplen;
+    m->data = (char *)p + lead;
+    m->len = (Py_ssize_t)length;
+    m->slot = slot;
+    return (PyObject *)m;
+}
+
+/* populate(buffer): fault the pages of a mapped buffer in (from a worker
+ * thread, so the parser on the event loop never waits for a disk);
+ * MADV_POPULATE_READ, or a read of each page where the kernel lacks it.
+ * A page past a cut-short file is left to the SIGBUS handling. */
+static PyObject *populate(PyObject *self, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    uintptr_t a = (uintptr_t)v.buf & ~(bus_page - 1), end = (uintptr_t)v.buf + v.len;
+#ifdef MADV_POPULATE_READ
+    if (madvise((void *)a, end - a, MADV_POPULATE_READ) != 0 && errno == EINVAL)
+#endif
+    {
+        volatile const char *c = (volatile const char *)v.buf;
+        for (Py_ssize_t i = 0; i < v.len; i += (Py_ssize_t)bus_page)
+            (void)c[i];
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
 #endif
 
 static PyMethodDef shim_methods[] = {
@@ -832,6 +984,9 @@ static PyMethodDef shim_methods[] = {
     {"xxh3_build", xxh3_build, METH_NOARGS, "the XXH3 build in use: avx2 or generic"},
     {"verify_mapped", verify_mapped, METH_VARARGS,
      "check blocks' ids where they lie in mapped files, SIGBUS-guarded"},
+    {"map_stream", map_stream, METH_VARARGS,
+     "a stream file mapped read-only for an import, zeros if cut short"},
+    {"populate", populate, METH_O, "fault a mapped buffer's pages in, GIL released"},
 #endif
     {"reply_plan", reply_plan, METH_O,
      "a read reply gathered from buffers: return the memoryview it gives"},
@@ -845,4 +1000,11 @@ static struct PyModuleDef shim_module = {
     -1, shim_methods,
 };
 
-PyMODINIT_FUNC PyInit__fuseshim(void) { return PyModule_Create(&shim_module); }
+PyMODINIT_FUNC PyInit__fuseshim(void)
+{
+#ifdef HAVE_XXHASH
+    if (PyType_Ready(&StreamMapType) < 0)
+        return NULL;
+#endif
+    return PyModule_Create(&shim_module);
+}

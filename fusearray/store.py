@@ -46,6 +46,10 @@ LABEL = "fusearray-disk.json"
 _IOV_MAX = 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 CHUNK = 64 << 10          # raid5 stripe unit
+#: write errors that say nothing about the disk: raised to the caller, not
+#: counted against it (EFAULT: the source buffer faulted, e.g. a stream file
+#: cut short under an import's mapping)
+_NOT_THE_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFAULT)
 MAPS_MAX = 64             # segment files kept mapped for reads
 ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
 
@@ -598,7 +602,7 @@ class Pack:
                 self._unsynced.add((d.idx, seq))
                 wrote += 1
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if e.errno in _NOT_THE_DISK:
                     raise
                 last = e
                 self.disk_error(d, f"write failed: {e.strerror}")
@@ -666,7 +670,7 @@ class Pack:
             _pwritev_all(fd, data if type(data) is list else [data], off)
             self._unsynced.add((di, seq))
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in _NOT_THE_DISK:
                 raise
             self.disk_error(d, f"write failed: {e.strerror}")
 

@@ -40,6 +40,11 @@ import trio
 from . import ctl, transport
 from .errors import ArrayError, invalid
 
+try:
+    from ._fuseshim import map_stream as _map_stream, populate as _populate
+except ImportError:         # built without xxhash.h: the stream is read
+    _map_stream = _populate = None
+
 log = logging.getLogger("fusearray")
 
 MAX_LINE = 4096
@@ -72,6 +77,25 @@ def _read_into(fd: int, buf: bytearray) -> int:
     while got < len(buf) and (n := os.readv(fd, [mv[got:]])):
         got += n
     return got
+
+
+def _map_source(fd: int):
+    """(mapping, end offset) of the rest of a regular file from its current
+    offset, mapped read-only (the shim's map_stream: a file cut short meanwhile
+    reads as zeros past its new end, so the import fails as damaged, never
+    the daemon); None for a pipe, a small rest, or no shim: then it is read."""
+    if _map_stream is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        if st.st_size - pos < READ_CHUNK:
+            return None
+        return _map_stream(fd, pos, st.st_size - pos), st.st_size
+    except OSError:
+        return None
 
 
 class ChunkPool:
@@ -302,8 +326,28 @@ class StreamServer:
                     if not n:
                         return
 
+        async def mapped():
+            """The part of a file there at the start, parsed where it lies:
+            no read copy. What follows (a file still growing) is read."""
+            nonlocal got
+            source = _map_source(fd)
+            if source is None:
+                return
+            whole, end = memoryview(source[0]), source[1]
+            log.info("import: the stream file is mapped (%d bytes parsed where they lie)",
+                     len(whole))
+            for at in range(0, len(whole), READ_CHUNK):
+                piece = whole[at:at + READ_CHUNK]
+                await trio.to_thread.run_sync(_populate, piece)   # disk waits off the loop
+                with trio.CancelScope(shield=True):       # a chunk is parsed whole
+                    await imp.feed(piece)
+                got += len(piece)
+                await self._progress(conn, last, got)
+            os.lseek(fd, end, os.SEEK_SET)
+
         async def work():
             nonlocal got
+            await mapped()
             send, recv = trio.open_memory_channel(READ_AHEAD)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader, send)

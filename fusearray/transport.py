@@ -708,6 +708,9 @@ class Importer:
                 added = await trio.to_thread.run_sync(
                     _store_hashed, [(v.pack, d) for v, _, d in items], ids, a.verify)
             except OSError as e:
+                if e.errno == errno.EFAULT:     # a mapped stream file cut short
+                    raise ArrayError(errno.EIO, "the stream is damaged: its file was cut "
+                                     "short while it was imported") from None
                 raise a._append_error(items[0][0].pack, e) from None
             except _Collision as c:
                 raise ArrayError(errno.EIO, f"hash collision in pack {c.pack} on id "

@@ -1171,3 +1171,63 @@ async def test_pooled_import_reuses_a_chunk_only_once_its_blocks_are_stored(
             await a.close()
             await b.close()
             n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_a_mapped_stream_file_cut_short_mid_import_fails_it_as_damaged(tmp_path, cut):
+    """An import from a regular file parses, hashes and appends the blocks
+    where they lie in the mapped file (streamsock._map_source). A file cut
+    short meanwhile would raise SIGBUS in the parser or a hashing thread
+    and kill the daemon; the shim maps zeros over the rest instead, so the
+    import fails (a corrupt record or a damaged block), leaves nothing
+    behind, and the process lives.
+    Uncut, the mapped import is bit-exact."""
+    from fusearray import streamsock, transport
+    init_array(str(tmp_path / "a"))
+    init_array(str(tmp_path / "b"))
+    data = os.urandom(24 * MiB)
+    path = tmp_path / "s1.fas"
+    async with trio.open_nursery() as n:
+        a, b = Array(str(tmp_path / "a"), 8 * MiB), Array(str(tmp_path / "b"), 8 * MiB)
+        await a.open(n)
+        await b.open(n)
+        try:
+            lun = await a.create_lun("lun0", "24M")
+            await lun.write(0, data)
+            await a.snapshot(["lun0"], "s1")
+            with open(path, "wb") as f:
+                async for batch in transport.export_stream(a, "s1"):
+                    for p in batch:
+                        f.write(p)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                source = streamsock._map_source(fd)
+            finally:
+                os.close(fd)            # the mapping does not need it
+            assert source is not None, "a regular file of 24 MiB was not mapped"
+            whole = memoryview(source[0])
+            imp = transport.start_import(b, "")
+            step = streamsock.READ_CHUNK
+            try:
+                for at in range(0, len(whole), step):
+                    if cut and at == step:
+                        os.truncate(path, step + 12345)     # under the live mapping
+                    streamsock._populate(whole[at:at + step])
+                    await imp.feed(whole[at:at + step])
+                await imp.end_of_input()
+            except ArrayError as e:
+                # zeros where records were: a bad record or a block off its hash
+                assert cut and ("corrupt stream" in e.message or "damaged" in e.message), \
+                    e.message
+                await imp.interrupted()
+                assert "s1" not in b.sets
+            else:
+                assert not cut, "a stream cut short was imported"
+                assert await b.shadow("s1/lun0").read(0, 24 * MiB) == data
+            del whole, source
+            await b.collect_garbage()
+            await assert_clean(b, strict=True)
+        finally:
+            await a.close()
+            await b.close()
+            n.cancel_scope.cancel()

@@ -196,6 +196,11 @@ def proc_status(pid: int, field: str) -> int:
 
 
 # ---- 1. full round trip, through a file and through a pipe --------------------------
+def mapped_imports(m) -> int:
+    with open(os.path.join(m.array, "daemon.log")) as f:
+        return f.read().count("import: the stream file is mapped")
+
+
 def test_round_trip_file_and_pipe_between_two_arrays(make_mount, tmp_path):
     a, b = pair(make_mount)
     a.ok("create", "db 24M")
@@ -231,10 +236,12 @@ def test_round_trip_file_and_pipe_between_two_arrays(make_mount, tmp_path):
     assert h_b["hidden"] is True and h_b["wwn"] == h_src["wwn"] and h_b["readonly"] is True
     assert set_row(b, "S")["created"] == set_row(a, "S")["created"]
     assert read(b.path("snapshots", "S", "db"), 3 * MiB, 16) != b"\xee" * 16
+    assert mapped_imports(b) == 1, "the stream file was read, not mapped (streamsock)"
 
     # through a pipe, under another name, new identities
     r = sh(f"{FA} -m {a.mnt} export S - | {FA} -m {b.mnt} import - --as S2 --remap")
     assert "imported set S2" in r.stdout, r.stdout
+    assert mapped_imports(b) == 1          # a pipe is read
     assert listed(b) == ["S", "S2"]
     seen = {src[n]["wwn"] for n in src} | {h_src["wwn"]} | \
         {v["wwn"] for v in a.status()["luns"]}
