@@ -584,17 +584,23 @@ done:
     return result;
 }
 
-/* hash128_many(buffers, seed[, build]) -> [16-byte ids] (build 1: the
- * generic code): keyed XXH3-128 block ids. The flush thread hashes a whole
- * batch while the FUSE thread goes on taking requests. */
-static PyObject *hash128_many(PyObject *self, PyObject *args)
+/* (buffers, seed[, build]) -> hash_many of `width` (build 1: the generic code) */
+static PyObject *seeded_hash_many(PyObject *args, int width)
 {
     PyObject *seq;
     unsigned long long seed;
     int build = 0;
     if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
         return NULL;
-    return hash_many(seq, seed, 16, build == 1);
+    return hash_many(seq, seed, width, build == 1);
+}
+
+/* hash128_many(buffers, seed[, build]) -> [16-byte ids]: keyed XXH3-128
+ * block ids. The flush thread hashes a whole batch while the FUSE thread
+ * goes on taking requests. */
+static PyObject *hash128_many(PyObject *self, PyObject *args)
+{
+    return seeded_hash_many(args, 16);
 }
 
 /* hash64_128_many(buffers, seed[, build]) -> [24 bytes: the XXH3-64 digest,
@@ -602,12 +608,7 @@ static PyObject *hash128_many(PyObject *self, PyObject *args)
  * stream's hash and takes its id in one pass over the batch. */
 static PyObject *hash64_128_many(PyObject *self, PyObject *args)
 {
-    PyObject *seq;
-    unsigned long long seed;
-    int build = 0;
-    if (!PyArg_ParseTuple(args, "OK|i", &seq, &seed, &build))
-        return NULL;
-    return hash_many(seq, seed, 24, build == 1);
+    return seeded_hash_many(args, 24);
 }
 
 /* hash64_many(buffers[, build]) -> [8-byte digests]: the stream's record

@@ -1,5 +1,6 @@
 """Core units without FUSE: store, maps, cache, catalogue and the array's
 commit/GC, each ending with the invariant check (fusearray.fsck)."""
+import contextlib
 import errno
 import os
 import random
@@ -1117,6 +1118,27 @@ async def test_in_flight_depth_two_keeps_two_steps_running():
     assert ended == ["b", "a", "c"] and f.last() is None
 
 
+@contextlib.asynccontextmanager
+async def a_set_and_a_receiver(tmp_path, data):
+    """Open arrays a (LUN lun0 holding `data`, a whole number of MiB, in
+    set s1) and b, to export from one into the other."""
+    init_array(str(tmp_path / "a"))
+    init_array(str(tmp_path / "b"))
+    async with trio.open_nursery() as n:
+        a, b = Array(str(tmp_path / "a"), 8 * MiB), Array(str(tmp_path / "b"), 8 * MiB)
+        await a.open(n)
+        await b.open(n)
+        try:
+            lun = await a.create_lun("lun0", f"{len(data) // MiB}M")
+            await lun.write(0, data)
+            await a.snapshot(["lun0"], "s1")
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
+            n.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("premature", [False, True])
 async def test_pooled_import_reuses_a_chunk_only_once_its_blocks_are_stored(
         tmp_path, monkeypatch, premature):
@@ -1127,8 +1149,6 @@ async def test_pooled_import_reuses_a_chunk_only_once_its_blocks_are_stored(
     so this test sees a buffer reused too early."""
     from fusearray import streamsock, transport
     monkeypatch.setattr(transport, "IMPORT_BATCH", 256 << 10)    # many batches
-    init_array(str(tmp_path / "a"))
-    init_array(str(tmp_path / "b"))
     data = os.urandom(8 * MiB)
 
     class Scribbling(streamsock.ChunkPool):
@@ -1139,38 +1159,27 @@ async def test_pooled_import_reuses_a_chunk_only_once_its_blocks_are_stored(
             self.reused += 1
             super()._reuse(chunk)
 
-    async with trio.open_nursery() as n:
-        a, b = Array(str(tmp_path / "a"), 8 * MiB), Array(str(tmp_path / "b"), 8 * MiB)
-        await a.open(n)
-        await b.open(n)
+    async with a_set_and_a_receiver(tmp_path, data) as (a, b):
+        stream = b"".join([bytes(p) async for batch in transport.export_stream(a, "s1")
+                           for p in batch])
+        imp = transport.start_import(b, "")
+        if premature:
+            imp.holding = lambda: 0
+        pool = Scribbling(100 << 10)      # records straddle the chunks
         try:
-            lun = await a.create_lun("lun0", "8M")
-            await lun.write(0, data)
-            await a.snapshot(["lun0"], "s1")
-            stream = b"".join([bytes(p) async for batch in transport.export_stream(a, "s1")
-                               for p in batch])
-            imp = transport.start_import(b, "")
-            if premature:
-                imp.holding = lambda: 0
-            pool = Scribbling(100 << 10)      # records straddle the chunks
-            try:
-                for at in range(0, len(stream), pool.size):
-                    chunk = pool.get()
-                    piece = stream[at:at + pool.size]
-                    chunk[:len(piece)] = piece
-                    await pool.feed(imp, chunk, len(piece))
-                await imp.end_of_input()
-            except ArrayError as e:
-                assert premature and "damaged" in e.message, e.message
-                assert "s1" not in b.sets
-            else:
-                assert not premature, "buffers handed back early went unnoticed"
-                assert pool.reused > 50
-                assert await b.shadow("s1/lun0").read(0, 8 * MiB) == data
-        finally:
-            await a.close()
-            await b.close()
-            n.cancel_scope.cancel()
+            for at in range(0, len(stream), pool.size):
+                chunk = pool.get()
+                piece = stream[at:at + pool.size]
+                chunk[:len(piece)] = piece
+                await pool.feed(imp, chunk, len(piece))
+            await imp.end_of_input()
+        except ArrayError as e:
+            assert premature and "damaged" in e.message, e.message
+            assert "s1" not in b.sets
+        else:
+            assert not premature, "buffers handed back early went unnoticed"
+            assert pool.reused > 50
+            assert await b.shadow("s1/lun0").read(0, 8 * MiB) == data
 
 
 @pytest.mark.parametrize("cut", [False, True])
@@ -1183,51 +1192,38 @@ async def test_a_mapped_stream_file_cut_short_mid_import_fails_it_as_damaged(tmp
     behind, and the process lives.
     Uncut, the mapped import is bit-exact."""
     from fusearray import streamsock, transport
-    init_array(str(tmp_path / "a"))
-    init_array(str(tmp_path / "b"))
     data = os.urandom(24 * MiB)
     path = tmp_path / "s1.fas"
-    async with trio.open_nursery() as n:
-        a, b = Array(str(tmp_path / "a"), 8 * MiB), Array(str(tmp_path / "b"), 8 * MiB)
-        await a.open(n)
-        await b.open(n)
+    async with a_set_and_a_receiver(tmp_path, data) as (a, b):
+        with open(path, "wb") as f:
+            async for batch in transport.export_stream(a, "s1"):
+                for p in batch:
+                    f.write(p)
+        fd = os.open(path, os.O_RDONLY)
         try:
-            lun = await a.create_lun("lun0", "24M")
-            await lun.write(0, data)
-            await a.snapshot(["lun0"], "s1")
-            with open(path, "wb") as f:
-                async for batch in transport.export_stream(a, "s1"):
-                    for p in batch:
-                        f.write(p)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                source = streamsock._map_source(fd)
-            finally:
-                os.close(fd)            # the mapping does not need it
-            assert source is not None, "a regular file of 24 MiB was not mapped"
-            whole = memoryview(source[0])
-            imp = transport.start_import(b, "")
-            step = streamsock.READ_CHUNK
-            try:
-                for at in range(0, len(whole), step):
-                    if cut and at == step:
-                        os.truncate(path, step + 12345)     # under the live mapping
-                    streamsock._populate(whole[at:at + step])
-                    await imp.feed(whole[at:at + step])
-                await imp.end_of_input()
-            except ArrayError as e:
-                # zeros where records were: a bad record or a block off its hash
-                assert cut and ("corrupt stream" in e.message or "damaged" in e.message), \
-                    e.message
-                await imp.interrupted()
-                assert "s1" not in b.sets
-            else:
-                assert not cut, "a stream cut short was imported"
-                assert await b.shadow("s1/lun0").read(0, 24 * MiB) == data
-            del whole, source
-            await b.collect_garbage()
-            await assert_clean(b, strict=True)
+            source = streamsock._map_source(fd)
         finally:
-            await a.close()
-            await b.close()
-            n.cancel_scope.cancel()
+            os.close(fd)            # the mapping does not need it
+        assert source is not None, "a regular file of 24 MiB was not mapped"
+        whole = memoryview(source[0])
+        imp = transport.start_import(b, "")
+        step = streamsock.READ_CHUNK
+        try:
+            for at in range(0, len(whole), step):
+                if cut and at == step:
+                    os.truncate(path, step + 12345)     # under the live mapping
+                streamsock._populate(whole[at:at + step])
+                await imp.feed(whole[at:at + step])
+            await imp.end_of_input()
+        except ArrayError as e:
+            # zeros where records were: a bad record or a block off its hash
+            assert cut and ("corrupt stream" in e.message or "damaged" in e.message), \
+                e.message
+            await imp.interrupted()
+            assert "s1" not in b.sets
+        else:
+            assert not cut, "a stream cut short was imported"
+            assert await b.shadow("s1/lun0").read(0, 24 * MiB) == data
+        del whole, source
+        await b.collect_garbage()
+        await assert_clean(b, strict=True)
