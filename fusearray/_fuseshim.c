@@ -700,14 +700,13 @@ static void bus_install(void)
     bus_ok = sigaction(SIGBUS, &sa, &bus_prev) == 0;
 }
 
-/* Are all pages under [p, p+n) in memory (mincore)? */
+/* Are all pages under [p, p+n) in memory (mincore)? (bus_page is set:
+ * verify_mapped installs the handler first) */
 static int resident(const void *p, size_t n)
 {
-    static long page;
+    const uintptr_t page = bus_page;
     unsigned char vec[256];
-    if (!page)
-        page = sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1), end = (uintptr_t)p + n;
+    uintptr_t a = (uintptr_t)p & ~(page - 1), end = (uintptr_t)p + n;
     while (a < end) {
         size_t pages = (end - a + page - 1) / page;
         if (pages > sizeof(vec))
@@ -870,15 +869,20 @@ static int smap_getbuffer(PyObject *self, Py_buffer *view, int flags)
     return PyBuffer_FillInfo(view, self, m->data, m->len, 1, flags);
 }
 
+/* A stream slot given back (before its mapping goes). */
+static void stream_slot_free(int slot)
+{
+    pthread_mutex_lock(&stream_slots_lock);
+    __atomic_store_n(&stream_lo[slot], 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&stream_hi[slot], 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&stream_slots_lock);
+}
+
 static void smap_dealloc(PyObject *self)
 {
     StreamMap *m = (StreamMap *)self;    /* no view left: nothing reads it now */
-    if (m->slot >= 0) {
-        pthread_mutex_lock(&stream_slots_lock);
-        __atomic_store_n(&stream_lo[m->slot], 0, __ATOMIC_RELEASE);
-        __atomic_store_n(&stream_hi[m->slot], 0, __ATOMIC_RELEASE);
-        pthread_mutex_unlock(&stream_slots_lock);
-    }
+    if (m->slot >= 0)
+        stream_slot_free(m->slot);
     if (m->base)
         munmap(m->base, m->maplen);
     Py_TYPE(self)->tp_free(self);
@@ -933,10 +937,7 @@ static PyObject *map_stream(PyObject *self, PyObject *args)
     }
     StreamMap *m = PyObject_New(StreamMap, &StreamMapType);
     if (!m) {
-        pthread_mutex_lock(&stream_slots_lock);
-        __atomic_store_n(&stream_lo[slot], 0, __ATOMIC_RELEASE);
-        __atomic_store_n(&stream_hi[slot], 0, __ATOMIC_RELEASE);
-        pthread_mutex_unlock(&stream_slots_lock);
+        stream_slot_free(slot);
         munmap(p, maplen);
         return NULL;
     }

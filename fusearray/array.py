@@ -1138,6 +1138,7 @@ class Array(RecoveryOps, ShadowOps):
                           "used_bytes": p.used_bytes(),
                           "free_bytes": p.free_bytes(),
                           "blocks": len(p.index),
+                          "mapped_reads": p.mapped_reads,
                           "disks": [{"id": d.idx, "path": d.path, "state": d.state}
                                     for d in p.disks]})
         luns = [self._vol_status(v) for v in sorted(self.luns.values(), key=lambda v: v.name)]
@@ -1153,7 +1154,7 @@ class Array(RecoveryOps, ShadowOps):
         if invalid_disks:
             packs.append({"name": "INVALID", "layout": "-", "state": "invalid",
                           "capacity_bytes": 0, "used_bytes": 0, "free_bytes": 0,
-                          "blocks": 0, "disks": invalid_disks})
+                          "blocks": 0, "mapped_reads": 0, "disks": invalid_disks})
         return {"pid": os.getpid(), "array": self.path, "uuid": self.conf["uuid"],
                 "packs": packs, "luns": luns, "sets": sets,
                 "jobs": [j.status() for j in sorted(self.jobs.values(), key=lambda j: j.id)],

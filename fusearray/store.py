@@ -299,6 +299,7 @@ class Pack:
         self._gap = bytearray(HDR.size)      # where record headers go in a run read
         self.reserve = 2 * SEGMENT_LIMIT     # free space only GC may use
         self.lost_reads = 0
+        self.mapped_reads = 0     # blocks served verified where they lie (mapped_blocks)
 
     @property
     def disk(self) -> Disk:
@@ -872,6 +873,7 @@ class Pack:
         for k, i in enumerate(idx):
             if k not in bad:
                 out[i] = views[k]
+        self.mapped_reads += len(idx) - len(bad)
         return out
 
     def _mapping(self, di: int, seq: int, end: int):

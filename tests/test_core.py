@@ -316,6 +316,10 @@ def test_native_block_ids_match_python_xxhash():
     from fusearray._fuseshim import hash64_many
     want64 = [xxhash.xxh3_64_digest(d) for d in data]
     assert hash64_many(data, 1) == hash64_many(data) == want64
+    # both in one pass (the import's check and id), both builds
+    from fusearray._fuseshim import hash64_128_many
+    assert hash64_128_many(data, 99, 1) == hash64_128_many(data, 99) == \
+        [a + b for a, b in zip(want64, want)]
     assert transport._hash64_many([memoryview(d) for d in data]) == want64
     assert transport._hash64_many([bytearray(d) for d in data]) == want64
 
