@@ -734,11 +734,14 @@ class Importer:
 
     async def _trailer(self, payload: bytes) -> None:
         t = json.loads(payload)
+        # every block checked first, so a block's own damage is named (with
+        # its offset) whether or not its batch's check ended before the
+        # parser got here: a mapped stream is parsed faster than checked
+        await self._flush_pending(wait=True)
         if (t.get("chain") != self.chain.hex() or t.get("records") != self.records
                 or t.get("blocks") != self.blocks):
             raise ArrayError(errno.EIO, "the stream is damaged: its checksum or counts do "
                              "not match the data received")
-        await self._flush_pending(wait=True)
         a = self.array
         h = self.header
         name = self.as_name or h["set"]["name"]
