@@ -249,8 +249,7 @@ class ShadowOps:
                 dest.discard_cache()
                 dest.root, dest.height = src.root, src.height
                 dest.allocated, dest.size = src.allocated, src.size
-                dest.block_size = src.block_size
-                dest._zeros = bytes(dest.block_size)
+                dest.set_block_size(src.block_size)
                 dest.source = src.pack if dpack is not src.pack else None
                 self._dirty_rows.add(dest)
                 if dest.source is not None:

@@ -205,8 +205,18 @@ class Volume:
         self.generation = 0
         self.deleted = False
         self.frozen: trio.Event | None = None   # set while a snapshot is taken
+        self._set_zeros()
+
+    def _set_zeros(self) -> None:
         self._zeros = bytes(self.block_size)
         self._zview = memoryview(self._zeros)
+
+    def set_block_size(self, block_size: int) -> None:
+        """A resync gives the LUN the source's block size (call
+        discard_cache first): the zero block served for unmapped blocks
+        follows it."""
+        self.block_size = block_size
+        self._set_zeros()
 
     def row(self) -> dict:
         return {"vid": self.vid, "name": self.name, "kind": self.kind,

@@ -992,6 +992,35 @@ def test_resync_restores_size_after_grow(mount):
     assert read(m.path("luns", "db"), 64 * MiB, MiB) == bytes(MiB)
 
 
+
+def test_resync_into_a_lun_of_another_block_size(mount):
+    """A resync gives the destination the shadow copy's block size: reads
+    across a zero (unwritten) block of the new size come back whole and in
+    place (the zero block served used to keep the old size: a 256 KiB read
+    over 128K blocks returned 192 KiB, the data after the hole shifted)."""
+    m = mount
+    m.ok("create", "src 4M block=128K")
+    m.ok("create", "dst 4M block=64K")
+    K = 1024
+    a, c = os.urandom(128 * K), os.urandom(128 * K)
+    put(m.path("luns", "src"), a, 0)          # block 0 data, block 1 a hole
+    put(m.path("luns", "src"), c, 256 * K)    # block 2 data
+    put(m.path("luns", "dst"), os.urandom(1 * MiB))
+    m.ok("snapshot", "src set=s128")
+    m.ok("resync", "s128/src=dst force=yes")
+    want = a + bytes(128 * K) + c + bytes(MiB - 384 * K)
+    got = read(m.path("luns", "dst"), 0, MiB)
+    assert len(got) == MiB
+    assert got == want
+    assert read(m.path("luns", "dst"), 64 * K, 256 * K) == want[64 * K:320 * K]
+    fd = os.open(m.path("luns", "dst"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 256 * K, 0) == want[:256 * K]     # one request, whole
+    finally:
+        os.close(fd)
+    st = {v["name"]: v for v in m.status()["luns"]}
+    assert st["dst"]["block_size"] == 128 * K
+
 # ---- 11. bad input ----------------------------------------------------------------------
 def test_bad_input(mount, tmp_path):
     m = mount
