@@ -31,6 +31,7 @@ import trio
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
 from .catalogue import Catalogue, Changes
 from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
+from .perms import FILE_MODE, private_dir, tighten
 from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, parse_size
 from .jobs import Job
@@ -124,7 +125,9 @@ def init_array(path: str, packs: list[str] | None = None,
         paths = check_pack(name, layout, dirs, used)
         used.update(paths)
         checked.append((name, layout, paths))
-    os.makedirs(path, exist_ok=True)
+    private_dir(path)       # the raw data, the catalogue and the secret: 0700
+    if not packs:
+        private_dir(os.path.join(path, "disks"))
     array_id = str(uuid.uuid4())
     conf = {"format": FORMAT_VERSION, "uuid": array_id,
             "seed": secrets.randbits(64), "block_size": block_size,
@@ -202,6 +205,7 @@ class Array(RecoveryOps, ShadowOps):
         self._last_commit = 0.0
         self._last_gc = 0.0
         self._lockfd = None
+        self._open_infos: list = []              # (level, message) found while opening
         self._event_seq = 0
         self._journal_no = 0                     # events.journal.N being appended
         self._journal_fd = None
@@ -216,7 +220,7 @@ class Array(RecoveryOps, ShadowOps):
 
     # ---- open / close --------------------------------------------------------
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -252,6 +256,7 @@ class Array(RecoveryOps, ShadowOps):
                                          for d in pack.disks if d.state != "online")
                              + f"; run `recover {name}`")
             self.packs[name] = pack
+        self._tighten_modes(cat)
         rows = cat.volumes()
         replayed = self._replay_event_journals(cat, int(meta.get("events_journal", 0)))
         if replayed:
@@ -263,6 +268,26 @@ class Array(RecoveryOps, ShadowOps):
         for name, created in cat.sets():
             self.sets[name] = {"created": created, "members": {}}
         return rows, notes
+
+    def _tighten_modes(self, cat: Catalogue) -> None:
+        """An array made by an older fusearray let other users read its
+        data, catalogue and secret: take the group and world bits off
+        (directories 0700, files 0600), and say so in an event."""
+        disks = [p for name, _, _ in cat.packs() for _, p, _, _ in cat.disks(name)]
+        try:
+            changed = tighten([self.path] + disks)
+        except OSError as e:
+            self._open_infos.append(("warning", f"cannot restrict the modes of the array's "
+                                     f"files to their owner: {e}; fix with "
+                                     f"`chmod -R go= {self.path}` and each disk directory"))
+            return
+        if changed:
+            shown = ", ".join(os.path.relpath(p, self.path) if p.startswith(self.path + "/")
+                              else p for p in changed[:5])
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            self._open_infos.append(("info", f"restricted {len(changed)} file(s) and "
+                                     f"directories of the array to their owner (they were "
+                                     f"readable by other users): {shown}{more}"))
 
     def _journal_path(self, n: int) -> str:
         return os.path.join(self.path, f"{EVENT_JOURNAL}.{n}")
@@ -297,7 +322,8 @@ class Array(RecoveryOps, ShadowOps):
         return len(events)
 
     def _open_journal(self, n: int) -> int:
-        return os.open(self._journal_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return os.open(self._journal_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                       FILE_MODE)
 
     def _rotate_event_journal(self):
         """At a commit that carries events: later events go to the next
@@ -343,6 +369,8 @@ class Array(RecoveryOps, ShadowOps):
             self.jobs[job.id] = job
         for n in notes:
             self.event("warning", n)
+        for level, n in self._open_infos:
+            self.event(level, n)
         self.event("info", f"array opened: {len(self.luns)} LUN(s), "
                    f"{len(self.packs)} pack(s)")
         self._last_commit = time.monotonic()
@@ -1023,7 +1051,7 @@ class Array(RecoveryOps, ShadowOps):
     async def delete_lun(self, name: str, force: bool = False) -> None:
         vol = self.lun(name)
         if vol.open_count and not force:
-            raise busy(f"LUN {name} is open ({vol.open_count} handle(s), e.g. a loop "
+            raise busy(f"LUN {name} is open ({vol.open_by()}; e.g. a loop "
                        "device): detach it first or use force=yes")
         async with self._lock:
             if self.luns.get(name) is not vol:
@@ -1050,8 +1078,8 @@ class Array(RecoveryOps, ShadowOps):
         if vol.readonly:
             raise ArrayError(errno.EROFS, f"LUN {name} is read-only")
         if size < vol.size and vol.open_count and not force:
-            raise busy(f"LUN {name} is open: shrinking it under a user could cut "
-                       "off data in use; detach it first or use force=yes")
+            raise busy(f"LUN {name} is open ({vol.open_by()}): shrinking it under a "
+                       "user could cut off data in use; detach it first or use force=yes")
         async with self._lock:
             self._check_fits(vol.pack, size)
             old = vol.size
@@ -1236,7 +1264,7 @@ def _unlink_quietly(path: str) -> None:
 
 def _make_disks(disks, array_uuid: str, pack: str) -> None:
     for d in disks:
-        os.makedirs(d.path, exist_ok=True)
+        private_dir(d.path)
         d.write_label(array_uuid, pack)
 
 

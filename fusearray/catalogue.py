@@ -10,7 +10,10 @@ Only the array's committer uses the connection, from worker threads,
 serialised by one CapacityLimiter (check_same_thread is off for that).
 """
 import dataclasses
+import os
 import sqlite3
+
+from .perms import FILE_MODE
 
 
 def create_tables(conn: sqlite3.Connection) -> None:
@@ -128,6 +131,8 @@ class Changes:
 
 class Catalogue:
     def __init__(self, path: str, create: bool = False):
+        if create:   # 0600 before SQLite opens it: its -wal and -shm take the same mode
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
         self.conn = sqlite3.connect(path, check_same_thread=False,
                                     isolation_level=None)
         mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

@@ -94,17 +94,24 @@ def cmd_init(args) -> int:
 
 def cmd_mount(args) -> int:
     from .util import parse_bytes
+    from .perms import resolve
     cache = parse_bytes(args.cache_size, "cache size") if args.cache_size else default_cache_size()
+    perms = {"owner": args.owner, "group": args.group, "mode": args.mode,
+             "ctl_group": args.ctl_group}
+    resolve(**perms)        # a bad user, group or mode is refused here, before forking
     if not args.background:
         from . import daemon
-        return daemon.run(args.array, args.mountpoint, cache, None, args.debug)
-    return start_background(args.array, args.mountpoint, cache, args.debug)
+        return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms)
+    return start_background(args.array, args.mountpoint, cache, args.debug, perms)
 
 
-def start_background(array: str, mnt: str, cache: int, debug: bool = False) -> int:
+def start_background(array: str, mnt: str, cache: int, debug: bool = False,
+                     perms: dict | None = None) -> int:
+    from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
-           os.path.abspath(mnt), "--cache-size", str(cache), "--ready-fd", str(w)]
+           os.path.abspath(mnt), "--cache-size", str(cache), "--ready-fd", str(w),
+           *mount_args(**(perms or {}))]
     if debug:
         cmd.append("--debug")
     proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
@@ -567,6 +574,15 @@ def parse_args(argv):
     s.add_argument("--background", action="store_true")
     s.add_argument("--cache-size", default=None)
     s.add_argument("--debug", action="store_true")
+    s.add_argument("--owner", metavar="USER",
+                   help="owner of the LUN and shadow copy files (default: root)")
+    s.add_argument("--group", metavar="GROUP",
+                   help="their group (default: disk, as for block devices)")
+    s.add_argument("--mode", metavar="MODE",
+                   help="their mode, octal (default: 0660; write bits off when read-only)")
+    s.add_argument("--ctl-group", metavar="GROUP",
+                   help="a group whose members may write ctl/ verbs (0660); default: "
+                        "root only (0600)")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount (waits for the final commit)")

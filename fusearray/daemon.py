@@ -1,6 +1,7 @@
 """Mount lifecycle: open the array, mount, serve, commit, unmount.
 
     python -m fusearray.daemon ARRAY MOUNTPOINT [--cache-size N] [--ready-fd FD]
+        [--owner USER] [--group GROUP] [--mode MODE] [--ctl-group GROUP]
 
 `fusearray mount` runs this in the foreground, or (--background) as a child
 that reports readiness through a pipe: `ok` once the mount serves requests,
@@ -71,10 +72,15 @@ def setup_logging(array_path: str, foreground: bool, debug: bool) -> None:
 
 
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
-        debug: bool = False) -> int:
+        debug: bool = False, perms: dict | None = None) -> int:
+    """`perms`: the mount's --owner, --group, --mode, --ctl-group
+    (fusearray.perms.resolve)."""
+    from .perms import UMASK
+    os.umask(UMASK)         # nothing the daemon creates is for other users (logs, data)
     shim = load_shim()
     import trio
 
+    from . import perms as access_mod
     from .array import Array
     from .errors import ArrayError
 
@@ -97,20 +103,21 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         if os.path.ismount(mnt):
             raise ArrayError(errno.EBUSY, f"{mnt} is already a mountpoint: unmount it "
                              "first (fusearray umount)")
+        access = access_mod.resolve(**(perms or {}))
         array = Array(array_path, cache_size)
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
     try:
-        return trio.run(_serve, array, mnt, shim, ready, debug)
+        return trio.run(_serve, array, mnt, shim, ready, debug, access)
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
 
 
-async def _serve(array, mnt, shim, ready, debug) -> int:
+async def _serve(array, mnt, shim, ready, debug, access) -> int:
     import pyfuse3
     import trio
 
@@ -127,12 +134,15 @@ async def _serve(array, mnt, shim, ready, debug) -> int:
             await array.close()
             nursery.cancel_scope.cancel()
             return 1
-        ops = Operations(array)
+        ops = Operations(array, access)
         streams = StreamServer(array)
         if await nursery.start(streams.serve):
             ops.stream_socket = streams.name
         opts = set(pyfuse3.default_options)
-        opts |= {"fsname=fusearray", "subtype=fusearray", "allow_other"}
+        # every user may reach the mount (allow_other); the kernel checks each
+        # access against the files' modes (default_permissions: fusearray.perms)
+        opts |= {"fsname=fusearray", "subtype=fusearray", "allow_other",
+                 "default_permissions"}
         if debug:
             opts.add("debug")
         try:
@@ -186,9 +196,15 @@ def main(argv=None) -> int:
     p.add_argument("--cache-size", type=int, default=None)
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--owner", help="owner of LUN and shadow copy files (default: root)")
+    p.add_argument("--group", help="their group (default: disk)")
+    p.add_argument("--mode", help="their mode (default: 0660; write bits off when read-only)")
+    p.add_argument("--ctl-group", help="group that may write ctl/ verbs (default: none)")
     a = p.parse_args(argv)
     from . import default_cache_size
-    return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd, a.debug)
+    perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
+    return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
+               a.debug, perms)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import stat
 import pyfuse3
 import trio
 
-from . import STREAM_SOCKET_XATTR, ctl, transport
+from . import STREAM_SOCKET_XATTR, ctl, perms, transport
 from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
@@ -73,10 +73,11 @@ def _reply(parts):
 
 
 class VolHandle:
-    __slots__ = ("vol",)
+    __slots__ = ("vol", "pid", "uid")
 
-    def __init__(self, vol):
+    def __init__(self, vol, pid: int = 0, uid: int = 0):
         self.vol = vol
+        self.pid, self.uid = pid, uid       # who opened it
 
 
 class CtlHandle:
@@ -158,15 +159,17 @@ class Operations(pyfuse3.Operations):
     # (FUSE_NOTES: the kernel would then ignore our size changes).
     enable_writeback_cache = False
 
-    def __init__(self, array):
+    def __init__(self, array, access: perms.Access | None = None):
         super().__init__()
         self.array = array
+        # owners and modes (fusearray.perms); the kernel enforces them
+        # (default_permissions), with the caller's supplementary groups
+        self.access = access or perms.resolve()
         self.verbs = sorted(list(ctl.VERBS) + ["export", "import"])
         self.handles: dict[int, object] = {}
         self.next_fh = 1
         self.set_inos: dict[str, int] = {}
         self.ino_sets: dict[int, str] = {}
-        self.uid, self.gid = os.getuid(), os.getgid()
         self.stream_socket = None       # its name once streamsock serves
         array.notify = self._invalidate
 
@@ -212,23 +215,24 @@ class Operations(pyfuse3.Operations):
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.st_uid, a.st_gid = self.uid, self.gid
+        acc = self.access
+        a.st_uid, a.st_gid = acc.uid, acc.gid
         a.st_blksize = 65536
         t = int(self.array.started * 1e9)
         a.entry_timeout = 0             # names change behind the kernel's back
         a.attr_timeout = 0
         if ino in DIRS or ino in self.ino_sets:
-            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_mode = stat.S_IFDIR | perms.TREE_DIR_MODE
             a.st_nlink = 2
-        elif ino in TEXT_FILES:
-            a.st_mode = stat.S_IFREG | 0o444
+        elif ino in TEXT_FILES or ino >= JOB_BASE:
+            a.st_mode = stat.S_IFREG | perms.VIEW_MODE
         elif VERB_BASE <= ino < VERB_BASE + len(self.verbs):
-            a.st_mode = stat.S_IFREG | 0o600
-        elif ino >= JOB_BASE:
-            a.st_mode = stat.S_IFREG | 0o444
+            mode, a.st_uid, a.st_gid = acc.verb()
+            a.st_mode = stat.S_IFREG | mode
         else:
             vol = self._vol(ino)
-            a.st_mode = stat.S_IFREG | (0o444 if vol.readonly else 0o644)
+            mode, a.st_uid, a.st_gid = acc.lun(vol.readonly)
+            a.st_mode = stat.S_IFREG | mode
             a.st_size = vol.size
             a.st_blocks = vol.allocated_bytes() // 512
             a.st_blksize = vol.block_size
@@ -317,8 +321,9 @@ class Operations(pyfuse3.Operations):
             vol = self._vol(inode)
             if writing and vol.readonly:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            vol.open_count += 1
-            return pyfuse3.FileInfo(fh=self._new_handle(VolHandle(vol)), direct_io=True)
+            vol.opened(ctx.pid, ctx.uid)     # named in EBUSY messages
+            return pyfuse3.FileInfo(fh=self._new_handle(VolHandle(vol, ctx.pid, ctx.uid)),
+                                    direct_io=True)
         if inode in TEXT_FILES or inode >= JOB_BASE:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
@@ -460,7 +465,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         h = self.handles.pop(fh, None)
         if type(h) is VolHandle:
-            h.vol.open_count -= 1
+            h.vol.closed(h.pid, h.uid)
             self.array.released(h.vol)
         elif type(h) is ExportHandle and h.run is not None:
             h.run.close()

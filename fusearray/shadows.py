@@ -176,7 +176,7 @@ class ShadowOps:
             vols = list(self.sets[target]["members"].values())
         for v in vols:
             if v.open_count and not force:
-                raise busy(f"shadow copy {v.path} is open ({v.open_count} handle(s)): "
+                raise busy(f"shadow copy {v.path} is open ({v.open_by()}): "
                            "close or detach it first, or use force=yes")
         async with self._lock:
             for v in vols:
@@ -223,7 +223,7 @@ class ShadowOps:
             dest = self.luns.get(dest_name)
             if dest is not None:
                 if dest.open_count and not force:
-                    raise busy(f"LUN {dest_name} is open ({dest.open_count} handle(s), e.g. "
+                    raise busy(f"LUN {dest_name} is open ({dest.open_by()}; e.g. "
                                "a loop device or a mounted filesystem): unmount and detach "
                                "it first, or use force=yes")
                 if dest.readonly:
@@ -302,10 +302,11 @@ class ShadowOps:
             raise exists(f"a LUN named {name} already exists: swap {path} without as= "
                          "to replace it, or choose another name")
         if old is not None and old.open_count and not force:
-            raise busy(f"LUN {name} is open ({old.open_count} handle(s)): detach it "
+            raise busy(f"LUN {name} is open ({old.open_by()}): detach it "
                        "first, or use force=yes (its content is discarded)")
         if src.open_count and not force:
-            raise busy(f"shadow copy {path} is open: close it first or use force=yes")
+            raise busy(f"shadow copy {path} is open ({src.open_by()}): close it first or "
+                       "use force=yes")
         async with self._lock:
             await self._flush()
             await self._merge()

@@ -35,6 +35,7 @@ import xxhash
 
 from . import ZERO_ID
 from .errors import ChecksumError
+from .perms import FILE_MODE, private_dir
 
 HDR = struct.Struct("<4s16sI")
 MAGIC = b"FAB1"
@@ -216,7 +217,8 @@ class Disk:
         return os.path.join(self.segdir, f"{seq:08d}.seg")
 
     def write_label(self, array_uuid: str, pack: str) -> None:
-        os.makedirs(self.segdir, exist_ok=True)
+        private_dir(self.path)           # raw data: the owner's alone (0700)
+        private_dir(self.segdir)
         write_file_atomic(os.path.join(self.path, LABEL), json.dumps(
             {"array": array_uuid, "pack": pack, "disk": self.idx}).encode())
 
@@ -226,10 +228,12 @@ class Disk:
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """tmp, fsync, rename, fsync the directory."""
+    """tmp, fsync, rename, fsync the directory. The file is 0600 (labels,
+    array.json with the secret that keys the dedup hash)."""
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
+        os.fchmod(fd, FILE_MODE)         # a .tmp left by an older version
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -501,13 +505,13 @@ class Pack:
             self.spare_bytes -= credit
         for d in self.online():
             path = d.seg_path(seq)
-            os.makedirs(d.segdir, exist_ok=True)
+            private_dir(d.segdir)
             spare = group.pop(d.idx, None)
             if spare is not None:
                 os.rename(spare, path)   # reuse its pages: no fresh allocation
                 fd = os.open(path, os.O_RDWR)
             else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             with self._lock:
                 self.fds[(d.idx, seq)] = fd
         for spare in group.values():     # of a disk that is no longer online
@@ -1088,8 +1092,8 @@ class Pack:
         if not ok:
             raise OSError(errno.EIO, f"segment {seq} cannot be rebuilt: too many disks "
                           f"of pack {self.name} are unavailable")
-        os.makedirs(d.segdir, exist_ok=True)
-        fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, 0o644)
+        private_dir(d.segdir)
+        fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             _pwritev_all(fd, [acc], off)
             if off + n >= self.disk_file_size(seq):

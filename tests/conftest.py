@@ -111,9 +111,10 @@ class Mount:
         cli("init", self.array, *args)
         return self
 
-    def start(self):
+    def start(self, *opts):
+        """Mount; `opts` go to the daemon (e.g. "--group", "disk")."""
         r, w = os.pipe()
-        cmd = [PY, "-m", "fusearray.daemon", self.array, self.mnt, "--ready-fd", str(w)]
+        cmd = [PY, "-m", "fusearray.daemon", self.array, self.mnt, "--ready-fd", str(w), *opts]
         if self.cache_size:
             cmd += ["--cache-size", str(self.cache_size)]
         with open(self.base / "daemon.out", "ab") as log:

@@ -162,7 +162,7 @@ def test_ctl_errnos_change_nothing(mount):
     assert lun_status(m, "a")["size"] == 32 * MiB
     # read-only: EROFS for writes, opens for writing, resize
     m.ok("readonly", "a on")
-    assert oct(os.stat(m.path("luns", "a")).st_mode & 0o777) == "0o444"
+    assert oct(os.stat(m.path("luns", "a")).st_mode & 0o777) == "0o440"
     with pytest.raises(OSError) as e:
         os.open(m.path("luns", "a"), os.O_WRONLY)
     assert e.value.errno == errno.EROFS

@@ -189,7 +189,7 @@ def test_snapshot_set_files_xattrs_and_content(mount, tmp_path):
     for n, size in (("db", 32 * MiB), ("logs", 8 * MiB)):
         p = m.path("snapshots", "nightly", n)
         st = os.stat(p)
-        assert st.st_size == size and oct(st.st_mode & 0o777) == "0o444"
+        assert st.st_size == size and oct(st.st_mode & 0o777) == "0o440"
         x = xattrs(p)
         assert x["kind"] == "shadow" and x["set"] == "nightly" and x["context"] == "differential"
         assert x["origin"] == lun_wwn[n] and x["pack"] == "main" and x["readonly"] == "on"
@@ -667,7 +667,7 @@ def test_swap(mount):
     assert "set" not in x and "origin" not in x
     assert old_wwn not in json.dumps(m.status())        # the old LUN is gone
     assert "db" in os.listdir(m.path("luns"))
-    assert oct(os.stat(db).st_mode & 0o777) == "0o644"
+    assert oct(os.stat(db).st_mode & 0o777) == "0o660"
     put(db, b"rw" * 100, 4096)                           # read-write
     assert read(db, 4096, 200) == b"rw" * 100
     assert os.listdir(m.path("snapshots", "nightly")) == ["logs"]
@@ -728,11 +728,11 @@ def test_readonly_hidden_tags(mount):
     # readonly on a LUN: EROFS, mode 0444, tag in the xattrs
     m.ok("readonly", "db on")
     assert errno_of(os.open, db, os.O_WRONLY) == errno.EROFS
-    assert oct(os.stat(db).st_mode & 0o777) == "0o444" and xattrs(db)["readonly"] == "on"
+    assert oct(os.stat(db).st_mode & 0o777) == "0o440" and xattrs(db)["readonly"] == "on"
     # readonly off on a shadow copy: a writable test bed that diverges
     m.ok("hidden", "s1/db off")
     m.ok("readonly", "s1/db off")
-    assert oct(os.stat(sp).st_mode & 0o777) == "0o644" and xattrs(sp)["readonly"] == "off"
+    assert oct(os.stat(sp).st_mode & 0o777) == "0o660" and xattrs(sp)["readonly"] == "off"
     W = os.urandom(MiB + 5)
     put(sp, W, 3 * MiB + 7)
     exp = bytearray(D)
