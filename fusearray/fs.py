@@ -4,6 +4,10 @@ array, its volumes and the control protocol.
 Tree (DESIGN section 2): luns/NAME, snapshots/SET/NAME, ctl/VERB,
 ctl/status, ctl/status.json, ctl/events, ctl/jobs/ID.
 
+Owners and modes come from fusearray.perms (LUN and shadow copy files 0660
+root:disk by default); the kernel checks them (default_permissions), with
+the caller's supplementary groups, so no handler checks ctx.uid itself.
+
 Every handler is guarded: ArrayError -> its errno; anything unexpected ->
 logged, an event, and EIO (never an exception that would end the main
 loop and unmount the array).

@@ -66,6 +66,12 @@ for op, path, arg in json.loads(sys.argv[1]):
             r = sorted(os.listdir(path))
         elif op == "getxattr":
             r = os.getxattr(path, arg).decode()
+        elif op == "setxattr":
+            os.setxattr(path, arg, b"x")
+            r = "ok"
+        elif op == "chmod":
+            os.chmod(path, int(arg, 8))
+            r = oct(os.stat(path).st_mode & 0o7777)
         elif op == "stream":      # connect to the stream socket, ask for an export
             name = os.getxattr(path, arg)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,14 +210,18 @@ def test_unprivileged_user_is_kept_out(user, base):
                 ["listdir", m.path("luns"), None],
                 ["listdir", m.array, None],
                 ["read", os.path.join(m.array, "array.json"), 0],
-                ["read", os.path.join(m.array, "catalogue.db"), 0]]
+                ["read", os.path.join(m.array, "catalogue.db"), 0],
+                ["setxattr", lun, "user.fusearray.readonly"],
+                ["setxattr", m.path("ctl"), "user.fusearray.stream_socket"],
+                ["chmod", lun, "666"]]
                + [["read", v, 0] for v in views])
         got = user.probe(ops)
         assert got[:10] == ["EACCES"] * 10, list(zip([o[:2] for o in ops], got))
         assert got[10] == ["copy", "lun0"]            # names are no secret (like /dev)
         assert got[11:14] == ["EACCES"] * 3           # the array directory: nothing
-        assert all(len(r) > 0 and r not in errno.errorcode.values() for r in got[14:]), got
-        assert json.loads(bytes.fromhex(got[15]))["luns"]   # status.json is readable
+        assert got[14:17] == ["EACCES", "EACCES", "EPERM"], got   # not the owner: no chmod
+        assert all(len(r) > 0 and r not in errno.errorcode.values() for r in got[17:]), got
+        assert json.loads(bytes.fromhex(got[18]))["luns"]   # status.json is readable
         # root sees root:disk 0660, and 0440 for the read-only shadow copy
         assert ls_l(m.path("luns"))["lun0"] == ("-rw-rw----", "root", "disk")
         assert ls_l(m.path("snapshots", "S"))["lun0"] == ("-r--r-----", "root", "disk")
@@ -282,9 +292,10 @@ def test_mount_group_owner_mode_options(user, base):
         assert ls_l(m.path("luns"))["lun0"] == ("-rw-------", user.name, "disk")
         assert ls_l(m.path("snapshots", "S"))["lun0"] == ("-r--------", user.name, "disk")
         assert ls_l(m.path("ctl"))["create"] == ("-rw-------", "root", "root")
-        got = user.probe([["read", lun, 1024], ["write", lun, "ab"], ["ctl", create, "y 1M\n"]],
-                         gid=65534)
-        assert got == [data.hex(), 1, "EACCES"], got
+        got = user.probe([["read", lun, 1024], ["write", lun, "ab"], ["ctl", create, "y 1M\n"],
+                          ["chmod", lun, "666"]], gid=65534)
+        # the owner's chmod changes nothing: modes are the mount's
+        assert got == [data.hex(), 1, "EACCES", "0o600"], got
         m.stop()
     finally:
         m.close()
