@@ -253,6 +253,11 @@ class Progress:
 PEERCRED = struct.Struct("3i")
 
 
+def _private_opener(path, flags):
+    """A new stream file is 0600: it holds the set's data (like the LUNs)."""
+    return os.open(path, flags, 0o600)
+
+
 def stream_socket(mnt: str) -> socket.socket | None:
     """A connection to the mount's stream socket, or None: the daemon has
     none, it is in another network namespace, or FUSEARRAY_STREAM_SOCKET=0
@@ -356,7 +361,8 @@ def cmd_export(args) -> int:
             reply = os.read(fd, 65536).decode()
             pairs = dict(l.split("=", 1) for l in reply.splitlines() if "=" in l)
             raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
-        out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
+        out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb",
+                                                               opener=_private_opener)
         bar = None
 
         def progress(chunk):
@@ -393,7 +399,7 @@ def _export_by_socket(args, mnt: str, sock) -> int:
         stream_call(mnt, sock, line, sys.stdout.fileno(), f"export {args.set}")
         return 0
     created = not os.path.lexists(args.file)
-    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o666)    # the daemon truncates
+    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT, 0o600)    # the daemon truncates
     done = False
     try:
         stream_call(mnt, sock, line, fd, f"export {args.set}")

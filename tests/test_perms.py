@@ -301,6 +301,25 @@ def test_mount_group_owner_mode_options(user, base):
         m.close()
 
 
+def test_exported_stream_file_is_private(mount, tmp_path):
+    """A stream file holds the set's data: created 0600 whatever the umask,
+    through the stream socket and through ctl/export."""
+    mount.ok("create", "lun0 4M")
+    with open(mount.path("luns", "lun0"), "r+b") as f:
+        f.write(os.urandom(MiB))
+    mount.ok("snapshot", "lun0 set=S")
+    old = os.umask(0)
+    try:
+        for via, env in (("socket", "1"), ("ctl", "0")):
+            out = tmp_path / f"S-{via}.fas"
+            r = run([PY, "-m", "fusearray", "-m", mount.mnt, "export", "S", str(out)],
+                    env=dict(os.environ, FUSEARRAY_STREAM_SOCKET=env))
+            assert out.stat().st_size > MiB, r.stdout
+            assert oct(stat.S_IMODE(out.stat().st_mode)) == "0o600", via
+    finally:
+        os.umask(old)
+
+
 def test_bad_mount_options_refused(base):
     require_fuse()
     m = Mount(base)
