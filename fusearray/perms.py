@@ -153,7 +153,8 @@ def tighten(roots) -> list[str]:
             changed.append(p)
 
     for root in roots:
-        if not os.path.isdir(root) or os.path.islink(root):
+        root = os.path.realpath(root)    # a disk directory given as a symlink
+        if not os.path.isdir(root):
             continue
         fix(root)
         for top, dirs, files in os.walk(root):

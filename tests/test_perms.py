@@ -440,6 +440,14 @@ def test_init_and_tighten_without_fuse(tmp_path):
     (arr / "link").unlink()
     assert_private(arr)
     assert perms.tighten([str(arr), str(tmp_path / "missing")]) == []
+    # a disk directory reached through a symlink is restricted, the link kept
+    disk = tmp_path / "disk"
+    (disk / "segments").mkdir(parents=True, mode=0o755)
+    (disk / "segments" / "00000001.seg").write_bytes(b"x")
+    os.chmod(disk / "segments" / "00000001.seg", 0o644)
+    (tmp_path / "disklink").symlink_to(disk)
+    assert len(perms.tighten([str(tmp_path / "disklink")])) == 3
+    assert_private(disk)
 
 
 async def test_array_creates_its_files_private_whatever_the_umask(tmp_path):
