@@ -332,6 +332,28 @@ def test_bad_mount_options_refused(base):
         r = cli("mount", m.array, m.mnt, "--background", *opts, check=False)
         assert r.returncode == 1 and what in r.stderr, (opts, r.stderr)
         assert not os.path.ismount(m.mnt)
+    # and good ones reach the daemon through `fusearray mount --background`
+    r = cli("mount", m.array, m.mnt, "--background", "--group", "0", "--mode", "0640",
+            "--ctl-group", "disk")
+    pid = int(r.stdout.rsplit("(pid ", 1)[1].split(")")[0])
+    try:
+        cli("create", "lun0", "1M", mnt=m.mnt)
+        assert ls_l(m.path("luns"))["lun0"] == ("-rw-r-----", "root", "root")
+        assert ls_l(m.path("ctl"))["create"] == ("-rw-rw----", "root", "disk")
+        cli("umount", m.mnt)
+    finally:
+        if os.path.ismount(m.mnt):
+            run(["fusermount3", "-u", "-z", m.mnt], check=False)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            subprocess.run(["timeout", "60", "tail", f"--pid={pid}", "-f", "/dev/null"])
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 # ---- the array directory ----------------------------------------------------------------
