@@ -28,6 +28,9 @@ from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
 
+#: Longest command line of ctl/export and ctl/import (as on the stream socket).
+STREAM_LINE_MAX = 4096
+
 try:
     from ._fuseshim import reply_plan as _reply_plan
 except ImportError:         # the extension is not built: join the parts
@@ -94,8 +97,10 @@ class CtlHandle:
 
 
 class ExportHandle:
-    """ctl/export: write `SET [base=SET2]`, then read the stream."""
-    __slots__ = ("run", "pieces", "avail", "reply", "done")
+    """ctl/export: write `SET [base=SET2]` and a newline, then read the
+    stream. One command per open; a line without its newline runs at the
+    first read."""
+    __slots__ = ("run", "pieces", "avail", "reply", "done", "line", "refused")
 
     def __init__(self):
         self.run = None             # transport.ExportRun once the command is taken
@@ -103,6 +108,8 @@ class ExportHandle:
         self.avail = 0
         self.reply = b""
         self.done = False
+        self.line = b""             # the command so far (until its newline)
+        self.refused = False        # a command was refused: the reply says why
 
     def add(self, pieces) -> None:
         for p in pieces:
@@ -141,15 +148,18 @@ class ExportHandle:
 
 class ImportHandle:
     """ctl/import: write `[as=SET] [pack=P] [remap=yes] [resume=yes job=N]`
-    and a newline, then the stream; read the reply at the end."""
-    __slots__ = ("importer", "reply", "pos", "lock")
+    and a newline, then the stream; read the reply at the end. The command
+    line is checked as soon as its newline arrives; once refused, the
+    handle takes nothing more (the reply says why)."""
+    __slots__ = ("importer", "reply", "pos", "lock", "line", "refused")
 
     def __init__(self):
         self.importer = None
         self.reply = b""
         self.pos = 0
         self.lock = trio.Lock()
-
+        self.line = b""             # the command so far (until its newline)
+        self.refused = None         # the ArrayError that refused the command
 
 class TextHandle:
     __slots__ = ("data",)
@@ -395,21 +405,68 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EBADF)
 
     # ---- ctl/export and ctl/import: streams on one descriptor -----------------------
+    def _stream_line(self, verb: str, h, buf) -> tuple[str | None, bytes]:
+        """Add a write to the command line being assembled on `h`: (the
+        line, what follows its newline) once it is complete, else (None,
+        b""). A line too long or not UTF-8 is EINVAL."""
+        data = bytes(buf)
+        line, nl, rest = (h.line + data).partition(b"\n")
+        if len(line) > STREAM_LINE_MAX:
+            h.line = b""
+            raise invalid(f"{verb}: the command line is longer than {STREAM_LINE_MAX} bytes")
+        if not nl:
+            h.line = line
+            return None, b""
+        h.line = b""
+        return self._decode(verb, line), rest
+
+    @staticmethod
+    def _decode(verb: str, line: bytes) -> str:
+        try:
+            text = line.decode()
+        except UnicodeDecodeError:
+            raise invalid(f"{verb}: the command is not valid UTF-8 text") from None
+        if not text.isprintable():
+            raise invalid(f"{verb}: the command holds control characters")
+        return text
+
     async def _export_write(self, h, buf) -> int:
         try:
-            if h.run is not None:
-                raise invalid("export: one command per open; the stream is being read")
-            h.run = await transport.ExportRun.start(self.array, bytes(buf).decode())
+            if h.run is not None or h.refused:
+                raise invalid("export: one command per open of ctl/export (open it "
+                              "again for another)" + ("; the stream is being read"
+                                                      if h.run is not None else ""))
+            line, rest = self._stream_line("export", h, buf)
+            if line is not None:
+                if rest.strip():
+                    raise invalid("export: one command per open of ctl/export, and a "
+                                  "second line was written")
+                await self._export_start(h, line)
         except ArrayError as e:
-            h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
+            if h.run is None:               # no stream to read: the reply is read instead
+                h.reply, h.done = ctl.failure(self.array, "export", bytes(buf), e), True
+                h.refused = True
+            else:
+                self.array.event("error", f"{e.message} [{e.errname}]")
             raise
-        except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
 
+    async def _export_start(self, h, line: str) -> None:
+        h.run = await transport.ExportRun.start(self.array, line)
+
     async def _export_read(self, h, size) -> bytes:
+        if h.run is None and not h.refused and h.line:
+            try:                            # a command without its newline: run it now
+                line, h.line = h.line, b""
+                await self._export_start(h, self._decode("export", line))
+            except ArrayError as e:
+                h.reply, h.refused = ctl.failure(self.array, "export", line, e), True
         if h.run is None:
-            data, h.reply = h.reply, b""
+            if not h.refused and not h.reply:
+                h.refused = True
+                h.reply = ctl.failure(self.array, "export", b"", invalid(
+                    "export: no command was written: write `SET [base=SET2]` first"))
+            data, h.reply = h.reply[:size], h.reply[size:]
             return data
         while h.avail < size and not h.done:
             pieces = await h.run.next_batch()
@@ -421,21 +478,22 @@ class Operations(pyfuse3.Operations):
 
     async def _import_write(self, h, buf) -> int:
         async with h.lock:
-            data = bytes(buf)
             try:
+                if h.refused is not None:
+                    raise h.refused         # its reply and event are there already
+                data = bytes(buf)
                 if h.importer is None:
-                    line, nl, rest = data.partition(b"\n")
-                    if not nl:
-                        raise invalid("import: the first line is the command, ended by a newline")
-                    h.importer = transport.start_import(self.array, line.decode())
-                    data = rest
+                    line, data = self._stream_line("import", h, buf)
+                    if line is None:
+                        return len(buf)
+                    h.importer = transport.start_import(self.array, line)
                 if data:
                     await h.importer.feed(data)
             except ArrayError as e:
-                h.reply = ctl.failure(self.array, "import", b"", e)
+                if h.refused is None:
+                    h.reply = ctl.failure(self.array, "import", b"", e)
+                    h.refused = e
                 raise
-            except UnicodeDecodeError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
 
     async def _import_read(self, h, size) -> bytes:
@@ -443,14 +501,20 @@ class Operations(pyfuse3.Operations):
             if not h.reply:
                 imp = h.importer
                 try:
+                    if imp is None and h.line:      # a command without its newline
+                        line, h.line = h.line, b""
+                        imp = h.importer = transport.start_import(
+                            self.array, self._decode("import", line))
                     if imp is None:
-                        raise invalid("import: nothing was written")
+                        raise invalid("import: nothing was written: write the command "
+                                      "line, then the stream")
                     await imp.end_of_input()
                     set_name = imp.as_name or imp.header["set"]["name"]
                     h.reply = ctl.format_reply({"set": set_name, "job": imp.job.id,
                                                 "blocks": imp.blocks})
                 except ArrayError as e:
                     h.reply = ctl.failure(self.array, "import", b"", e)
+                    h.refused = h.refused or e
             data = h.reply[h.pos:h.pos + size]
             h.pos += len(data)
             return data

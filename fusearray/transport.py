@@ -15,6 +15,7 @@ interrupted transfer resumes from the last checkpoint (`resume=yes`).
 import errno
 import json
 import logging
+import re
 import struct
 import time
 
@@ -24,7 +25,7 @@ import xxhash
 from . import ZERO_ID, ctl, maps
 from .errors import ArrayError, exists, invalid, notfound
 from .jobs import Job
-from .util import InFlight, check_name, human_bytes
+from .util import NAME_RE, InFlight, check_name, human_bytes
 
 MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
@@ -235,12 +236,30 @@ class ExportRun:
 
 def start_import(array, line: str) -> "Importer":
     """Parse `[as=SET] [pack=P] [remap=yes] [resume=yes [job=N]]`: a new
-    import, or the interrupted one it resumes."""
+    import, or the interrupted one it resumes. Every option is checked
+    here, before any stream byte: a set name that is bad or taken, a pack
+    that is not there, a job that is not a number are refused at once."""
     args, opts = ctl.parse(IMPORT_OPTS, "import", line.strip())
+    remap = ctl.parse_bool(opts.get("remap", "no"), "remap")
     if ctl.parse_bool(opts.get("resume", "no"), "resume"):
-        return Importer.resume(array, opts.get("job"))
-    return Importer(array, opts.get("as"), opts.get("pack"),
-                    ctl.parse_bool(opts.get("remap", "no"), "remap"))
+        jid = opts.get("job")
+        if jid is not None and not (jid.isascii() and jid.isdigit()):
+            raise invalid(f"import: bad job {jid!r}: give the number of the interrupted "
+                          "import job (see ctl/jobs)")
+        return Importer.resume(array, jid)
+    if "job" in opts:
+        raise invalid("import: job= names the import to resume: use it with resume=yes")
+    as_name = opts.get("as")
+    if as_name is not None:
+        check_name(as_name, "set name")
+        if as_name in array.sets:
+            raise exists(f"import: a shadow copy set named {as_name} already exists here: "
+                         "choose another name with as=")
+    pack = opts.get("pack")
+    if pack is not None:
+        check_name(pack, "pack name")
+        array.pack(pack)                    # ENOENT, naming the packs there are
+    return Importer(array, as_name, pack, remap)
 
 
 class BatchBuffer(bytearray):
@@ -350,29 +369,156 @@ def _check_and_ids(hasher, items, checks) -> list:
     return [ZERO_ID if d is None else bid for d, bid in zip(datas, ids)]
 
 
-def _check_header(h) -> dict:
-    """Types of every header field the importer uses (KeyError/TypeError/
-    ValueError for a bad one)."""
+# ---- bounds of an import stream (docs/stream-format.md, "Bounds") ----------------------
+#: Block sizes: those `create` allows (a power of two from 4 KiB to 1 MiB).
+MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
+#: Largest volume size a stream may declare (also bounded by the pack: thin
+#: provisioning allows at most OVERCOMMIT x its capacity).
+MAX_VOLUME_SIZE = 1 << 60
+#: Volumes in one set (a snapshot takes at most 256 LUNs).
+MAX_VOLUMES = 256
+#: Tallest map: the height of the largest volume in the smallest blocks.
+MAX_HEIGHT = maps.height_for(MAX_VOLUME_SIZE // MIN_BLOCK)
+#: Set creation times: from the epoch to year 2286.
+MAX_TIME = 1e10
+WWN_RE = re.compile(r"naa\.6[0-9a-f]{31}\Z")
+SERIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+CONTEXTS = ("differential", "plex")
+
+
+class HeaderError(ValueError):
+    """A header field out of its bounds (the message names it)."""
+
+
+def _show(value) -> str:
+    """A value for a message: short, with control characters escaped."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field(obj, key: str, where: str):
+    if not isinstance(obj, dict):
+        raise HeaderError(f"{where} is not an object")
+    if key not in obj:
+        raise HeaderError(f"{where} has no {key!r}")
+    return obj[key]
+
+
+def _int(obj, key: str, where: str, lo: int, hi: int) -> int:
+    v = _field(obj, key, where)
+    if type(v) is not int or not lo <= v <= hi:
+        raise HeaderError(f"{where}.{key} is {_show(v)}: it must be an integer from {lo} to {hi}")
+    return v
+
+
+def _bool(obj, key: str, where: str) -> bool:
+    v = _field(obj, key, where)
+    if type(v) is not bool:
+        raise HeaderError(f"{where}.{key} is {_show(v)}: it must be true or false")
+    return v
+
+
+def _text(obj, key: str, where: str, pattern, what: str, optional: bool = False):
+    v = _field(obj, key, where) if not optional or (isinstance(obj, dict) and key in obj) else None
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not pattern.match(v):
+        raise HeaderError(f"{where}.{key} is {_show(v)}: it must be {what}")
+    return v
+
+
+NAME_WHAT = "1-64 characters [A-Za-z0-9._-], starting with a letter or digit"
+WWN_WHAT = "'naa.6' and 31 lower-case hex digits"
+
+
+def check_header(h) -> dict:
+    """The header of an import stream, every field within its bounds;
+    returns it rebuilt from the known fields only (unknown ones dropped).
+    Raises HeaderError naming the first field out of bounds. Nothing is
+    staged before this passed, so a refused header changes nothing."""
     if not isinstance(h, dict):
-        raise TypeError("not an object")
-    if h["format"] != FORMAT:
-        raise ValueError(f"format {h['format']} is not supported")
-    if h["kind"] not in ("full", "incremental"):
-        raise ValueError(f"kind {h['kind']!r}")
-    str(h["set"]["name"])
-    float(h["set"]["created"])
-    if h["kind"] == "incremental":
-        str(h["base"]["name"])
-        list(h["base"]["wwns"])
-    for vh in h["volumes"]:
-        for key in ("name", "wwn", "serial"):
-            if not isinstance(vh[key], str):
-                raise TypeError(f"volume {key}")
-        for key in ("size", "block_size", "height"):
-            if not isinstance(vh[key], int) or vh[key] <= 0:
-                raise ValueError(f"volume {key}")
-        bool(vh["readonly"]), bool(vh["hidden"]), bool(vh["diff"])
-    return h
+        raise HeaderError("the header is not a JSON object")
+    fmt = _field(h, "format", "header")
+    if fmt != FORMAT or type(fmt) is not int:
+        raise HeaderError(f"format {_show(fmt)} is not supported (this fusearray reads {FORMAT})")
+    kind = _field(h, "kind", "header")
+    if kind not in ("full", "incremental"):
+        raise HeaderError(f"kind {_show(kind)}: it must be full or incremental")
+    s = _field(h, "set", "header")
+    set_name = _text(s, "name", "set", NAME_RE, NAME_WHAT)
+    created = _field(s, "created", "set")
+    if type(created) not in (int, float) or not 0 <= created <= MAX_TIME:
+        raise HeaderError(f"set.created is {_show(created)}: it must be a time in seconds "
+                          f"since the epoch, from 0 to {MAX_TIME:.0f}")
+    base = _field(h, "base", "header")
+    if kind == "full":
+        if base is not None:
+            raise HeaderError("a full stream has no base (base must be null)")
+    else:
+        base_name = _text(base, "name", "base", NAME_RE, NAME_WHAT)
+        wwns = _field(base, "wwns", "base")
+        if not isinstance(wwns, list) or not 1 <= len(wwns) <= MAX_VOLUMES:
+            raise HeaderError(f"base.wwns must be a list of 1 to {MAX_VOLUMES} WWNs")
+        for w in wwns:
+            if not isinstance(w, str) or not WWN_RE.match(w):
+                raise HeaderError(f"base.wwns holds {_show(w)}: a WWN is {WWN_WHAT}")
+        base = {"name": base_name, "wwns": list(wwns)}
+    vols = _field(h, "volumes", "header")
+    if not isinstance(vols, list) or not 1 <= len(vols) <= MAX_VOLUMES:
+        raise HeaderError(f"volumes must be a list of 1 to {MAX_VOLUMES} volumes")
+    out_vols, names, ids = [], set(), set()
+    for i, vh in enumerate(vols):
+        where = f"volumes[{i}]"
+        name = _text(vh, "name", where, NAME_RE, NAME_WHAT)
+        if name in names:
+            raise HeaderError(f"{where}: the name {name} is given twice (one volume per "
+                              "name in a set)")
+        names.add(name)
+        bs = _int(vh, "block_size", where, MIN_BLOCK, MAX_BLOCK)
+        if bs & (bs - 1):
+            raise HeaderError(f"{where}.block_size is {bs}: it must be a power of two "
+                              f"from {MIN_BLOCK} to {MAX_BLOCK} (the sizes create allows)")
+        size = _int(vh, "size", where, 512, MAX_VOLUME_SIZE)
+        if size % 512:
+            raise HeaderError(f"{where}.size is {size}: it must be a multiple of 512")
+        need = maps.height_for(-(-size // bs))
+        height = _int(vh, "height", where, 1, MAX_HEIGHT)
+        if height < need:
+            raise HeaderError(f"{where}.height is {height}: a volume of {size} bytes in "
+                              f"blocks of {bs} needs a map of height {need} to {MAX_HEIGHT}")
+        wwn = _text(vh, "wwn", where, WWN_RE, WWN_WHAT)
+        if wwn in ids:
+            raise HeaderError(f"{where}: the WWN {wwn} is given twice")
+        ids.add(wwn)
+        serial = _text(vh, "serial", where, SERIAL_RE, NAME_WHAT)
+        origin = _field(vh, "origin", where)
+        if origin not in (None, "") and not (isinstance(origin, str) and WWN_RE.match(origin)):
+            raise HeaderError(f"{where}.origin is {_show(origin)}: it must be null or "
+                              f"a WWN ({WWN_WHAT})")
+        context = _field(vh, "context", where)
+        if context not in CONTEXTS:
+            raise HeaderError(f"{where}.context is {_show(context)}: it must be "
+                              "differential or plex")
+        diff = _bool(vh, "diff", where)
+        if diff and kind != "incremental":
+            raise HeaderError(f"{where}: only an incremental stream sends changes (diff)")
+        out_vols.append({"name": name, "size": size, "block_size": bs, "height": height,
+                         "wwn": wwn, "serial": serial, "origin": origin or None,
+                         "context": context, "readonly": _bool(vh, "readonly", where),
+                         "hidden": _bool(vh, "hidden", where), "diff": diff})
+    total = h.get("total_bytes")
+    limit = sum(v["size"] for v in out_vols)
+    if total is not None and (type(total) is not int or not 0 <= total <= limit):
+        raise HeaderError(f"total_bytes is {_show(total)}: it must be null or an integer "
+                          f"from 0 to the volumes' total size ({limit})")
+    source = h.get("source")
+    array_id = None
+    if source is not None:
+        array_id = _text(source, "array", "source", SOURCE_RE, "an array id", optional=True)
+    return {"format": FORMAT, "kind": kind, "set": {"name": set_name, "created": created},
+            "base": base, "volumes": out_vols, "total_bytes": total,
+            "source": {"array": array_id}}
 
 
 class Importer:
@@ -396,6 +542,7 @@ class Importer:
         self.pending_bytes = 0
         self.job: Job | None = None
         self.finished = False
+        self.verified = False         # the trailer matched; the set is made at the end
         self.failed: ArrayError | None = None
         self.resumed = False
         self._since_checkpoint = 0
@@ -433,7 +580,17 @@ class Importer:
         if self.finished:
             raise invalid("data after the end of the stream")
         try:
-            await self._take(data)
+            try:
+                if self.verified and len(data):
+                    raise invalid(f"corrupt stream: data after its trailer (offset "
+                                  f"{self.offset})")
+                await self._take(data)
+            except ArrayError:
+                raise
+            except Exception as e:      # a bug or exhaustion: fail this import, not the array
+                log.exception("import failed")
+                raise ArrayError(errno.EIO, f"internal error in the import at stream offset "
+                                 f"{self.offset}: {type(e).__name__}: {e}") from None
         except ArrayError as e:
             if self.resumed and not self.finished:
                 # maybe not the same stream: keep what the first run stored
@@ -485,6 +642,8 @@ class Importer:
         view of `mv` unless `copy`."""
         pos = 0
         while len(mv) - pos >= REC.size:
+            if self.verified:
+                raise invalid(f"corrupt stream: data after its trailer (offset {self.offset})")
             typ, n = REC.unpack_from(mv, pos)
             if n > MAX_RECORD or typ not in b"HVBZT":
                 raise invalid(f"corrupt stream at offset {self.offset}: bad record "
@@ -510,6 +669,9 @@ class Importer:
     async def _parse(self) -> None:
         if self.offset == 0 and self.header is None:
             if len(self.buf) < len(MAGIC):
+                if bytes(self.buf[:6]) != MAGIC[:min(len(self.buf), 6)]:
+                    raise invalid("this is not a fusearray stream (bad magic; the command "
+                                  "is one line, and the stream follows it)")
                 return
             if bytes(self.buf[:6]) != MAGIC[:6]:
                 raise invalid("this is not a fusearray stream (bad magic)")
@@ -531,6 +693,10 @@ class Importer:
         if bno * v.block_size >= v.size:
             raise invalid(f"corrupt stream: block {bno} is past the end of {v.name}")
         data = payload[16:]
+        want = min(v.block_size, v.size - bno * v.block_size)
+        if len(data) != want:       # only the volume's last block is short
+            raise invalid(f"corrupt stream at offset {self.offset}: block {bno} of {v.name} "
+                          f"holds {len(data)} bytes, not {want}")
         if copy:                # a view of `buf`, which is trimmed after the parse
             data = bytes(data)
         # its hash is checked with the batch, in the store's worker thread
@@ -544,7 +710,9 @@ class Importer:
     async def _record(self, typ: bytes, payload: bytes) -> None:
         try:
             await self._record_inner(typ, payload)
-        except (KeyError, TypeError, ValueError, AttributeError, struct.error) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+                RecursionError, struct.error) as e:
+            # RecursionError: JSON nested too deeply for the decoder
             raise invalid(f"corrupt stream at offset {self.offset}: record {typ!r} "
                           f"is not valid ({type(e).__name__})") from None
 
@@ -567,13 +735,16 @@ class Importer:
             raise invalid("corrupt stream: records before the header")
         elif typ == b"V":
             i = json.loads(payload)["index"]
-            if not 0 <= i < len(self.vols):
-                raise invalid(f"corrupt stream: volume index {i}")
+            if type(i) is not int or not 0 <= i < len(self.vols):
+                raise invalid(f"corrupt stream: volume index {_show(i)}")
             await self._flush_pending()
             self.current = self.vols[i]
         elif self.current is None:
             raise invalid("corrupt stream: a block before any volume")
         else:
+            if typ != b"Z" or len(payload) != U64.size:
+                raise invalid(f"corrupt stream at offset {self.offset}: a {typ!r} record "
+                              f"of {len(payload)} bytes")
             bno = U64.unpack_from(payload)[0]
             v = self.current
             if bno * v.block_size >= v.size:
@@ -584,10 +755,9 @@ class Importer:
 
     async def _start(self, h) -> None:
         try:
-            h = _check_header(h)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise invalid(f"corrupt stream: its header is not valid ({type(e).__name__}: "
-                          f"{e})") from None
+            h = check_header(h)
+        except HeaderError as e:
+            raise invalid(f"corrupt stream: its header is refused: {e}") from None
         a = self.array
         name = self.as_name or h["set"]["name"]
         check_name(name, "set name")
@@ -598,7 +768,7 @@ class Importer:
         if h["kind"] == "incremental":
             base = a.sets.get(h["base"]["name"])
             have = sorted(v.wwn for v in base["members"].values()) if base else None
-            if have != h["base"]["wwns"]:
+            if have != sorted(h["base"]["wwns"]):
                 raise notfound(f"this incremental stream needs base set "
                                f"{h['base']['name']!r} (the same shadow copies, by WWN) "
                                "on this array: import that set first")
@@ -607,7 +777,6 @@ class Importer:
         used = {v.wwn: v for v in a.volumes.values()}
         starts = []
         for vh in h["volumes"]:
-            check_name(vh["name"], "LUN name")
             if vh["wwn"] in used and not self.remap:
                 other = used[vh["wwn"]]
                 raise exists(f"WWN {vh['wwn']} of {vh['name']} is already used here by "
@@ -624,10 +793,14 @@ class Importer:
                                      f"base set, which is on pack {bv.pack.name}: import it "
                                      f"there (not on {pack.name})")
             starts.append(bv)
-        self.header = h
         async with a._lock:
-            jid = a.next_job
-            staging = f".import-{jid}"
+            if name in a.sets:
+                raise exists(f"a shadow copy set named {name} was created meanwhile")
+            # the job first: its id names the staging set, and a failure from
+            # here on is undone by `abort` (staging set, volumes, job)
+            self.job = a._new_job("import", [])
+            self.header = h
+            staging = f".import-{self.job.id}"
             a._add_set(staging, time.time())
             for vh, bv in zip(h["volumes"], starts):
                 row = a._shadow_row_from(vh, staging, pack, self.remap)
@@ -635,11 +808,10 @@ class Importer:
                 if bv is not None:
                     row.update(root=bv.root, height=bv.height, allocated=bv.allocated)
                 self.vols.append(a._add_shadow(row, pack, None))
-            self.job = a._new_job("import", self.vols)
             self.job.state = "running"
-            self.job.total_bytes = h.get("total_bytes") or 0
+            self.job.total_bytes = h["total_bytes"] or 0
             self._save_params()
-            a.event("info", f"import job {jid} started: set {h['set']['name']}"
+            a.event("info", f"import job {self.job.id} started: set {h['set']['name']}"
                     + (f" as {name}" if self.as_name else "")
                     + f", {len(self.vols)} shadow copies, {h['kind']}")
             await a._commit()
@@ -742,6 +914,12 @@ class Importer:
                 or t.get("blocks") != self.blocks):
             raise ArrayError(errno.EIO, "the stream is damaged: its checksum or counts do "
                              "not match the data received")
+        # the set is made visible at the end of the input (`end_of_input`):
+        # a stream with anything after its trailer is refused whole
+        self.verified = True
+
+    async def _finish(self) -> None:
+        """The verified stream ended: its set becomes visible."""
         a = self.array
         h = self.header
         name = self.as_name or h["set"]["name"]
@@ -768,18 +946,21 @@ class Importer:
 
     # ---- the end ---------------------------------------------------------------------
     async def abort(self, err: ArrayError) -> None:
-        """Remove the partial set and reclaim its space."""
+        """Remove the partial set and reclaim its space: whatever was
+        staged (the staging set, its volumes, the job) goes, so a refused
+        stream leaves nothing behind."""
         self.failed = err
         a = self.array
         await self._storing.wait(raise_error=False)    # let the batch in flight land first
         if self.job is None:
             return
         async with a._lock:
-            for v in self.vols:
+            staging = f".import-{self.job.id}"
+            members = list(a.sets.get(staging, {"members": {}})["members"].values())
+            for v in self.vols + [m for m in members if m not in self.vols]:
                 if v.vid in a.volumes:
                     a._drop_volume(v)
                     a.sets.get(v.set_name, {"members": {}})["members"].pop(v.name, None)
-            staging = f".import-{self.job.id}"
             if staging in a.sets:
                 del a.sets[staging]
                 a._pending.sets_del.append(staging)
@@ -795,8 +976,19 @@ class Importer:
             raise self.failed
         if self.finished:
             return
-        err = ArrayError(errno.EIO, "the stream ended without its trailer: it is truncated"
-                         + (f" after {self.offset} bytes" if self.offset else ""))
+        if self.verified and not self.buf:
+            try:
+                await self._finish()
+                return
+            except ArrayError as e:
+                await self.abort(e)
+                raise
+        if self.verified:
+            err = invalid(f"corrupt stream: data after its trailer (offset {self.offset})")
+        else:
+            err = ArrayError(errno.EIO, "the stream ended without its trailer: it is "
+                             "truncated" + (f" after {self.offset} bytes" if self.offset
+                                            else ""))
         await self.abort(err)
         raise err
 
@@ -804,6 +996,12 @@ class Importer:
         """The writer went away without asking: keep the partial import for
         `import --resume` (its staging set stays invisible)."""
         if self.finished or self.failed or self.job is None or not self.job.active:
+            return
+        if self.verified:       # it was all there: the set is made, as if asked
+            try:
+                await self.end_of_input()
+            except ArrayError:
+                pass            # removed, with its event
             return
         try:
             await self._flush_pending(wait=True)

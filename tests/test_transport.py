@@ -702,3 +702,163 @@ def test_stream_format_is_documented():
         doc = f.read()
     assert all(w in doc for w in ("MAGIC", "header", "record", "trailer", "## Versioning",
                                   "xxh3")), "docs/stream-format.md is incomplete"
+
+
+# ---- issue 13: hostile streams and command lines ---------------------------------------
+def _forged(good, dst, change) -> str:
+    """`good` with its header changed by `change(header)` and the trailer's
+    chain recomputed (docs/stream-format.md), as a careful forger would."""
+    import xxhash
+    data = read(good)
+    out, chain, n, blocks, off = [MAGIC], bytes(16), 0, 0, 8
+    while off < len(data):
+        typ, size = REC.unpack_from(data, off)
+        payload = data[off + 5:off + 5 + size]
+        off += 5 + size
+        if typ == b"H":
+            h = json.loads(payload)
+            change(h)
+            payload = json.dumps(h).encode()
+        if typ == b"T":
+            payload = json.dumps({"records": n, "blocks": blocks,
+                                  "chain": chain.hex()}).encode()
+        else:
+            chain = xxhash.xxh3_128_digest(chain + typ + (payload[:16] if typ == b"B"
+                                                          else payload))
+            n += 1
+            blocks += typ == b"B"
+        out.append(REC.pack(typ, len(payload)) + payload)
+    with open(dst, "wb") as f:
+        f.write(b"".join(out))
+    return str(dst)
+
+
+def test_hostile_headers_are_refused_before_anything_is_staged(make_mount, tmp_path):
+    """Defects 4, 11, 12, 13: a header with a map height of 1000, a block
+    size of 2^40, 1, 3 or 256 MiB, a size not a multiple of 512, a WWN with
+    a newline, escape sequences in context, two volumes of one name: each
+    refused (EINVAL, the field named) with nothing staged; the array still
+    creates, writes and fsyncs, and after a restart no set comes back."""
+    a, b = pair(make_mount)
+    for n in ("d", "e"):
+        a.ok("create", f"{n} 1M")
+        put(a.path("luns", n), os.urandom(MiB))
+    a.ok("snapshot", "d e set=S")
+    good = tmp_path / "S.stream"
+    fa(a, "export", "S", good)
+
+    def vol0(**kw):
+        return lambda h: h["volumes"][0].update(kw)
+    cases = [("height", vol0(height=1000)), ("block_size", vol0(block_size=1 << 40)),
+             ("block_size", vol0(block_size=1)), ("block_size", vol0(block_size=3)),
+             ("block_size", vol0(block_size=256 * MiB)),
+             ("multiple of 512", vol0(size=MiB + 100)),
+             ("wwn", vol0(wwn="naa.6" + "0" * 30 + "\n")),
+             ("context", vol0(context="\x1b[31mplex")),
+             ("given twice", vol0(name="e"))]
+    b.ok("create", "probe 1M")
+    for i, (text, change) in enumerate(cases):
+        err = refused_import(b, _forged(good, tmp_path / f"bad{i}.fas", change), text,
+                             "--remap", errname="EINVAL")
+        assert "corrupt stream" in err, err
+        b.ok("create", f"after{i} 1M")
+        put(b.path("luns", f"after{i}"), os.urandom(64 * KiB))      # write + fsync
+    fa(b, "import", good)               # a valid stream still goes in
+    b.ok("delete", "S")
+    b.stop()
+    b.start()
+    assert b.status()["sets"] == [] and listed(b) == []
+    assert "Traceback" not in b.output()
+
+
+def _ctl_stream(m, verb: str, writes: list[bytes], read_back: bool = True):
+    """Write each piece on one descriptor of ctl/VERB; (errnos, reply)."""
+    fd = os.open(m.path("ctl", verb), os.O_RDWR)
+    errs = []
+    try:
+        for w in writes:
+            try:
+                os.write(fd, w)
+                errs.append(0)
+            except OSError as e:
+                errs.append(e.errno)
+        data = b""
+        while read_back and (chunk := os.read(fd, 1 << 20)):
+            data += chunk
+    finally:
+        os.close(fd)
+    return errs, data
+
+
+def _pairs(data: bytes) -> dict:
+    return dict(l.split("=", 1) for l in data.decode(errors="replace").splitlines()
+                if "=" in l)
+
+
+def test_ctl_export_and_import_check_their_command_line_at_its_write(mount, tmp_path):
+    """Defect 18: a bad first line on ctl/export or ctl/import is refused at
+    its write with an errno, and the reply read after it is
+    status=error/errno/message (never empty, never a stream); import's
+    as=/pack= are checked before any stream byte; once refused, the
+    stream written after it gets the same errno and no more events."""
+    import errno as E
+    m = mount
+    m.ok("create", "d 1M")
+    put(m.path("luns", "d"), os.urandom(MiB))
+    m.ok("snapshot", "d set=S")
+    ref = tmp_path / "S.fas"
+    fa(m, "export", "S", ref)
+    stream = read(ref)
+    for writes, errno_, text in [
+            ([b"\xff\xfe\n"], E.EINVAL, "UTF-8"),
+            ([b"S\nS\n"], E.EINVAL, "second line"),
+            ([b"S \x1b[2J\n"], E.EINVAL, "control characters"),
+            ([b"nope\n"], E.ENOENT, "nope"),
+            ([b"x" * 5000 + b"\n"], E.EINVAL, "longer than")]:
+        errs, data = _ctl_stream(m, "export", writes)
+        reply = _pairs(data)
+        assert errs == [errno_], (writes, errs)
+        assert reply.get("status") == "error" and reply["errno"] == E.errorcode[errno_] \
+            and text in reply["message"], (writes, data[:200])
+    # a line written in two pieces, without a newline: it runs at the first read
+    errs, data = _ctl_stream(m, "export", [b"S"])
+    assert errs == [0] and data == stream
+    # a second command while the stream is read: EINVAL, the stream goes on
+    fd = os.open(m.path("ctl", "export"), os.O_RDWR)
+    try:
+        os.write(fd, b"S\n")
+        first = os.read(fd, 4096)
+        try:
+            os.write(fd, b"S\n")
+            raise AssertionError("a second export command was taken")
+        except OSError as e:
+            assert e.errno == E.EINVAL
+        rest = b""
+        while chunk := os.read(fd, 1 << 20):
+            rest += chunk
+    finally:
+        os.close(fd)
+    assert first + rest == stream
+
+    n0 = n_events(m)
+    for first_line, errno_, text in [
+            (b"as=bad/name\n", E.EINVAL, "bad set name"),
+            (b"as=S\n", E.EEXIST, "already exists"),
+            (b"pack=nope\n", E.ENOENT, "no pack named"),
+            (b"\xff\n", E.EINVAL, "UTF-8"),
+            (b"job=3\n", E.EINVAL, "resume=yes"),
+            (b"as=T\nas=U\n", E.EINVAL, "bad magic")]:
+        errs, data = _ctl_stream(m, "import", [first_line, stream[:4096], stream[4096:]])
+        reply = _pairs(data)
+        assert errs == [errno_] * 3, (first_line, errs)
+        assert reply.get("status") == "error" and reply["errno"] == E.errorcode[errno_] \
+            and text in reply["message"], (first_line, data)
+    new = events_since(m, n0)
+    assert len(new) == 6 and not [e for e in new if "internal error" in e], new
+    assert listed(m) == ["S"] and not [j for j in jobs(m) if j["state"] != "failed"]
+    # the command line in pieces, then the stream: imported
+    errs, data = _ctl_stream(m, "import", [b"as=", b"T remap=yes", b"\n" + stream[:100],
+                                           stream[100:]])
+    assert errs == [0] * 4 and _pairs(data) == {"status": "ok", "set": "T", "job": _pairs(
+        data)["job"], "blocks": "16"}, data
+    cmp_file(m.path("snapshots", "S", "d"), m.path("snapshots", "T", "d"))
