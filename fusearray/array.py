@@ -30,6 +30,7 @@ import trio
 
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
 from .catalogue import Catalogue, Changes
+from .events import EVENTS_KEPT, NOISE_KEPT, EventLog, Limiter, clean
 from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
 from .perms import FILE_MODE, private_dir, tighten
 from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
@@ -59,7 +60,6 @@ FLUSH_BATCH = 16 << 20
 FLUSH_RETRY = 3.0
 #: Reads up to this size try the page cache on the loop before a thread.
 NOWAIT_MAX = 1 << 20
-EVENTS_KEPT = 2000
 #: Made-up IEEE company id for our NAA-6 WWNs (`naa.6` + 31 hex digits).
 WWN_OUI = "fa55a7"
 
@@ -79,9 +79,20 @@ def parse_pack_spec(spec: str) -> tuple[str, str, list[str]]:
     return name, layout, [d for d in dirs.split(",") if d]
 
 
+#: ctl/status lists disks found invalid under a pack of this name.
+RESERVED_PACK = "INVALID"
+#: The longest the checks of new disk directories may take (a directory on
+#: a hung network file system): then the command fails, the mount goes on.
+DISK_CHECK_TIMEOUT = 60.0
+
+
 def check_pack(name: str, layout: str, dirs: list[str], used: set) -> list[str]:
-    """Validate a new pack; returns absolute disk paths."""
+    """Validate a new pack; returns absolute disk paths. Blocking (it looks
+    at the directories): never on the trio thread of a mounted array."""
     check_name(name, "pack name")
+    if name == RESERVED_PACK:
+        raise invalid(f"the pack name {RESERVED_PACK} is reserved (ctl/status lists "
+                      "invalid disks under it): choose another name")
     if layout not in LAYOUTS:
         raise invalid(f"unknown layout {layout!r}: use single, mirror or raid5")
     need = {"single": (1, 1), "mirror": (2, 3), "raid5": (3, 16)}[layout]
@@ -102,6 +113,30 @@ def check_pack(name: str, layout: str, dirs: list[str], used: set) -> list[str]:
                     raise busy(f"{p} is already a disk of a fusearray pack")
                 raise invalid(f"disk directory {p} is not empty")
     return paths
+
+
+def check_outside_mount(paths: list[str], mountpoint: str | None) -> None:
+    """Refuse a disk directory inside the array's own mount: the daemon
+    would send FUSE requests to itself. By the resolved path (symlinks
+    followed) and by the device of its nearest existing ancestor (a bind
+    mount of part of the mount elsewhere). Blocking, in a worker thread:
+    the lookups it makes inside the mount are answered by the trio thread."""
+    if not mountpoint:
+        return
+    mnt = os.path.realpath(mountpoint)
+    dev = os.stat(mnt).st_dev
+    for p in paths:
+        real = os.path.realpath(p)
+        near = real
+        while True:
+            try:
+                st = os.stat(near)
+                break
+            except FileNotFoundError:
+                near = os.path.dirname(near)
+        if real == mnt or real.startswith(mnt.rstrip("/") + "/") or st.st_dev == dev:
+            raise invalid(f"disk directory {p} is inside this array's own mount {mnt}: "
+                          "a pack's disks must be host directories outside it")
 
 
 def init_array(path: str, packs: list[str] | None = None,
@@ -189,7 +224,8 @@ class Array(RecoveryOps, ShadowOps):
         self.volumes: dict[int, Volume] = {}     # every live volume, also deleted-but-open
         self.luns: dict[str, Volume] = {}
         self.sets: dict[str, dict] = {}          # name -> {"created", "members": {lun: Volume}}
-        self.events: collections.deque = collections.deque(maxlen=EVENTS_KEPT)
+        self.events = EventLog()                 # what ctl/events shows (see events.py)
+        self.event_limiter = Limiter()          # rate limits of events users cause at will
         self.write_seq = 0
         self.durable_seq = 0
         self.started = time.time()
@@ -217,6 +253,7 @@ class Array(RecoveryOps, ShadowOps):
         self._pins: list = []                    # (vol, root, height) kept by exports
         self._nursery = None
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
+        self.mountpoint: str | None = None       # set by the daemon (disks must be outside)
 
     # ---- open / close --------------------------------------------------------
     def _take_lock(self) -> None:
@@ -262,9 +299,9 @@ class Array(RecoveryOps, ShadowOps):
         if replayed:
             notes.append(f"recovered {replayed} event(s) logged after the last commit "
                          "of the previous session")
-        for seq, t, level, msg in cat.events(EVENTS_KEPT):
-            self.events.append((seq, t, level, msg))
-            self._event_seq = seq
+        for seq, t, level, msg, noise in cat.events(EVENTS_KEPT, NOISE_KEPT):
+            self.events.append((seq, t, level, msg), noise)
+            self._event_seq = max(self._event_seq, seq)
         for name, created in cat.sets():
             self.sets[name] = {"created": created, "members": {}}
         return rows, notes
@@ -307,8 +344,8 @@ class Array(RecoveryOps, ShadowOps):
             with open(self._journal_path(n), "rb") as f:
                 for line in f:
                     try:
-                        t, level, msg = json.loads(line)
-                        events.append((float(t), str(level), str(msg)))
+                        t, level, msg, *noise = json.loads(line)
+                        events.append((float(t), str(level), str(msg), int(bool(noise and noise[0]))))
                     except (ValueError, TypeError):
                         continue
         self._journal_no = max(nums + [done - 1]) + 1
@@ -405,15 +442,38 @@ class Array(RecoveryOps, ShadowOps):
                 self._lockfd = None
 
     # ---- events ----------------------------------------------------------------
-    def event(self, level: str, message: str) -> None:
+    def event(self, level: str, message: str, source: str | None = None) -> None:
+        """Log an event (one printable line: see events.clean). `source`
+        names who caused it when a user can cause it at will (a refused
+        command: `refused ctl/create uid 1000`): such events are
+        rate-limited per source, one summary says how many were
+        suppressed, and they are kept apart so they never push others out."""
+        if source is not None:
+            self._event_summaries(source)
+            if not self.event_limiter.allow(source):
+                return
+        self._log_event(level, clean(message), source is not None)
+
+    def flush_event_summaries(self) -> None:
+        """The summaries of sources that suppressed events and went quiet."""
+        self._event_summaries(None)
+
+    def _event_summaries(self, source: str | None) -> None:
+        for src, n, since in self.event_limiter.summaries(source):
+            self._log_event("warning", clean(f"{n} similar event(s) suppressed since "
+                                             f"{time.strftime('%H:%M:%SZ', time.gmtime(since))}"
+                                             f" (rate limit): {src}"), True)
+
+    def _log_event(self, level: str, message: str, noise: bool) -> None:
         t = time.time()
         self._event_seq += 1
-        self.events.append((self._event_seq, t, level, message))
-        self._pending.events.append((t, level, message))
+        self.events.append((self._event_seq, t, level, message), noise)
+        self._pending.events.append((t, level, message, int(noise)))
         getattr(log, "info" if level == "info" else "warning")(message)
         if self._journal_fd is not None:     # a line in the page cache: survives SIGKILL
             try:
-                os.write(self._journal_fd, (json.dumps([t, level, message]) + "\n").encode())
+                os.write(self._journal_fd,
+                         (json.dumps([t, level, message, int(noise)]) + "\n").encode())
             except OSError:
                 pass         # the daemon log has it; the catalogue gets it at the commit
 
@@ -559,6 +619,7 @@ class Array(RecoveryOps, ShadowOps):
                 await cache.wake_committer.wait()
             if cache.wake_committer.is_set():
                 cache.wake_committer = trio.Event()
+            self.flush_event_summaries()
             now = time.monotonic()
             if now - self._last_disk_check >= DISK_CHECK_INTERVAL:
                 self._last_disk_check = now
@@ -1034,7 +1095,7 @@ class Array(RecoveryOps, ShadowOps):
                          block_size: int | None = None) -> Volume:
         check_name(name, "LUN name")
         size = parse_size(size_text)
-        bs = block_size or self.default_block_size
+        bs = self.default_block_size if block_size is None else block_size
         if not _bs_ok(bs):
             raise invalid("block size must be a power of two from 4K to 1M")
         p = self.pack(pack)
@@ -1127,9 +1188,27 @@ class Array(RecoveryOps, ShadowOps):
             raise notfound(f"set {set_name} has no shadow copy of {name!r}")
         return vol
 
-    async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
+    async def check_new_disks(self, name: str, layout: str, dirs: list[str]) -> list[str]:
+        """check_pack and check_outside_mount, in a worker thread (they look
+        at user-given paths, perhaps inside this very mount); bounded in time.
+        Returns the absolute disk paths."""
+        check_name(name, "pack name")
         used = {d.path for p in self.packs.values() for d in p.disks}
-        paths = check_pack(name, layout, dirs, used)
+
+        def work():
+            check_outside_mount([os.path.abspath(d) for d in dirs], self.mountpoint)
+            return check_pack(name, layout, dirs, used)
+        with trio.move_on_after(DISK_CHECK_TIMEOUT):
+            try:
+                return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            except OSError as e:
+                raise ioerror(f"cannot check the disk directories {', '.join(dirs)}: "
+                              f"{e}") from None
+        raise ioerror(f"checking the disk directories {', '.join(dirs)} took more than "
+                      f"{DISK_CHECK_TIMEOUT:.0f} s (a hung file system?): nothing was done")
+
+    async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
+        paths = await self.check_new_disks(name, layout, dirs)
         async with self._lock:
             if name in self.packs:
                 raise exists(f"a pack named {name} already exists")

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sqlite3
 
+from .events import EVENTS_KEPT, NOISE_KEPT
 from .perms import FILE_MODE
 
 
@@ -90,14 +91,26 @@ def create_tables(conn: sqlite3.Connection) -> None:
         name    TEXT PRIMARY KEY,
         created REAL NOT NULL
     );
-    -- the event log (ctl/events), oldest first
+    -- the event log (ctl/events), oldest first; pruned at each commit that
+    -- adds events to the newest EVENTS_KEPT ordinary and NOISE_KEPT noise
+    -- rows (events.py), so a flood of refused commands neither grows the
+    -- catalogue nor pushes the array's own events out
     CREATE TABLE events (
         seq     INTEGER PRIMARY KEY AUTOINCREMENT,
         time    REAL NOT NULL,
         level   TEXT NOT NULL,      -- info | warning | error
-        message TEXT NOT NULL
+        message TEXT NOT NULL,      -- one printable line (events.clean)
+        noise   INTEGER NOT NULL DEFAULT 0  -- 1: rate-limited, caused by a user
+                                    -- at will (a refused command, a summary)
     );
     """)
+
+
+def upgrade_tables(conn: sqlite3.Connection) -> None:
+    """Catalogues made before a column existed get it."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
+    if "noise" not in cols:
+        conn.execute("ALTER TABLE events ADD COLUMN noise INTEGER NOT NULL DEFAULT 0")
 
 
 VOLUME_COLUMNS = ("vid", "name", "kind", "set_name", "pack", "size", "block_size",
@@ -117,7 +130,7 @@ class Changes:
     sets_add: list = dataclasses.field(default_factory=list)    # (name, created)
     sets_del: list = dataclasses.field(default_factory=list)    # names
     packs_add: list = dataclasses.field(default_factory=list)   # (name, layout, created, [paths])
-    events: list = dataclasses.field(default_factory=list)      # (time, level, message)
+    events: list = dataclasses.field(default_factory=list)      # (time, level, message[, noise])
     jobs: list = dataclasses.field(default_factory=list)        # rows (dict)
     disks: list = dataclasses.field(default_factory=list)       # (pack, idx, path, state, since)
     meta: dict = dataclasses.field(default_factory=dict)
@@ -142,6 +155,8 @@ class Catalogue:
         self.conn.execute("PRAGMA foreign_keys=ON")
         if create:   # array.json, written after this, marks a finished init
             create_tables(self.conn)
+        else:
+            upgrade_tables(self.conn)
 
     def transaction(self):
         return _Txn(self.conn)
@@ -172,10 +187,15 @@ class Catalogue:
     def sets(self) -> list:
         return self.conn.execute("SELECT name, created FROM sets ORDER BY created, name").fetchall()
 
-    def events(self, limit: int) -> list:
-        rows = self.conn.execute("SELECT seq, time, level, message FROM events "
-                                 "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return rows[::-1]
+    def events(self, limit: int, noise_limit: int = 0) -> list:
+        """(seq, time, level, message, noise), oldest first: the newest
+        `limit` ordinary events and the newest `noise_limit` noise ones."""
+        rows = []
+        for noise, n in ((0, limit), (1, noise_limit)):
+            rows += self.conn.execute("SELECT seq, time, level, message, noise FROM events "
+                                      "WHERE noise=? ORDER BY seq DESC LIMIT ?",
+                                      (noise, n)).fetchall()
+        return sorted(rows)
 
     def jobs(self) -> list[dict]:
         cur = self.conn.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs ORDER BY id")
@@ -208,10 +228,19 @@ class Catalogue:
                 c.executemany(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
                               f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})",
                               [tuple(r[k] for k in JOB_COLUMNS) for r in ch.jobs])
-            c.executemany("INSERT INTO events (time, level, message) VALUES (?,?,?)",
-                          ch.events)
+            if ch.events:
+                c.executemany("INSERT INTO events (time, level, message, noise) "
+                              "VALUES (?,?,?,?)", [(e + (0,))[:4] for e in ch.events])
+                prune_events(c)
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
                           [(k, str(v)) for k, v in ch.meta.items()])
+
+
+def prune_events(c, kept: int = EVENTS_KEPT, noise_kept: int = NOISE_KEPT) -> None:
+    """Keep the newest `kept` ordinary and `noise_kept` noise events."""
+    for noise, n in ((0, kept), (1, noise_kept)):
+        c.execute("DELETE FROM events WHERE noise=? AND seq <= (SELECT seq FROM events "
+                  "WHERE noise=? ORDER BY seq DESC LIMIT 1 OFFSET ?)", (noise, noise, n))
 
 
 class _Txn:

@@ -1,14 +1,38 @@
-"""The control protocol (DESIGN section 3): parse a command line, call the
-array, turn the outcome into a `key=value` reply.
+"""The control protocol (DESIGN section 3): cut what is written to a
+ctl/VERB descriptor into lines, parse a command line, call the array, turn
+the outcome into a `key=value` reply.
 
 A command is `ARG... key=value...`: positionals first, then options known
 to the verb. A failure is an ArrayError: its errno goes back to the writer
 and its message into the reply and the event log; the array is unchanged.
+
+Lines (Session): a command runs when its line is complete: at its newline,
+or when a descriptor holding a partial line is closed (FUSE flush: close(2)
+returns the command's errno) or released. Bytes split over several write(2)
+calls form one line. A write that completes more than one line runs none
+of them (EINVAL, "one command per write"): every verb can fail half-way
+(EEXIST, ENOSPC, EBUSY found while running), and none of them can be
+undone as one unit, so "all of them or none" is none. A line is UTF-8
+text without control characters (tab aside), at most MAX_LINE bytes, and
+not empty or only whitespace. The words are separated by ASCII spaces and
+tabs only.
 """
 import json
+import re
 
 from .errors import ArrayError, invalid
-from .util import human_bytes, iso_time, parse_bool, parse_bytes
+from .events import clean
+from .util import human_bytes, iso_time, parse_bool, parse_bytes, parse_uint
+
+#: The longest command line, in bytes (more is EINVAL when the line ends).
+MAX_LINE = 4096
+#: How much of a refused command is echoed in its event and reply.
+ECHO_MAX = 200
+#: Message of a refused command, at most (the event adds the echo).
+MESSAGE_MAX = 1024
+_WORDS = re.compile(r"[ \t]+")
+# C0 controls but tab, DEL and the C1 controls (a raw ESC, NUL, CR, ...)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Verb:
@@ -19,21 +43,28 @@ class Verb:
         self.usage = usage
 
 
+def words(line: str) -> list[str]:
+    """The words of a line: separated by ASCII spaces and tabs only (a
+    non-breaking or other Unicode space is part of a word, and then makes
+    it a bad name, size or option)."""
+    return [w for w in _WORDS.split(line) if w]
+
+
 def parse(verb: Verb, name: str, line: str) -> tuple[list, dict]:
     args, opts = [], {}
-    for tok in line.split():
+    for tok in words(line):
         key, eq, value = tok.partition("=")
-        if eq and "/" not in key and key.replace("_", "").isalpha():
+        if eq and "/" not in key and key.isascii() and key.replace("_", "").isalpha():
             if key not in verb.options:
                 known = ", ".join(sorted(verb.options)) or "none"
-                raise invalid(f"{name}: unknown option {key!r} (options: {known}); "
+                raise invalid(f"{name}: unknown option {key[:40]!r} (options: {known}); "
                               f"usage: {name} {verb.usage}")
             if key in opts:
                 raise invalid(f"{name}: option {key} given twice")
             opts[key] = value
         else:
             if opts:
-                raise invalid(f"{name}: positional argument {tok!r} after options; "
+                raise invalid(f"{name}: positional argument {tok[:60]!r} after options; "
                               f"usage: {name} {verb.usage}")
             args.append(tok)
     lo, hi = verb.nargs
@@ -47,8 +78,16 @@ def _force(opts) -> bool:
     return parse_bool(opts.get("force", "no"), "force")
 
 
+def parse_block_size(text: str) -> int:
+    bs = parse_bytes(text, "block size")
+    if not (4096 <= bs <= 1 << 20 and bs & (bs - 1) == 0):
+        raise invalid(f"bad block size {text!r}: give a power of two from 4K to 1M "
+                      "(e.g. block=64K), or leave it out for the array's default")
+    return bs
+
+
 async def _create(array, args, opts):
-    bs = parse_bytes(opts["block"], "block size") if "block" in opts else None
+    bs = parse_block_size(opts["block"]) if "block" in opts else None
     vol = await array.create_lun(args[0], args[1], opts.get("pack"), bs)
     return {"lun": vol.name, "wwn": vol.wwn, "size": vol.size}
 
@@ -103,7 +142,12 @@ async def _swap(array, args, opts):
 
 def _job_verb(action):
     async def run(array, args, opts):
-        job = await array.control_job(args[0], action, args[1] if len(args) > 1 else None)
+        jid = parse_uint(args[0], "job id")
+        rate = None
+        if len(args) > 1:
+            parse_bytes(args[1], "rate")      # checked here: ASCII digits, K/M/G/T, bounded
+            rate = args[1]
+        job = await array.control_job(str(jid), action, rate)
         return {"job": job.id, "state": job.state}
     return run
 
@@ -114,7 +158,8 @@ async def _recover(array, args, opts):
 
 
 async def _replace(array, args, opts):
-    job = await array.replace(args[0], args[1], args[2], _force(opts))
+    disk = parse_uint(args[1], "disk number")
+    job = await array.replace(args[0], str(disk), args[2], _force(opts))
     return {"job": job.id}
 
 
@@ -156,11 +201,29 @@ def _register_flags():
 _register_flags()
 
 
-def failure(array, verb: str, line: bytes, err: ArrayError) -> bytes:
+def echo(line) -> str:
+    """A command as its event and reply quote it: decoded whatever its
+    bytes, control characters escaped, cut at ECHO_MAX characters."""
+    if isinstance(line, (bytes, bytearray, memoryview)):
+        line = bytes(line).decode(errors="backslashreplace")
+    return clean(line.strip(" \t\n"), ECHO_MAX)
+
+
+def refuse(array, verb: str, line, err: ArrayError, origin: str | None = None) -> ArrayError:
+    """A refused command: its message says which (the echo), an event is
+    logged (rate-limited per source: the verb and who sent it), and the
+    error reply is attached as `err.reply`. Returns `err`."""
+    text = echo(line)
+    err.message = clean(f"{verb}{' ' + text if text else ''}: {clean(err.message, MESSAGE_MAX)}")
+    array.event("error", f"{err.message} [{err.errname}]",
+                source=f"refused {verb} commands" + (f" from {origin}" if origin else ""))
+    err.reply = format_error(err)
+    return err
+
+
+def failure(array, verb: str, line: bytes, err: ArrayError, origin: str | None = None) -> bytes:
     """Log a refused stream command as an event; the error reply."""
-    text = line.decode(errors="replace").strip()
-    array.event("error", f"{verb}{' ' + text if text else ''}: {err.message} [{err.errname}]")
-    return format_error(err)
+    return refuse(array, verb, line, err, origin).reply
 
 
 def format_reply(pairs: dict) -> bytes:
@@ -169,29 +232,126 @@ def format_reply(pairs: dict) -> bytes:
 
 
 def format_error(err: ArrayError) -> bytes:
-    msg = " ".join(err.message.split())
-    return f"status=error\nerrno={err.errname}\nmessage={msg}\n".encode()
+    return f"status=error\nerrno={err.errname}\nmessage={clean(err.message)}\n".encode()
+
+
+def decode_line(data: bytes, length: int | None = None) -> str:
+    """The text of one command line, or EINVAL saying what is wrong."""
+    if length is not None and length > MAX_LINE:
+        raise invalid(f"the line is {length} bytes long; a command is at most {MAX_LINE}")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise invalid(f"the command is not valid UTF-8 text (byte {e.start})") from None
+    m = _CONTROL.search(text)
+    if m:
+        raise invalid(f"control character {m.group()!r} at column {m.start() + 1}: a "
+                      "command is one line of printable text (words separated by "
+                      "spaces or tabs)")
+    if not words(text):
+        raise invalid("empty command (the line is empty or only whitespace): write "
+                      "NAME and arguments, e.g. `echo \"lun0 1G\" > ctl/create`")
+    return text
+
+
+class LineBuffer:
+    """Bytes written to one descriptor, cut into lines at newlines. A
+    partial line is kept (at most MAX_LINE + 1 bytes of it; its length is
+    counted on) until its newline or the descriptor's close."""
+    __slots__ = ("partial", "length")
+
+    KEEP = 4        # complete lines of one write kept (the rest are counted)
+
+    def __init__(self):
+        self.partial = bytearray()
+        self.length = 0
+
+    def feed(self, data: bytes) -> tuple[list, int]:
+        """([(bytes, length)] of the first KEEP lines this write completes,
+        how many it completes)."""
+        lines, count, start = [], 0, 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            self._add(data, start, nl)
+            count += 1
+            if len(lines) < self.KEEP:
+                lines.append((bytes(self.partial), self.length))
+            self.partial.clear()
+            self.length = 0
+            start = nl + 1
+        self._add(data, start, len(data))
+        return lines, count
+
+    def _add(self, data: bytes, start: int, end: int) -> None:
+        room = MAX_LINE + 1 - len(self.partial)
+        if room > 0:
+            self.partial += data[start:min(end, start + room)]
+        self.length += end - start
+
+    def take(self) -> tuple[bytes, int] | None:
+        """The partial line (and its length), emptied; None when empty."""
+        if not self.length:
+            return None
+        line = (bytes(self.partial), self.length)
+        self.partial.clear()
+        self.length = 0
+        return line
+
+
+class Session:
+    """One open ctl/VERB descriptor: its line buffer and its reply. The
+    caller serialises `write` and `close` (fs.CtlHandle's lock)."""
+    __slots__ = ("verb", "origin", "verbs", "buf", "reply", "pos")
+
+    def __init__(self, verb: str, origin: str | None = None, verbs=None):
+        self.verb = verb
+        self.origin = origin        # who writes: "uid N" (source of its events)
+        self.verbs = VERBS if verbs is None else verbs
+        self.buf = LineBuffer()
+        self.reply = b""
+        self.pos = 0
+
+    async def write(self, array, data: bytes) -> None:
+        """Buffer `data`; run the line it completes. Raises ArrayError (the
+        reply attached and set) when the command failed or was refused."""
+        lines, count = self.buf.feed(data)
+        if count:
+            await self._run(array, lines, count)
+
+    async def close(self, array) -> None:
+        """The descriptor holding a partial line is closed: run it."""
+        line = self.buf.take()
+        if line is not None:
+            await self._run(array, [line], 1)
+
+    def read(self, size: int) -> bytes:
+        data = self.reply[self.pos:self.pos + size]
+        self.pos += len(data)
+        return data
+
+    async def _run(self, array, lines: list, count: int) -> None:
+        self.pos = 0
+        data, length = lines[0]
+        try:
+            if count > 1:
+                raise invalid(f"this write carries {count} command lines; nothing was "
+                              "run: a write runs one command, all or none (write each "
+                              "line with its own write, e.g. one echo per command)")
+            text = decode_line(data, length)
+            verb = self.verbs[self.verb]
+            args, opts = parse(verb, self.verb, text)
+            pairs = await verb.run(array, args, opts)
+        except ArrayError as err:
+            self.reply = refuse(array, self.verb, data, err, self.origin).reply
+            raise
+        self.reply = format_reply(pairs or {})
 
 
 async def execute(array, verb_name: str, text: str) -> bytes:
-    """Run every non-empty line of `text`; the reply of the last one (or the
-    first failure, which stops the rest) is returned. Raises ArrayError with
-    the reply attached as `.reply`."""
-    verb = VERBS[verb_name]
-    reply = format_reply({})
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            args, opts = parse(verb, verb_name, line)
-            pairs = await verb.run(array, args, opts)
-        except ArrayError as err:
-            err.message = f"{verb_name} {line.strip()}: {err.message}"
-            array.event("error", f"{err.message} [{err.errname}]")
-            err.reply = format_error(err)
-            raise
-        reply = format_reply(pairs or {})
-    return reply
+    """Run one command line (no newline needed); its reply. Raises
+    ArrayError with the reply attached as `.reply`."""
+    s = Session(verb_name)
+    await s.write(array, text.encode() if text.endswith("\n") else text.encode() + b"\n")
+    return s.reply
 
 
 # ---- renderings of ctl/status, ctl/status.json and ctl/events ---------------

@@ -135,6 +135,7 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             nursery.cancel_scope.cancel()
             return 1
         ops = Operations(array, access)
+        array.mountpoint = mnt
         streams = StreamServer(array)
         if await nursery.start(streams.serve):
             ops.stream_socket = streams.name

@@ -88,12 +88,13 @@ class VolHandle:
 
 
 class CtlHandle:
-    __slots__ = ("verb", "reply", "pos")
+    """ctl/VERB: the session (line buffer, reply: see ctl.Session) of one
+    open file; its writes, flush and release run one at a time."""
+    __slots__ = ("session", "lock")
 
-    def __init__(self, verb):
-        self.verb = verb
-        self.reply = b""
-        self.pos = 0
+    def __init__(self, verb, origin):
+        self.session = ctl.Session(verb, origin)
+        self.lock = trio.Lock()
 
 
 class ExportHandle:
@@ -346,7 +347,7 @@ class Operations(pyfuse3.Operations):
         if VERB_BASE <= inode < VERB_BASE + len(self.verbs):
             verb = self.verbs[inode - VERB_BASE]
             h = {"export": ExportHandle, "import": ImportHandle}.get(verb)
-            h = h() if h else CtlHandle(verb)
+            h = h() if h else CtlHandle(verb, f"uid {ctx.uid}")
             return pyfuse3.FileInfo(fh=self._new_handle(h), direct_io=True)
         raise pyfuse3.FUSEError(errno.EISDIR)
 
@@ -367,9 +368,7 @@ class Operations(pyfuse3.Operations):
             data = h.vol.read_cached(off, size)
             return data if data is not None else _reply(await h.vol.read_parts(off, size))
         if type(h) is CtlHandle:
-            data = h.reply[h.pos:h.pos + size]
-            h.pos += len(data)
-            return data
+            return h.session.read(size)
         if type(h) is ExportHandle:
             return await self._export_read(h, size)
         if type(h) is ImportHandle:
@@ -381,22 +380,9 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if type(h) is VolHandle:
             return await h.vol.write(off, buf)
-        if type(h) is CtlHandle:
-            try:
-                text = bytes(buf).decode()
-            except UnicodeDecodeError:
-                text = None
-            h.pos = 0
-            if text is None:
-                err = ArrayError(errno.EINVAL, f"{h.verb}: command is not valid UTF-8 text")
-                self.array.event("error", err.message)
-                h.reply = ctl.format_error(err)
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            try:
-                h.reply = await ctl.execute(self.array, h.verb, text)
-            except ArrayError as e:
-                h.reply = e.reply
-                raise
+        if type(h) is CtlHandle:          # a command runs once its line is complete
+            async with h.lock:
+                await h.session.write(self.array, bytes(buf))
             return len(buf)
         if type(h) is ExportHandle:
             return await self._export_write(h, buf)
@@ -521,7 +507,13 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def flush(self, fh):
-        pass   # a hint on every close(); durability is fsync's job
+        # On every close() of a descriptor: durability is fsync's job, but a
+        # ctl/VERB descriptor holding a partial line runs it now, and the
+        # kernel hands this reply's errno to close(2) (FUSE_NOTES).
+        h = self.handles.get(fh)
+        if type(h) is CtlHandle:
+            async with h.lock:
+                await h.session.close(self.array)
 
     @guarded
     async def fsync(self, fh, datasync):
@@ -532,7 +524,10 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def release(self, fh):
         h = self.handles.pop(fh, None)
-        if type(h) is VolHandle:
+        if type(h) is CtlHandle:        # a partial line no flush ran (its errno: an event)
+            async with h.lock:
+                await h.session.close(self.array)
+        elif type(h) is VolHandle:
             h.vol.closed(h.pid, h.uid)
             self.array.released(h.vol)
         elif type(h) is ExportHandle and h.run is not None:

@@ -98,7 +98,6 @@ class RecoveryOps:
         return job
 
     async def replace(self, name: str, old: str, new_dir: str, force: bool = False) -> Job:
-        from .array import check_pack
         pack = self.pack(name)
         try:
             d = pack.disks[int(old)]
@@ -112,8 +111,7 @@ class RecoveryOps:
             raise busy(f"disk {d.idx} of pack {name} ({d.path}) is healthy: use force=yes "
                        "to replace it anyway")
         self._busy_pack(pack)
-        used = {x.path for p in self.packs.values() for x in p.disks}
-        path = check_pack(name, "single", [new_dir], used)[0]
+        path = (await self.check_new_disks(name, "single", [new_dir]))[0]
         others = [x for x in pack.disks if x is not d and x.state == "online"]
         if len(others) < len(pack.disks) - 1 and pack.layout == "raid5":
             raise ioerror(f"pack {name} has lost more than one disk: a raid5 pack cannot "

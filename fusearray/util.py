@@ -9,8 +9,15 @@ import trio
 from .errors import invalid
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_SIZE_RE = re.compile(r"(\d+)([KMGT]?)(i?B)?\Z", re.IGNORECASE)
+# ASCII digits only (\d would take any Unicode digit, `١M`), at most 20 of
+# them (int() of thousands of digits is slow and then refused), and one of
+# the binary suffixes K, M, G, T in capitals: no `1GB`, `1gib` (DESIGN 2, 3).
+_SIZE_RE = re.compile(r"([0-9]{1,20})([KMGT]?)\Z")
+_UINT_RE = re.compile(r"[0-9]{1,18}\Z")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: Byte counts at or above this are refused: they would not fit the
+#: catalogue's 64-bit integers (a throttle rate of 10^20 stopped the commits).
+MAX_BYTES = 1 << 62
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -21,12 +28,22 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def parse_bytes(text: str, what: str = "size") -> int:
-    """`1G`, `512K`, `4096` -> bytes (binary suffixes)."""
-    m = _SIZE_RE.match(text.strip())
+    """`1G`, `512K`, `4096` -> bytes (binary suffixes K, M, G, T only)."""
+    m = _SIZE_RE.match(text)
     if not m:
-        raise invalid(f"bad {what} {text!r}: give bytes or a number with "
-                      "K, M, G or T (binary)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise invalid(f"bad {what} {text[:40]!r}: give bytes in ASCII digits, or a "
+                      "number with K, M, G or T (binary), e.g. 4096, 64K or 1G")
+    n = int(m.group(1)) * _UNITS[m.group(2)]
+    if n >= MAX_BYTES:
+        raise invalid(f"bad {what} {text!r}: too large (the limit is 4096P)")
+    return n
+
+
+def parse_uint(text: str, what: str) -> int:
+    """A count or an identifier (job id, disk number): ASCII digits only."""
+    if not _UINT_RE.match(text):
+        raise invalid(f"bad {what} {text[:40]!r}: give a number in ASCII digits")
+    return int(text)
 
 
 def parse_size(text: str) -> int:
