@@ -34,8 +34,8 @@ from .events import EVENTS_KEPT, NOISE_KEPT, EventLog, Limiter, clean
 from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
 from .perms import FILE_MODE, private_dir, tighten
 from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
-from .util import check_name, human_bytes, parse_size
-from .jobs import Job
+from .util import check_name, human_bytes, iso_time, parse_size
+from .jobs import Job, JobJournal
 from .recovery import RecoveryOps
 from .shadows import ShadowOps
 from .volume import BlockCache, Volume
@@ -45,7 +45,10 @@ log = logging.getLogger("fusearray")
 ARRAY_FILE = "array.json"
 CATALOGUE_FILE = "catalogue.db"
 EVENT_JOURNAL = "events.journal"     # events.journal.N: events not yet in the catalogue
+JOB_JOURNAL = "jobs.journal"         # job changes not yet in the catalogue (jobs.JobJournal)
 LOCK_FILE = "lock"
+CRASH_FILE = "crash.json"            # what the last daemon died of (daemon.py writes it)
+RUNNING_FILE = "running"             # a daemon has the array open: gone at a clean close
 LAYOUTS = ("single", "mirror", "raid5")
 #: A LUN may be this many times larger than its pack (thin provisioning).
 OVERCOMMIT = 16
@@ -246,14 +249,17 @@ class Array(RecoveryOps, ShadowOps):
         self._journal_no = 0                     # events.journal.N being appended
         self._journal_fd = None
         self._journal_next = None                # N+1, opened ahead for the rotation
+        self._journal_ready = False              # replayed: events.journal.N is ours
         self.catalogue: Catalogue | None = None
         self.fatal: BaseException | None = None
         self.jobs: dict[int, Job] = {}
         self._dirty_jobs: set = set()
+        self.job_journal: JobJournal | None = None
         self._pins: list = []                    # (vol, root, height) kept by exports
         self._nursery = None
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
         self.mountpoint: str | None = None       # set by the daemon (disks must be outside)
+        self.previous_session: list[str] = []    # how the last daemon ended, if badly
 
     # ---- open / close --------------------------------------------------------
     def _take_lock(self) -> None:
@@ -269,8 +275,66 @@ class Array(RecoveryOps, ShadowOps):
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lockfd = fd
 
+    def _previous_session_blocking(self) -> list[str]:
+        """How the last daemon ended, if not cleanly: its crash record (it
+        died of an error and wrote one), or its running marker alone (it
+        was killed: SIGKILL, out of memory, the machine stopped). Then this
+        daemon's marker. Caller holds the array lock."""
+        notes = []
+        crash = os.path.join(self.path, CRASH_FILE)
+        running = os.path.join(self.path, RUNNING_FILE)
+        try:
+            with open(crash) as f:
+                c = json.load(f)
+            notes.append(f"the previous daemon (pid {c.get('pid', '?')}) died at "
+                         f"{c.get('time', '?')}: {c.get('error', '?')}; its mount was "
+                         f"detached; see {os.path.join(self.path, 'daemon.log')} for the "
+                         "traceback")
+        except FileNotFoundError:
+            try:
+                with open(running) as f:
+                    pid, _, started = f.read().strip().partition(" ")
+                notes.append(f"the previous daemon (pid {pid or '?'}, started "
+                             f"{iso_time(float(started)) if started else '?'}) did not end "
+                             "cleanly: it was killed (SIGKILL, out of memory) or the machine "
+                             "stopped; writes it acknowledged without an fsync may be lost "
+                             "(every fsync'd write is kept)")
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError):
+                notes.append("the previous daemon did not end cleanly (its marker file "
+                             f"{running} is unreadable)")
+        except (OSError, ValueError) as e:
+            notes.append(f"the previous daemon died (its crash record {crash} is "
+                         f"unreadable: {e}); see {os.path.join(self.path, 'daemon.log')}")
+        write_file_atomic(running, f"{os.getpid()} {time.time()}\n".encode())
+        _unlink_quietly(crash)
+        return notes
+
+    def record_death(self, message: str) -> None:
+        """The daemon is dying of an unexpected error: an event, written to
+        the events journal even after `close` (the next open puts it in the
+        catalogue), and to the log."""
+        t = time.time()
+        message = clean(message)
+        self.events.append((self._event_seq + 1, t, "error", message))
+        log.error("%s", message)
+        line = (json.dumps([t, "error", message, 0]) + "\n").encode()
+        try:
+            if self._journal_fd is not None:
+                os.write(self._journal_fd, line)
+            elif self._journal_ready:           # closed already: its journal still counts
+                fd = self._open_journal(self._journal_no)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass
+
     def _open_blocking(self):
         self._take_lock()
+        self.previous_session = self._previous_session_blocking()
         cat = self.catalogue = Catalogue(os.path.join(self.path, CATALOGUE_FILE))
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
@@ -279,6 +343,8 @@ class Array(RecoveryOps, ShadowOps):
         self.next_vid = int(meta.get("next_vid", 1))
         self.next_job = int(meta.get("next_job", 1))
         self._job_rows = cat.jobs()
+        self.job_journal = JobJournal(os.path.join(self.path, JOB_JOURNAL))
+        self._journaled_jobs = set(self.job_journal.replay_blocking(self._job_rows))
         notes = []
         for name, layout, _created in cat.packs():
             disks = [Disk(i, p, s, since) for i, p, s, since in cat.disks(name)]
@@ -294,6 +360,7 @@ class Array(RecoveryOps, ShadowOps):
                              + f"; run `recover {name}`")
             self.packs[name] = pack
         self._tighten_modes(cat)
+        notes += self.previous_session
         rows = cat.volumes()
         replayed = self._replay_event_journals(cat, int(meta.get("events_journal", 0)))
         if replayed:
@@ -355,6 +422,7 @@ class Array(RecoveryOps, ShadowOps):
         for n in nums:
             os.unlink(self._journal_path(n))
         self._journal_fd = self._open_journal(self._journal_no)
+        self._journal_ready = True
         self._journal_next = self._open_journal(self._journal_no + 1)
         return len(events)
 
@@ -404,6 +472,8 @@ class Array(RecoveryOps, ShadowOps):
         for r in self._job_rows:
             job = Job.from_row(r)
             self.jobs[job.id] = job
+            if job.id in self._journaled_jobs:
+                self._dirty_jobs.add(job)      # the journal's news go to the catalogue
         for n in notes:
             self.event("warning", n)
         for level, n in self._open_infos:
@@ -416,9 +486,7 @@ class Array(RecoveryOps, ShadowOps):
             if job.active and job.kind == "import":
                 job.pause()     # waits for its stream: `fusearray import --resume`
             elif job.active:
-                self.event("info", f"job {job.id} ({job.kind}) resumes at {job.percent}%"
-                           + (" (paused)" if job.state == "paused" else ""))
-                self._start_job(job)
+                self._start_job(job)       # its worker says it resumes, and where
 
     async def close(self) -> None:
         """Final commit, then release files. Safe to call once."""
@@ -437,6 +505,10 @@ class Array(RecoveryOps, ShadowOps):
                 if fd is not None:
                     os.close(fd)
             self._journal_fd = self._journal_next = None
+            if self.job_journal is not None:
+                self.job_journal.close()
+            if self._lockfd is not None:
+                _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
             if self._lockfd is not None:
                 os.close(self._lockfd)
                 self._lockfd = None
@@ -619,52 +691,58 @@ class Array(RecoveryOps, ShadowOps):
                 await cache.wake_committer.wait()
             if cache.wake_committer.is_set():
                 cache.wake_committer = trio.Event()
-            self.flush_event_summaries()
+            try:
+                await self._committer_round()
+            except ArrayError:
+                pass     # recorded as an event and in cache.errors; retried
+            except Exception as e:   # a bug: keep serving, say so, retry later
+                log.exception("committer failed")
+                self.event("error", f"internal error in the committer: "
+                           f"{type(e).__name__}: {e}; retrying")
+                self.cache.errors["*"] = ioerror(f"the array could not write back "
+                                                 f"data: {e}")
+                await trio.sleep(1)
+
+    async def _committer_round(self) -> None:
+        """One round of the committer: disk checks, write-back, the
+        periodic commit and GC. Its errors are the committer's to catch."""
+        cache = self.cache
+        self.flush_event_summaries()
+        now = time.monotonic()
+        if now - self._last_disk_check >= DISK_CHECK_INTERVAL:
+            self._last_disk_check = now
+            for pack in list(self.packs.values()):
+                before = [d.state for d in pack.disks]
+                async with self._lock:       # no segment retired meanwhile
+                    await trio.to_thread.run_sync(pack.check_disks_blocking,
+                                                  self.conf["uuid"], pack.sealed())
+                if before != [d.state for d in pack.disks]:
+                    self._meta_changed = True
+        self.drain_notes()
+        async with self._lock:
+            if cache.dirty_bytes > cache.flush_at:
+                # bounded: under a steady stream of writes the dirty
+                # level never drops, and an unbounded loop starved the
+                # commits and GC below (segments piled up, 7 GB of
+                # them for a 1 GB LUN, and fresh pages cost 4x)
+                budget = cache.dirty_limit
+                while cache.dirty_bytes > cache.flush_to and budget > 0:
+                    await self._flush(FLUSH_BATCH)
+                    budget -= FLUSH_BATCH
+                    await self._reclaim_as_we_go()
             now = time.monotonic()
-            if now - self._last_disk_check >= DISK_CHECK_INTERVAL:
-                self._last_disk_check = now
-                for pack in list(self.packs.values()):
-                    before = [d.state for d in pack.disks]
-                    async with self._lock:       # no segment retired meanwhile
-                        await trio.to_thread.run_sync(pack.check_disks_blocking,
-                                                      self.conf["uuid"], pack.sealed())
-                    if before != [d.state for d in pack.disks]:
-                        self._meta_changed = True
-            self.drain_notes()
-            async with self._lock:
-                try:
-                    if cache.dirty_bytes > cache.flush_at:
-                        # bounded: under a steady stream of writes the dirty
-                        # level never drops, and an unbounded loop starved the
-                        # commits and GC below (segments piled up, 7 GB of
-                        # them for a 1 GB LUN, and fresh pages cost 4x)
-                        budget = cache.dirty_limit
-                        while cache.dirty_bytes > cache.flush_to and budget > 0:
-                            await self._flush(FLUSH_BATCH)
-                            budget -= FLUSH_BATCH
-                            await self._reclaim_as_we_go()
-                    now = time.monotonic()
-                    piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
-                    if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
-                            or piled > OVERLAY_MERGE:
-                        await self._commit()     # merging finds overwritten blocks
-                    if self._gc_wanted:
-                        if now - self._last_gc >= GC_INTERVAL:
-                            await self._gc()
-                        elif pressing := self._garbage_pressing():
-                            await self._gc(pressing)
-                    for pack in self.packs.values():
-                        if len(pack.spares) > SPARES and now - pack.last_roll > SPARE_IDLE:
-                            await trio.to_thread.run_sync(pack.trim_spares_blocking, SPARES)
-                except ArrayError:
-                    pass     # recorded as an event and in cache.errors; retried
-                except Exception as e:   # a bug: keep serving, say so, retry later
-                    log.exception("committer failed")
-                    self.event("error", f"internal error in the committer: "
-                               f"{type(e).__name__}: {e}; retrying")
-                    self.cache.errors["*"] = ioerror(f"the array could not write back "
-                                                     f"data: {e}")
-                    await trio.sleep(1)
+            piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
+            if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
+                    or piled > OVERLAY_MERGE:
+                await self._commit()     # merging finds overwritten blocks
+            if self._gc_wanted:
+                if now - self._last_gc >= GC_INTERVAL:
+                    await self._gc()
+                elif pressing := self._garbage_pressing():
+                    await self._gc(pressing)
+            for pack in self.packs.values():
+                if len(pack.spares) > SPARES and now - pack.last_roll > SPARE_IDLE:
+                    await trio.to_thread.run_sync(pack.trim_spares_blocking, SPARES)
 
     async def _reclaim_as_we_go(self) -> None:
         """In a long write-back (a LUN overwritten end to end): once
@@ -895,6 +973,7 @@ class Array(RecoveryOps, ShadowOps):
         ch.meta.update(next_serial=self.next_serial, next_vid=self.next_vid,
                        next_job=self.next_job)
         ch.jobs = [j.row() for j in self._dirty_jobs]
+        noted = self.job_journal.notes if self.job_journal is not None else 0
         ch.disks = [(p.name, d.idx, d.path, d.state, d.since)
                     for p in self.packs.values() for d in p.disks]
         self._dirty_jobs = set()
@@ -909,6 +988,8 @@ class Array(RecoveryOps, ShadowOps):
         if journal is not None:
             self._journal_next = await trio.to_thread.run_sync(
                 self._retire_journal_blocking, *journal)
+        if self.job_journal is not None:
+            self.job_journal.committed(noted)
         if flushed:
             self.durable_seq = max(self.durable_seq, seq)
         self._meta_changed = False
@@ -1034,7 +1115,13 @@ class Array(RecoveryOps, ShadowOps):
                                 live[vol.pack.name], seen[vol.pack.name])
                 live[vol.pack.name].update(vol.overlay.values())
         for vol, root, height in list(self._pins):
-            if vol.pack.name in live:
+            if vol.source is not None:     # still copied: in both packs, as above
+                mine = set()
+                await maps.mark(root, height, self.loader(vol), mine, set())
+                for name in (vol.source.name, vol.pack.name):
+                    if name in live:
+                        live[name] |= mine
+            elif vol.pack.name in live:
                 await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
                                 seen[vol.pack.name])
         return live, seen
@@ -1118,12 +1205,7 @@ class Array(RecoveryOps, ShadowOps):
             if self.luns.get(name) is not vol:
                 raise notfound(f"no LUN named {name!r}")
             del self.luns[name]
-            vol.deleted = True
-            vol.discard_cache()
-            self._pending.volumes_del.append(vol.vid)
-            self._dirty_rows.discard(vol)
-            if not vol.open_count:
-                del self.volumes[vol.vid]
+            self._drop_volume(vol)        # (a copy job of it ends)
             self.event("info", f"deleted LUN {name} ({vol.wwn})")
             await self._gc()
 

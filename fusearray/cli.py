@@ -114,12 +114,24 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
            *mount_args(**(perms or {}))]
     if debug:
         cmd.append("--debug")
-    proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
+        err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600)
+    except OSError:
+        err = subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    finally:
+        if err != subprocess.DEVNULL:
+            os.close(err)
     os.close(w)
     with os.fdopen(r) as f:
-        msg = f.read().strip()
+        lines = f.read().strip().splitlines()
+    for line in lines[:-1]:        # e.g. how the previous daemon ended
+        print(f"fusearray: {line}", file=sys.stderr)
+    msg = lines[-1] if lines else ""
     if msg != "ok":
         proc.wait(timeout=30)
         raise UserError(msg.removeprefix("error: ") or

@@ -5,7 +5,14 @@
 
 `fusearray mount` runs this in the foreground, or (--background) as a child
 that reports readiness through a pipe: `ok` once the mount serves requests,
-or `error: MESSAGE`.
+or `error: MESSAGE`, after any number of `warning: MESSAGE` lines (e.g. how
+the previous daemon ended, when not cleanly).
+
+A daemon never dies from a request (every task under its nursery is
+guarded); if it still dies of an unexpected error, `died` puts the
+traceback in ARRAY/daemon.log, an event in the events journal and a crash
+record in ARRAY/crash.json (which the next mount reports), and detaches the
+mountpoint lazily so it is not left stale.
 
 The libfuse shim (fallocate support) must be loaded before pyfuse3 is
 imported, so this module imports pyfuse3 and everything above it lazily.
@@ -13,11 +20,15 @@ imported, so this module imports pyfuse3 and everything above it lazily.
 import argparse
 import ctypes
 import errno
+import faulthandler
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
+import traceback
 
 log = logging.getLogger("fusearray")
 
@@ -71,6 +82,59 @@ def setup_logging(array_path: str, foreground: bool, debug: bool) -> None:
         root.addHandler(sh)
 
 
+def _mounted(mnt: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[1].replace("\\040", " ") == mnt:
+            return True
+    return False
+
+
+def first_error(e: BaseException) -> BaseException:
+    """The first leaf of an exception group (trio wraps a task's error)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+def died(array_path: str, array, mnt: str | None, e: BaseException) -> str:
+    """The daemon is dying of `e`: say so wherever it can be found later.
+    Returns the one-line reason."""
+    leaf = first_error(e)
+    reason = f"{type(leaf).__name__}: {leaf}".strip()
+    reason = " ".join(reason.split())[:500]
+    log.critical("the daemon died of an unexpected error: %s\n%s", reason,
+                 "".join(traceback.format_exception(e)))
+    msg = (f"the daemon (pid {os.getpid()}) died of an unexpected error: {reason} "
+           f"(a bug: the traceback is in {os.path.join(array_path, 'daemon.log')})")
+    if array is not None:
+        try:
+            array.record_death(msg)
+        except Exception:
+            log.exception("cannot record the death as an event")
+    record = {"pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "error": reason, "mountpoint": mnt}
+    try:
+        from .store import write_file_atomic
+        write_file_atomic(os.path.join(array_path, "crash.json"),
+                          (json.dumps(record) + "\n").encode())
+    except OSError as err:
+        log.error("cannot write the crash record: %s", err)
+    if mnt and _mounted(mnt):       # (no stat: that would ask our own dead mount)
+        r = subprocess.run(["fusermount3", "-u", "-z", mnt], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            log.error("cannot detach the mount %s: %s", mnt, r.stderr.strip())
+        else:
+            log.error("detached the mount %s (lazily)", mnt)
+    return reason
+
+
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         debug: bool = False, perms: dict | None = None) -> int:
     """`perms`: the mount's --owner, --group, --mode, --ctl-group
@@ -84,16 +148,21 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
     from .array import Array
     from .errors import ArrayError
 
-    def ready(msg: str) -> None:
+    def ready(msg: str, final: bool = True) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
             try:
                 os.write(ready_fd, (msg + "\n").encode())
+            except OSError:
+                final = True
             finally:
-                os.close(ready_fd)
-                ready_fd = None
+                if final:
+                    os.close(ready_fd)
+                    ready_fd = None
 
     setup_logging(array_path, ready_fd is None, debug)
+    faulthandler.enable()     # a fatal signal's stack to stderr (the daemon log when detached)
+    array = None
     try:
         mnt = os.path.abspath(mnt)
         if not os.path.isdir(mnt):
@@ -115,6 +184,14 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
+    except BaseException as e:      # nothing should get here: it is a bug
+        if isinstance(first_error(e), KeyboardInterrupt):
+            raise
+        reason = died(array_path, array, mnt, e)
+        ready(f"error: the daemon died: {reason}")
+        print(f"fusearray: the daemon died of an unexpected error: {reason} (see "
+              f"{os.path.join(array_path, 'daemon.log')})", file=sys.stderr)
+        return 70           # EX_SOFTWARE
 
 
 async def _serve(array, mnt, shim, ready, debug, access) -> int:
@@ -158,7 +235,11 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             array.event("warning", "fallocate (punch-hole, discard) is not available: "
                         "the libfuse shim is not loaded")
         nursery.start_soon(_on_signals, pyfuse3)
+        if os.environ.get(TEST_CRASH_ENV):
+            nursery.start_soon(_test_crash, os.environ[TEST_CRASH_ENV])
         log.info("mounted %s on %s", array.path, mnt)
+        for note in array.previous_session:
+            ready(f"warning: {note}", final=False)
         ready("ok")
         clean = False
         try:
@@ -179,6 +260,19 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
                  shim.fusearray_planned_replies())
     log.info("unmounted %s", mnt)
     return 0
+
+
+TEST_CRASH_ENV = "FUSEARRAY_TEST_CRASH_FILE"
+
+
+async def _test_crash(path: str) -> None:
+    """TESTS ONLY (FUSEARRAY_TEST_CRASH_FILE=PATH in the daemon's
+    environment): once PATH exists, raise an error in a task of the main
+    nursery, as a bug would, to test what a dying daemon leaves."""
+    import trio
+    while not os.path.exists(path):
+        await trio.sleep(0.05)
+    raise RuntimeError(f"test crash requested through {TEST_CRASH_ENV}")
 
 
 async def _on_signals(pyfuse3) -> None:

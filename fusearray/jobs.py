@@ -7,10 +7,12 @@ the worker itself is idempotent (it recomputes what is left), so resuming
 after a crash is running it again.
 """
 import json
+import os
 import time
 
 import trio
 
+from .perms import FILE_MODE
 from .util import iso_time
 
 ACTIVE = ("queued", "running", "paused")
@@ -39,15 +41,20 @@ class Job:
         if state != "paused":
             self._resumed.set()
         self._cancel = False
+        self.cancel_reason = ""          # why the array (not a user) cancelled it
+        self.resumed = False             # loaded at open, not new: it resumes
+        self.noted_floor = params.get("percent_floor", 0)   # what the journal holds
         self._window = (time.monotonic(), done)   # for the measured rate
         self._throttle_from = (time.monotonic(), done)
         self.last_decile = self.percent // 10
 
     @classmethod
     def from_row(cls, r: dict) -> "Job":
-        return cls(r["id"], r["kind"], json.loads(r["params"]), r["total_bytes"],
-                   r["state"], r["done_bytes"], r["rate_limit"], r["started"],
-                   r["finished"], r["error"])
+        job = cls(r["id"], r["kind"], json.loads(r["params"]), r["total_bytes"],
+                  r["state"], r["done_bytes"], r["rate_limit"], r["started"],
+                  r["finished"], r["error"])
+        job.resumed = job.active
+        return job
 
     def row(self) -> dict:
         # what was shown is kept: a resumed job may find more work left than
@@ -111,9 +118,17 @@ class Job:
         self._resumed.set()
         self._window = self._throttle_from = (time.monotonic(), self.done_bytes)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "") -> None:
+        """Stop at the next checkpoint. `reason`: the array ends the job
+        itself (its volumes were deleted), not a user."""
         self._cancel = True
+        self.cancel_reason = self.cancel_reason or reason
         self._resumed.set()
+
+    @property
+    def cancelling(self) -> bool:
+        """Cancelled; its worker has not ended it yet."""
+        return self._cancel and self.active
 
     def throttle(self, rate: int) -> None:
         self.rate_limit = rate
@@ -140,3 +155,85 @@ class Job:
         now = time.monotonic()
         if now - self._window[0] > 2.0:
             self._window = (now, self.done_bytes)
+
+
+class JobJournal:
+    """What must not be lost about a job between two commits, as JSON lines
+    in ARRAY/jobs.journal (appended into the page cache: survives SIGKILL,
+    like the events journal): every control (pause, resume, throttle,
+    cancel), every end that is not committed at once, and the percent each
+    time it rises, so a resumed job never shows less than it showed, nor
+    logs its 10 % steps again. Truncated once a commit holds every line
+    (a noted job is dirty, so the next commit carries its row); replayed
+    over the catalogue's rows at open."""
+
+    FIELDS = ("state", "rate_limit", "finished", "error")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = None
+        self.notes = 0          # lines appended so far
+        self.covered = 0        # ... of which the catalogue holds all
+
+    def replay_blocking(self, rows: list) -> list:
+        """Apply the journal to the catalogue's job rows (in place); returns
+        the ids changed. Then opens the journal for appending."""
+        last: dict = {}
+        floor: dict = {}
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        jid = int(rec["id"])
+                    except (ValueError, TypeError, KeyError):
+                        continue        # a torn last line
+                    last[jid] = rec
+                    floor[jid] = max(floor.get(jid, 0), int(rec.get("floor", 0)))
+        except FileNotFoundError:
+            pass
+        changed = []
+        for r in rows:
+            rec = last.get(r["id"])
+            if rec is None:
+                continue
+            params = json.loads(r["params"])
+            if floor[r["id"]] > params.get("percent_floor", 0):
+                params["percent_floor"] = floor[r["id"]]
+                r["params"] = json.dumps(params)
+            # a state committed as ended stays ended (a "done" is committed
+            # by its worker, not journaled); an import's state is its own
+            if r["state"] in ACTIVE and r["kind"] != "import":
+                for k in self.FIELDS:
+                    if k in rec:
+                        r[k] = rec[k]
+            changed.append(r["id"])
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        if last:
+            self.notes = 1      # the first commit holds the replayed rows: truncate then
+        return changed
+
+    def note(self, job: Job) -> None:
+        job.noted_floor = max(job.noted_floor, job.percent)
+        rec = {"id": job.id, "floor": job.noted_floor, "state": job.state,
+               "rate_limit": job.rate_limit, "finished": job.finished, "error": job.error}
+        self.notes += 1
+        if self.fd is not None:
+            try:
+                os.write(self.fd, (json.dumps(rec) + "\n").encode())
+            except OSError:
+                pass            # the next commit still has it
+
+    def committed(self, mark: int) -> None:
+        """A commit that carried every job noted up to `mark` is in."""
+        if mark > self.covered and mark == self.notes and self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                self.covered = mark
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

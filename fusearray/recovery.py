@@ -11,14 +11,18 @@ until then, so a crash mid-rebuild leaves the pack usable (degraded) and
 the resumed job, or a second `recover`, does the work again.
 """
 import errno
+import logging
 import os
 import time
+import traceback
 
 import trio
 
 from .errors import ArrayError, busy, ioerror, notfound
 from .jobs import Job, JobCancelled
 from .util import human_bytes
+
+log = logging.getLogger("fusearray")
 
 PIECE = 4 << 20
 PARALLEL = 2        # rebuild pieces in flight: the reads, XOR and writes of one
@@ -51,7 +55,22 @@ class RecoveryOps:
     def _start_job(self, job: Job) -> None:
         worker = {"recover": self._run_rebuild_job, "replace": self._run_rebuild_job,
                   "scrub": self._run_scrub_job}.get(job.kind, self._run_copy_job)
-        self._nursery.start_soon(worker, job)
+        self._nursery.start_soon(self._guarded_job, worker, job, name=f"job {job.id}")
+
+    async def _guarded_job(self, worker, job: Job) -> None:
+        """Run a job's worker under the daemon's nursery: an unexpected
+        error (a bug) fails that job, with its reason as an event and the
+        traceback in the daemon log; it never reaches the nursery, which
+        would end the daemon and leave the mount stale."""
+        try:
+            await worker(job)
+        except Exception as e:          # (also an ExceptionGroup from a nursery inside)
+            log.error("job %d (%s) failed on an internal error:\n%s", job.id, job.kind,
+                      "".join(traceback.format_exception(e)))
+            what = f"internal error: {type(e).__name__}: {e}"
+            self._end_job(job, "failed", f"job {job.id} ({job.kind}) failed at "
+                          f"{job.percent}%: {what} (a bug: the traceback is in the "
+                          "daemon log); the array goes on", what)
 
     def _busy_pack(self, pack) -> None:
         for j in self.jobs.values():
@@ -152,10 +171,11 @@ class RecoveryOps:
             plans = {d.idx: await trio.to_thread.run_sync(pack.rebuild_plan, d,
                                                           pack.segments())
                      for d in disks}
-            job.total_bytes = job.done_bytes + sum(n for p in plans.values() for _, n in p)
+            left = sum(n for p in plans.values() for _, n in p)
+            job.total_bytes = job.done_bytes + left
             job.state = "running" if job.state == "queued" else job.state
-            self.event("info", f"job {job.id} ({job.kind}) started: rebuilding "
-                       f"{human_bytes(job.total_bytes - job.done_bytes)} on pack {pack.name}")
+            self._dirty_jobs.add(job)
+            self._job_started_event(job, f"{human_bytes(left)} to rebuild on pack {pack.name}")
             upto: dict = {}                  # (disk, seg) -> disk bytes rebuilt
             for d in disks:
                 for seq, size in plans[d.idx]:
@@ -213,8 +233,10 @@ class RecoveryOps:
             job.total_bytes = sum(pack.seg_size.get(s, 0) for s in segs)
             job.done_bytes = 0
             job.state = "running" if job.state == "queued" else job.state
-            self.event("info", f"job {job.id} (scrub) started on pack {pack.name}: "
-                       f"{human_bytes(job.total_bytes)}")
+            self._dirty_jobs.add(job)
+            self._job_started_event(job, f"{human_bytes(job.total_bytes)} to verify on "
+                                    f"pack {pack.name}" + (" (from the start)" if job.resumed
+                                                           else ""))
             for seq in segs:
                 await job.checkpoint()
                 async with self._lock:
@@ -240,10 +262,11 @@ class RecoveryOps:
             self._end_job(job, "failed", f"job {job.id} (scrub) failed: {e}", str(e))
 
     def _end_job(self, job: Job, state: str, message: str, error: str = "") -> None:
+        """A job ends without a commit of its own: journaled until the next."""
         job.state, job.finished, job.error = state, time.time(), error
         if state == "done":
             job.done_bytes = job.total_bytes
-        self._dirty_jobs.add(job)
+        self.note_job(job)
         self._meta_changed = True
-        self.event("info" if state == "done" else "warning", message)
+        self.event({"done": "info", "failed": "error"}.get(state, "warning"), message)
 

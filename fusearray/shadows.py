@@ -200,6 +200,9 @@ class ShadowOps:
         job = self._job_of(vol)
         if job is not None:
             job.params["vids"] = [v for v in job.params["vids"] if v != vol.vid]
+            self._dirty_jobs.add(job)
+            if not job.params["vids"] and job.kind in ("resync", "plex"):
+                job.cancel(f"its volume(s) were deleted (the last: {vol.path})")
 
     # ---- resync ---------------------------------------------------------------------
     async def resync(self, pairs: list[str], pack: str | None = None, force: bool = False,
@@ -350,6 +353,9 @@ class ShadowOps:
         job = self.job(text)
         if not job.active:
             raise invalid(f"job {job.id} has already ended ({job.state})")
+        if job.cancelling and action != "cancel":
+            raise invalid(f"job {job.id} is ending (cancelled"
+                          + (f": {job.cancel_reason}" if job.cancel_reason else "") + ")")
         if action == "pause":
             job.pause()
         elif action == "resume":
@@ -360,7 +366,7 @@ class ShadowOps:
             job.cancel()
         elif action == "throttle":
             job.throttle(parse_bytes(rate, "rate"))
-        self._dirty_jobs.add(job)
+        self.note_job(job)
         self.event("info", f"job {job.id} ({job.kind}): {action}"
                    + (f" {rate}/s" if rate else ""))
         return job
@@ -380,43 +386,74 @@ class ShadowOps:
 
     async def _missing(self, vols: list) -> list:
         """[(vol, id, length)] of ids reachable from `vols` that their own
-        pack lacks, each once per pack."""
+        pack lacks, each once per pack. Each map is pinned while it is
+        walked: a volume deleted meanwhile (its job then ends) keeps its
+        blocks in both packs until the walk is over."""
         out, seen = [], set()
         for vol in vols:
+            if vol.deleted or vol.source is None:
+                continue
             ids: set = set()
-            await maps.mark(vol.root, vol.height, self.loader(vol), ids, set())
+            pin = [(vol, vol.root, vol.height)]
+            self.pin(pin)
+            try:
+                await maps.mark(vol.root, vol.height, self.loader(vol), ids, set())
+            finally:
+                self.unpin(pin)
             for i, bid in enumerate(ids):
                 if i % 4096 == 0:
                     await trio.sleep(0)
+                if vol.deleted or vol.source is None:
+                    break
                 key = (vol.pack.name, bid)
                 if key in seen or vol.pack.lookup(bid) is not None:
                     continue
                 seen.add(key)
-                loc = vol.source.lookup(bid) if vol.source else None
+                loc = vol.source.lookup(bid)
                 if loc is None:
+                    if vol.root != pin[0][1]:
+                        continue      # written meanwhile: the block is no longer its
                     raise ioerror(f"block {bid.hex()} of {vol.path} is in neither pack "
                                   f"{vol.pack.name} nor its source")
                 out.append((vol, bid, loc[2]))
         return out
 
+    def _copy_volumes(self, job: Job) -> list:
+        """The volumes `job` still copies; raises JobCancelled when every
+        one it had was deleted (nothing left to copy for)."""
+        vols = [self.volumes.get(v) for v in job.params["vids"]]
+        vols = [v for v in vols if v is not None and not v.deleted]
+        if not vols:
+            job.cancel_reason = job.cancel_reason or "its volumes were deleted"
+            raise JobCancelled()
+        return [v for v in vols if v.source is not None]
+
     async def _run_copy_job(self, job: Job) -> None:
-        """Store in each volume's pack every id it still reads from its source."""
+        """Store in each volume's pack every id it still reads from its source.
+        A block a volume no longer reaches (the volume was deleted, written
+        or shrunk, and the block collected from the source) is skipped."""
         try:
-            vols = [self.volumes[v] for v in job.params["vids"] if v in self.volumes]
-            vols = [v for v in vols if v.source is not None]
+            vols = self._copy_volumes(job)
             todo = await self._missing(vols)
-            job.total_bytes = job.done_bytes + sum(n for _, _, n in todo)
+            left = sum(n for _, _, n in todo)
+            if job.resumed and job.total_bytes:
+                # what survived the restart is done: what is left is missing
+                job.done_bytes = max(0, job.total_bytes - left)
+                job.total_bytes = job.done_bytes + left
+            else:
+                job.total_bytes = job.done_bytes + left
             if job.state == "queued":
                 job.state = "running"
-            self.event("info", f"job {job.id} ({job.kind}) started: "
-                       f"{human_bytes(job.total_bytes - job.done_bytes)} to copy")
+            self._dirty_jobs.add(job)
+            self._job_started_event(job, f"{human_bytes(left)} to copy")
             # one batch is stored (hashed, appended: a worker thread) while
             # the next is read (another): the copy runs on two cores
             storing = InFlight()
 
             async def store(records, nbytes) -> None:
-                async with self._lock:
-                    await self._store_new(records)
+                if records:
+                    async with self._lock:
+                        await self._store_new(records)
                 job.done_bytes += nbytes
                 self._dirty_jobs.add(job)
                 self._job_progress_event(job)
@@ -426,20 +463,27 @@ class ShadowOps:
                     batch = todo[i:i + COPY_BATCH]
                     by_source: dict = {}
                     for vol, bid, n in batch:
-                        if vol.source is not None and vol.pack.lookup(bid) is None:
-                            by_source.setdefault(vol.source, []).append((vol, bid))
+                        if vol.deleted or vol.source is None or vol.pack.lookup(bid) is not None:
+                            continue
+                        by_source.setdefault(vol.source, []).append((vol, bid))
                     records = []
                     for source, items in by_source.items():
-                        bids = [b for _, b in items]
-                        datas = await self._read_locs(source, bids,
-                                                      [source.lookup(b) for b in bids])
-                        records += [(v.pack, b, d) for (v, b), d in zip(items, datas)]
+                        # looked up just before the read (no wait in between):
+                        # None when the source no longer holds it (collected)
+                        found = [(v, b, source.lookup(b)) for v, b in items]
+                        found = [x for x in found if x[2] is not None]
+                        if not found:
+                            continue
+                        datas = await self._read_locs(source, [b for _, b, _ in found],
+                                                      [loc for _, _, loc in found])
+                        records += [(v.pack, b, d) for (v, b, _), d in zip(found, datas)]
                     await storing.wait()
                     storing.start(self._nursery, store, records, sum(n for _, _, n in batch))
                 await storing.wait()
             finally:        # a cancelled or failed job ends after its last store
                 with trio.CancelScope(shield=True):
                     await storing.wait(raise_error=False)
+            self._copy_volumes(job)          # all deleted meanwhile: cancelled
             async with self._lock:
                 for vol in vols:
                     if vol.vid in self.volumes:
@@ -453,20 +497,42 @@ class ShadowOps:
                 await self._commit()
                 self._gc_wanted = True
         except JobCancelled:
-            job.state, job.finished = "cancelled", time.time()
-            self._dirty_jobs.add(job)
-            self.event("warning", f"job {job.id} ({job.kind}) cancelled at {job.percent}%: "
-                       "the volumes read right but keep reading blocks not yet copied "
-                       "from their source pack")
+            if job.cancel_reason:
+                self._end_job(job, "cancelled", f"job {job.id} ({job.kind}) ended at "
+                              f"{job.percent}%: {job.cancel_reason}", job.cancel_reason)
+            else:
+                self._end_job(job, "cancelled", f"job {job.id} ({job.kind}) cancelled at "
+                              f"{job.percent}%: the volumes read right but keep reading "
+                              "blocks not yet copied from their source pack")
         except ArrayError as e:
-            job.state, job.finished, job.error = "failed", time.time(), e.message
-            self._dirty_jobs.add(job)
-            self.event("error", f"job {job.id} ({job.kind}) failed: {e.message}")
+            self._end_job(job, "failed", f"job {job.id} ({job.kind}) failed: {e.message}",
+                          e.message)
+
+    def _job_started_event(self, job: Job, work: str) -> None:
+        """One event when a worker starts: new, or resumed after a restart."""
+        if job.resumed:
+            self.event("info", f"job {job.id} ({job.kind}) resumes at {job.percent}% after "
+                       f"a restart: {work} (of {human_bytes(job.total_bytes)})"
+                       + (f"; paused: `resume {job.id}` to go on" if job.state == "paused"
+                          else ""))
+        else:
+            self.event("info", f"job {job.id} ({job.kind}) started: {work}")
+        self._job_progress_event(job)
 
     def _job_progress_event(self, job: Job) -> None:
+        """After progress: an event per 10 % step, and the percent noted in
+        the job journal whenever it rises (what was shown is never lost)."""
         decile = min(job.percent // 10, 9)
         while job.last_decile < decile:          # one event per 10 % step
             job.last_decile += 1
             self.event("info", f"job {job.id} ({job.kind}): {job.last_decile * 10}% "
                        f"({human_bytes(job.done_bytes)} of {human_bytes(job.total_bytes)})")
+        if job.percent > job.noted_floor:
+            self.note_job(job)
+
+    def note_job(self, job: Job) -> None:
+        """A change to `job` the next commit persists, journaled meanwhile."""
+        self._dirty_jobs.add(job)
+        if self.job_journal is not None:
+            self.job_journal.note(job)
 

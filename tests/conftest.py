@@ -105,24 +105,30 @@ class Mount:
         self.proc: subprocess.Popen | None = None
         self.loops: list[str] = []
         self.fs_mounts: list[str] = []
+        self.warnings: list[str] = []
 
     # -- lifecycle --
     def init(self, *args):
         cli("init", self.array, *args)
         return self
 
-    def start(self, *opts):
-        """Mount; `opts` go to the daemon (e.g. "--group", "disk")."""
+    def start(self, *opts, env=None):
+        """Mount; `opts` go to the daemon (e.g. "--group", "disk"), `env`:
+        extra environment. Its `warning:` lines before `ok` (how the
+        previous daemon ended) are kept in .warnings."""
         r, w = os.pipe()
         cmd = [PY, "-m", "fusearray.daemon", self.array, self.mnt, "--ready-fd", str(w), *opts]
         if self.cache_size:
             cmd += ["--cache-size", str(self.cache_size)]
         with open(self.base / "daemon.out", "ab") as log:
             self.proc = subprocess.Popen(cmd, pass_fds=(w,), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=dict(os.environ, **env) if env else None)
         os.close(w)
         with os.fdopen(r) as f:
-            msg = f.read().strip()
+            lines = f.read().strip().splitlines()
+        self.warnings = [l.removeprefix("warning: ") for l in lines[:-1]]
+        msg = lines[-1] if lines else ""
         if msg != "ok":
             self.proc.wait(timeout=30)
             raise AssertionError(f"mount failed: {msg!r}")
