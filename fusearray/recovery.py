@@ -229,14 +229,18 @@ class RecoveryOps:
         try:
             if pack is None:
                 raise notfound(f"pack {job.params['pack']} is gone")
-            segs = pack.segments()
-            job.total_bytes = sum(pack.seg_size.get(s, 0) for s in segs)
-            job.done_bytes = 0
+            # segments are scrubbed in order; `next_seg` (committed with
+            # the counters and done_bytes) is where a resumed scrub goes on
+            # (before: it started over and counted those blocks twice)
+            start = job.params.get("next_seg", 0) if job.resumed else 0
+            segs = [s for s in pack.segments() if s >= start]
+            left = sum(pack.seg_size.get(s, 0) for s in segs)
+            if not start:
+                job.done_bytes = 0
+            job.total_bytes = job.done_bytes + left
             job.state = "running" if job.state == "queued" else job.state
             self._dirty_jobs.add(job)
-            self._job_started_event(job, f"{human_bytes(job.total_bytes)} to verify on "
-                                    f"pack {pack.name}" + (" (from the start)" if job.resumed
-                                                           else ""))
+            self._job_started_event(job, f"{human_bytes(left)} to verify on pack {pack.name}")
             for seq in segs:
                 await job.checkpoint()
                 async with self._lock:
@@ -248,6 +252,7 @@ class RecoveryOps:
                 job.params["lost"] += lost
                 job.params["blocks"] += len(entries)
                 job.done_bytes += pack.seg_size.get(seq, 0)
+                job.params["next_seg"] = seq + 1
                 self._dirty_jobs.add(job)
                 self._job_progress_event(job)
             p = job.params

@@ -492,3 +492,33 @@ def test_a_pause_and_a_throttle_survive_sigkill(make_mount, tmp_path):
     m.ok("resume", jid)
     m.ok("throttle", f"{jid} 0")
     wait_for(lambda: job(m, jid)["state"] == "done", 60, "the job to finish")
+
+
+def test_a_scrub_resumed_after_sigkill_goes_on_where_it_was(make_mount, tmp_path):
+    """A throttled scrub SIGKILLed after its first segments: it resumes
+    after the last segment it had committed, so its block count at the end
+    is the pack's (a second, uninterrupted scrub's), not more; its percent
+    never reads below what it showed."""
+    m = make_mount()
+    m.init().start()
+    m.ok("create", "big 256M")
+    fill(m.path("luns", "big"), 200 * MiB, 8)        # segments of 64 MiB: four
+    m.ok("create", "tick 1M")
+    jid = m.ok("scrub", "main")["job"]
+    m.ok("throttle", f"{jid} 20M")
+    wait_for(lambda: int(job(m, jid)["percent"]) >= 30, 60, "the scrub to pass a segment")
+    fill(m.path("luns", "tick"), MiB, 9)             # its fsync commits the job's row
+    shown = int(job(m, jid)["percent"])
+    assert job(m, jid)["state"] == "running", job(m, jid)
+    m.kill9()
+    m.start()
+    assert int(job(m, jid)["percent"]) >= shown
+    m.ok("throttle", f"{jid} 0")
+    j = wait_for(lambda: (j := job(m, jid))["state"] != "running" and j, 60, "the scrub")
+    assert j["state"] == "done", j
+    again = m.ok("scrub", "main")["job"]
+    k = wait_for(lambda: (k := job(m, again))["state"] != "running" and k, 60, "the scrub")
+    assert k["state"] == "done" and int(k["blocks"]) > 3000, k
+    assert j["blocks"] == k["blocks"], (j, k)
+    resumed = [l for l in job_events(m, jid) if "resumes" in l]
+    assert len(resumed) == 1, job_events(m, jid)
