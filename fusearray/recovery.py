@@ -51,6 +51,30 @@ async def _rebuild_pieces(pack, d, seq: int, pieces) -> int:
     return done[0]
 
 
+def _sealed(pack) -> set:
+    """Segments no append can change any more (not the active one)."""
+    active = pack.active_seq if pack.active_open else None
+    return {s for s in pack.sealed() if s != active}
+
+
+def _drop_rebuilt(pack, d, plan, below: int, sealed: set, upto: dict) -> list:
+    """Worker thread: `plan` without the sealed segments below `below` that
+    disk `d` already holds at their full length (rebuilt before a restart;
+    the last piece of each was fsynced); those go in `upto` as done."""
+    out = []
+    for seq, size in plan:
+        if seq < below and seq in sealed:
+            try:
+                have = os.stat(d.seg_path(seq)).st_size
+            except OSError:
+                have = -1
+            if have == size == pack.disk_file_size(seq):
+                upto[(d.idx, seq)] = size
+                continue
+        out.append((seq, size))
+    return out
+
+
 class RecoveryOps:
     def _start_job(self, job: Job) -> None:
         worker = {"recover": self._run_rebuild_job, "replace": self._run_rebuild_job,
@@ -171,14 +195,27 @@ class RecoveryOps:
             plans = {d.idx: await trio.to_thread.run_sync(pack.rebuild_plan, d,
                                                           pack.segments())
                      for d in disks}
+            upto: dict = {}                  # (disk, seg) -> disk bytes rebuilt
+            # sealed segments below `rebuilt_below` were rebuilt (and fsynced)
+            # before a restart: a resumed job keeps them where the disk's
+            # file still has the segment's length (before: it redid all)
+            below = job.params.setdefault("rebuilt_below", {})
+            for d in disks:
+                if job.resumed and below.get(str(d.idx)):
+                    plans[d.idx] = await trio.to_thread.run_sync(
+                        _drop_rebuilt, pack, d, plans[d.idx], below[str(d.idx)],
+                        _sealed(pack), upto)
+                # what is below it now was all skipped as rebuilt
+                below[str(d.idx)] = min([below.get(str(d.idx), 0) if job.resumed else 0]
+                                        + [seq for seq, _ in plans[d.idx]])
             left = sum(n for p in plans.values() for _, n in p)
             job.total_bytes = job.done_bytes + left
             job.state = "running" if job.state == "queued" else job.state
             self._dirty_jobs.add(job)
             self._job_started_event(job, f"{human_bytes(left)} to rebuild on pack {pack.name}")
-            upto: dict = {}                  # (disk, seg) -> disk bytes rebuilt
             for d in disks:
-                for seq, size in plans[d.idx]:
+                whole = True                 # every segment so far rebuilt for good
+                for seq, size in sorted(plans[d.idx]):
                     stable = min(size, pack.stable_size(seq))
                     for start in range(0, stable, PARALLEL * PIECE):
                         await job.checkpoint()
@@ -191,6 +228,10 @@ class RecoveryOps:
                         upto[(d.idx, seq)] = sum(pieces[-1])
                         self._dirty_jobs.add(job)
                         self._job_progress_event(job)
+                    whole = whole and (stable == size and seq in _sealed(pack)
+                                       and upto.get((d.idx, seq), 0) >= size)
+                    if whole:
+                        below[str(d.idx)] = max(below[str(d.idx)], seq + 1)
             await job.checkpoint()
             async with self._lock:            # no appends meanwhile: the rest
                 for d in disks:

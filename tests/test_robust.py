@@ -522,3 +522,42 @@ def test_a_scrub_resumed_after_sigkill_goes_on_where_it_was(make_mount, tmp_path
     assert j["blocks"] == k["blocks"], (j, k)
     resumed = [l for l in job_events(m, jid) if "resumes" in l]
     assert len(resumed) == 1, job_events(m, jid)
+
+
+def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_mount, tmp_path):
+    """A throttled rebuild of a mirror disk SIGKILLed after its first sealed
+    64 MiB segment: the resumed job does not rebuild that segment again
+    (its "to rebuild" is a segment, ~64 MiB, less than at the start; before,
+    it planned everything again), says so once, and the disk it rebuilt
+    across the kill holds every block (the other disk removed: same data)."""
+    import shutil
+
+    from test_packs import Lun, check_redundancy, new_mount, recover_throttled, wait_pack
+    m, disks = new_mount(make_mount, tmp_path, ("fast", "mirror", ["d1", "d2"]))
+    lun = Lun(m, "l", 192 * MiB, "fast")
+    lun.fill(0, MiB)
+    shutil.rmtree(disks["d2"])
+    wait_pack(m, "fast", "degraded", ["online", "missing"])
+    lun.fill(MiB, 150 * MiB)                  # two sealed segments and more, all new
+    os.mkdir(disks["d2"])                     # since it left: all of them to rebuild
+    jid = recover_throttled(m, "fast", "20M")
+    wait_for(lambda: int(job(m, jid)["done_bytes"]) >= 72 * MiB, 60, "a segment rebuilt")
+    lun.fill(160 * MiB, MiB)                  # its fsync commits the job's row
+    assert job(m, jid)["state"] == "running", job(m, jid)
+    m.kill9()
+    m.start()
+    ev = job_events(m, jid)
+    first = float(re.search(r"started: ([\d.]+)M to rebuild", "\n".join(ev)).group(1))
+    resumed = [l for l in ev if "resumes" in l]
+    assert len(resumed) == 1, ev
+    again = float(re.search(r"resumes at \d+% after a restart: ([\d.]+)M to rebuild",
+                            resumed[0]).group(1))
+    assert again <= first - 48, (first, again, resumed)     # a segment: ~64 MiB
+    m.ok("throttle", f"{jid} 0")
+    j = wait_for(lambda: (j := job(m, jid))["state"] != "running" and j, 60, "the rebuild")
+    assert j["state"] == "done", j
+    wait_pack(m, "fast", "healthy", ["online", "online"])
+    check_redundancy(m, "fast", [disks["d1"], disks["d2"]], "mirror")
+    shutil.rmtree(disks["d1"])
+    wait_pack(m, "fast", "degraded", ["missing", "online"])
+    lun.check("from the disk rebuilt across a SIGKILL")
