@@ -233,18 +233,20 @@ class ShadowOps:
                     raise ArrayError(errno.EROFS, f"LUN {dest_name} is read-only")
                 self._check_copy_free(dest, "LUN")
             dpack = self.pack(pack) if pack else (dest.pack if dest else src.pack)
+            self._check_same_pack(dest, dpack)
             self._check_fits(dpack, src.size)
             plan.append((src, dest_name, dpack))
         async with self._lock:
             await self._flush()
             await self._merge()
+            # every pair checked again before any is applied: a failure
+            # leaves nothing half done (a LUN created or overwritten, an
+            # undo set taken) for the next commit to store
+            for src, dest_name, dpack in plan:
+                self._check_same_pack(self.luns.get(dest_name), dpack)
             copying, undo_sets, lines = [], [], []
             for src, dest_name, dpack in plan:
                 dest = self.luns.get(dest_name)
-                if dest is not None and dest.pack is not dpack:
-                    raise unsupported(f"LUN {dest_name} lives on pack {dest.pack.name}: a "
-                                      "resync keeps a LUN on its pack (resync into a new "
-                                      "LUN to copy to another pack)")
                 if dest is not None and undo:
                     undo_sets.append(self._undo_copy(dest))
                 if dest is None:
@@ -268,6 +270,13 @@ class ShadowOps:
         if copying:
             self._start_job(job)
         return job, undo_sets
+
+    @staticmethod
+    def _check_same_pack(dest, dpack) -> None:
+        if dest is not None and dest.pack is not dpack:
+            raise unsupported(f"LUN {dest.name} lives on pack {dest.pack.name}: a "
+                              "resync keeps a LUN on its pack (resync into a new "
+                              "LUN to copy to another pack)")
 
     def _undo_copy(self, lun: Volume) -> str:
         stamp = utc_stamp()
