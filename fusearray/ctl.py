@@ -111,8 +111,21 @@ def _target(array, text):
     return array.lun(text)
 
 
+def _host_dir(d: str) -> str:
+    """A host directory: an absolute path (the daemon does not know the
+    writer's working directory)."""
+    if not d.startswith("/"):
+        raise invalid(f"bad directory {d[:80]!r}: give an absolute path (the "
+                      "array does not know your working directory)")
+    return d
+
+
+def _host_dirs(text: str) -> list[str]:
+    return [_host_dir(d) for d in text.split(",")]
+
+
 async def _addpack(array, args, opts):
-    pack = await array.add_pack(args[0], args[1], args[2].split(","))
+    pack = await array.add_pack(args[0], args[1], _host_dirs(args[2]))
     return {"pack": pack.name}
 
 
@@ -159,7 +172,7 @@ async def _recover(array, args, opts):
 
 async def _replace(array, args, opts):
     disk = parse_uint(args[1], "disk number")
-    job = await array.replace(args[0], str(disk), args[2], _force(opts))
+    job = await array.replace(args[0], str(disk), _host_dir(args[2]), _force(opts))
     return {"job": job.id}
 
 

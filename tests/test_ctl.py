@@ -389,3 +389,40 @@ async def test_events_from_one_source_are_rate_limited_in_process(tmp_path):
         finally:
             await a.close()
             n.cancel_scope.cancel()
+
+
+def test_a_flood_through_the_stream_socket_is_bounded_too(mount):
+    """#7 as found: refused stream-socket commands of 4 KB each (here
+    2,500 of them) go through the same refusal: cut, escaped, rate-limited."""
+    import socket
+    from fusearray import STREAM_SOCKET_XATTR
+    m = mount
+    m.ok("create", "keep 1M")
+    name = os.getxattr(m.path("ctl"), STREAM_SOCKET_XATTR)
+    line = b"export \x1b[2J" + b"B" * 4000 + b"\n"
+    for _ in range(2500):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(b"\0" + name)
+            s.sendall(line)                    # no descriptor: refused
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert b"status=error" in reply and len(reply) < 1000
+    text = m.events()
+    assert "\x1b" not in text and "created LUN keep" in text
+    assert sum("export \\x1b[2J" in line for line in text.splitlines()) <= events.NOISE_KEPT
+    assert "similar event(s) suppressed" in text
+    assert len(text) < 400 * 1024
+
+
+def test_pack_directories_are_absolute_paths(mount, tmp_path):
+    """A relative directory would be taken from the daemon's working
+    directory, which the writer does not know: EINVAL, nothing made."""
+    m = mount
+    cwd = os.getcwd()
+    for verb, line in [("addpack", "p2 single reldir"), ("addpack", f"p2 mirror {tmp_path}/x,rel"),
+                       ("replace", "main 0 reldir")]:
+        err, reply = m.ctl(verb, line)
+        assert err == errno.EINVAL and "absolute path" in reply["message"], (line, reply)
+    assert not os.path.exists(os.path.join(cwd, "reldir")) and not os.path.exists(tmp_path / "x")
+    assert [p["name"] for p in m.status()["packs"]] == ["main"]
