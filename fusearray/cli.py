@@ -281,8 +281,14 @@ def stream_socket(mnt: str) -> socket.socket | None:
     except OSError:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dfd = None
     try:
-        sock.connect(b"\0" + name)
+        if name.startswith(b"/"):          # ARRAY/run/stream.sock (root and the daemon's user)
+            from .streamsock import socket_address
+            addr, dfd = socket_address(os.fsdecode(name))
+            sock.connect(addr)
+        else:                               # an older daemon's abstract socket
+            sock.connect(b"\0" + name)
         _, uid, _ = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     PEERCRED.size))
         if uid not in (0, os.stat(mnt).st_uid):     # not the daemon: never hand it a file
@@ -290,6 +296,9 @@ def stream_socket(mnt: str) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+    finally:
+        if dfd is not None:
+            os.close(dfd)
     return sock
 
 

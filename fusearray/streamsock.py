@@ -9,11 +9,22 @@ read or write on the descriptor. ctl/export and ctl/import stay the
 shell's interface and the CLI's fallback (an older daemon, another network
 namespace, FUSEARRAY_STREAM_SOCKET=0).
 
-The socket is abstract (no file to leave behind after a SIGKILL) with a
-random name, bound before it is published as the xattr
-`user.fusearray.stream_socket` of the mount's ctl/ directory. Only root and
-the daemon's own user may use it (SO_PEERCRED): the same who may open the
-ctl/ verbs (mode 0600).
+The socket is a file, ARRAY/run/stream.sock, in a directory of the array
+that is 0700 (the socket itself 0600): only root and the daemon's own user
+can connect at all; SO_PEERCRED is checked again at accept. Its path is
+published as the xattr `user.fusearray.stream_socket` of the mount's ctl/
+directory (a path too long for sun_path is reached through
+/proc/self/fd/N/stream.sock). A stale socket left by a SIGKILL is replaced
+at the next mount (the array's lock says no other daemon serves it).
+
+Nobody can wedge the daemon through it: connections are bounded per peer
+process (MAX_PER_PEER) and in total (MAX_CONNECTIONS), refused beyond with
+EBUSY; a connection must send its command within COMMAND_TIMEOUT seconds;
+a transfer that moves no byte for IDLE_TIMEOUT seconds ends (an import is
+kept for --resume); an error from accept() (EMFILE, ENFILE, ENOBUFS, ...)
+is an event and a back-off, and the server keeps serving. Reads and writes
+of the clients' descriptors run on threads of their own limiter, so stalled
+clients never hold the threads the array needs.
 
 Protocol: the client sends one message, the command line
 (`export SET [base=SET2]` or `import [as=SET] [pack=P] [remap=yes]
@@ -52,15 +63,46 @@ READ_CHUNK = 4 << 20        # import: bytes per read of the source
 READ_AHEAD = 2              # import: chunks read ahead of the parser
 PROGRESS_EVERY = 0.2        # seconds between progress lines
 PEERCRED = struct.Struct("3i")
+SOCKET_DIR = "run"
+SOCKET_NAME = "stream.sock"
 
 
-def _write_all(fd: int, pieces) -> int:
-    """Write every piece (a pipe or a socket may take part of a writev)."""
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+MAX_CONNECTIONS = int(_env_number("FUSEARRAY_STREAM_MAX_CONNECTIONS", 32))
+MAX_PER_PEER = int(_env_number("FUSEARRAY_STREAM_MAX_PER_PEER", 8))
+COMMAND_TIMEOUT = _env_number("FUSEARRAY_STREAM_COMMAND_TIMEOUT", 30)
+IDLE_TIMEOUT = _env_number("FUSEARRAY_STREAM_IDLE_TIMEOUT", 600)
+ACCEPT_BACKOFF_MAX = 2.0
+NOTE_EVERY = 60.0           # seconds between events about refused connections
+EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def socket_address(path: str):
+    """What to bind or connect to for the socket file `path`: the path, or
+    /proc/self/fd/N/NAME when it is too long for sun_path (then also the
+    directory's descriptor, to close after)."""
+    if len(os.fsencode(path)) < 100:
+        return path, None
+    dfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{dfd}/{os.path.basename(path)}", dfd
+
+
+def _write_all(fd: int, pieces, activity=None) -> int:
+    """Write every piece (a pipe or a socket may take part of a writev);
+    `activity[0]` is set to the time of each write that moved bytes."""
     views = [memoryview(p).cast("B") for p in pieces if len(p)]
     done = 0
     while views:
         n = os.writev(fd, views)
         done += n
+        if activity is not None:
+            activity[0] = time.monotonic()
         while views and n >= len(views[0]):
             n -= len(views.pop(0))
         if n:
@@ -68,7 +110,7 @@ def _write_all(fd: int, pieces) -> int:
     return done
 
 
-def _read_into(fd: int, buf: bytearray) -> int:
+def _read_into(fd: int, buf: bytearray, activity=None) -> int:
     """Fill `buf` from `fd`; fewer bytes only at the end of the input. A
     file fills it in one read; a pipe hands out what it holds, so keep
     reading to give the parser big pieces."""
@@ -76,6 +118,8 @@ def _read_into(fd: int, buf: bytearray) -> int:
     got = 0
     while got < len(buf) and (n := os.readv(fd, [mv[got:]])):
         got += n
+        if activity is not None:
+            activity[0] = time.monotonic()
     return got
 
 
@@ -148,21 +192,57 @@ class StreamServer:
 
     def __init__(self, array):
         self.array = array
-        self.name = f"fusearray-{secrets.token_hex(16)}"
+        self.name = os.path.join(array.path, SOCKET_DIR, SOCKET_NAME)
         self.uid = os.getuid()
         self.scope = None
         self.ended = trio.Event()
+        self.total = 0
+        self.peers: dict[int, int] = {}         # pid -> open connections
+        self.io = trio.CapacityLimiter(MAX_CONNECTIONS * 2)
+        self._noted: dict[str, float] = {}
+        self.refused = 0                        # connections turned away (status)
+
+    def _note(self, key: str, level: str, message: str) -> None:
+        """An event, at most one per NOTE_EVERY seconds for `key` (a flood
+        of refused connections must not flood the log)."""
+        now = time.monotonic()
+        if now - self._noted.get(key, -NOTE_EVERY) >= NOTE_EVERY:
+            self._noted[key] = now
+            self.array.event(level, message)
+
+    def _bind(self):
+        """The listening socket in its private directory (blocking)."""
+        d = os.path.dirname(self.name)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != self.uid:
+            raise OSError(errno.EPERM, f"{d} is not a directory of uid {self.uid}")
+        os.chmod(d, 0o700)
+        try:
+            os.unlink(self.name)            # a stale one (we hold the array's lock)
+        except FileNotFoundError:
+            pass
+        addr, dfd = socket_address(self.name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(addr)
+            os.chmod(addr, 0o600)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        return sock
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind and accept until `close`; reports False to `start` (and
         returns) when the socket cannot be bound, so the CLI falls back to
         ctl/export and ctl/import."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await sock.bind(b"\0" + self.name.encode())
-            sock.listen(16)
+            sock = trio.socket.from_stdlib_socket(await trio.to_thread.run_sync(self._bind))
         except OSError as e:
-            sock.close()
             log.warning("no stream socket (%s): export and import go through ctl/", e)
             self.ended.set()
             task_status.started(False)
@@ -171,11 +251,90 @@ class StreamServer:
             with sock, trio.CancelScope() as self.scope:
                 async with trio.open_nursery() as sessions:
                     task_status.started(True)
-                    while True:
-                        conn, _ = await sock.accept()
-                        sessions.start_soon(self._session, conn)
+                    await self._accept_loop(sock, sessions)
         finally:
+            try:
+                os.unlink(self.name)
+            except OSError:
+                pass
             self.ended.set()
+
+    async def _accept_loop(self, sock, sessions) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                conn, _ = await sock.accept()
+            except OSError as e:
+                # EMFILE and its kin: the pending connection waits in the
+                # backlog; back off and serve on (never a busy loop, never an exit)
+                backoff = min(max(backoff * 2, 0.05), ACCEPT_BACKOFF_MAX)
+                if e.errno in EXHAUSTED:
+                    self._note("exhausted", "warning", f"stream socket: accept failed "
+                               f"({e.strerror or e}): out of descriptors or memory; "
+                               f"retrying (ctl/ and the LUNs are not affected)")
+                elif e.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
+                    self._note("accept", "warning", f"stream socket: accept failed "
+                               f"({e.strerror or e}); retrying")
+                await trio.sleep(backoff)
+                continue
+            except Exception as e:          # a bug: never the daemon's end
+                log.exception("stream socket accept")
+                self._note("accept", "error", f"stream socket: accept failed "
+                           f"({type(e).__name__}: {e}); retrying")
+                backoff = min(max(backoff * 2, 0.05), ACCEPT_BACKOFF_MAX)
+                await trio.sleep(backoff)
+                continue
+            backoff = 0.0
+            try:
+                self._admit(conn, sessions)
+            except Exception:
+                log.exception("stream socket admit")
+                conn.close()
+
+    def _admit(self, conn, sessions) -> None:
+        """Start a session for `conn`, or turn it away at once (a short
+        reply, never a wait): a user other than root and ours, or over the
+        per-peer or total limit."""
+        try:
+            pid, uid, _ = PEERCRED.unpack(conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
+        except OSError:
+            conn.close()
+            return
+        err = None
+        if uid not in (0, self.uid):
+            err = ArrayError(errno.EACCES, f"the stream socket takes commands from root "
+                             f"and uid {self.uid} only, not uid {uid}")
+            self._note(f"uid{uid}", "error", f"stream socket: {err.message}")
+        elif self.total >= MAX_CONNECTIONS or self.peers.get(pid, 0) >= MAX_PER_PEER:
+            which = (f"{MAX_CONNECTIONS} in all" if self.total >= MAX_CONNECTIONS
+                     else f"{MAX_PER_PEER} per process")
+            err = ArrayError(errno.EBUSY, f"the stream socket serves at most {which}: "
+                             "wait for a running export or import to end")
+            self._note("busy", "warning", f"stream socket: connection of pid {pid} "
+                       f"(uid {uid}) refused: {err.message}")
+        if err is not None:
+            self.refused += 1
+            try:
+                os.write(conn.fileno(), ctl.format_error(err))     # non-blocking, small
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.total += 1
+        self.peers[pid] = self.peers.get(pid, 0) + 1
+        sessions.start_soon(self._counted, conn, pid)
+
+    async def _counted(self, conn, pid: int) -> None:
+        try:
+            await self._session(conn)
+        except Exception:                   # never out of the nursery
+            log.exception("stream socket session")
+        finally:
+            self.total -= 1
+            self.peers[pid] -= 1
+            if not self.peers[pid]:
+                del self.peers[pid]
 
     async def close(self) -> None:
         """Stop serving; running sessions end (an import is kept for
@@ -189,10 +348,17 @@ class StreamServer:
         fds: list[int] = []
         with conn:
             try:
-                try:
-                    msg, anc, flags, _ = await conn.recvmsg(
-                        MAX_LINE, socket.CMSG_SPACE(4 * _array.array("i").itemsize))
-                except OSError:
+                msg = None
+                with trio.move_on_after(COMMAND_TIMEOUT):
+                    try:
+                        msg, anc, flags, _ = await conn.recvmsg(
+                            MAX_LINE, socket.CMSG_SPACE(4 * _array.array("i").itemsize))
+                    except OSError:
+                        return
+                if msg is None:
+                    await self._tell(conn, ctl.format_error(ArrayError(
+                        errno.ETIMEDOUT, f"no command within {COMMAND_TIMEOUT:g} s: the "
+                        "connection is closed")))
                     return
                 for level, kind, data in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -243,15 +409,18 @@ class StreamServer:
             raise
 
     async def _tell(self, conn, data: bytes) -> None:
-        try:
-            await conn.send(data)
-        except OSError:
-            pass            # the client is gone: the watcher cancels the work
+        with trio.move_on_after(COMMAND_TIMEOUT):   # a client that never reads
+            try:
+                await conn.send(data)
+            except OSError:
+                pass            # the client is gone: the watcher cancels the work
 
-    async def _while_connected(self, conn, work) -> bool:
+    async def _while_connected(self, conn, work, activity=None, idle: str = "") -> bool:
         """Run `work()`; cancel it if the client closes its end (it sends
         nothing after the command). True when the client went away. Work
-        that must not stop half-way shields itself."""
+        that must not stop half-way shields itself. With `activity`, a
+        transfer that moves no byte for IDLE_TIMEOUT seconds ends with
+        ETIMEDOUT (`idle` says what did not move)."""
         gone = False
         async with trio.open_nursery() as nursery:
             async def watch():
@@ -262,7 +431,19 @@ class StreamServer:
                     pass
                 gone = True
                 nursery.cancel_scope.cancel()
+
+            async def watchdog():
+                while True:
+                    await trio.sleep(max(min(IDLE_TIMEOUT / 4, 5.0), 0.05))
+                    if time.monotonic() - activity[0] > IDLE_TIMEOUT:
+                        raise ArrayError(errno.ETIMEDOUT, f"{idle} for {IDLE_TIMEOUT:g} s: "
+                                         "the transfer was ended" + (
+                                             "; what arrived is kept: resume with "
+                                             "`fusearray import FILE --resume`"
+                                             if idle.startswith("import") else ""))
             nursery.start_soon(watch)
+            if activity is not None:
+                nursery.start_soon(watchdog)
             await work()
             nursery.cancel_scope.cancel()
         return gone
@@ -277,6 +458,7 @@ class StreamServer:
     async def _export(self, conn, fd: int, line: str):
         run = await transport.ExportRun.start(self.array, line)
         sent, last = 0, [time.monotonic()]
+        activity = [time.monotonic()]
 
         async def work():
             nonlocal sent
@@ -291,15 +473,17 @@ class StreamServer:
                 await self._tell(conn, f"total={run.total}\n".encode())
             while (pieces := await run.next_batch()) is not None:
                 try:
-                    sent += await trio.to_thread.run_sync(_write_all, fd, pieces,
-                                                          abandon_on_cancel=True)
+                    sent += await trio.to_thread.run_sync(_write_all, fd, pieces, activity,
+                                                          abandon_on_cancel=True,
+                                                          limiter=self.io)
                 except OSError as e:
                     raise _os_error("export: writing the stream failed", e) from None
                 for p in pieces:        # written: the batch buffer is free again
                     transport.recycle(p.obj if isinstance(p, memoryview) else p)
                 await self._progress(conn, last, sent)
         try:
-            if await self._while_connected(conn, work):
+            if await self._while_connected(conn, work, activity, "export: the output took "
+                                           "no byte"):
                 log.info("export %s: the client went away after %d bytes", line, sent)
                 return None
         finally:
@@ -310,6 +494,7 @@ class StreamServer:
     async def _import(self, conn, fd: int, line: str):
         imp = transport.start_import(self.array, line)
         got, last = 0, [time.monotonic()]
+        activity = [time.monotonic()]
         pool = ChunkPool(READ_CHUNK)
 
         async def reader(send):
@@ -317,8 +502,9 @@ class StreamServer:
                 while True:
                     chunk = pool.get()
                     try:
-                        n = await trio.to_thread.run_sync(_read_into, fd, chunk,
-                                                          abandon_on_cancel=True)
+                        n = await trio.to_thread.run_sync(_read_into, fd, chunk, activity,
+                                                          abandon_on_cancel=True,
+                                                          limiter=self.io)
                     except OSError as e:
                         await send.send(e)
                         return
@@ -342,6 +528,7 @@ class StreamServer:
                 with trio.CancelScope(shield=True):       # a chunk is parsed whole
                     await imp.feed(piece)
                 got += len(piece)
+                activity[0] = time.monotonic()
                 await self._progress(conn, last, got)
             os.lseek(fd, end, os.SEEK_SET)
 
@@ -366,10 +553,12 @@ class StreamServer:
                         got += n
                         await self._progress(conn, last, got)
                 nursery.cancel_scope.cancel()
+            activity[0] = float("inf")      # all read: the end is not idleness
             with trio.CancelScope(shield=True):
                 await imp.end_of_input()
         try:
-            if await self._while_connected(conn, work):
+            if await self._while_connected(conn, work, activity, (
+                    "import: no stream byte arrived")):
                 return None
         finally:
             with trio.CancelScope(shield=True):

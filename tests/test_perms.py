@@ -76,7 +76,7 @@ for op, path, arg in json.loads(sys.argv[1]):
             name = os.getxattr(path, arg)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(120)
-            s.connect(b"\0" + name)
+            s.connect(name if name.startswith(b"/") else b"\0" + name)
             w = os.open("/dev/null", os.O_WRONLY)
             try:
                 s.sendmsg([b"export S\n"],
