@@ -229,8 +229,7 @@ class Array(RecoveryOps, ShadowOps):
         self.sets: dict[str, dict] = {}          # name -> {"created", "members": {lun: Volume}}
         self.events = EventLog()                 # what ctl/events shows (see events.py)
         self.event_limiter = Limiter()          # rate limits of events users cause at will
-        self.write_seq = 0
-        self.durable_seq = 0
+        self.durable_seq = 0      # every write up to this one (any volume) is durable
         self.started = time.time()
         self._lock = trio.Lock()
         self._db = trio.CapacityLimiter(1)
@@ -789,6 +788,7 @@ class Array(RecoveryOps, ShadowOps):
         now = time.monotonic()
         groups: dict = {}
         taken = 0
+        snap = cache.seq        # the buffers taken hold every write up to this one
         for e in cache.dirty:
             pack = e.vol.pack
             if pack.name in cache.errors and now < cache.retry_at.get(pack.name, 0):
@@ -803,7 +803,7 @@ class Array(RecoveryOps, ShadowOps):
         try:
             for pack, batch in groups.items():
                 try:
-                    await self._flush_pack(pack, batch)
+                    await self._flush_pack(pack, batch, snap)
                     if cache.errors.pop(pack.name, None) is not None:
                         self.event("info", f"pack {pack.name} accepts writes again")
                 except ArrayError as err:
@@ -820,8 +820,19 @@ class Array(RecoveryOps, ShadowOps):
         if first is not None:
             raise first
 
-    async def _flush_pack(self, pack: Pack, batch) -> None:
+    async def _flush_pack(self, pack: Pack, batch, snap: int) -> None:
+        """Store `batch` [(entry, gen, volume generation, buf)], taken
+        when the last write acknowledged was number `snap`. Punched blocks
+        (buf None) need no space and go first, so that on a full pack the
+        reclaim below already frees what they punched."""
         cache = self.cache
+        zeros = [b for b in batch if b[3] is None]
+        if zeros:
+            for e, gen, vgen, _ in zeros:
+                self._stored(e, gen, vgen, ZERO_ID, snap)
+            batch = [b for b in batch if b[3] is not None]
+            if not batch:
+                return
         items = [(pack, b[3]) for b in batch]
         try:
             try:
@@ -830,16 +841,13 @@ class Array(RecoveryOps, ShadowOps):
             except OSError as err:
                 if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self._reclaiming:
                     raise
+                if pack.name in cache.errors and not self._gc_wanted and not zeros:
+                    raise       # full already, and nothing freed since the last reclaim
                 await self._reclaim()           # garbage first, then try again
                 ids, added = await trio.to_thread.run_sync(
                     _hash_and_store, self.hasher, items, self.verify)
         except OSError as err:
-            error = self._append_error(pack, err, quiet=pack.name in cache.errors)
-            for e, gen, vgen, buf in batch:     # zeroed blocks need no space
-                if buf is None and vgen == e.vol.generation and e.vol.cache.get(e.bno) is e:
-                    e.vol.overlay[e.bno] = ZERO_ID
-                    cache.mark_clean(e, gen)
-            raise error from None
+            raise self._append_error(pack, err, quiet=pack.name in cache.errors) from None
         except _Collision as c:
             msg = (f"hash collision in pack {c.pack} on id {c.bid}: two different "
                    "blocks share a content id; the write was refused (verify mode "
@@ -849,17 +857,25 @@ class Array(RecoveryOps, ShadowOps):
         for p, bid, loc in added:
             p.add(bid, loc)
         for (e, gen, vgen, _), bid in zip(batch, ids):
-            vol = e.vol
-            if vgen != vol.generation or vol.cache.get(e.bno) is not e:
-                continue
-            old = vol.overlay.get(e.bno)
-            if old is not None and old != bid and old != ZERO_ID:
-                self._add_garbage(vol)               # flushed, then overwritten
-                self._gc_wanted = True
-            vol.overlay[e.bno] = bid
-            cache.mark_clean(e, gen)
-            if not e.dirty and type(e.buf) is memoryview:
-                cache.drop(e)   # a view pins its whole write request: let it go
+            self._stored(e, gen, vgen, bid, snap)
+
+    def _stored(self, e, gen: int, vgen: int, bid: bytes, snap: int) -> None:
+        """Entry `e` as of generation `gen` is stored as `bid`: its id goes
+        to the overlay (unless the volume's content was replaced since)."""
+        vol = e.vol
+        if vgen != vol.generation or vol.cache.get(e.bno) is not e:
+            return
+        old = vol.overlay.get(e.bno)
+        if old is not None and old != bid and old != ZERO_ID:
+            self._add_garbage(vol)               # flushed, then overwritten
+            self._gc_wanted = True
+        vol.overlay[e.bno] = bid
+        cache = self.cache
+        cache.mark_clean(e, gen)
+        if e.dirty:     # written again meanwhile: only writes after `snap` are not stored
+            e.seq = max(e.seq, snap + 1)
+        elif type(e.buf) is memoryview:
+            cache.drop(e)   # a view pins its whole write request: let it go
 
     def _append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
         """The error writers get; an event unless the pack already had one."""
@@ -947,14 +963,13 @@ class Array(RecoveryOps, ShadowOps):
         what is already stored (the index and catalogue changes)."""
         if self.fatal is not None:
             raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
-        seq = self.write_seq if flush else self.durable_seq
-        flushed = True
+        seq = self.cache.seq
         if flush:
             try:
                 await self._flush()
             except ArrayError:
-                flushed = False   # in cache.errors: writers and sync() see it; the
-                                  # catalogue changes still commit
+                pass    # in cache.errors and the blocks stay dirty: writers and
+                        # sync() see it (_mark_durable); the catalogue changes still commit
             await self._merge()
         for pack in self.packs.values():
             await trio.to_thread.run_sync(pack.sync_blocking)
@@ -990,8 +1005,8 @@ class Array(RecoveryOps, ShadowOps):
                 self._retire_journal_blocking, *journal)
         if self.job_journal is not None:
             self.job_journal.committed(noted)
-        if flushed:
-            self.durable_seq = max(self.durable_seq, seq)
+        if flush:       # every overlay was merged: what is not dirty is committed
+            self._mark_durable(seq)
         self._meta_changed = False
         if flush:       # commits of what is stored (GC during a write-back) don't put it off
             self._last_commit = time.monotonic()
@@ -1010,20 +1025,121 @@ class Array(RecoveryOps, ShadowOps):
                     reuse = pack.free_bytes() > 8 * pack.reserve   # never on a full pack
                     await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)
 
+    @property
+    def write_seq(self) -> int:
+        """Sequence number of the last write acknowledged (any volume)."""
+        return self.cache.seq
+
     async def sync(self, vol: Volume | None = None) -> None:
-        """Make every write acknowledged so far durable (fsync). With a
-        full pack, fails only if `vol` (default: any) has unstored data."""
-        target = self.write_seq
-        if self.durable_seq >= target:
+        """fsync, fdatasync and a loop device's flush of `vol` (None: of
+        every volume). The contract (DESIGN 4.1), exactly:
+
+        - It returns only when every write to `vol` acknowledged before it
+          was called is stored in its pack and committed (the catalogue
+          transaction that makes it reachable after a crash is in), so a
+          SIGKILL or a host crash after it loses none of them.
+        - Otherwise it raises, every time it is called, for as long as one
+          of those writes is not stored: ENOSPC (the pack is full) or EIO
+          (a disk write failed, the commit failed). Each call retries the
+          write-back first (no back-off), so the first call after space
+          is freed or the fault is gone succeeds. A write stops counting
+          only once stored, or once its data is dropped on purpose (the
+          LUN deleted or its content replaced by a command, `umount
+          --discard`).
+
+        Accounting: the cache numbers acknowledged writes (BlockCache.seq);
+        a dirty block's `seq` bounds the oldest unstored write in it from
+        below; after each commit a volume's `durable_seq` is the highest
+        number below which none of its writes is unstored (_mark_durable).
+        Group commit: one commit serves every fsync waiting for the lock."""
+        target = self.cache.seq if vol is None else vol.last_write
+        if self._durable(vol) >= target:
             return
         async with self._lock:
-            if self.durable_seq >= target:
+            if self._durable(vol) >= target:
                 return
-            await self._commit()
-            if self.durable_seq < target and self.cache.errors:
-                err = self.cache.error_for(vol.pack.name if vol else None)
-                if err is not None and (vol is None or any(e.dirty for e in vol.cache.values())):
-                    raise err
+            cache = self.cache
+            for name in ([vol.pack.name] if vol is not None else list(cache.errors)):
+                cache.retry_at.pop(name, None)     # retried now, not after the back-off
+            try:
+                await self._commit()
+            except ArrayError:
+                if self._durable(vol) >= target:
+                    return          # a later step failed; what fsync covers is in
+                raise
+            if self._durable(vol) < target:
+                raise self._not_stored_error(vol)
+
+    def _durable(self, vol: Volume | None) -> int:
+        return self.durable_seq if vol is None else vol.durable_seq
+
+    def _not_stored_error(self, vol: Volume | None) -> ArrayError:
+        err = self.cache.error_for(vol.pack.name if vol is not None else None)
+        if err is not None:
+            return err
+        what = f"{vol.kind} {vol.path}" if vol is not None else "the array"
+        return ioerror(f"writes to {what} are not stored yet (the last write-back "
+                       "did not take them); the fsync failed, retry it")
+
+    def _mark_durable(self, seq: int) -> None:
+        """After a commit of everything stored when it started, `seq` the
+        last write acknowledged then: each volume's writes up to `seq` are
+        durable but those still in a dirty block (a full or failed pack)."""
+        oldest: dict = {}
+        low = seq + 1
+        for e in self.cache.dirty:
+            if e.seq <= seq:
+                v = e.vol
+                if e.seq < oldest.get(v, low):
+                    oldest[v] = e.seq
+        for v in self.volumes.values():
+            v.durable_seq = max(v.durable_seq, oldest.get(v, low) - 1)
+        self.durable_seq = max(self.durable_seq, min(oldest.values(), default=low) - 1)
+
+    async def pack_writable(self, pack: Pack) -> None:
+        """A write to `pack`, whose last write-back failed, may go on only
+        once its unstored blocks are stored (raises the pack's error
+        otherwise). Space may have come back since: a statvfs (in a worker
+        thread) says so for the host's file system; a delete or a punch
+        hole frees space at the next collection, run here if one is due.
+        Then the pack's blocks are written back at once, without waiting
+        for the retry back-off."""
+        cache = self.cache
+        err = cache.error_for(pack.name)
+        if err is None:
+            return
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            await trio.to_thread.run_sync(pack.refresh_space_blocking)
+            if not self._has_room(pack) and not self._frees_pending(pack):
+                raise err                   # still full, and nothing freed since
+        elif time.monotonic() < cache.retry_at.get(pack.name, 0):
+            raise err                       # a failed disk: retried after the back-off
+        async with self._lock:
+            if cache.error_for(pack.name) is None:
+                return                      # stored meanwhile
+            cache.retry_at.pop(pack.name, None)
+            try:
+                if self._has_room(pack) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    await self._flush()
+                else:
+                    await self._gc()        # frees what was deleted or punched; retries
+            except ArrayError:
+                pass
+        err = cache.error_for(pack.name)
+        if err is not None:
+            raise err
+
+    def _frees_pending(self, pack: Pack) -> bool:
+        """Something may free space in `pack` at the next collection: a
+        delete or overwrite since the last one, or a punched block not yet
+        written back."""
+        return self._gc_wanted or any(e.buf is None and e.vol.pack is pack
+                                      for e in self.cache.dirty)
+
+    def _has_room(self, pack: Pack) -> bool:
+        """As of its last statvfs, `pack` can take its stuck dirty blocks."""
+        stuck = sum(e.vol.block_size for e in self.cache.dirty if e.vol.pack is pack)
+        return pack.free_bytes() >= pack.reserve + stuck + (1 << 20)
 
     # ---- garbage collection ----------------------------------------------------
     def _add_garbage(self, vol: Volume, blocks: int = 1) -> None:
@@ -1135,6 +1251,7 @@ class Array(RecoveryOps, ShadowOps):
                 await self._merge()     # overwritten blocks become garbage (small writes)
             except ArrayError:
                 pass
+            self._gc_wanted = False     # this is a collection: set again by what frees
             live, _ = await self._mark_live()
             freed = sum(p.sweep(live[n]) for n, p in self.packs.items())
             for pack in self.packs.values():

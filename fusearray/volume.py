@@ -27,8 +27,10 @@ from .errors import ArrayError
 class Entry:
     """A cached block. `buf` None means all zeros (a punched block).
     `shared`: a flush holds `buf`, or `buf` is a read-only view of a write
-    request's data; a write must copy it first (`own`)."""
-    __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "__weakref__")
+    request's data; a write must copy it first (`own`). `seq`, while dirty:
+    no write it holds that is not stored yet has a sequence number below it
+    (see BlockCache.seq)."""
+    __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "seq", "__weakref__")
 
     def __init__(self, vol, bno, buf):
         self.vol = vol
@@ -37,6 +39,7 @@ class Entry:
         self.dirty = False
         self.gen = 0
         self.shared = False
+        self.seq = 0
 
     def own(self) -> bytearray:
         """The buffer, private and writable (zeros materialised)."""
@@ -90,6 +93,15 @@ class BlockCache:
         self.errors: dict[str, ArrayError] = {}   # pack name ("*": all) -> flush failure
         self.retry_at: dict[str, float] = {}
         self.stuck_bytes = 0                 # dirty bytes of packs with errors
+        # writes acknowledged so far: the n-th write (or punch) to return
+        # gets sequence number n; a dirty entry's `seq` is at most that of
+        # the oldest write in it not yet stored (Array.sync's accounting)
+        self.seq = 0
+
+    def acknowledge(self) -> int:
+        """A write is about to return to its caller: its sequence number."""
+        self.seq += 1
+        return self.seq
 
     # entries move between `clean` (LRU) and `dirty`
     def insert_clean(self, e: Entry) -> None:
@@ -107,6 +119,7 @@ class BlockCache:
         e.gen += 1
         if not e.dirty:
             e.dirty = True
+            e.seq = self.seq + 1      # the write dirtying it returns after this
             if e.vol.cache.get(e.bno) is not e:
                 e.vol.cache[e.bno] = e
                 self.bytes += e.vol.block_size
@@ -204,6 +217,8 @@ class Volume:
         self.open_count = 0
         self.holders: collections.Counter = collections.Counter()   # (pid, uid) -> handles
         self.generation = 0
+        self.last_write = 0       # sequence number of the last write acknowledged
+        self.durable_seq = 0      # every write up to this one is stored and committed
         self.deleted = False
         self.frozen: trio.Event | None = None   # set while a snapshot is taken
         self._set_zeros()
@@ -440,10 +455,10 @@ class Volume:
             await self._gate()
         self._check_writable(off)
         cache = self.array.cache
-        if cache.errors:
-            err = cache.error_for(self.pack.name)
-            if err is not None:
-                raise err
+        if cache.errors and cache.error_for(self.pack.name) is not None:
+            # refused until its unstored blocks are stored: space may be
+            # back since (a delete, a punch hole, the host's file system)
+            await self.array.pack_writable(self.pack)
         end = min(off + len(buf), self.size)
         bs = self.block_size
         mv = memoryview(buf)
@@ -475,7 +490,7 @@ class Volume:
                 e.own()[boff:boff + n] = piece
                 cache.mark_dirty(e)
             pos += n
-        self.array.write_seq += 1
+        self.last_write = cache.acknowledge()
         if cache.dirty_bytes > cache.flush_at:
             await cache.wait_for_room(self.pack.name)
         return end - off
@@ -532,7 +547,7 @@ class Volume:
                 e.own()[boff:boff + n] = bytes(n)
                 cache.mark_dirty(e)
             pos += n
-        self.array.write_seq += 1
+        self.last_write = cache.acknowledge()
         cache.wake_committer.set()
 
     def discard_cache(self, from_bno: int = 0) -> None:
