@@ -487,13 +487,28 @@ class Array(RecoveryOps, ShadowOps):
             elif job.active:
                 self._start_job(job)       # its worker says it resumes, and where
 
-    async def close(self) -> None:
-        """Final commit, then release files. Safe to call once."""
+    async def close(self) -> int:
+        """Final commit, then release files. Safe to call once. Returns the
+        bytes of acknowledged writes that could not be stored (a full or
+        failed pack) and are lost with the process: an error event says so
+        (the daemon then exits non-zero). `fusearray umount` runs `sync all`
+        first and refuses to unmount while any is left, so this happens
+        only to an unmount or SIGTERM that bypassed it."""
+        lost = 0
         try:
             if self.fatal is None and self.catalogue is not None:
-                self.event("info", "array closed")
                 async with self._lock:
                     await self._commit()
+                    unstored = self._unstored()
+                    lost = sum(unstored.values())
+                    if lost:
+                        err = self._not_stored_error(None)
+                        self.event("error", f"unmounted with {human_bytes(lost)} of "
+                                   f"acknowledged writes not stored ({_per_volume(unstored)}):"
+                                   f" they are lost; {err.message}. `fusearray umount` "
+                                   "refuses this unless given --discard")
+                    self.event("info", "array closed")
+                    await self._commit(flush=False)
         finally:
             for pack in self.packs.values():
                 pack.close_blocking()
@@ -511,6 +526,7 @@ class Array(RecoveryOps, ShadowOps):
             if self._lockfd is not None:
                 os.close(self._lockfd)
                 self._lockfd = None
+        return lost
 
     # ---- events ----------------------------------------------------------------
     def event(self, level: str, message: str, source: str | None = None) -> None:
@@ -1070,6 +1086,61 @@ class Array(RecoveryOps, ShadowOps):
             if self._durable(vol) < target:
                 raise self._not_stored_error(vol)
 
+    async def sync_all(self, discard: bool = False) -> dict:
+        """ctl `sync all [discard=yes]`, what `fusearray umount` runs before
+        it unmounts: every acknowledged write of every volume stored and
+        committed (sync(None)), or ENOSPC/EIO saying how much of which
+        LUN is not, and the array stays as it is. With `discard`, blocks
+        that still cannot be stored after a last try are dropped (the LUN
+        reads what it held before those writes) and an event says how
+        much of which LUN was dropped."""
+        try:
+            await self.sync(None)
+            return {"unstored_bytes": 0}
+        except ArrayError as err:
+            unstored = self._unstored()
+            if not unstored:
+                raise
+            if not discard:
+                raise ArrayError(err.errno, f"{human_bytes(sum(unstored.values()))} of "
+                                 f"acknowledged writes are not stored "
+                                 f"({_per_volume(unstored)}): {err.message}. Free space "
+                                 "(or repair the pack) and retry, or drop them with "
+                                 "`fusearray umount --discard` (ctl: sync all "
+                                 "discard=yes)") from None
+        async with self._lock:
+            cache = self.cache
+            for name in list(cache.errors):
+                cache.retry_at.pop(name, None)
+            try:
+                await self._flush()         # a last try: what can be stored is
+            except ArrayError:
+                pass
+            dropped: dict = {}
+            for e in list(cache.dirty):
+                if e.vol.pack.name in cache.errors or "*" in cache.errors:
+                    dropped[e.vol] = dropped.get(e.vol, 0) + e.vol.block_size
+                    cache.drop(e)
+            cache.recount_stuck()
+            total = sum(dropped.values())
+            if total:
+                self.event("warning", f"dropped {human_bytes(total)} of acknowledged "
+                           f"writes that could not be stored ({_per_volume(dropped)}), "
+                           "as asked (sync all discard=yes, `fusearray umount --discard`);"
+                           " those blocks read as they were before the writes")
+            await self._commit()
+        await self.sync(None)
+        return {"unstored_bytes": 0, "dropped_bytes": total}
+
+    def _unstored(self) -> dict:
+        """{volume: bytes} of dirty blocks of packs that refused them."""
+        cache = self.cache
+        out: dict = {}
+        for e in cache.dirty:
+            if e.vol.pack.name in cache.errors or "*" in cache.errors:
+                out[e.vol] = out.get(e.vol, 0) + e.vol.block_size
+        return out
+
     def _durable(self, vol: Volume | None) -> int:
         return self.durable_seq if vol is None else vol.durable_seq
 
@@ -1475,6 +1546,13 @@ class Array(RecoveryOps, ShadowOps):
         if v.kind == "shadow":
             d.update(origin=v.origin, context=v.context, set=v.set_name)
         return d
+
+
+def _per_volume(sizes: dict) -> str:
+    """`LUN l0 12.0M, l1 4.0M` for {volume: bytes}."""
+    return ", ".join(f"{'LUN' if v.kind == 'lun' else 'shadow copy'} {v.path} "
+                     f"{human_bytes(n)}"
+                     for v, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
 
 
 def _read_many(pack: Pack, bids, locs) -> list:

@@ -31,7 +31,7 @@ DEFAULT_ARRAY = os.path.join(os.environ.get("XDG_DATA_HOME") or
 DEFAULT_MOUNT = "/mnt/fusearray"
 VERBS = ("create", "delete", "resize", "snapshot", "resync", "swap", "readonly",
          "hidden", "addpack", "recover", "replace", "scrub", "cancel", "pause",
-         "resume", "throttle")
+         "resume", "throttle", "sync")
 
 
 class UserError(Exception):
@@ -152,6 +152,16 @@ def cmd_umount(args) -> int:
             print(f"detached stale mount {mnt} (its daemon had died)")
             return 0
         raise UserError(f"{mnt} is not a mounted fusearray: {e.strerror}") from None
+    # every acknowledged write stored and committed first, or no unmount:
+    # the daemon keeps serving and keeps the data (DESIGN 4.1)
+    try:
+        reply = ctl_call(mnt, "sync", ["all"] + (["discard=yes"] if args.discard else []))
+    except UserError as e:
+        raise UserError(f"not unmounting {mnt}: {e}") from None
+    dropped = int(reply.get("dropped_bytes", 0) or 0)
+    if dropped:
+        print(f"fusearray: dropped {dropped} bytes of acknowledged writes that could "
+              "not be stored (--discard; see the events)", file=sys.stderr)
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode:
         raise UserError(f"cannot unmount {mnt}: {r.stderr.strip()} (detach loop devices "
@@ -612,8 +622,12 @@ def parse_args(argv):
                         "root only (0600)")
     s.set_defaults(fn=cmd_mount)
 
-    s = sub.add_parser("umount", help="unmount (waits for the final commit)")
+    s = sub.add_parser("umount", help="unmount (waits for the final commit; refuses "
+                       "while acknowledged writes cannot be stored)")
     s.add_argument("mountpoint")
+    s.add_argument("--discard", action="store_true",
+                   help="drop acknowledged writes that cannot be stored (a full or "
+                   "failed pack) instead of refusing; an event says how much")
     s.set_defaults(fn=cmd_umount)
 
     s = sub.add_parser("up", help="init, mount and show the default array")

@@ -181,6 +181,12 @@ async def _scrub(array, args, opts):
     return {"job": job.id}
 
 
+async def _sync(array, args, opts):
+    if args[0] != "all":
+        raise invalid(f"sync: expected `all`, got {args[0]!r}; usage: sync all [discard=yes]")
+    return await array.sync_all(parse_bool(opts.get("discard", "no"), "discard"))
+
+
 VERBS: dict[str, Verb] = {
     "create": Verb(_create, (2, 2), ("pack", "block"), "NAME SIZE [pack=P] [block=64K]"),
     "delete": Verb(_delete, (1, 1), ("force",), "NAME|SET|SET/NAME [force=yes]"),
@@ -197,6 +203,7 @@ VERBS: dict[str, Verb] = {
     "cancel": Verb(_job_verb("cancel"), (1, 1), (), "JOB"),
     "pause": Verb(_job_verb("pause"), (1, 1), (), "JOB"),
     "resume": Verb(_job_verb("resume"), (1, 1), (), "JOB"),
+    "sync": Verb(_sync, (1, 1), ("discard",), "all [discard=yes]"),
     "throttle": Verb(_job_verb("throttle"), (2, 2), (), "JOB RATE (e.g. 50M per second, 0 for none)"),
 }
 

@@ -242,6 +242,7 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             ready(f"warning: {note}", final=False)
         ready("ok")
         clean = False
+        lost = 0
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             clean = True
@@ -249,7 +250,7 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             try:
                 with trio.CancelScope(shield=True):
                     await streams.close()       # its sessions end before the array
-                    await array.close()
+                    lost = await array.close()  # > 0: acknowledged writes not stored
             finally:
                 pyfuse3.close(unmount=clean)      # the shim sends queued replies first
                 nursery.cancel_scope.cancel()
@@ -259,6 +260,10 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
         log.info("%d read replies were gathered from several buffers",
                  shim.fusearray_planned_replies())
     log.info("unmounted %s", mnt)
+    if lost:
+        log.error("%d bytes of acknowledged writes could not be stored and are lost "
+                  "(see the events)", lost)
+        return 1
     return 0
 
 

@@ -311,3 +311,88 @@ def test_first_write_after_a_punch_hole_on_a_full_pack_succeeds(make_mount, tmp_
                 os.close(fd)
         finally:
             w.close()
+
+
+# ---- 2. umount with data that cannot be stored ---------------------------------------
+def stuck_with_ballast(m, seed: int) -> Writer:
+    """A 40 MiB LUN `ballast` (synced), then LUN `l` written until the
+    pack refuses; returns l's writer, with unstored acknowledged writes."""
+    m.ok("create", "ballast 64M")
+    b = Writer(m, "ballast", seed + 100)
+    try:
+        for off in range(0, 40 * MiB, MiB):
+            assert b.write(off) == 0
+        assert b.fsync() == 0
+    finally:
+        b.close()
+    m.ok("create", "l 256M")
+    w = Writer(m, "l", seed)
+    for off in range(0, 4 * MiB, MiB):
+        assert w.write(off) == 0
+    assert w.fsync() == 0
+    refused_write(w, 4 * MiB)
+    assert w.fsync() in NOT_STORED
+    assert len(w.acked) > len(w.synced)
+    return w
+
+
+def test_umount_refuses_while_writes_are_not_stored(make_mount, tmp_path):
+    """ISSUE13 #1: a clean `fusearray umount` with 66 MiB dirty exited 0
+    and dropped it with no event. Now it exits non-zero, says why, the
+    array stays mounted with the data; once space is freed it unmounts and
+    everything acknowledged is there after a restart."""
+    with full_pack_mount(make_mount, tmp_path, cache_size=32 * MiB) as (m, t):
+        w = stuck_with_ballast(m, 6)
+        try:
+            w.close()                 # nothing open: only the data keeps it mounted
+            r = cli("umount", m.mnt, check=False)
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            assert "not stored" in r.stderr and "--discard" in r.stderr, r.stderr
+            assert os.path.ismount(m.mnt) and m.proc.poll() is None
+            assert any("not stored" in l and "error" in l for l in m.events().splitlines())
+            w.check(w.acked, "while the array refused to unmount (read from the cache)")
+            m.ok("delete", "ballast")         # space: the data is stored now
+            m.stop()                          # exit 0, asserted
+            m.start()
+            w.check(w.acked, "after the unmount that waited for space")
+        finally:
+            w.close()
+
+
+def test_umount_discard_drops_and_says_how_much(make_mount, tmp_path):
+    """`fusearray umount --discard`: the unstored writes are dropped, an
+    event says how much of which LUN; what fsync covered is there."""
+    with full_pack_mount(make_mount, tmp_path, cache_size=32 * MiB) as (m, t):
+        w = stuck_with_ballast(m, 7)
+        try:
+            w.close()
+            r = cli("umount", "--discard", m.mnt, check=False)
+            assert r.returncode == 0, r.stderr
+            assert "dropped" in r.stderr, r.stderr
+            assert m.proc.wait(timeout=60) == 0
+            m.proc = None
+            m.start()
+            w.check(what="after umount --discard")
+            ev = [l for l in m.events().splitlines() if "dropped" in l]
+            assert ev and "LUN l " in ev[-1] and "discard" in ev[-1], ev
+        finally:
+            w.close()
+
+
+def test_daemon_ended_with_unstored_writes_exits_nonzero_and_says_so(make_mount,
+                                                                        tmp_path):
+    """An unmount that bypasses `fusearray umount` (SIGTERM here) with
+    writes that cannot be stored: an error event and a non-zero exit."""
+    with full_pack_mount(make_mount, tmp_path, cache_size=32 * MiB) as (m, t):
+        w = stuck_with_ballast(m, 8)
+        try:
+            w.close()
+            m.proc.terminate()
+            assert m.proc.wait(timeout=60) != 0, m.output()
+            m.proc = None
+            m.start()
+            w.check(what="after SIGTERM")
+            ev = [l for l in m.events().splitlines() if "not stored" in l and "lost" in l]
+            assert ev and "LUN l " in ev[-1], m.events()[-3000:]
+        finally:
+            w.close()
