@@ -473,20 +473,38 @@ class Live:
         return r.returncode, r.stdout + r.stderr
 
 
-@budget(15, 300)
+@budget(24, 500)
 @given(path=st.sampled_from(FIELDS), value=HOSTILE, cli=st.booleans(),
-       rechain=st.booleans())
-def test_hostile_headers_through_the_mount(make_mount, tmp_path, arrays, path, value, cli,
-                                           rechain):
-    live = getattr(test_hostile_headers_through_the_mount, "live", None)
+       rechain=st.booleans(), records=st.booleans(), data=st.data())
+def test_hostile_streams_through_the_mount(make_mount, tmp_path, arrays, path, value, cli,
+                                           rechain, records, data):
+    """Header fields, or records (dropped, duplicated, cut, a byte
+    flipped), through ctl/import or the CLI over the stream socket."""
+    live = getattr(test_hostile_streams_through_the_mount, "live", None)
     if live is None or live.m.proc is None or live.m.proc.poll() is not None:
-        live = test_hostile_headers_through_the_mount.live = Live(make_mount, tmp_path)
+        live = test_hostile_streams_through_the_mount.live = Live(make_mount, tmp_path)
         live.base = live.state()
-    try:
-        recs = with_header(arrays.records, mutate_header(arrays.header, path, value, "set"))
-    except ValueError:
-        return
-    stream = join(recs, rechain)
+    if records:
+        recs = list(arrays.records)
+        i = data.draw(st.integers(1, len(recs) - 1), "record")
+        op = data.draw(st.sampled_from(["drop", "dup", "cut", "flip"]), "op")
+        if op == "drop":
+            del recs[i]
+        elif op == "dup":
+            recs.insert(i, recs[i])
+        stream = join(recs, rechain)
+        if op == "cut":
+            stream = stream[:data.draw(st.integers(0, len(stream) - 1), "cut")]
+        elif op == "flip":
+            pos = data.draw(st.integers(0, len(stream) - 1), "pos")
+            stream = stream[:pos] + bytes([stream[pos] ^ 0x40]) + stream[pos + 1:]
+    else:
+        try:
+            recs = with_header(arrays.records, mutate_header(arrays.header, path, value,
+                                                             "set"))
+        except ValueError:
+            return
+        stream = join(recs, rechain)
     name = None
     if cli:
         code, out = live.by_cli(["--remap"], stream)
@@ -514,4 +532,4 @@ def test_hostile_headers_through_the_mount(make_mount, tmp_path, arrays, path, v
 @pytest.fixture(autouse=True)
 def _end_live():
     yield
-    test_hostile_headers_through_the_mount.__dict__.pop("live", None)
+    test_hostile_streams_through_the_mount.__dict__.pop("live", None)
