@@ -988,7 +988,14 @@ class Array(RecoveryOps, ShadowOps):
                         # sync() see it (_mark_durable); the catalogue changes still commit
             await self._merge()
         for pack in self.packs.values():
-            await trio.to_thread.run_sync(pack.sync_blocking)
+            lost_before = pack.lost_writes
+            try:
+                moved = await trio.to_thread.run_sync(pack.sync_blocking)
+            except OSError as e:      # not durable: nothing is committed (see Pack.sync_blocking)
+                self.drain_notes()
+                raise self._append_error(pack, e, quiet=lost_before is not None) from None
+            for bid, loc in moved:    # written again after a failed fsync
+                pack.add(bid, loc)
         ch, self._pending = self._pending, Changes()
         journal = self._rotate_event_journal() if ch.events else None
         if journal is not None:

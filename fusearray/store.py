@@ -21,6 +21,17 @@ Concurrency contract:
 Crash safety: the index is persisted by the catalogue in the same SQLite
 transaction as the map roots, after `sync_blocking()`. Anything appended
 after the last commit is unreferenced garbage, removed at the next open.
+
+Disk faults (see sync_blocking and _write): a disk whose write or fsync
+fails while another holds the data (mirror, healthy raid5) is failed at
+once, like md; the last disk holding the data is never failed (that would
+only make the rest unreadable): its errors go to the caller. A failed
+fsync does not mean the data is stored, nor does a later fsync of the same
+file that succeeds (Linux reports a writeback error once): the blocks
+written since the last good sync are read back, checked against their ids
+and written again to a new segment; any that no longer read back right are
+lost, and from then on every sync fails (nothing more is committed, so a
+restart returns to the last durable state).
 """
 import bisect
 import errno
@@ -234,7 +245,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)         # a .tmp left by an older version
-        os.write(fd, data)
+        _pwritev_all(fd, [data], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -290,7 +301,10 @@ class Pack:
         self.active_tail = 0
         self.active_open = False             # appends go to active_seq
         self._unsynced: set[tuple[int, int]] = set()
-        self._new_files = False
+        self._unsynced_recs: list = []       # (id, loc) appended since the last good sync
+        self._new_segs: dict[int, set] = {}  # disk idx -> segments made since its dir's last fsync
+        self._suspect: set = set()           # segments a failed fsync left in doubt
+        self.lost_writes: str | None = None  # why every sync fails (see sync_blocking)
         self.spares: list[tuple[dict, int]] = []  # ({disk idx: path}, free-space credit) of dead segments kept for reuse
         self.spare_bytes = 0
         self.spare_limit = SPARES            # spares kept (set at open, see retire_blocking)
@@ -340,7 +354,12 @@ class Pack:
             lab = d.read_label()
         except FileNotFoundError:
             return "missing"
-        except (OSError, ValueError):
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM) and \
+                    os.path.isdir(d.path):
+                return "error"          # the disk failed a read: not a wrong label
+            return "invalid" if os.path.isdir(d.path) else "missing"
+        except ValueError:
             return "invalid" if os.path.isdir(d.path) else "missing"
         if lab.get("pack") == self.name and lab.get("disk") == d.idx and \
                 (array_uuid is None or lab.get("array") == array_uuid):
@@ -356,7 +375,9 @@ class Pack:
         for d in self.disks:
             label = self._label_state(d, array_uuid)
             ok = label == "ok"
-            if d.state == "online" and not ok:
+            if d.state == "online" and label == "error":
+                self.disk_error(d, "reading its label failed")
+            elif d.state == "online" and not ok:
                 self._lose(d, label, "its directory or label is gone" if label == "missing"
                            else "its label is unreadable or belongs elsewhere")
             elif d.state == "online":
@@ -377,7 +398,9 @@ class Pack:
         if d.state != "online":
             return
         d.state = state
-        d.since = self.active_seq
+        # what it holds but never fsynced may be gone: a rebuild starts there
+        d.since = min([self.active_seq] + [k[1] for k in self._unsynced if k[0] == d.idx]
+                      + list(self._new_segs.pop(d.idx, ())))
         with self._lock:
             for key in [k for k in self.fds if k[0] == d.idx]:
                 try:
@@ -392,10 +415,23 @@ class Pack:
 
     def disk_error(self, d: Disk, what: str) -> None:
         d.errors += 1
+        last = not self.can_lose(d)
         self.note("warning", f"disk {d.idx} of pack {self.name} ({d.path}): {what} "
-                  f"(error {d.errors} of {ERROR_LIMIT})")
-        if d.errors >= ERROR_LIMIT:
+                  + ("(the last disk holding the data: it stays in service)" if last
+                     else f"(error {d.errors} of {ERROR_LIMIT})"))
+        if d.errors >= ERROR_LIMIT and not last:
             self._lose(d, "failed", f"{d.errors} I/O or checksum errors")
+
+    def can_lose(self, d: Disk) -> bool:
+        """Would the pack's data stay readable without disk `d`? (A single
+        disk, the last online copy of a mirror or a second raid5 disk
+        never is failed: that would make the data unreadable, not safer.)"""
+        others = sum(x is not d and x.state == "online" for x in self.disks)
+        if self.layout == "mirror":
+            return others >= 1
+        if self.layout == "raid5":
+            return others == len(self.disks) - 1
+        return False
 
     # ---- open / close (blocking) -------------------------------------
     def open_blocking(self, rows, array_uuid: str | None = None) -> list[int]:
@@ -413,6 +449,8 @@ class Pack:
         top = 0
         for d in self.disks:
             label = self._label_state(d, array_uuid) if d.state == "online" else "ok"
+            if label == "error":
+                label = "invalid"
             if label != "ok":
                 d.state, d.since = label, 0
                 self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) is "
@@ -514,6 +552,7 @@ class Pack:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             with self._lock:
                 self.fds[(d.idx, seq)] = fd
+            self._new_segs.setdefault(d.idx, set()).add(seq)
         for spare in group.values():     # of a disk that is no longer online
             try:
                 os.unlink(spare)
@@ -521,7 +560,6 @@ class Pack:
                 pass
         self.active_tail = 0
         self.active_open = True
-        self._new_files = True
         self._row = None
 
     def append_blocking(self, records, reserve_ok: bool = False) -> list[tuple[int, int, int]]:
@@ -541,10 +579,12 @@ class Pack:
                               "kept for garbage collection)")
         undo = (self.active_seq, self.active_tail, self.active_open, self._row)
         try:
-            return self._append(records)
+            locs = self._append(records)
         except OSError:
             self._undo_append(*undo)
             raise
+        self._unsynced_recs.extend(zip([bid for bid, _ in records], locs))
+        return locs
 
     def _undo_append(self, seq, tail, was_open, row) -> None:
         for s in range(seq + 1, self.active_seq + 1):     # segments this call made
@@ -597,7 +637,7 @@ class Pack:
             self._write_raid5(seq, _Gather(iov), offset)
             return
         wrote = 0
-        last: OSError | None = None
+        failed: list = []
         for d in self.online():
             fd = self.fds.get((d.idx, seq))
             if fd is None:
@@ -609,10 +649,15 @@ class Pack:
             except OSError as e:
                 if e.errno in _NOT_THE_DISK:
                     raise
-                last = e
+                failed.append((d, e))
+        for d, e in failed:
+            if wrote and self.can_lose(d):      # it lacks this record: out it goes
+                self._lose(d, "failed", f"a write to it failed: {e.strerror}")
+            else:
                 self.disk_error(d, f"write failed: {e.strerror}")
         if not wrote:
-            raise last or OSError(errno.EIO, f"no disk of pack {self.name} took the write")
+            raise failed[-1][1] if failed else \
+                OSError(errno.EIO, f"no disk of pack {self.name} took the write")
 
     def _write_raid5(self, seq: int, data: "_Gather", offset: int) -> None:
         """Data pieces go to their disks as views of the batch's buffers
@@ -631,7 +676,7 @@ class Pack:
                 run[2] += views
                 return
             if run is not None:
-                self._put(di, seq, run[0], run[2])
+                self._put(di, seq, run[0], run[2], strict=True)
             runs[di] = [doff, sum(len(v) for v in views), views]
         while pos < data.size:
             row, w = divmod(offset + pos, row_bytes)
@@ -664,9 +709,12 @@ class Pack:
             put(self._parity_disk(row), row * CHUNK, parity)
             pos += take
         for di, (doff, _, views) in runs.items():
-            self._put(di, seq, doff, views)
+            self._put(di, seq, doff, views, strict=True)
 
-    def _put(self, di: int, seq: int, off: int, data) -> None:
+    def _put(self, di: int, seq: int, off: int, data, strict: bool = False) -> None:
+        """Write disk `di`'s bytes. `strict` (appends): a failed write fails
+        the disk if the pack can do without it, else raises; otherwise (a
+        repair) it counts against the disk."""
         d = self.disks[di]
         fd = self.fds.get((di, seq)) if d.state == "online" else None
         if fd is None:
@@ -677,7 +725,13 @@ class Pack:
         except OSError as e:
             if e.errno in _NOT_THE_DISK:
                 raise
-            self.disk_error(d, f"write failed: {e.strerror}")
+            if not strict:
+                self.disk_error(d, f"write failed: {e.strerror}")
+            elif self.can_lose(d):
+                self._lose(d, "failed", f"a write to it failed: {e.strerror}")
+            else:
+                self.disk_error(d, f"write failed: {e.strerror}")
+                raise
 
     def _get(self, di: int, seq: int, off: int, n: int):
         """Bytes of disk `di`'s file (a bytearray), or None when that disk
@@ -940,19 +994,115 @@ class Pack:
         # stored blocks are never all-zero, so the id is the plain keyed hash
         return xxhash.xxh3_128_digest(data, self.hasher.seed) == bid
 
-    def sync_blocking(self) -> None:
+    def sync_blocking(self) -> list:
+        """Make every append so far durable (fsync the files written and the
+        directories of new segment files), before the catalogue commits
+        their index entries. Caller holds the array's commit lock (no
+        append and no index change meanwhile). Returns [(id, loc)]: blocks
+        that had to be written again, for add() on the trio thread.
+
+        A failed fsync (of a file or a directory) on a disk the pack can do
+        without fails that disk (the others hold the data). On the last
+        disk holding the data it proves nothing stored since the last good
+        sync, and a retried fsync of the same file would say 0 whatever
+        happened (Linux reports a writeback error once: "fsyncgate"): the
+        segments are sealed, their blocks appended since the last good sync
+        are read back, checked against their ids and written again to a
+        new segment, which is synced in turn (three tries). If a block no
+        longer reads back right, or it never syncs, the data is lost:
+        raises OSError(EIO), and every later call does too (`lost_writes`),
+        so nothing after the last durable commit is committed."""
+        if self.lost_writes:
+            raise OSError(errno.EIO, self.lost_writes)
+        moved: dict = {}
+        for _ in range(3):
+            self._suspect |= self._sync_once()
+            if not self._suspect:
+                self._unsynced_recs.clear()
+                return list(moved.items())
+            moved.update(self._write_again(moved))
+        self.lost_writes = (f"pack {self.name}: its disk keeps failing to sync what was "
+                            "written since the last commit, even written again to new "
+                            "segment files")
+        return self._lost_writes()
+
+    def _lost_writes(self):
+        self.lost_writes += ("; fsync fails from now on and nothing more is committed: "
+                             "remount the array to go back to its last durable state "
+                             "(writes acknowledged since the last good fsync are lost), "
+                             f"and check or replace the disk (`scrub {self.name}`)")
+        self.note("error", self.lost_writes)
+        raise OSError(errno.EIO, self.lost_writes)
+
+    def _sync_once(self) -> set:
+        """fsync what was written; a disk that fails it is failed if the
+        pack can do without it. Returns the segments left in doubt."""
+        bad: dict = {}                       # disk idx -> [what failed, segments]
         for key in list(self._unsynced):
             fd = self.fds.get(key)
             if fd is not None:
                 try:
                     os.fsync(fd)
                 except OSError as e:
-                    self.disk_error(self.disks[key[0]], f"fsync failed: {e.strerror}")
+                    bad.setdefault(key[0], [f"fsync of segment {key[1]} failed: "
+                                            f"{e.strerror}", set()])[1].add(key[1])
             self._unsynced.discard(key)
-        if self._new_files:
-            self._new_files = False
-            for d in self.online():
+        for d in self.online():
+            segs = self._new_segs.get(d.idx)
+            if not segs:
+                continue
+            try:
                 fsync_dir(d.segdir)
+                self._new_segs.pop(d.idx, None)
+            except OSError as e:
+                b = bad.setdefault(d.idx, [f"fsync of its segment directory failed: "
+                                           f"{e.strerror}", set()])
+                b[1] |= segs
+        doubt: set = set()
+        for di, (what, segs) in bad.items():
+            d = self.disks[di]
+            if d.state != "online":
+                continue
+            if self.can_lose(d):
+                self._lose(d, "failed", f"{what}: what was written to it since the last "
+                           "commit may be lost")
+            else:
+                self.note("warning", f"disk {d.idx} of pack {self.name} ({d.path}): {what}; "
+                          "the blocks written since the last commit are read back, "
+                          "checked and written again")
+                doubt |= segs
+        return doubt
+
+    def _write_again(self, moved: dict) -> dict:
+        """The blocks appended since the last good sync into a segment in
+        doubt: sealed, read back, checked, appended anew. Returns
+        {id: new loc}; raises (lost_writes) if one does not read back
+        right."""
+        if self.active_open and self.active_seq in self._suspect:
+            self.active_open = False
+        records, lost = [], 0
+        seen = set()
+        for bid, loc in list(self._unsynced_recs):
+            if loc[0] not in self._suspect or bid in seen \
+                    or moved.get(bid, self.index.get(bid)) != loc:
+                continue          # written again already, or dropped by GC
+            seen.add(bid)
+            data = self._read_logical(*loc)
+            if data is not None and self._verified(bid, data):
+                records.append((bid, bytes(data)))
+            else:
+                lost += 1
+        if lost:
+            self.lost_writes = (f"pack {self.name}: {lost} block(s) written since the last "
+                                f"commit did not survive a failed fsync of segment(s) "
+                                f"{sorted(self._suspect)} (they no longer read back right)")
+            self._lost_writes()
+        out = {}
+        if records:
+            locs = self.append_blocking(records, reserve_ok=True)
+            out = {bid: loc for (bid, _), loc in zip(records, locs)}
+        self._suspect.clear()
+        return out
 
     def close_segment_blocking(self, seq: int) -> None:
         with self._lock:
@@ -995,7 +1145,7 @@ class Pack:
                     sizes.append(os.stat(spare).st_blocks * 512)
                 else:
                     os.unlink(path)
-                fsync_dir(d.segdir)
+                self._fsync_dir_quietly(d)
             except FileNotFoundError:
                 pass
         if group:
@@ -1021,17 +1171,26 @@ class Pack:
             gone += 1
         if gone:
             for d in self.online():
-                fsync_dir(d.segdir)
+                self._fsync_dir_quietly(d)
             self.refresh_space_blocking()
         return gone
+
+    def _fsync_dir_quietly(self, d: Disk) -> None:
+        """After a dead segment was deleted or made a spare: if that does
+        not last (a failed directory fsync, then a crash), the next open
+        deletes the file again (nothing points into it)."""
+        try:
+            fsync_dir(d.segdir)
+        except OSError as e:
+            self.disk_error(d, f"fsync of its segment directory failed: {e.strerror}")
 
     def unlink_segment_blocking(self, seq: int) -> None:
         for d in self.disks:
             try:
                 os.unlink(d.seg_path(seq))
-                fsync_dir(d.segdir)
             except OSError:
-                pass
+                continue
+            self._fsync_dir_quietly(d)
         self.refresh_space_blocking()
 
     # ---- rebuild and scrub (blocking, one piece per call) -------------------
