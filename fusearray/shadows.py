@@ -99,6 +99,12 @@ class ShadowOps:
                 return job
         return None
 
+    def _check_live(self, vol: Volume) -> None:
+        """Under the lock, of a volume looked up before it."""
+        if vol.deleted or self.volumes.get(vol.vid) is not vol:
+            raise notfound(f"{'LUN' if vol.kind == 'lun' else 'shadow copy'} {vol.path} "
+                           "was deleted meanwhile")
+
     def _check_pack_usable(self, pack, what: str) -> None:
         if pack.state == "failed":
             raise ioerror(f"pack {pack.name} of {what} has failed: its data cannot be "
@@ -179,6 +185,9 @@ class ShadowOps:
                 raise busy(f"shadow copy {v.path} is open ({v.open_by()}): "
                            "close or detach it first, or use force=yes")
         async with self._lock:
+            vols = [v for v in vols if not v.deleted]     # a delete meanwhile
+            if not vols or set_name not in self.sets:
+                raise notfound(f"shadow copy {target} was deleted meanwhile")
             for v in vols:
                 self._drop_volume(v)
                 self.sets[set_name]["members"].pop(v.name, None)
@@ -237,6 +246,8 @@ class ShadowOps:
             self._check_fits(dpack, src.size)
             plan.append((src, dest_name, dpack))
         async with self._lock:
+            for src, _, _ in plan:       # (checked before the lock: a delete may
+                self._check_live(src)    # have collected its blocks meanwhile)
             await self._flush()
             await self._merge()
             # every pair checked again before any is applied: a failure
@@ -320,6 +331,9 @@ class ShadowOps:
             raise busy(f"shadow copy {path} is open ({src.open_by()}): close it first or "
                        "use force=yes")
         async with self._lock:
+            self._check_live(src)
+            if self.luns.get(name) is not old:
+                raise busy(f"LUN {name} was created or deleted meanwhile: try again")
             await self._flush()
             await self._merge()
             if old is not None:

@@ -250,7 +250,8 @@ def test_concurrent_command_loops_with_cross_pack_resyncs(make_mount, tmp_path):
     print(f"stress: {counts} in {STRESS_SECONDS:.0f} s, seed {STRESS_SEED}")
     assert alive(m), m.output()[-3000:]
     assert counts["commands"] > 20 and counts["ok"] > 5, counts
-    internal = [l for l in m.events().splitlines() if "internal error" in l or "died" in l]
+    internal = [l for l in m.events().splitlines()
+                if "internal error" in l or "died" in l or "data lost" in l]
     assert not internal, internal
     assert sha_of(m.path("luns", "keep")) == keep
     m.stop()
@@ -328,6 +329,42 @@ async def test_a_bug_in_the_committers_disk_check_is_caught(tmp_path, monkeypatc
                    for x in msgs), msgs
         a.cache.errors.pop("*", None)
         await a.create_lun("x", "1M")
+    await _with_array(tmp_path / "arr", body)
+
+
+async def test_a_command_whose_shadow_copy_is_deleted_while_it_waits(tmp_path):
+    """resync and swap look their shadow copy up, then wait for the commit
+    lock; a delete of it that got the lock first (and collected its
+    blocks) made the resync point a new LUN at collected blocks (data lost,
+    found by the concurrent loops) and a second delete of the same set
+    raise KeyError. Now each is ENOENT and nothing changes."""
+    from fusearray.array import init_array
+    from fusearray.errors import ArrayError
+    init_array(str(tmp_path / "arr"))
+
+    async def body(a):
+        lun = await a.create_lun("db", "4M")
+        await lun.write(0, os.urandom(4 * MiB))
+        await a.snapshot(["db"], "S")
+        await a.delete_lun("db", force=True)
+        results = {}
+
+        async def attempt(name, fn):
+            try:
+                results[name] = await fn()
+            except ArrayError as e:
+                results[name] = e.errno
+        async with trio.open_nursery() as n:
+            async with a._lock:          # (the test holds the lock: all queue up)
+                n.start_soon(attempt, "delete", lambda: a.delete_shadow("S"))
+                await trio.sleep(0.05)
+                n.start_soon(attempt, "delete2", lambda: a.delete_shadow("S"))
+                n.start_soon(attempt, "resync", lambda: a.resync(["S/db=copy"]))
+                n.start_soon(attempt, "swap", lambda: a.swap("S/db", "db2"))
+                await trio.sleep(0.05)
+        assert results["delete"] == {"deleted": "S"}, results
+        assert {results[k] for k in ("delete2", "resync", "swap")} == {errno.ENOENT}, results
+        assert "copy" not in a.luns and "db2" not in a.luns and "S" not in a.sets
     await _with_array(tmp_path / "arr", body)
 
 
