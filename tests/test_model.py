@@ -201,8 +201,8 @@ class Job:
 def settings_for_ci() -> settings:
     env = os.environ
     long = env.get("FUSEARRAY_LONG") == "1"
-    examples = int(env.get("FUSEARRAY_MODEL_EXAMPLES", 200 if long else 14))
-    steps = int(env.get("FUSEARRAY_MODEL_STEPS", 50 if long else 40))
+    examples = int(env.get("FUSEARRAY_MODEL_EXAMPLES", 200 if long else 12))
+    steps = int(env.get("FUSEARRAY_MODEL_STEPS", 50 if long else 35))
     seed = env.get("FUSEARRAY_MODEL_SEED")
     shrink = env.get("FUSEARRAY_MODEL_SHRINK", "1" if long else "0") == "1"
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
@@ -555,6 +555,38 @@ class ArrayMachine(RuleBasedStateMachine):
                 os.close(fd)
             v.synced()
             STATS["fsyncs"] += 1
+
+    @precondition(lambda self: any(True for _ in self.visible()))
+    @rule(data=st.data())
+    @counted
+    def truncate(self, data):
+        """truncate and O_TRUNC leave a LUN's size and content alone (a block
+        device); on a read-only volume they are EROFS."""
+        parts, v = self.pick_vol(data)
+        how = data.draw(st.sampled_from(["truncate", "O_TRUNC"]), label="how")
+        size = data.draw(st.sampled_from([0, 512, v.size + MiB]), label="to")
+        try:
+            if how == "truncate":
+                os.truncate(self.m.path(*parts), size)
+            else:
+                os.close(os.open(self.m.path(*parts), os.O_WRONLY | os.O_TRUNC))
+            err = 0
+        except OSError as e:
+            err = e.errno
+        want = errno.EROFS if v.readonly else 0
+        assert err == want, f"{how} {'/'.join(parts)} to {size}: {ename(err)}, want {ename(want)}"
+
+    @precondition(lambda self: self.lost is None and self.luns)
+    @rule(pack=st.sampled_from(PACKS))
+    @counted
+    def scrub(self, pack):
+        """Nothing to repair and nothing lost on a healthy pack."""
+        _, reply = self.cmd("scrub", pack)
+        jid = reply["job"]
+        j = wait_for(lambda: (j := self.job_state(jid))["state"] not in ACTIVE and j, 120,
+                     f"scrub job {jid}")
+        assert j["state"] == "done" and j.get("repaired") == "0" and j.get("lost") == "0", j
+        self.jobs[jid] = Job(jid, "scrub", "done")
 
     @precondition(lambda self: len(self.held) < 2 and any(True for _ in self.visible()))
     @rule(data=st.data())
