@@ -439,3 +439,33 @@ def test_mirror_survives_one_faulty_disk(rig):
         w.check_now(rule + ", recovered")
         w.close()
         r.close()
+
+
+def test_read_errors_never_fail_the_last_disk(rig):
+    """Read errors on a single disk (its segment files and its label) are
+    errors to the reader, counted and logged, but the disk stays in
+    service: failing the only disk holding the data made every block
+    unreadable until a `recover`, after the fault was long gone."""
+    r = rig()
+    w = Workload(r, random.Random(5), 2 * MiB)
+    for _ in range(6):
+        w.write()
+    assert w.fsync() == 0
+    w.crash_and_check("before the fault")       # nothing left in the cache
+    r.fd.rules("read eio count=0 path=d0/*")
+    drop_caches()
+    mark = len(r.m.events().splitlines())
+    eio = w.check_now("with every read failing", lost_ok=True)
+    assert len(eio) >= 9, eio                   # more than the error limit (8)
+    st = r.m.status()["packs"][0]
+    assert st["disks"][0]["state"] == "online" and st["state"] == "healthy", st
+    # the disk check (every 2 s) reads the label: wait for two of them
+    wait_for(lambda: sum("reading its label failed" in l
+                         for l in r.m.events().splitlines()[mark:]) >= 2,
+             what="two failed label reads logged")
+    _alive_with_event(r.m, mark)
+    st = r.m.status()["packs"][0]
+    assert st["disks"][0]["state"] == "online" and st["state"] == "healthy", st
+    r.fd.clear()
+    assert w.check_now("once the faults are gone") == []
+    w.close()
