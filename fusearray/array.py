@@ -59,6 +59,10 @@ DISK_CHECK_INTERVAL = 2.0
 #: Merge overlays into maps once this much is flushed (finds garbage sooner).
 OVERLAY_MERGE = 256 << 20
 FLUSH_BATCH = 16 << 20
+#: On a full pack, segments with this share of garbage or more are
+#: compacted (GC's usual bar is half): overwrites (a file system's journal
+#: and metadata) leave garbage spread thin over many segments.
+RECLAIM_RATIO = 0.95
 #: A full or failed pack's dirty blocks are retried this often.
 FLUSH_RETRY = 3.0
 #: Reads up to this size try the page cache on the loop before a thread.
@@ -885,6 +889,8 @@ class Array(RecoveryOps, ShadowOps):
         if old is not None and old != bid and old != ZERO_ID:
             self._add_garbage(vol)               # flushed, then overwritten
             self._gc_wanted = True
+        elif bid == ZERO_ID:
+            self._gc_wanted = True               # punched: may free space (see admit)
         vol.overlay[e.bno] = bid
         cache = self.cache
         cache.mark_clean(e, gen)
@@ -1207,6 +1213,62 @@ class Array(RecoveryOps, ShadowOps):
         if err is not None:
             raise err
 
+    async def admit(self, vol: Volume, off: int, end: int) -> None:
+        """Admission control near a full pack: a write is acknowledged only
+        if its pack can store it, so a full pack refuses the write itself
+        (ENOSPC) and never the fsync after it (that is left to space taken
+        from outside and to failed disks). Every block already dirty in the
+        cache is counted as needing its space. New data may not use the
+        pack's `slack`; overwrites of blocks the LUN already holds may (a
+        file system's superblock, journal replay and metadata on a pack its
+        data filled, so it can be mounted again and fstrim free it); the
+        `reserve` below it is the collector's. A delete or punch hole not
+        yet collected is collected here first."""
+        pack, cache = vol.pack, self.cache
+        if pack.state == "failed":
+            return          # no space figure to go by: its write-back says EIO
+        bs = vol.block_size
+        first, last = off // bs, (end - 1) // bs
+        need = sum(bs for b in range(first, last + 1)
+                   if not ((e := vol.cache.get(b)) is not None and e.dirty))
+        collected = False
+        while True:
+            await trio.to_thread.run_sync(pack.refresh_space_blocking)
+            dirty = sum(e.vol.block_size for e in cache.dirty
+                        if e.buf is not None and e.vol.pack is pack)
+            room = pack.free_bytes() - pack.reserve - dirty - need
+            if room >= pack.slack:
+                pack.admit_refused = False
+                return
+            if room >= 0:
+                held = True
+                for b in range(first, last + 1):
+                    e = vol.cache.get(b)
+                    if e is not None and e.buf is not None:
+                        continue
+                    if e is not None or await vol.current_id(b) == ZERO_ID:
+                        held = False
+                        break
+                if held:
+                    pack.admit_refused = False
+                    return
+            if collected or not self._frees_pending(pack):
+                break
+            collected = True
+            async with self._lock:
+                try:
+                    await self._gc()
+                except ArrayError:
+                    pass
+        msg = (f"pack {pack.name} is full: {human_bytes(max(pack.free_bytes(), 0))} free, "
+               f"{human_bytes(pack.reserve + pack.slack)} of it kept for collection and "
+               "overwrites; the write was refused with ENOSPC. Free space: delete LUNs "
+               "or shadow copies, punch holes / fstrim")
+        if not pack.admit_refused:
+            pack.admit_refused = True
+            self.event("error", msg)
+        raise nospace(msg)
+
     def _frees_pending(self, pack: Pack) -> bool:
         """Something may free space in `pack` at the next collection: a
         delete or overwrite since the last one, or a punched block not yet
@@ -1273,10 +1335,10 @@ class Array(RecoveryOps, ShadowOps):
                 cache.recount_stuck()
                 self.event("info", f"pack {pack.name} accepts writes again")
 
-    async def _compact(self, pack: Pack) -> None:
-        """Move the live blocks out of mostly-dead segments (they die at the
-        next commit). May use the pack's reserve."""
-        for seg in pack.sparse_segments():
+    async def _compact(self, pack: Pack, ratio: float = 0.5) -> None:
+        """Move the live blocks out of segments less than `ratio` live
+        (they die at the next commit). May use the pack's reserve."""
+        for seg in pack.sparse_segments(ratio):
             entries = pack.entries_in(seg)
             bids = [b for b, _ in entries]
             datas = await self._read_locs(pack, bids, [loc for _, loc in entries])
@@ -1334,7 +1396,7 @@ class Array(RecoveryOps, ShadowOps):
             freed = sum(p.sweep(live[n]) for n, p in self.packs.items())
             for pack in self.packs.values():
                 pack.seal_if_sparse(1.0)
-                await self._compact(pack)
+                await self._compact(pack, RECLAIM_RATIO)
             await self._commit(flush=False)
             log.info("reclaim on a full pack freed %s", human_bytes(freed))
         finally:

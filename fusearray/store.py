@@ -316,6 +316,11 @@ class Pack:
         self._nowait = _NOWAIT               # preadv2 flags for reads on the loop
         self._gap = bytearray(HDR.size)      # where record headers go in a run read
         self.reserve = 2 * SEGMENT_LIMIT     # free space only GC may use
+        # above the reserve: free space only overwrites of blocks a LUN
+        # already holds may use (a file system's superblock and journal
+        # replay on a pack that new data filled), see Array.admit
+        self.slack = SEGMENT_LIMIT
+        self.admit_refused = False           # the array logged a refused write
         self.lost_reads = 0
         self.mapped_reads = 0     # blocks served verified where they lie (mapped_blocks)
 
@@ -499,6 +504,7 @@ class Pack:
             self.spare_limit = max(SPARES, cap // 2 // self.seg_limit)
         # free space is logical (a mirror's least free disk), and so is this
         self.reserve = 2 * self.seg_limit
+        self.slack = self.seg_limit
         top = max([top] + list(ends))
         self.active_seq = top      # a new segment is started on first append
         self.active_tail = 0
@@ -583,6 +589,8 @@ class Pack:
         except OSError:
             self._undo_append(*undo)
             raise
+        finally:
+            self.refresh_space_blocking()    # admission control counts on it
         self._unsynced_recs.extend(zip([bid for bid, _ in records], locs))
         return locs
 

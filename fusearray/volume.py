@@ -461,6 +461,12 @@ class Volume:
             await self.array.pack_writable(self.pack)
         end = min(off + len(buf), self.size)
         bs = self.block_size
+        pack = self.pack
+        if pack.free_bytes() - pack.reserve - pack.slack - cache.dirty_bytes \
+                < end - off + 2 * bs:
+            await self.array.admit(self, off, end)     # near full: look closer
+            if self.frozen is not None:
+                await self._gate()
         mv = memoryview(buf)
         immutable = type(buf) is bytes      # pyfuse3's request data
         pos = off
