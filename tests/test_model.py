@@ -183,8 +183,8 @@ def counted(fn):
         STATS["rule " + fn.__name__] += 1
         try:
             return fn(self, *args, **kw)
-        except BaseException:
-            self.failed = True
+        except Exception:    # not Hypothesis's StopTest (a BaseException): a draw that
+            self.failed = True   # ran out of data ends the example, it is no failure
             raise
     return wrapper
 
