@@ -1252,14 +1252,19 @@ class Array(RecoveryOps, ShadowOps):
                 if held:
                     pack.admit_refused = False
                     return
-            if collected or not self._frees_pending(pack):
+            if collected:
                 break
             collected = True
+            # wait for the lock before refusing: a GC another write started
+            # clears _gc_wanted at its start, so without waiting a write
+            # racing it saw nothing pending and was refused (ENOSPC) just
+            # before that GC freed the space; then look once more
             async with self._lock:
-                try:
-                    await self._gc()
-                except ArrayError:
-                    pass
+                if self._frees_pending(pack):
+                    try:
+                        await self._gc()
+                    except ArrayError:
+                        pass
         msg = (f"pack {pack.name} is full: {human_bytes(max(pack.free_bytes(), 0))} free, "
                f"{human_bytes(pack.reserve + pack.slack)} of it kept for collection and "
                "overwrites; the write was refused with ENOSPC. Free space: delete LUNs "
