@@ -35,9 +35,10 @@ from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, n
 from .perms import FILE_MODE, private_dir, tighten
 from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
-from .jobs import Job, JobJournal
-from .recovery import RecoveryOps
-from .shadows import ShadowOps
+from .jobs import JobRunner
+from .namespace import Namespace
+from .recovery import Recovery
+from .shadows import Shadows
 from .volume import BlockCache, Volume
 
 log = logging.getLogger("fusearray")
@@ -67,8 +68,6 @@ RECLAIM_RATIO = 0.95
 FLUSH_RETRY = 3.0
 #: Reads up to this size try the page cache on the loop before a thread.
 NOWAIT_MAX = 1 << 20
-#: Made-up IEEE company id for our NAA-6 WWNs (`naa.6` + 31 hex digits).
-WWN_OUI = "fa55a7"
 
 
 def _bs_ok(bs: int) -> bool:
@@ -218,7 +217,7 @@ class NodeCache(collections.OrderedDict):
             self.popitem(last=False)
 
 
-class Array(RecoveryOps, ShadowOps):
+class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE):
         self.path = os.path.abspath(path)
         self.conf = read_config(self.path)
@@ -228,9 +227,6 @@ class Array(RecoveryOps, ShadowOps):
         self.cache = BlockCache(cache_size)
         self.nodes = NodeCache(max(64 << 20, min(cache_size // 4, 512 << 20)))
         self.packs: dict[str, Pack] = {}
-        self.volumes: dict[int, Volume] = {}     # every live volume, also deleted-but-open
-        self.luns: dict[str, Volume] = {}
-        self.sets: dict[str, dict] = {}          # name -> {"created", "members": {lun: Volume}}
         self.events = EventLog()                 # what ctl/events shows (see events.py)
         self.event_limiter = Limiter()          # rate limits of events users cause at will
         self.durable_seq = 0      # every write up to this one (any volume) is durable
@@ -255,14 +251,56 @@ class Array(RecoveryOps, ShadowOps):
         self._journal_ready = False              # replayed: events.journal.N is ours
         self.catalogue: Catalogue | None = None
         self.fatal: BaseException | None = None
-        self.jobs: dict[int, Job] = {}
         self._dirty_jobs: set = set()
-        self.job_journal: JobJournal | None = None
         self._pins: list = []                    # (vol, root, height) kept by exports
-        self._nursery = None
+        self.nursery = None                      # the daemon's: set by `open`
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
         self.mountpoint: str | None = None       # set by the daemon (disks must be outside)
         self.previous_session: list[str] = []    # how the last daemon ended, if badly
+        # ---- the collaborators (each given what it needs, none the Array) ----
+        self.writeback = _WriteBackNames(self)
+        self.collector = _CollectorNames(self)
+        self.runner = JobRunner(os.path.join(self.path, JOB_JOURNAL), event=self.event,
+                                mark_dirty=self.writeback.mark_job)
+        self.ns = Namespace(self.conf["uuid"], self.conf["vendor"],
+                            make_volume=self._make_volume,
+                            changes=lambda: self.writeback.changes,
+                            mark_row=self.writeback.mark_row,
+                            volume_dropped=self.runner.volume_dropped)
+        self.volumes = self.ns.volumes           # every live volume, also deleted-but-open
+        self.luns = self.ns.luns
+        self.sets = self.ns.sets                 # name -> namespace.ShadowSet
+        self.jobs = self.runner.jobs
+        self.shadows = Shadows(self.ns, self.runner, wb=self.writeback,
+                               collector=self.collector, read_locs=self._read_locs,
+                               loader=self.loader, pack=self.pack, event=self.event,
+                               notify=lambda vol: self.notify(vol),
+                               store_hashed=_store_hashed, collision=_Collision)
+        self.recovery = Recovery(self.conf["uuid"], packs=self.packs, pack=self.pack,
+                                 runner=self.runner, lock=self._lock,
+                                 commit=self._commit, event=self.event,
+                                 drain_notes=self.drain_notes,
+                                 check_new_disks=self.check_new_disks)
+
+    def _make_volume(self, row: dict, pack: Pack, source: Pack | None) -> Volume:
+        return Volume(self, row, pack, source)
+
+    # the counters the commit persists (the namespace's and the runner's)
+    @property
+    def next_serial(self) -> int:
+        return self.ns.next_serial
+
+    @property
+    def next_vid(self) -> int:
+        return self.ns.next_vid
+
+    @property
+    def next_job(self) -> int:
+        return self.runner.next_id
+
+    @property
+    def job_journal(self):
+        return self.runner.journal
 
     # ---- open / close --------------------------------------------------------
     def _take_lock(self) -> None:
@@ -342,12 +380,10 @@ class Array(RecoveryOps, ShadowOps):
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.path} belongs to another array")
-        self.next_serial = int(meta.get("next_serial", 1))
-        self.next_vid = int(meta.get("next_vid", 1))
-        self.next_job = int(meta.get("next_job", 1))
+        self._meta = meta
         self._job_rows = cat.jobs()
-        self.job_journal = JobJournal(os.path.join(self.path, JOB_JOURNAL))
-        self._journaled_jobs = set(self.job_journal.replay_blocking(self._job_rows))
+        self._journaled_jobs = self.runner.load_blocking(self._job_rows,
+                                                         int(meta.get("next_job", 1)))
         notes = []
         for name, layout, _created in cat.packs():
             disks = [Disk(i, p, s, since) for i, p, s, since in cat.disks(name)]
@@ -372,8 +408,7 @@ class Array(RecoveryOps, ShadowOps):
         for seq, t, level, msg, noise in cat.events(EVENTS_KEPT, NOISE_KEPT):
             self.events.append((seq, t, level, msg), noise)
             self._event_seq = max(self._event_seq, seq)
-        for name, created in cat.sets():
-            self.sets[name] = {"created": created, "members": {}}
+        self._set_rows = cat.sets()
         return rows, notes
 
     def _tighten_modes(self, cat: Catalogue) -> None:
@@ -462,21 +497,9 @@ class Array(RecoveryOps, ShadowOps):
 
     async def open(self, nursery) -> None:
         rows, notes = await trio.to_thread.run_sync(self._open_blocking)
-        for row in rows:
-            vol = Volume(self, row, self.packs[row["pack"]],
-                         self.packs[row["source"]] if row["source"] else None)
-            self.volumes[vol.vid] = vol
-            if vol.kind == "lun":
-                self.luns[vol.name] = vol
-            else:
-                self.sets.setdefault(vol.set_name, {"created": vol.created, "members": {}})
-                self.sets[vol.set_name]["members"][vol.name] = vol
-        self._nursery = nursery
-        for r in self._job_rows:
-            job = Job.from_row(r)
-            self.jobs[job.id] = job
-            if job.id in self._journaled_jobs:
-                self._dirty_jobs.add(job)      # the journal's news go to the catalogue
+        self.ns.load(self._meta, self._set_rows, rows, self.packs)
+        self.nursery = nursery
+        self.runner.load(self._job_rows, self._journaled_jobs)
         for n in notes:
             self.event("warning", n)
         for level, n in self._open_infos:
@@ -485,11 +508,7 @@ class Array(RecoveryOps, ShadowOps):
                    f"{len(self.packs)} pack(s)")
         self._last_commit = time.monotonic()
         nursery.start_soon(self._committer)
-        for job in self.jobs.values():
-            if job.active and job.kind == "import":
-                job.pause()     # waits for its stream: `fusearray import --resume`
-            elif job.active:
-                self._start_job(job)       # its worker says it resumes, and where
+        self.runner.resume_all(nursery)   # each worker says it resumes, and where
 
     async def close(self) -> int:
         """Final commit, then release files. Safe to call once. Returns the
@@ -523,8 +542,7 @@ class Array(RecoveryOps, ShadowOps):
                 if fd is not None:
                     os.close(fd)
             self._journal_fd = self._journal_next = None
-            if self.job_journal is not None:
-                self.job_journal.close()
+            self.runner.close()
             if self._lockfd is not None:
                 _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
             if self._lockfd is not None:
@@ -1411,14 +1429,6 @@ class Array(RecoveryOps, ShadowOps):
         async with self._lock:
             await self._gc()
 
-    # ---- identity ---------------------------------------------------------------
-    def new_identity(self) -> tuple[str, str]:
-        n = self.next_serial
-        self.next_serial += 1
-        wwn = f"naa.6{WWN_OUI}{self.conf['vendor']}{n:016x}"
-        serial = f"FA{self.conf['uuid'][:8].upper()}{n:08d}"
-        return wwn, serial
-
     # ---- commands ---------------------------------------------------------------
     def pack(self, name: str | None) -> Pack:
         name = name or ("main" if "main" in self.packs else next(iter(self.packs)))
@@ -1428,10 +1438,13 @@ class Array(RecoveryOps, ShadowOps):
             raise notfound(f"no pack named {name!r} (packs: {', '.join(self.packs)})") from None
 
     def lun(self, name: str) -> Volume:
-        vol = self.luns.get(name)
-        if vol is None:
-            raise notfound(f"no LUN named {name!r}")
-        return vol
+        return self.ns.lun(name)
+
+    def shadow(self, path: str) -> Volume:
+        return self.ns.shadow(path)
+
+    def new_identity(self) -> tuple[str, str]:
+        return self.ns.new_identity()
 
     def _check_fits(self, pack: Pack, size: int) -> None:
         cap = pack.capacity_bytes()
@@ -1452,7 +1465,7 @@ class Array(RecoveryOps, ShadowOps):
             if name in self.luns:
                 raise exists(f"a LUN named {name} already exists")
             self._check_fits(p, size)
-            vol = self._create_volume(name, size, p, bs)
+            vol = self.ns.create_lun(name, size, p, bs)
             self.event("info", f"created LUN {name}: {human_bytes(size)} on pack "
                        f"{p.name}, block size {bs // 1024}K, {vol.wwn}")
             await self._commit()
@@ -1467,14 +1480,13 @@ class Array(RecoveryOps, ShadowOps):
             if self.luns.get(name) is not vol:
                 raise notfound(f"no LUN named {name!r}")
             del self.luns[name]
-            self._drop_volume(vol)        # (a copy job of it ends)
+            self.ns.drop_volume(vol)      # (a copy job of it ends)
             self.event("info", f"deleted LUN {name} ({vol.wwn})")
             await self._gc()
 
     def released(self, vol: Volume) -> None:
         """The last handle of a deleted volume closed: forget it."""
-        if vol.deleted and not vol.open_count and vol.vid in self.volumes:
-            del self.volumes[vol.vid]
+        if self.ns.released(vol):
             self._gc_wanted = True
 
     async def resize_lun(self, name: str, size_text: str, force: bool = False) -> Volume:
@@ -1522,16 +1534,6 @@ class Array(RecoveryOps, ShadowOps):
         vol.allocated += delta
         self._gc_wanted = True
 
-    def shadow(self, path: str) -> Volume:
-        set_name, _, name = path.partition("/")
-        s = self.sets.get(set_name) if not set_name.startswith(".") else None
-        if s is None:
-            raise notfound(f"no shadow copy set named {set_name!r}")
-        vol = s["members"].get(name)
-        if vol is None:
-            raise notfound(f"set {set_name} has no shadow copy of {name!r}")
-        return vol
-
     async def check_new_disks(self, name: str, layout: str, dirs: list[str]) -> list[str]:
         """check_pack and check_outside_mount, in a worker thread (they look
         at user-given paths, perhaps inside this very mount); bounded in time.
@@ -1577,8 +1579,41 @@ class Array(RecoveryOps, ShadowOps):
             await self._commit()
 
     def render_job(self, jid: int) -> bytes:
-        job = self.jobs.get(jid)
-        return job.text() if job else b""
+        return self.runner.render(jid)
+
+    # ---- delegates: the commands of the fs and ctl layers ---------------------------
+    async def snapshot(self, *args, **kw):
+        return await self.shadows.snapshot(*args, **kw)
+
+    async def resync(self, *args, **kw):
+        return await self.shadows.resync(*args, **kw)
+
+    async def swap(self, *args, **kw) -> Volume:
+        return await self.shadows.swap(*args, **kw)
+
+    async def delete_shadow(self, target: str, force: bool = False) -> dict:
+        return await self.shadows.delete_shadow(target, force)
+
+    async def recover(self, name: str):
+        return await self.recovery.recover(name)
+
+    async def replace(self, name: str, old: str, new_dir: str, force: bool = False):
+        return await self.recovery.replace(name, old, new_dir, force)
+
+    async def scrub(self, name: str):
+        return await self.recovery.scrub(name)
+
+    def job(self, text: str):
+        return self.runner.get(text)
+
+    async def control_job(self, text: str, action: str, rate: str | None = None):
+        return await self.runner.control(text, action, rate)
+
+    def pin(self, roots) -> None:
+        self.collector.pin(roots)
+
+    def unpin(self, roots) -> None:
+        self.collector.unpin(roots)
 
     # ---- status ------------------------------------------------------------------
     def status(self) -> dict:
@@ -1593,12 +1628,10 @@ class Array(RecoveryOps, ShadowOps):
                           "disks": [{"id": d.idx, "path": d.path, "state": d.state}
                                     for d in p.disks]})
         luns = [self._vol_status(v) for v in sorted(self.luns.values(), key=lambda v: v.name)]
-        sets = []
-        for name, s in sorted(self.sets.items(), key=lambda kv: (kv[1]["created"], kv[0])):
-            if name.startswith("."):
-                continue         # an import in progress: shown as its job
-            sets.append({"name": name, "created": s["created"],
-                         "shadow_copies": [self._vol_status(v) for v in s["members"].values()]})
+        sets = [{"name": s.name, "created": s.created,      # (an import in progress:
+                 "shadow_copies": [self._vol_status(v)     # shown as its job)
+                                   for v in s.members.values()]}
+                for s in self.ns.visible_sets()]
         invalid_disks = [{"id": d.idx, "path": d.path, "state": d.state, "pack": p.name}
                          for p in self.packs.values() for d in p.disks
                          if d.state == "invalid"]
@@ -1608,7 +1641,7 @@ class Array(RecoveryOps, ShadowOps):
                           "blocks": 0, "mapped_reads": 0, "disks": invalid_disks})
         return {"pid": os.getpid(), "array": self.path, "uuid": self.conf["uuid"],
                 "packs": packs, "luns": luns, "sets": sets,
-                "jobs": [j.status() for j in sorted(self.jobs.values(), key=lambda j: j.id)],
+                "jobs": self.runner.status(),
                 "cache": {"limit_bytes": self.cache.limit, "bytes": self.cache.bytes,
                           "dirty_bytes": self.cache.dirty_bytes}}
 
@@ -1698,3 +1731,69 @@ def _make_disks(disks, array_uuid: str, pack: str) -> None:
         d.write_label(array_uuid, pack)
 
 
+
+
+class _WriteBackNames:
+    """The write-back's public names (issue #14 contract) over the Array's
+    private ones, until writeback.py has them: what Shadows and an import
+    use. Temporary."""
+
+    def __init__(self, array: Array):
+        self.a = array
+
+    @property
+    def lock(self):
+        return self.a._lock
+
+    @property
+    def changes(self) -> Changes:
+        return self.a._pending
+
+    def mark_row(self, vol) -> None:
+        self.a._dirty_rows.add(vol)
+
+    def mark_job(self, job) -> None:
+        self.a._dirty_jobs.add(job)
+
+    async def commit(self, flush: bool = True) -> None:
+        await self.a._commit(flush)
+
+    async def flush(self, max_bytes: int | None = None) -> None:
+        await self.a._flush(max_bytes)
+
+    async def merge(self) -> None:
+        await self.a._merge()
+
+    async def store_new(self, items, reserve_ok: bool = False) -> None:
+        await self.a._store_new(items, reserve_ok)
+
+    def append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
+        return self.a._append_error(pack, e, quiet)
+
+    def check_fits(self, pack: Pack, size: int) -> None:
+        self.a._check_fits(pack, size)
+
+
+class _CollectorNames:
+    """The collector's public names over the Array's private ones, until
+    gc.py has them. Temporary."""
+
+    def __init__(self, array: Array):
+        self.a = array
+
+    def pin(self, roots) -> None:
+        """Keep the blocks of [(vol, root, height)] alive (an export reads
+        them while the volumes may change)."""
+        self.a._pins.extend(roots)
+
+    def unpin(self, roots) -> None:
+        for r in roots:
+            self.a._pins.remove(r)
+
+    async def collect(self, only: list | None = None) -> None:
+        """A collection now. Caller holds the commit lock."""
+        await self.a._gc(only)
+
+    def want(self) -> None:
+        """A collection at the committer's next GC interval."""
+        self.a._gc_wanted = True

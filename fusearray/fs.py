@@ -212,8 +212,8 @@ class Operations(pyfuse3.Operations):
                     if not v.hidden]
         if ino == SNAPS:
             return [(n.encode(), self._set_ino(n)) for n in sorted(a.sets)
-                    if not n.startswith(".")
-                    and any(not v.hidden for v in a.sets[n]["members"].values())]
+                    if (s := a.ns.visible_set(n)) is not None
+                    and any(not v.hidden for v in s.members.values())]
         if ino == CTL:
             return ([(TEXT_FILES[i], i) for i in TEXT_FILES] + [(b"jobs", JOBS)]
                     + [(v.encode(), VERB_BASE + i) for i, v in enumerate(self.verbs)])
@@ -223,7 +223,7 @@ class Operations(pyfuse3.Operations):
             s = a.sets.get(self.ino_sets[ino])
             if s is None:
                 return []
-            return [(n.encode(), VOL_BASE + v.vid) for n, v in sorted(s["members"].items())
+            return [(n.encode(), VOL_BASE + v.vid) for n, v in sorted(s.members.items())
                     if not v.hidden]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 

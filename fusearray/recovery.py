@@ -1,5 +1,19 @@
 """Pack recovery (IVdsPack::Recover), disk replacement and scrub, as jobs
-(DESIGN section 5). A mixin of Array, like ShadowOps.
+(DESIGN section 5).
+
+`Recovery` is given what it works on (the packs, the job runner, the
+write-back's commit lock and commit, an event sink, the disk checks) and
+holds no state of its own: a job's progress is in its Job (params
+`rebuilt_below`, `next_seg`, committed with the row), a disk's in the
+catalogue's disk state. It registers the recover, replace and scrub
+workers with the JobRunner.
+
+Concurrency: the commands and workers run on the trio thread; the reads,
+XOR and writes of a rebuild piece, a segment's scrub, the disk checks and
+the rejoin run in worker threads (trio.to_thread), the pack's methods named
+`*_blocking` being the ones safe there. A scrub holds the commit lock per
+segment (no segment is retired under it); a rebuild holds it only for its
+last pass and the rejoin (no appends meanwhile).
 
 A rebuild writes a disk's share of every segment it lacks: for a disk that
 comes back, the segments from the one that was active when it left (write-
@@ -11,18 +25,14 @@ until then, so a crash mid-rebuild leaves the pack usable (degraded) and
 the resumed job, or a second `recover`, does the work again.
 """
 import errno
-import logging
 import os
 import time
-import traceback
 
 import trio
 
 from .errors import ArrayError, busy, ioerror, notfound
-from .jobs import Job, JobCancelled
+from .jobs import Job, JobCancelled, JobRunner
 from .util import human_bytes
-
-log = logging.getLogger("fusearray")
 
 PIECE = 4 << 20
 PARALLEL = 2        # rebuild pieces in flight: the reads, XOR and writes of one
@@ -75,36 +85,36 @@ def _drop_rebuilt(pack, d, plan, below: int, sealed: set, upto: dict) -> list:
     return out
 
 
-class RecoveryOps:
-    def _start_job(self, job: Job) -> None:
-        worker = {"recover": self._run_rebuild_job, "replace": self._run_rebuild_job,
-                  "scrub": self._run_scrub_job}.get(job.kind, self._run_copy_job)
-        self._nursery.start_soon(self._guarded_job, worker, job, name=f"job {job.id}")
+class Recovery:
+    """recover, replace and scrub of packs, as jobs (see the module
+    docstring). `packs` is the array's pack table, `pack(name)` its lookup
+    (ENOENT naming the packs); `lock` and `commit()` are the write-back's;
+    `drain_notes()` turns the packs' notes into events; `check_new_disks`
+    is the Array's (bounded, in a worker thread)."""
 
-    async def _guarded_job(self, worker, job: Job) -> None:
-        """Run a job's worker under the daemon's nursery: an unexpected
-        error (a bug) fails that job, with its reason as an event and the
-        traceback in the daemon log; it never reaches the nursery, which
-        would end the daemon and leave the mount stale."""
-        try:
-            await worker(job)
-        except Exception as e:          # (also an ExceptionGroup from a nursery inside)
-            log.error("job %d (%s) failed on an internal error:\n%s", job.id, job.kind,
-                      "".join(traceback.format_exception(e)))
-            what = f"internal error: {type(e).__name__}: {e}"
-            self._end_job(job, "failed", f"job {job.id} ({job.kind}) failed at "
-                          f"{job.percent}%: {what} (a bug: the traceback is in the "
-                          "daemon log); the array goes on", what)
+    def __init__(self, uuid: str, *, packs: dict, pack, runner: JobRunner, lock, commit,
+                 event, drain_notes, check_new_disks):
+        self.uuid = uuid
+        self.packs = packs
+        self.pack = pack
+        self.runner = runner
+        self.lock = lock
+        self.commit = commit
+        self.event = event
+        self.drain_notes = drain_notes
+        self.check_new_disks = check_new_disks
+        runner.register(("recover", "replace"), self._run_rebuild_job)
+        runner.register(("scrub",), self._run_scrub_job)
 
     def _busy_pack(self, pack) -> None:
-        for j in self.jobs.values():
-            if j.active and j.params.get("pack") == pack.name:
-                raise busy(f"pack {pack.name} already has a {j.kind} job ({j.id}) running")
+        j = self.runner.of_pack(pack.name)
+        if j is not None:
+            raise busy(f"pack {pack.name} already has a {j.kind} job ({j.id}) running")
 
     async def recover(self, name: str) -> Job:
         pack = self.pack(name)
         self._busy_pack(pack)
-        await trio.to_thread.run_sync(pack.check_disks_blocking, self.conf["uuid"],
+        await trio.to_thread.run_sync(pack.check_disks_blocking, self.uuid,
                                       pack.sealed())
         self.drain_notes()
         targets, absent = [], []
@@ -123,21 +133,20 @@ class RecoveryOps:
         if targets and not pack.online():
             raise ioerror(f"pack {name} has no online disk to rebuild from: its data "
                           "is lost; restore it from a plex copy or an export")
-        async with self._lock:
+        async with self.lock:
             for d in targets:
                 if d.state in ("invalid", "failed"):
                     d.since = 0           # its content can't be trusted: all of it
                 d.state = "stale"
-            job = self._new_job("recover", [], done=not targets)
+            job = self.runner.new("recover", [], done=not targets)
             job.params.update(pack=name, disks=[d.idx for d in targets])
             self.event("info", f"recover {name} (job {job.id}): "
                        + (f"rebuilding disk(s) {', '.join(str(d.idx) for d in targets)}"
                           if targets else "nothing to rebuild, the pack is "
                           f"{pack.state}"))
-            self._meta_changed = True
-            await self._commit()
+            await self.commit()
         if targets:
-            self._start_job(job)
+            self.runner.start(job)
         return job
 
     async def replace(self, name: str, old: str, new_dir: str, force: bool = False) -> Job:
@@ -159,30 +168,29 @@ class RecoveryOps:
         if len(others) < len(pack.disks) - 1 and pack.layout == "raid5":
             raise ioerror(f"pack {name} has lost more than one disk: a raid5 pack cannot "
                           "rebuild a replacement; its data is lost")
-        async with self._lock:
+        async with self.lock:
             old_path = d.path
             with pack._lock:
                 for key in [k for k in pack.fds if k[0] == d.idx]:
                     os.close(pack.fds.pop(key))
             d.path, d.state, d.since, d.errors = path, "stale", 0, 0
             await trio.to_thread.run_sync(os.makedirs, os.path.join(path, "segments"))
-            job = self._new_job("replace", [])
+            job = self.runner.new("replace", [])
             job.params.update(pack=name, disks=[d.idx])
             self.event("info", f"replace (job {job.id}): disk {d.idx} of pack {name} "
                        f"{old_path} -> {path}; rebuilding")
-            self._meta_changed = True
-            await self._commit()
-        self._start_job(job)
+            await self.commit()
+        self.runner.start(job)
         return job
 
     async def scrub(self, name: str) -> Job:
         pack = self.pack(name)
         self._busy_pack(pack)
-        async with self._lock:
-            job = self._new_job("scrub", [])
+        async with self.lock:
+            job = self.runner.new("scrub", [])
             job.params.update(pack=name, repaired=0, lost=0, blocks=0)
-            await self._commit()
-        self._start_job(job)
+            await self.commit()
+        self.runner.start(job)
         return job
 
     # ---- workers ---------------------------------------------------------------------
@@ -211,8 +219,8 @@ class RecoveryOps:
             left = sum(n for p in plans.values() for _, n in p)
             job.total_bytes = job.done_bytes + left
             job.state = "running" if job.state == "queued" else job.state
-            self._dirty_jobs.add(job)
-            self._job_started_event(job, f"{human_bytes(left)} to rebuild on pack {pack.name}")
+            self.runner.mark_dirty(job)
+            self.runner.started(job, f"{human_bytes(left)} to rebuild on pack {pack.name}")
             for d in disks:
                 whole = True                 # every segment so far rebuilt for good
                 for seq, size in sorted(plans[d.idx]):
@@ -226,14 +234,14 @@ class RecoveryOps:
                         n = await _rebuild_pieces(pack, d, seq, pieces)
                         job.done_bytes += n
                         upto[(d.idx, seq)] = sum(pieces[-1])
-                        self._dirty_jobs.add(job)
-                        self._job_progress_event(job)
+                        self.runner.mark_dirty(job)
+                        self.runner.progress(job)
                     whole = whole and (stable == size and seq in _sealed(pack)
                                        and upto.get((d.idx, seq), 0) >= size)
                     if whole:
                         below[str(d.idx)] = max(below[str(d.idx)], seq + 1)
             await job.checkpoint()
-            async with self._lock:            # no appends meanwhile: the rest
+            async with self.lock:            # no appends meanwhile: the rest
                 for d in disks:
                     rest = await trio.to_thread.run_sync(pack.rebuild_plan, d,
                                                          pack.segments())
@@ -247,23 +255,22 @@ class RecoveryOps:
                             await trio.to_thread.run_sync(
                                 pack.rebuild_piece_blocking, d, seq, off,
                                 min(PIECE, size - off))
-                    await trio.to_thread.run_sync(pack.rejoin_blocking, d, self.conf["uuid"],
+                    await trio.to_thread.run_sync(pack.rejoin_blocking, d, self.uuid,
                                                   pack.segments())
                 job.state, job.finished = "done", time.time()
                 job.done_bytes = max(job.done_bytes, job.total_bytes)
                 job.total_bytes = job.done_bytes
-                self._dirty_jobs.add(job)
-                self._meta_changed = True
+                self.runner.mark_dirty(job)
                 self.event("info", f"job {job.id} ({job.kind}) done: disk(s) "
                            f"{', '.join(str(d.idx) for d in disks)} of pack {pack.name} "
                            f"online; the pack is {pack.state}")
-                await self._commit()
+                await self.commit()
         except JobCancelled:
-            self._end_job(job, "cancelled", f"job {job.id} ({job.kind}) cancelled at "
-                          f"{job.percent}%: the pack stays {pack.state}; run recover again")
+            self.runner.end(job, "cancelled", f"job {job.id} ({job.kind}) cancelled at "
+                             f"{job.percent}%: the pack stays {pack.state}; run recover again")
         except (ArrayError, OSError) as e:
-            self._end_job(job, "failed", f"job {job.id} ({job.kind}) failed: {e}",
-                          str(e))
+            self.runner.end(job, "failed", f"job {job.id} ({job.kind}) failed: {e}",
+                             str(e))
 
     async def _run_scrub_job(self, job: Job) -> None:
         pack = self.packs.get(job.params["pack"])
@@ -280,11 +287,11 @@ class RecoveryOps:
                 job.done_bytes = 0
             job.total_bytes = job.done_bytes + left
             job.state = "running" if job.state == "queued" else job.state
-            self._dirty_jobs.add(job)
-            self._job_started_event(job, f"{human_bytes(left)} to verify on pack {pack.name}")
+            self.runner.mark_dirty(job)
+            self.runner.started(job, f"{human_bytes(left)} to verify on pack {pack.name}")
             for seq in segs:
                 await job.checkpoint()
-                async with self._lock:
+                async with self.lock:
                     entries = pack.entries_in(seq)
                     fixed, lost = await trio.to_thread.run_sync(
                         pack.scrub_segment_blocking, seq, entries)
@@ -294,25 +301,15 @@ class RecoveryOps:
                 job.params["blocks"] += len(entries)
                 job.done_bytes += pack.seg_size.get(seq, 0)
                 job.params["next_seg"] = seq + 1
-                self._dirty_jobs.add(job)
-                self._job_progress_event(job)
+                self.runner.mark_dirty(job)
+                self.runner.progress(job)
             p = job.params
             state = "done" if not p["lost"] else "failed"
-            self._end_job(job, state, f"job {job.id} (scrub) of pack {pack.name}: "
-                          f"{p['blocks']} blocks verified, {p['repaired']} repaired, "
-                          f"{p['lost']} unrecoverable",
-                          f"{p['lost']} blocks could not be repaired" if p["lost"] else "")
+            self.runner.end(job, state, f"job {job.id} (scrub) of pack {pack.name}: "
+                             f"{p['blocks']} blocks verified, {p['repaired']} repaired, "
+                             f"{p['lost']} unrecoverable",
+                             f"{p['lost']} blocks could not be repaired" if p["lost"] else "")
         except JobCancelled:
-            self._end_job(job, "cancelled", f"job {job.id} (scrub) cancelled")
+            self.runner.end(job, "cancelled", f"job {job.id} (scrub) cancelled")
         except (ArrayError, OSError) as e:
-            self._end_job(job, "failed", f"job {job.id} (scrub) failed: {e}", str(e))
-
-    def _end_job(self, job: Job, state: str, message: str, error: str = "") -> None:
-        """A job ends without a commit of its own: journaled until the next."""
-        job.state, job.finished, job.error = state, time.time(), error
-        if state == "done":
-            job.done_bytes = job.total_bytes
-        self.note_job(job)
-        self._meta_changed = True
-        self.event({"done": "info", "failed": "error"}.get(state, "warning"), message)
-
+            self.runner.end(job, "failed", f"job {job.id} (scrub) failed: {e}", str(e))

@@ -6,11 +6,29 @@ generator of lists of byte pieces (joined only by the reader);
 `Importer.feed` parses whatever arrives and keeps at most one batch of
 blocks (IMPORT_BATCH) pending and one being stored.
 
-An import builds its volumes in a staging set whose name starts with "."
-(never a user name, never listed). It becomes visible only when the trailer
-has verified; a bad stream removes the staging set and reclaims its space.
-A partial import checkpoints (offset, hash chain, maps) in its job, so an
-interrupted transfer resumes from the last checkpoint (`resume=yes`).
+An import builds its volumes in a staging set (namespace.is_staging: never
+a user name, never listed), through the staging API of shadows.Shadows
+(stage, stage_volume, store, publish, drop). It becomes visible only when
+the trailer has verified; a bad stream removes the staging set and reclaims
+its space. A partial import checkpoints (offset, hash chain, maps) in its
+job, so an interrupted transfer resumes from the last checkpoint
+(`resume=yes`).
+
+This module uses the array's public collaborators only (`array.shadows`,
+`array.ns`, `array.runner`, `array.writeback`, `array.collector`, the read
+path) and no private name of another module.
+
+Concurrency: the parser and the export generator run on the trio thread
+(the task of the FUSE write or the stream socket connection feeding them).
+An import's batches are verified and hashed in a worker thread without the
+commit lock, then stored in order under it (the write-back's appends, in a
+worker thread), up to STORE_DEPTH in flight, as tasks of the daemon's
+nursery. An export's next batches are read and encoded by a producer task
+in the daemon's nursery (ExportRun), its reads in worker threads; its roots
+are pinned (the collector keeps their blocks) until it ends. A crash
+mid-import leaves the staging set and the job as of the last checkpoint
+(committed): `import --resume` goes on from there, `cancel` drops it; a
+restart pauses the job until its stream comes back.
 """
 import errno
 import json
@@ -103,27 +121,27 @@ def _diffable(base_vol, vol, height: int) -> bool:
 
 async def export_stream(array, set_name: str, base_name: str | None = None):
     """Yield the stream of set `set_name` (incremental against `base_name`)."""
-    s = array.sets.get(set_name)
-    if s is None or set_name.startswith("."):
+    s = array.ns.visible_set(set_name)
+    if s is None:
         raise notfound(f"no shadow copy set named {set_name!r}")
     base = None
     if base_name is not None:
-        base = array.sets.get(base_name)
-        if base is None or base_name.startswith("."):
+        base = array.ns.visible_set(base_name)
+        if base is None:
             raise notfound(f"no base set named {base_name!r}")
-    vols = [s["members"][n] for n in sorted(s["members"])]
+    vols = [s.members[n] for n in sorted(s.members)]
     for v in vols:
-        array._check_copy_free(v, "shadow copy")
+        array.shadows.check_copy_free(v, "shadow copy")
     # the roots as they are now; pinned so GC keeps their blocks meanwhile
     snap = [(v, v.root, v.height) for v in vols]
-    base_vols = {n: v for n, v in base["members"].items()} if base else {}
+    base_vols = dict(base.members) if base else {}
     pins = [(v, v.root, v.height) for v in vols] + \
         [(v, v.root, v.height) for v in base_vols.values()]
-    array.pin(pins)
+    array.collector.pin(pins)
     try:
         enc = Encoder()
         header = {"format": FORMAT, "kind": "incremental" if base else "full",
-                  "set": {"name": set_name, "created": s["created"]},
+                  "set": {"name": set_name, "created": s.created},
                   "base": ({"name": base_name, "wwns": sorted(v.wwn for v in base_vols.values())}
                            if base else None),
                   "volumes": [_vol_header(v, h, _diffable(base_vols.get(v.name), v, h))
@@ -153,7 +171,7 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
                     + (f" (incremental against {base_name})" if base else "")
                     + f": {enc.blocks} blocks")
     finally:
-        array.unpin(pins)
+        array.collector.unpin(pins)
 
 
 def header_total(first) -> int | None:
@@ -187,14 +205,16 @@ class ExportRun:
         gen = export_stream(array, args[0], opts.get("base"))
         run = cls(gen, await gen.__anext__())
         send, run.recv = trio.open_memory_channel(EXPORT_PREFETCH)
-        await array._nursery.start(run._produce, send)
+        await array.nursery.start(run.produce, send)
         return run
 
     @property
     def total(self) -> int | None:
         return header_total(self.first[0]) if self.first else None
 
-    async def _produce(self, send, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def produce(self, send, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The producer task (in the daemon's nursery): the stream's
+        batches into `send`, an error as its last item."""
         with trio.CancelScope() as self.scope:
             task_status.started()
             try:
@@ -252,7 +272,7 @@ def start_import(array, line: str) -> "Importer":
     as_name = opts.get("as")
     if as_name is not None:
         check_name(as_name, "set name")
-        if as_name in array.sets:
+        if as_name in array.ns.sets:
             raise exists(f"import: a shadow copy set named {as_name} already exists here: "
                          "choose another name with as=")
     pack = opts.get("pack")
@@ -347,7 +367,7 @@ def _check_and_ids(hasher, items, checks) -> list:
     hashed both ways in one pass (the shim's hash64_128_many: the second
     hash reads it from the CPU's cache); a short last block is padded,
     so its id is taken from the padded copy."""
-    from .array import _block_ids
+    from .array import _block_ids       # (until writeback.py has it public)
     sent = [c[1] for c in checks]
     both = _shim_hash64_128_many(sent, hasher.seed) if _shim_hash64_128_many else None
     for (i, _, want, off), got in zip(checks, (b[:8] for b in both) if both is not None
@@ -522,10 +542,21 @@ def check_header(h) -> dict:
 
 
 class Importer:
-    """Receives one stream (or the rest of one, when resuming)."""
+    """Receives one stream (or the rest of one, when resuming). Given the
+    array, it keeps its collaborators: the namespace, the shadows (whose
+    staging API it uses), the job runner, the write-back (commit lock,
+    commit) and the collector."""
 
     def __init__(self, array, as_name: str | None, pack: str | None, remap: bool):
-        self.array = array
+        self.ns = array.ns
+        self.shadows = array.shadows
+        self.runner = array.runner
+        self.wb = array.writeback
+        self.collector = array.collector
+        self.event = array.event
+        self.pack = array.pack
+        self.hasher = array.hasher
+        self.verify = array.verify
         self.as_name = as_name
         self.pack_name = pack
         self.remap = remap
@@ -555,7 +586,7 @@ class Importer:
     # ---- resume ---------------------------------------------------------------------
     @classmethod
     def resume(cls, array, jid: str | None):
-        jobs = [j for j in array.jobs.values() if j.kind == "import" and j.active
+        jobs = [j for j in array.runner.jobs.values() if j.kind == "import" and j.active
                 and (jid is None or str(j.id) == jid)]
         if not jobs:
             raise notfound("no interrupted import to resume" + (f" with job {jid}" if jid else ""))
@@ -566,7 +597,7 @@ class Importer:
         imp.header = p["header"]
         imp.offset, imp.chain = p["offset"], bytes.fromhex(p["chain"])
         imp.records, imp.blocks = p["records"], p["blocks"]
-        imp.vols = [array.volumes[v] for v in p["vids"]]
+        imp.vols = [array.ns.volumes[v] for v in p["vids"]]
         imp.current = imp.vols[p["current"]] if p.get("current") is not None else None
         imp.resumed = True
         job.resume()
@@ -597,10 +628,10 @@ class Importer:
                 self.failed = e
                 self.buf.clear()
                 self.job.pause()
-                self.array.event("warning", f"import job {self.job.id}: the resumed stream "
-                                 f"does not continue it ({e.message}); the partial import "
-                                 f"is kept: resume with the same stream, or cancel "
-                                 f"{self.job.id}")
+                self.event("warning", f"import job {self.job.id}: the resumed stream "
+                           f"does not continue it ({e.message}); the partial import "
+                           f"is kept: resume with the same stream, or cancel "
+                           f"{self.job.id}")
                 raise
             await self.abort(e)
             raise
@@ -758,23 +789,23 @@ class Importer:
             h = check_header(h)
         except HeaderError as e:
             raise invalid(f"corrupt stream: its header is refused: {e}") from None
-        a = self.array
+        ns, wb = self.ns, self.wb
         name = self.as_name or h["set"]["name"]
         check_name(name, "set name")
-        if name in a.sets:
+        if name in ns.sets:
             raise exists(f"a shadow copy set named {name} already exists here: "
                          "import it with --as NEW_NAME")
         base = None
         if h["kind"] == "incremental":
-            base = a.sets.get(h["base"]["name"])
-            have = sorted(v.wwn for v in base["members"].values()) if base else None
+            base = ns.visible_set(h["base"]["name"])
+            have = sorted(v.wwn for v in base.members.values()) if base else None
             if have != sorted(h["base"]["wwns"]):
                 raise notfound(f"this incremental stream needs base set "
                                f"{h['base']['name']!r} (the same shadow copies, by WWN) "
                                "on this array: import that set first")
-        pack = a.pack(self.pack_name) if self.pack_name or not base else \
-            next(iter(base["members"].values())).pack
-        used = {v.wwn: v for v in a.volumes.values()}
+        pack = self.pack(self.pack_name) if self.pack_name or not base else \
+            next(iter(base.members.values())).pack
+        used = {v.wwn: v for v in ns.volumes.values()}
         starts = []
         for vh in h["volumes"]:
             if vh["wwn"] in used and not self.remap:
@@ -782,8 +813,8 @@ class Importer:
                 raise exists(f"WWN {vh['wwn']} of {vh['name']} is already used here by "
                              f"{other.kind} {other.path}: refuse to create a duplicate "
                              "identity (import with --remap to give the copies new WWNs)")
-            a._check_fits(pack, vh["size"])
-            bv = base["members"].get(vh["name"]) if base and vh["diff"] else None
+            wb.check_fits(pack, vh["size"])
+            bv = base.members.get(vh["name"]) if base and vh["diff"] else None
             if vh["diff"]:
                 if bv is None or bv.height != vh["height"] or bv.block_size != vh["block_size"]:
                     raise invalid(f"corrupt stream: {vh['name']} is sent as changes against "
@@ -793,28 +824,23 @@ class Importer:
                                      f"base set, which is on pack {bv.pack.name}: import it "
                                      f"there (not on {pack.name})")
             starts.append(bv)
-        async with a._lock:
-            if name in a.sets:
+        async with wb.lock:
+            if name in ns.sets:
                 raise exists(f"a shadow copy set named {name} was created meanwhile")
             # the job first: its id names the staging set, and a failure from
             # here on is undone by `abort` (staging set, volumes, job)
-            self.job = a._new_job("import", [])
+            self.job = self.runner.new("import", [])
             self.header = h
-            staging = f".import-{self.job.id}"
-            a._add_set(staging, time.time())
+            staging = self.shadows.stage(self.job)
             for vh, bv in zip(h["volumes"], starts):
-                row = a._shadow_row_from(vh, staging, pack, self.remap)
-                row["height"] = max(row["height"], vh["height"])
-                if bv is not None:
-                    row.update(root=bv.root, height=bv.height, allocated=bv.allocated)
-                self.vols.append(a._add_shadow(row, pack, None))
+                self.vols.append(self.shadows.stage_volume(staging, vh, pack, self.remap, bv))
             self.job.state = "running"
             self.job.total_bytes = h["total_bytes"] or 0
             self._save_params()
-            a.event("info", f"import job {self.job.id} started: set {h['set']['name']}"
-                    + (f" as {name}" if self.as_name else "")
-                    + f", {len(self.vols)} shadow copies, {h['kind']}")
-            await a._commit()
+            self.event("info", f"import job {self.job.id} started: set {h['set']['name']}"
+                       + (f" as {name}" if self.as_name else "")
+                       + f", {len(self.vols)} shadow copies, {h['kind']}")
+            await wb.commit()
 
     def _save_params(self) -> None:
         j = self.job
@@ -823,7 +849,7 @@ class Importer:
                         vids=[v.vid for v in self.vols], **{"as": self.as_name},
                         pack=self.pack_name, remap=self.remap,
                         current=self.vols.index(self.current) if self.current in self.vols else None)
-        self.array._dirty_jobs.add(j)
+        self.wb.mark_job(j)
 
     async def _flush_pending(self, wait: bool = False) -> None:
         """Store the pending blocks. In the background by default, up to
@@ -834,7 +860,7 @@ class Importer:
         import is aborted as before)."""
         checkpoint = (self._since_checkpoint + self.pending_bytes >= CHECKPOINT_BYTES
                       and not self.buf)
-        nursery = self.array._nursery
+        nursery = self.runner.nursery
         background = not (wait or checkpoint) and nursery is not None
         if background:
             await self._storing.room()
@@ -865,35 +891,18 @@ class Importer:
         """Verify the blocks against the stream's hashes and compute their
         ids in a worker thread (no lock: the data is the import's own);
         then, once the batch before (`after`) is stored, dedup and append
-        them under the array's lock. Nothing is referenced before this
-        succeeds (a checkpoint or the trailer waits for it), so a damaged
-        block fails the import."""
-        from .array import _Collision, _store_hashed
-        a = self.array
-        ids = await trio.to_thread.run_sync(_check_and_ids, a.hasher, items, checks)
+        them under the commit lock (Shadows.store). Nothing is referenced
+        before this succeeds (a checkpoint or the trailer waits for it), so a
+        damaged block fails the import."""
+        ids = await trio.to_thread.run_sync(_check_and_ids, self.hasher, items, checks)
         if after is not None:
             await after.wait()
             if self.stored != seq - 1:
                 return          # the batch before failed: so does the import
-        async with a._lock:
-            try:
-                added = await trio.to_thread.run_sync(
-                    _store_hashed, [(v.pack, d) for v, _, d in items], ids, a.verify)
-            except OSError as e:
-                if e.errno == errno.EFAULT:     # a mapped stream file cut short
-                    raise ArrayError(errno.EIO, "the stream is damaged: its file was cut "
-                                     "short while it was imported") from None
-                raise a._append_error(items[0][0].pack, e) from None
-            except _Collision as c:
-                raise ArrayError(errno.EIO, f"hash collision in pack {c.pack} on id "
-                                 f"{c.bid}: the import was refused") from None
-            for p, bid, loc in added:
-                p.add(bid, loc)
-            for (v, bno, _), bid in zip(items, ids):
-                v.overlay[bno] = bid
+        await self.shadows.store(items, ids, self.verify)
         self.stored = seq
         self.job.done_bytes += n
-        a._dirty_jobs.add(self.job)
+        self.wb.mark_job(self.job)
 
     async def _checkpoint(self) -> None:
         """Persist the maps and where the stream is, for resume. Only at a
@@ -901,8 +910,8 @@ class Importer:
         await self._storing.wait()
         self._since_checkpoint = 0
         self._save_params()
-        async with self.array._lock:
-            await self.array._commit()
+        async with self.wb.lock:
+            await self.wb.commit()
 
     async def _trailer(self, payload: bytes) -> None:
         t = json.loads(payload)
@@ -920,28 +929,19 @@ class Importer:
 
     async def _finish(self) -> None:
         """The verified stream ended: its set becomes visible."""
-        a = self.array
+        wb = self.wb
         h = self.header
         name = self.as_name or h["set"]["name"]
-        async with a._lock:
-            if name in a.sets:
+        async with wb.lock:
+            if name in self.ns.sets:
                 raise exists(f"a shadow copy set named {name} was created meanwhile")
-            staging = self.vols[0].set_name if self.vols else None
-            a._add_set(name, h["set"]["created"])
-            for v in self.vols:
-                a.sets[staging]["members"].pop(v.name, None)
-                v.set_name = name
-                a.sets[name]["members"][v.name] = v
-                a._dirty_rows.add(v)
-            if staging:
-                del a.sets[staging]
-                a._pending.sets_del.append(staging)
+            self.shadows.publish(self.vols, name, h["set"]["created"])
             self.job.state, self.job.finished = "done", time.time()
             self.job.total_bytes = self.job.done_bytes
-            a._dirty_jobs.add(self.job)
-            a.event("info", f"imported set {name}: {len(self.vols)} shadow copies, "
-                    f"{self.blocks} blocks ({human_bytes(self.job.done_bytes)}) verified")
-            await a._commit()
+            wb.mark_job(self.job)
+            self.event("info", f"imported set {name}: {len(self.vols)} shadow copies, "
+                       f"{self.blocks} blocks ({human_bytes(self.job.done_bytes)}) verified")
+            await wb.commit()
         self.finished = True
 
     # ---- the end ---------------------------------------------------------------------
@@ -950,25 +950,17 @@ class Importer:
         staged (the staging set, its volumes, the job) goes, so a refused
         stream leaves nothing behind."""
         self.failed = err
-        a = self.array
         await self._storing.wait(raise_error=False)    # let the batch in flight land first
         if self.job is None:
             return
-        async with a._lock:
-            staging = f".import-{self.job.id}"
-            members = list(a.sets.get(staging, {"members": {}})["members"].values())
-            for v in self.vols + [m for m in members if m not in self.vols]:
-                if v.vid in a.volumes:
-                    a._drop_volume(v)
-                    a.sets.get(v.set_name, {"members": {}})["members"].pop(v.name, None)
-            if staging in a.sets:
-                del a.sets[staging]
-                a._pending.sets_del.append(staging)
+        async with self.wb.lock:
+            self.shadows.drop(self.job, self.vols)
             self.job.state, self.job.finished = "failed", time.time()
             self.job.error = err.message
-            a._dirty_jobs.add(self.job)
-            a.event("error", f"import job {self.job.id} failed and was removed: {err.message}")
-            await a._gc()
+            self.wb.mark_job(self.job)
+            self.event("error", f"import job {self.job.id} failed and was removed: "
+                       f"{err.message}")
+            await self.collector.collect()
 
     async def end_of_input(self) -> None:
         """The writer asked for the reply: the stream must be complete."""
@@ -1011,6 +1003,6 @@ class Importer:
         self.buf.clear()
         self.job.pause()
         await self._checkpoint()
-        self.array.event("warning", f"import job {self.job.id} interrupted at stream offset "
-                         f"{self.offset}: resume with `fusearray import FILE --resume`, or "
-                         f"cancel it with `cancel {self.job.id}`")
+        self.event("warning", f"import job {self.job.id} interrupted at stream offset "
+                   f"{self.offset}: resume with `fusearray import FILE --resume`, or "
+                   f"cancel it with `cancel {self.job.id}`")

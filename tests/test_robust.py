@@ -276,12 +276,13 @@ async def test_a_bug_in_a_job_fails_that_job_not_the_daemon(tmp_path, monkeypatc
     """A copy job's worker raises a TypeError (as `_read_locs` did on a
     collected block): the job is failed with the reason, as an event, the
     traceback in the log, and the array (its nursery) goes on serving."""
-    from fusearray.array import Array, init_array
+    from fusearray.array import init_array
+    from fusearray.shadows import Shadows
     init_array(str(tmp_path / "arr"))
 
     async def broken(self, vols):
         raise TypeError("'NoneType' object is not subscriptable")
-    monkeypatch.setattr(Array, "_missing", broken)
+    monkeypatch.setattr(Shadows, "_missing", broken)
 
     async def body(a):
         await a.add_pack("far", "single", [str(tmp_path / "far")])

@@ -408,8 +408,8 @@ def test_an_error_while_staging_leaves_nothing_and_the_next_import_works(arrays,
     volume's construction raises MemoryError) is undone: no staging set,
     no volume, the job failed, and the next import of the same stream
     works (no UNIQUE constraint on a reused staging name)."""
-    from fusearray import shadows
-    real = shadows.ShadowOps._add_shadow
+    from fusearray import namespace
+    real = namespace.Namespace.add_shadow
     calls = []
 
     def failing(self, row, pack, source):
@@ -417,10 +417,10 @@ def test_an_error_while_staging_leaves_nothing_and_the_next_import_works(arrays,
         if len(calls) == 2:
             raise MemoryError("staging")
         return real(self, row, pack, source)
-    monkeypatch.setattr(shadows.ShadowOps, "_add_shadow", failing)
+    monkeypatch.setattr(namespace.Namespace, "add_shadow", failing)
     err, msg = arrays.call(_import, arrays.b, arrays.source)
     assert err == errno.EIO and "MemoryError" in msg, msg
-    monkeypatch.setattr(shadows.ShadowOps, "_add_shadow", real)
+    monkeypatch.setattr(namespace.Namespace, "add_shadow", real)
     assert arrays.call(_state, arrays.b) == arrays.base
     assert check_case(arrays, arrays.source, kind="valid") == 0
 
