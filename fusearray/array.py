@@ -13,6 +13,16 @@ and every data commit goes through `_commit()`, the single commit point:
 `sync()` is what fsync on a LUN calls: it returns once every write
 acknowledged before it is committed (group commit: one commit serves every
 fsync that arrived before it started).
+
+The Array is the coordinator: it opens and closes the array and builds
+collaborators, each the one owner of its state and given what it needs
+(never the Array):
+- `ns` (namespace.Namespace): volumes, LUNs, shadow copy sets, identities;
+- `runner` (jobs.JobRunner): every job, its worker, events and journal;
+- `shadows` (shadows.Shadows): snapshot, resync, swap, delete of shadow
+  copies, the copy jobs, the staging API of an import;
+- `recovery` (recovery.Recovery): recover, replace, scrub jobs.
+The fs and ctl layers call the Array's public methods, which delegate.
 """
 import collections
 import contextlib
