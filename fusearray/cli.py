@@ -590,11 +590,25 @@ Next steps (FUSEARRAY_MOUNT={mnt} lets you drop -m):
 
 
 # ---- argument parsing ------------------------------------------------------------------
+class _Version(argparse.Action):
+    """--version: the package's version and fusearray.native's report."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import version
+
+        from . import native
+        print(f"fusearray {version('fusearray')}")
+        print(native.summary())
+        parser.exit()
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="fusearray", description="A virtual storage array "
                                 "in user space: LUNs and shadow copies as files on FUSE.")
     p.add_argument("-m", "--mount", help="mountpoint (default: $FUSEARRAY_MOUNT)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="the version and what of the native layer is active")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="create an array")

@@ -14,11 +14,12 @@ traceback in ARRAY/daemon.log, an event in the events journal and a crash
 record in ARRAY/crash.json (which the next mount reports), and detaches the
 mountpoint lazily so it is not left stale.
 
-The libfuse shim (fallocate support) must be loaded before pyfuse3 is
-imported, so this module imports pyfuse3 and everything above it lazily.
+The libfuse interposer (fallocate support, see fusearray.native) must be
+loaded before pyfuse3 is imported, so this module imports pyfuse3 and
+everything above it lazily. What of the native layer is active is logged
+and put in an event at mount (native.summary()).
 """
 import argparse
-import ctypes
 import errno
 import faulthandler
 import json
@@ -31,26 +32,6 @@ import time
 import traceback
 
 log = logging.getLogger("fusearray")
-
-
-def load_shim():
-    """Load fusearray._fuseshim with RTLD_GLOBAL (see _fuseshim.c)."""
-    if "pyfuse3" in sys.modules:
-        log.warning("pyfuse3 was imported before the shim: fallocate unsupported")
-        return None
-    from importlib.util import find_spec
-    spec = find_spec("fusearray._fuseshim")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
-    except OSError as e:
-        log.warning("cannot load the fallocate shim: %s", e)
-        return None
-    lib.fusearray_set_fallocate.argtypes = (ctypes.c_void_p,)
-    lib.fusearray_async_replies.restype = ctypes.c_ulonglong
-    lib.fusearray_planned_replies.restype = ctypes.c_ulonglong
-    return lib
 
 
 def clear_stale_mount(mnt: str) -> None:
@@ -141,7 +122,8 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
     (fusearray.perms.resolve)."""
     from .perms import UMASK
     os.umask(UMASK)         # nothing the daemon creates is for other users (logs, data)
-    shim = load_shim()
+    from . import native
+    shim = native.load_interposer()     # before pyfuse3 is imported
     import trio
 
     from . import perms as access_mod
@@ -198,6 +180,7 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
     import pyfuse3
     import trio
 
+    from . import native
     from .fs import Operations, install_fallocate
     from .streamsock import StreamServer
 
@@ -231,9 +214,15 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             ready(f"error: cannot mount {mnt}: {e}")
             nursery.cancel_scope.cancel()
             return 1
-        if not install_fallocate(shim, ops, nursery):
+        fallocate = install_fallocate(shim, ops, nursery)
+        log.info("%s", native.summary())
+        array.event("info", native.summary())
+        if not fallocate:
             array.event("warning", "fallocate (punch-hole, discard) is not available: "
-                        "the libfuse shim is not loaded")
+                        "the libfuse interposer is not in use "
+                        f"({native.why().get(native.INTERPOSER, 'not installed')}); "
+                        "fallocate and a loop device's discard fail with EOPNOTSUPP. "
+                        "Write zeros instead to free blocks: zero blocks are stored free")
         nursery.start_soon(_on_signals, pyfuse3)
         if os.environ.get(TEST_CRASH_ENV):
             nursery.start_soon(_test_crash, os.environ[TEST_CRASH_ENV])
@@ -256,9 +245,9 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
                 nursery.cancel_scope.cancel()
     if shim is not None:
         log.info("%d read replies were sent by the shim's reply thread",
-                 shim.fusearray_async_replies())
+                 shim.async_replies())
         log.info("%d read replies were gathered from several buffers",
-                 shim.fusearray_planned_replies())
+                 shim.planned_replies())
     log.info("unmounted %s", mnt)
     if lost:
         log.error("%d bytes of acknowledged writes could not be stored and are lost "

@@ -31,10 +31,7 @@ log = logging.getLogger("fusearray")
 #: Longest command line of ctl/export and ctl/import (as on the stream socket).
 STREAM_LINE_MAX = 4096
 
-try:
-    from ._fuseshim import reply_plan as _reply_plan
-except ImportError:         # the extension is not built: join the parts
-    _reply_plan = None
+from .native import reply_plan as _reply_plan    # None: join the parts
 
 ROOT = pyfuse3.ROOT_INODE
 LUNS, SNAPS, CTL, JOBS = 2, 3, 4, 5
@@ -603,13 +600,13 @@ class Operations(pyfuse3.Operations):
 
 
 def install_fallocate(shim, ops: Operations, nursery) -> bool:
-    """Route fallocate requests to `ops.fallocate` (see _fuseshim.c)."""
+    """Route fallocate requests to `ops.fallocate` through the libfuse
+    interposer `shim` (fusearray.native.Interposer; see _fuseshim.c).
+    False without it: the kernel answers fallocate with EOPNOTSUPP."""
     if shim is None:
         return False
-    libfuse = ctypes.CDLL("libfuse3.so.3")
-    reply_err = libfuse.fuse_reply_err
-    reply_err.argtypes = (ctypes.c_void_p, ctypes.c_int)
-    reply_err.restype = ctypes.c_int
+    reply_err = shim.libfuse_function("fuse_reply_err", ctypes.c_int,
+                                      (ctypes.c_void_p, ctypes.c_int))
 
     async def serve(req, ino, mode, off, length, fh):
         err = await ops.fallocate(ino, mode, off, length, fh)
@@ -623,7 +620,6 @@ def install_fallocate(shim, ops: Operations, nursery) -> bool:
         except Exception:
             reply_err(req, errno.EIO)
 
-    ops._fallocate_cb = on_fallocate      # keep the callback alive
-    shim.fusearray_set_fallocate(on_fallocate)
-    return bool(shim.fusearray_shim_installed())
+    shim.set_fallocate(on_fallocate)        # which keeps it alive
+    return shim.installed()
 

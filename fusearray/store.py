@@ -66,15 +66,11 @@ MAPS_MAX = 64             # segment files kept mapped for reads
 ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
 
 
-try:
-    from ._fuseshim import xor_into as _xor_into
-except ImportError:          # the extension is not built: pure Python
-    _xor_into = None
-try:
-    from ._fuseshim import hash128_many as _hash128_many
-    from ._fuseshim import verify_mapped as _verify_mapped
-except ImportError:          # built without libxxhash-dev: python-xxhash, GIL held
-    _hash128_many = _verify_mapped = None      # and no reads from mapped files
+# None when not available (see fusearray.native): pure-Python XOR; hashing
+# by python-xxhash with the GIL held; no reads from mapped files
+from .native import hash128_many as _hash128_many
+from .native import verify_mapped as _verify_mapped
+from .native import xor_into as _xor_into
 
 
 _SCRATCH = threading.local()

@@ -51,10 +51,9 @@ import trio
 from . import ctl, transport
 from .errors import ArrayError, invalid
 
-try:
-    from ._fuseshim import map_stream as _map_stream, populate as _populate
-except ImportError:         # built without xxhash.h: the stream is read
-    _map_stream = _populate = None
+# None when not available (see fusearray.native): the stream is read
+from .native import map_stream as _map_stream
+from .native import populate as _populate
 
 log = logging.getLogger("fusearray")
 

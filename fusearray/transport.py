@@ -49,11 +49,9 @@ MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
 U64 = struct.Struct("<Q")
 log = logging.getLogger("fusearray")
-try:
-    from ._fuseshim import hash64_many as _shim_hash64_many
-    from ._fuseshim import hash64_128_many as _shim_hash64_128_many
-except ImportError:         # built without xxhash.h: python-xxhash, GIL held
-    _shim_hash64_many = _shim_hash64_128_many = None
+# None when not available (see fusearray.native): python-xxhash, GIL held
+from .native import hash64_128_many as _shim_hash64_128_many
+from .native import hash64_many as _shim_hash64_many
 FORMAT = 2
 EXPORT_BATCH = 64
 IMPORT_BATCH = 16 << 20

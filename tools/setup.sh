@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything fusearray needs on a Debian machine, as root:
-# system packages, a venv in .venv, and the package (with its libfuse shim).
+# system packages, a venv in .venv, and the package with its two optional
+# native modules (the libfuse interposer, the accelerators: fusearray.native).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/python -c 'import fusearray._fuseshim, pyfuse3, trio, xxhash' \
+.venv/bin/python -c 'import fusearray.native, pyfuse3, trio, xxhash' \
   || { echo "setup: the package did not install correctly" >&2; exit 1; }
+# what of the native layer is built and usable (a failed native build is not
+# fatal: the Python fallbacks run; the first CI leg's tests require it)
+.venv/bin/python -m fusearray.native --load
 echo "setup: ready (.venv/bin/fusearray)"
