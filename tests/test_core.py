@@ -8,7 +8,7 @@ import random
 import pytest
 import trio
 
-from fusearray import ZERO_ID, fsck, maps
+from fusearray import ZERO_ID, fsck, maps, native
 from fusearray.array import Array, init_array
 from fusearray.errors import ArrayError, ChecksumError
 from fusearray.store import Disk, Hasher, Pack
@@ -82,6 +82,15 @@ def test_spares_cover_a_gc_burst_and_extra_ones_go_when_idle(tmp_path):
     pack.close_blocking()
 
 
+def no_mapped_reads(pack, bids, locs, datas) -> None:
+    """FUSEARRAY_NATIVE=0 (no verify_mapped): every block fails the mapped
+    check untouched (None) and the ordinary read returns it right."""
+    assert pack.mapped_blocks(bids, locs) == [None] * len(bids)
+    for bid, loc, data in zip(bids, locs, datas):
+        assert pack.read_blocking(bid, loc) == data
+    pack.close_blocking()
+
+
 def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tmp_path):
     """Large reads take blocks straight from the segment files, mapped, and
     check them there (Pack.mapped_blocks). A byte flipped on disk fails
@@ -96,6 +105,8 @@ def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tm
     datas = [rng.randbytes(64 << 10) for _ in range(24)]
     bids = [h.block_id(d) for d in datas]
     locs = pack.append_blocking(list(zip(bids, datas)))
+    if not native.ENABLED:
+        return no_mapped_reads(pack, bids, locs, datas)
     seq = locs[0][0]
     views = pack.mapped_blocks(bids, locs)
     assert [bytes(v) for v in views] == datas
@@ -159,6 +170,8 @@ def test_mapped_reads_on_a_disk_leave_pages_not_in_memory_to_the_ordinary_read(t
     bids = [h.block_id(d) for d in datas]
     locs = pack.append_blocking(list(zip(bids, datas)))
     pack.sync_blocking()
+    if not native.ENABLED:
+        return no_mapped_reads(pack, bids, locs, datas)
     path = pack.disk.seg_path(locs[0][0])
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -194,6 +207,8 @@ def test_raid5_mapped_reads_hash_a_block_in_pieces_across_the_disks(tmp_path):
              for _ in range(40)]
     bids = [h.block_id(d) for d in datas]
     locs = pack.append_blocking(list(zip(bids, datas)))
+    if not native.ENABLED:
+        return no_mapped_reads(pack, bids, locs, datas)
     seq = locs[0][0]
 
     def on(i):          # the disks block i has a piece on
@@ -1213,6 +1228,9 @@ async def test_a_mapped_stream_file_cut_short_mid_import_fails_it_as_damaged(tmp
             source = streamsock._map_source(fd)
         finally:
             os.close(fd)            # the mapping does not need it
+        if not native.ENABLED:      # FUSEARRAY_NATIVE=0: no map_stream, the file is read
+            assert source is None, "a stream file was mapped with the native layer off"
+            return
         assert source is not None, "a regular file of 24 MiB was not mapped"
         whole = memoryview(source[0])
         imp = transport.start_import(b, "")
