@@ -25,7 +25,6 @@ collaborators, each the one owner of its state and given what it needs
 The fs and ctl layers call the Array's public methods, which delegate.
 """
 import collections
-import contextlib
 import errno
 import fcntl
 import json
@@ -658,7 +657,7 @@ class Array:
             pack = vol.pack
             todo = [(bid, pack.lookup(bid), dst) for dst, bid in items]
             if in_thread:
-                with self._reading(pack, [loc[0] for _, loc, _ in todo if loc is not None]):
+                with pack.reading([loc[0] for _, loc, _ in todo if loc is not None]):
                     missed = await trio.to_thread.run_sync(pack.read_many_into_nowait, todo)
             else:
                 missed = pack.read_many_into_nowait(todo)
@@ -693,7 +692,7 @@ class Array:
             else:
                 return out
         try:
-            with self._reading(pack, [loc[0] for loc in locs]):
+            with pack.reading([loc[0] for loc in locs]):
                 return await trio.to_thread.run_sync(_read_many, pack, bids, locs)
         except ChecksumError as e:
             self.drain_notes()
@@ -707,23 +706,6 @@ class Array:
         finally:
             if pack.notes:
                 self.drain_notes()
-
-    @contextlib.contextmanager
-    def _reading(self, pack: Pack, segs):
-        """Segments a worker thread reads: none is closed (retired by GC)
-        until the read is over."""
-        for s in segs:
-            pack.inflight[s] = pack.inflight.get(s, 0) + 1
-        try:
-            yield
-        finally:
-            for s in segs:
-                pack.inflight[s] -= 1
-                if not pack.inflight[s]:
-                    del pack.inflight[s]
-                    if s in pack.retired:
-                        pack.retired.discard(s)
-                        pack.close_segment_blocking(s)
 
     def loader(self, vol: Volume):
         async def load(nid):
@@ -1074,10 +1056,8 @@ class Array:
         recycled (or deleted while a read is still in flight on them)."""
         for pack in self.packs.values():
             for seg in pack.dead_segments():
-                pack.forget_segment(seg)
-                if pack.inflight.get(seg):
+                if pack.drop_dead_segment(seg):     # being read: closed after the read
                     await trio.to_thread.run_sync(pack.unlink_segment_blocking, seg)
-                    pack.retired.add(seg)
                 else:
                     reuse = pack.free_bytes() > 8 * pack.reserve   # never on a full pack
                     await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)

@@ -10,10 +10,7 @@ Invariants:
 5. (`verify_data`) every reachable block reads back matching its hash;
 6. each volume's `allocated` equals its non-zero map entries.
 """
-import os
-
 from . import ZERO_ID, maps
-from .store import HDR
 
 
 async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
@@ -43,25 +40,11 @@ async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
     blocks = 0
     for name, pack in array.packs.items():
         if strict:
-            leaked = [b for b in pack.index if b not in live[name]]
+            leaked = [b for b in pack.block_ids() if b not in live[name]]
             if leaked:
                 problems.append(f"pack {name}: {len(leaked)} index entries are not "
                                 "referenced by any volume")
-        sums: dict = {}
-        for bid, (seg, off, length) in pack.index.items():
-            sums[seg] = sums.get(seg, 0) + length + HDR.size
-            size = pack.seg_size.get(seg)
-            if size is None or off + length > size:
-                problems.append(f"pack {name}: block {bid.hex()} lies past the end "
-                                f"of segment {seg}")
-        for seg, total in sums.items():
-            if pack.seg_live.get(seg, 0) != total:
-                problems.append(f"pack {name}: segment {seg} live bytes "
-                                f"{pack.seg_live.get(seg)} != {total}")
-            for d in pack.disks:
-                if d.state == "online" and not os.path.exists(d.seg_path(seg)):
-                    problems.append(f"pack {name}: segment file {seg} is missing on "
-                                    f"disk {d.idx}")
+        problems += pack.index_problems()
         if verify_data:
             for bid in live[name]:
                 loc = pack.lookup(bid)
@@ -70,6 +53,6 @@ async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
                         await array._read_locs(pack, [bid], [loc])
                     except Exception as e:
                         problems.append(f"pack {name}: {e}")
-        blocks += len(pack.index)
+        blocks += len(pack.block_ids())
     return {"problems": problems, "blocks": blocks,
             "live": sum(len(s) for s in live.values())}

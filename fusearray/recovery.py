@@ -170,9 +170,7 @@ class Recovery:
                           "rebuild a replacement; its data is lost")
         async with self.lock:
             old_path = d.path
-            with pack._lock:
-                for key in [k for k in pack.fds if k[0] == d.idx]:
-                    os.close(pack.fds.pop(key))
+            pack.close_disk_files(d)
             d.path, d.state, d.since, d.errors = path, "stale", 0, 0
             await trio.to_thread.run_sync(os.makedirs, os.path.join(path, "segments"))
             job = self.runner.new("replace", [])

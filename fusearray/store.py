@@ -34,6 +34,7 @@ lost, and from then on every sync fails (nothing more is committed, so a
 restart returns to the last durable state).
 """
 import bisect
+import contextlib
 import errno
 import json
 import mmap
@@ -402,12 +403,7 @@ class Pack:
         # what it holds but never fsynced may be gone: a rebuild starts there
         d.since = min([self.active_seq] + [k[1] for k in self._unsynced if k[0] == d.idx]
                       + list(self._new_segs.pop(d.idx, ())))
-        with self._lock:
-            for key in [k for k in self.fds if k[0] == d.idx]:
-                try:
-                    os.close(self._pop_fd(key))
-                except OSError:
-                    pass
+        self.close_disk_files(d)
         what = {"degraded": "data is still readable (redundancy lost)",
                 "failed": "some data can no longer be read"}.get(self.state, "")
         self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) is {state}: {why}; "
@@ -433,6 +429,17 @@ class Pack:
         if self.layout == "raid5":
             return others == len(self.disks) - 1
         return False
+
+    def close_disk_files(self, d: Disk) -> None:
+        """Close disk `d`'s segment files (and drop their mappings): it
+        left the pack, or is being replaced. Any thread."""
+        with self._lock:
+            fds = [self._pop_fd(key) for key in [k for k in self.fds if k[0] == d.idx]]
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # ---- open / close (blocking) -------------------------------------
     def open_blocking(self, rows, array_uuid: str | None = None) -> list[int]:
@@ -489,9 +496,7 @@ class Pack:
                 self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) lacks "
                           f"{len(lacking)} segment file(s): it is stale; run "
                           f"`recover {self.name}`")
-                with self._lock:
-                    for key in [k for k in self.fds if k[0] == d.idx]:
-                        os.close(self._pop_fd(key))
+                self.close_disk_files(d)
         self.refresh_space_blocking()
         cap = self.capacity_bytes()
         if cap:   # small packs get small segments, so garbage frees space sooner
@@ -1317,6 +1322,39 @@ class Pack:
                     repaired += 1
         return repaired, lost
 
+    # ---- the reading guard (trio thread) -----------------------------------
+    @contextlib.contextmanager
+    def reading(self, segs):
+        """Segments a worker thread reads inside this block: none of their
+        files is closed until the read is over (a dead segment retired
+        meanwhile is closed when its last reader leaves). Entered and left
+        on the trio thread."""
+        segs = list(segs)
+        for s in segs:
+            self.inflight[s] = self.inflight.get(s, 0) + 1
+        try:
+            yield
+        finally:
+            for s in segs:
+                self.inflight[s] -= 1
+                if not self.inflight[s]:
+                    del self.inflight[s]
+                    if s in self.retired:
+                        self.retired.discard(s)
+                        self.close_segment_blocking(s)
+
+    def drop_dead_segment(self, seq: int) -> bool:
+        """Trio thread, after the commit that dropped a dead segment's
+        entries: forget it. True when a read is still in flight on it: then
+        the caller unlinks it now (unlink_segment_blocking) and its fds are
+        closed when the last reader leaves; False: the caller retires it
+        (retire_blocking)."""
+        self.forget_segment(seq)
+        if self.inflight.get(seq):
+            self.retired.add(seq)
+            return True
+        return False
+
     # ---- index (trio thread) -------------------------------------------
     def lookup(self, bid: bytes):
         return self.index.get(bid)
@@ -1382,6 +1420,33 @@ class Pack:
     def forget_segment(self, seq: int) -> None:
         self.seg_live.pop(seq, None)
         self.seg_size.pop(seq, None)
+
+    def block_ids(self):
+        """The ids in the index (trio thread; a live view)."""
+        return self.index.keys()
+
+    def index_problems(self) -> list[str]:
+        """Check the index against the accounting (fsck's invariants 3 and
+        4): each segment's live-byte count is the sum over its entries, no
+        entry lies past its segment's end, every online disk has the file
+        of each indexed segment."""
+        problems = []
+        sums: dict = {}
+        for bid, (seg, off, length) in self.index.items():
+            sums[seg] = sums.get(seg, 0) + length + HDR.size
+            size = self.seg_size.get(seg)
+            if size is None or off + length > size:
+                problems.append(f"pack {self.name}: block {bid.hex()} lies past the end "
+                                f"of segment {seg}")
+        for seg, total in sums.items():
+            if self.seg_live.get(seg, 0) != total:
+                problems.append(f"pack {self.name}: segment {seg} live bytes "
+                                f"{self.seg_live.get(seg)} != {total}")
+            for d in self.disks:
+                if d.state == "online" and not os.path.exists(d.seg_path(seg)):
+                    problems.append(f"pack {self.name}: segment file {seg} is missing on "
+                                    f"disk {d.idx}")
+        return problems
 
     # ---- accounting ------------------------------------------------------
     def data_bytes(self) -> int:
