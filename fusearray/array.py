@@ -24,7 +24,6 @@ collaborators, each the one owner of its state and given what it needs
 - `recovery` (recovery.Recovery): recover, replace, scrub jobs.
 The fs and ctl layers call the Array's public methods, which delegate.
 """
-import collections
 import errno
 import fcntl
 import json
@@ -39,13 +38,14 @@ import trio
 
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
 from .catalogue import Catalogue, Changes
-from .events import EVENTS_KEPT, NOISE_KEPT, EventLog, Limiter, clean
+from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
 from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
 from .perms import FILE_MODE, private_dir, tighten
 from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
 from .jobs import JobRunner
 from .namespace import Namespace
+from .reader import BlockReader, NodeCache
 from .recovery import Recovery
 from .shadows import Shadows
 from .volume import BlockCache, Volume
@@ -54,7 +54,6 @@ log = logging.getLogger("fusearray")
 
 ARRAY_FILE = "array.json"
 CATALOGUE_FILE = "catalogue.db"
-EVENT_JOURNAL = "events.journal"     # events.journal.N: events not yet in the catalogue
 JOB_JOURNAL = "jobs.journal"         # job changes not yet in the catalogue (jobs.JobJournal)
 LOCK_FILE = "lock"
 CRASH_FILE = "crash.json"            # what the last daemon died of (daemon.py writes it)
@@ -75,8 +74,6 @@ FLUSH_BATCH = 16 << 20
 RECLAIM_RATIO = 0.95
 #: A full or failed pack's dirty blocks are retried this often.
 FLUSH_RETRY = 3.0
-#: Reads up to this size try the page cache on the loop before a thread.
-NOWAIT_MAX = 1 << 20
 
 
 def _bs_ok(bs: int) -> bool:
@@ -213,19 +210,6 @@ def read_config(path: str) -> dict:
     return conf
 
 
-class NodeCache(collections.OrderedDict):
-    """Map nodes by id (immutable), bounded, oldest inserted evicted."""
-
-    def __init__(self, limit_bytes: int):
-        super().__init__()
-        self.limit = max(limit_bytes // maps.NODE_SIZE, 64)
-
-    def add(self, nid: bytes, data: bytes) -> None:
-        self[nid] = data
-        if len(self) > self.limit:
-            self.popitem(last=False)
-
-
 class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE):
         self.path = os.path.abspath(path)
@@ -236,8 +220,9 @@ class Array:
         self.cache = BlockCache(cache_size)
         self.nodes = NodeCache(max(64 << 20, min(cache_size // 4, 512 << 20)))
         self.packs: dict[str, Pack] = {}
-        self.events = EventLog()                 # what ctl/events shows (see events.py)
-        self.event_limiter = Limiter()          # rate limits of events users cause at will
+        self.journal = EventJournal(self.path)   # events: logged, shown, journaled (events.py)
+        self.events = self.journal.log           # what ctl/events shows
+        self.reader = BlockReader(self.nodes, self.journal.event, self.drain_notes)
         self.durable_seq = 0      # every write up to this one (any volume) is durable
         self.started = time.time()
         self._lock = trio.Lock()
@@ -253,11 +238,6 @@ class Array:
         self._last_gc = 0.0
         self._lockfd = None
         self._open_infos: list = []              # (level, message) found while opening
-        self._event_seq = 0
-        self._journal_no = 0                     # events.journal.N being appended
-        self._journal_fd = None
-        self._journal_next = None                # N+1, opened ahead for the rotation
-        self._journal_ready = False              # replayed: events.journal.N is ours
         self.catalogue: Catalogue | None = None
         self.fatal: BaseException | None = None
         self._dirty_jobs: set = set()
@@ -269,7 +249,7 @@ class Array:
         # ---- the collaborators (each given what it needs, none the Array) ----
         self.writeback = _WriteBackNames(self)
         self.collector = _CollectorNames(self)
-        self.runner = JobRunner(os.path.join(self.path, JOB_JOURNAL), event=self.event,
+        self.runner = JobRunner(os.path.join(self.path, JOB_JOURNAL), event=self.journal.event,
                                 mark_dirty=self.writeback.mark_job)
         self.ns = Namespace(self.conf["uuid"], self.conf["vendor"],
                             make_volume=self._make_volume,
@@ -281,18 +261,22 @@ class Array:
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
         self.jobs = self.runner.jobs
         self.shadows = Shadows(self.ns, self.runner, wb=self.writeback,
-                               collector=self.collector, read_locs=self._read_locs,
-                               loader=self.loader, pack=self.pack, event=self.event,
+                               collector=self.collector, read_locs=self.reader.read_locs,
+                               loader=self.reader.loader, pack=self.pack, event=self.journal.event,
                                notify=lambda vol: self.notify(vol),
                                store_hashed=_store_hashed, collision=_Collision)
         self.recovery = Recovery(self.conf["uuid"], packs=self.packs, pack=self.pack,
                                  runner=self.runner, lock=self._lock,
-                                 commit=self._commit, event=self.event,
+                                 commit=self._commit, event=self.journal.event,
                                  drain_notes=self.drain_notes,
                                  check_new_disks=self.check_new_disks)
 
     def _make_volume(self, row: dict, pack: Pack, source: Pack | None) -> Volume:
-        return Volume(self, row, pack, source)
+        """A Volume of catalogue row `row`, wired to the cache, the reader
+        and write admission (the Array's admit/pack_writable until the
+        write-back owns them)."""
+        return Volume(row, pack, cache=self.cache, reader=self.reader, admission=self,
+                      source=source)
 
     # the counters the commit persists (the namespace's and the runner's)
     @property
@@ -365,22 +349,7 @@ class Array:
         """The daemon is dying of an unexpected error: an event, written to
         the events journal even after `close` (the next open puts it in the
         catalogue), and to the log."""
-        t = time.time()
-        message = clean(message)
-        self.events.append((self._event_seq + 1, t, "error", message))
-        log.error("%s", message)
-        line = (json.dumps([t, "error", message, 0]) + "\n").encode()
-        try:
-            if self._journal_fd is not None:
-                os.write(self._journal_fd, line)
-            elif self._journal_ready:           # closed already: its journal still counts
-                fd = self._open_journal(self._journal_no)
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
-        except OSError:
-            pass
+        self.journal.record_death(message)
 
     def _open_blocking(self):
         self._take_lock()
@@ -410,13 +379,14 @@ class Array:
         self._tighten_modes(cat)
         notes += self.previous_session
         rows = cat.volumes()
-        replayed = self._replay_event_journals(cat, int(meta.get("events_journal", 0)))
+        replayed = self.journal.recover_blocking(
+            int(meta.get("events_journal", 0)),
+            lambda events, n: cat.commit_blocking(Changes(events=events,
+                                                          meta={"events_journal": n})))
         if replayed:
             notes.append(f"recovered {replayed} event(s) logged after the last commit "
                          "of the previous session")
-        for seq, t, level, msg, noise in cat.events(EVENTS_KEPT, NOISE_KEPT):
-            self.events.append((seq, t, level, msg), noise)
-            self._event_seq = max(self._event_seq, seq)
+        self.journal.load(cat.events(EVENTS_KEPT, NOISE_KEPT))
         self._set_rows = cat.sets()
         return rows, notes
 
@@ -439,70 +409,6 @@ class Array:
             self._open_infos.append(("info", f"restricted {len(changed)} file(s) and "
                                      f"directories of the array to their owner (they were "
                                      f"readable by other users): {shown}{more}"))
-
-    def _journal_path(self, n: int) -> str:
-        return os.path.join(self.path, f"{EVENT_JOURNAL}.{n}")
-
-    def _replay_event_journals(self, cat: Catalogue, done: int) -> int:
-        """Events reach the catalogue at a commit; in between they are
-        appended to a journal file, so a SIGKILL loses none. Journals
-        numbered `done` or above are not in the catalogue yet: insert their
-        events (a torn last line is skipped), then start a new journal."""
-        nums = []
-        for fn in os.listdir(self.path):
-            head, _, tail = fn.rpartition(".")
-            if head == EVENT_JOURNAL and tail.isdigit():
-                nums.append(int(tail))
-        events = []
-        for n in sorted(x for x in nums if x >= done):
-            with open(self._journal_path(n), "rb") as f:
-                for line in f:
-                    try:
-                        t, level, msg, *noise = json.loads(line)
-                        events.append((float(t), str(level), str(msg), int(bool(noise and noise[0]))))
-                    except (ValueError, TypeError):
-                        continue
-        self._journal_no = max(nums + [done - 1]) + 1
-        if events or nums:
-            cat.commit_blocking(Changes(events=events,
-                                        meta={"events_journal": self._journal_no}))
-        for n in nums:
-            os.unlink(self._journal_path(n))
-        self._journal_fd = self._open_journal(self._journal_no)
-        self._journal_ready = True
-        self._journal_next = self._open_journal(self._journal_no + 1)
-        return len(events)
-
-    def _open_journal(self, n: int) -> int:
-        return os.open(self._journal_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                       FILE_MODE)
-
-    def _rotate_event_journal(self):
-        """At a commit that carries events: later events go to the next
-        journal, opened ahead (no file system call on the loop). Returns
-        (number, fd) of the old one, which _retire_journal_blocking closes
-        and deletes once the commit is in."""
-        if self._journal_fd is None:
-            return None
-        old = (self._journal_no, self._journal_fd)
-        nxt = self._journal_next
-        if nxt is None:              # rare: opening it ahead failed
-            try:
-                nxt = self._open_journal(self._journal_no + 1)
-            except OSError:
-                nxt = None           # journaling stops; the catalogue still gets events
-        self._journal_fd, self._journal_next = nxt, None
-        self._journal_no += 1
-        return old
-
-    def _retire_journal_blocking(self, n: int, fd: int):
-        """Worker thread: the old journal goes; the one after next opens."""
-        os.close(fd)
-        try:
-            _unlink_quietly(self._journal_path(n))
-            return self._open_journal(n + 2)
-        except OSError:
-            return None
 
     async def open(self, nursery) -> None:
         rows, notes = await trio.to_thread.run_sync(self._open_blocking)
@@ -547,10 +453,7 @@ class Array:
             if self.catalogue is not None:
                 self.catalogue.close()
                 self.catalogue = None
-            for fd in (self._journal_fd, self._journal_next):
-                if fd is not None:
-                    os.close(fd)
-            self._journal_fd = self._journal_next = None
+            self.journal.close()
             self.runner.close()
             if self._lockfd is not None:
                 _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
@@ -561,111 +464,12 @@ class Array:
 
     # ---- events ----------------------------------------------------------------
     def event(self, level: str, message: str, source: str | None = None) -> None:
-        """Log an event (one printable line: see events.clean). `source`
-        names who caused it when a user can cause it at will (a refused
-        command: `refused ctl/create uid 1000`): such events are
-        rate-limited per source, one summary says how many were
-        suppressed, and they are kept apart so they never push others out."""
-        if source is not None:
-            self._event_summaries(source)
-            if not self.event_limiter.allow(source):
-                return
-        self._log_event(level, clean(message), source is not None)
+        """Log an event: EventJournal.event (collaborators are given
+        `journal.event` itself)."""
+        self.journal.event(level, message, source)
 
     def flush_event_summaries(self) -> None:
-        """The summaries of sources that suppressed events and went quiet."""
-        self._event_summaries(None)
-
-    def _event_summaries(self, source: str | None) -> None:
-        for src, n, since in self.event_limiter.summaries(source):
-            self._log_event("warning", clean(f"{n} similar event(s) suppressed since "
-                                             f"{time.strftime('%H:%M:%SZ', time.gmtime(since))}"
-                                             f" (rate limit): {src}"), True)
-
-    def _log_event(self, level: str, message: str, noise: bool) -> None:
-        t = time.time()
-        self._event_seq += 1
-        self.events.append((self._event_seq, t, level, message), noise)
-        self._pending.events.append((t, level, message, int(noise)))
-        getattr(log, "info" if level == "info" else "warning")(message)
-        if self._journal_fd is not None:     # a line in the page cache: survives SIGKILL
-            try:
-                os.write(self._journal_fd,
-                         (json.dumps([t, level, message, int(noise)]) + "\n").encode())
-            except OSError:
-                pass         # the daemon log has it; the catalogue gets it at the commit
-
-    # ---- the data path helpers used by volumes ---------------------------------
-    async def load_node(self, vol: Volume, nid: bytes) -> bytes:
-        node = self.nodes.get(nid)
-        if node is not None:
-            return node
-        pack, loc = self._locate(vol, nid)
-        if loc is None:
-            raise self._lost(vol.pack, f"map node {nid.hex()} of {vol.path} is not in "
-                             f"pack {vol.pack.name}")
-        node = bytes((await self._read_locs(pack, [nid], [loc]))[0])
-        self.nodes.add(nid, node)
-        return node
-
-    @staticmethod
-    def _locate(vol: Volume, bid: bytes):
-        """(pack, location) of a block of `vol`: its own pack, or while a
-        copy is in progress, the source pack."""
-        loc = vol.pack.lookup(bid)
-        if loc is not None or vol.source is None:
-            return vol.pack, loc
-        return vol.source, vol.source.lookup(bid)
-
-    async def read_blocks(self, vol: Volume, bids: list) -> list:
-        if vol.source is None:
-            pack = vol.pack
-            locs = []
-            for b in bids:
-                loc = pack.lookup(b)
-                if loc is None:
-                    raise self._lost(pack, f"block {b.hex()} of {vol.path} is not in "
-                                     f"pack {pack.name}")
-                locs.append(loc)
-            return await self._read_locs(pack, bids, locs)
-        out = []
-        for b in bids:
-            pack, loc = self._locate(vol, b)
-            if loc is None:
-                raise self._lost(vol.pack, f"block {b.hex()} of {vol.path} is in neither "
-                                 f"pack {vol.pack.name} nor {vol.source.name}")
-            out.extend(await self._read_locs(pack, [b], [loc]))
-        return out
-
-    def mapped_blocks(self, vol: Volume, bids: list) -> list:
-        """Views of the blocks `bids` of `vol` where they lie in the pack's
-        mapped segment files, verified there, or None for each the pack
-        cannot serve so (see Pack.mapped_blocks); no I/O wait, no copy."""
-        if vol.source is not None:
-            return [None] * len(bids)
-        pack = vol.pack
-        return pack.mapped_blocks(bids, [pack.lookup(b) for b in bids])
-
-    async def read_into(self, vol: Volume, items, in_thread: bool = False) -> None:
-        """Fill each (dst, id) of `items`, dst a memoryview of the block's
-        length: from the page cache straight into dst where the pack allows
-        (verified there), the rest through read_blocks in one batch.
-        `in_thread`: the page-cache reads run in a worker thread (a big
-        batch, e.g. an export's, while the trio thread goes on)."""
-        rest = items
-        if vol.source is None:
-            pack = vol.pack
-            todo = [(bid, pack.lookup(bid), dst) for dst, bid in items]
-            if in_thread:
-                with pack.reading([loc[0] for _, loc, _ in todo if loc is not None]):
-                    missed = await trio.to_thread.run_sync(pack.read_many_into_nowait, todo)
-            else:
-                missed = pack.read_many_into_nowait(todo)
-            rest = [(dst, bid) for bid, _, dst in missed]
-        if rest:
-            datas = await self.read_blocks(vol, [bid for _, bid in rest])
-            for (dst, _), data in zip(rest, datas):
-                dst[:] = data
+        self.journal.flush_summaries()
 
     def drain_notes(self) -> None:
         """Pack messages from worker threads -> events."""
@@ -674,43 +478,6 @@ class Array:
                 level, msg = pack.notes.pop(0)
                 self.event(level, msg)
                 self._meta_changed = True
-
-    def _lost(self, pack: Pack, what: str) -> ArrayError:
-        msg = (f"{what}: data lost; run `fusearray -m MNT scrub {pack.name}` "
-               "and restore the LUN from a shadow copy")
-        self.event("error", msg)
-        return ioerror(msg)
-
-    async def _read_locs(self, pack: Pack, bids, locs) -> list:
-        if sum(loc[2] for loc in locs) <= NOWAIT_MAX:
-            out = []
-            for b, loc in zip(bids, locs):
-                data = pack.read_nowait(b, loc)
-                if data is None:
-                    break
-                out.append(data)
-            else:
-                return out
-        try:
-            with pack.reading([loc[0] for loc in locs]):
-                return await trio.to_thread.run_sync(_read_many, pack, bids, locs)
-        except ChecksumError as e:
-            self.drain_notes()
-            msg = f"read error in pack {pack.name}: {e}; the read failed with EIO"
-            self.event("error", msg)
-            raise ioerror(msg) from None
-        except OSError as e:
-            msg = f"I/O error reading pack {pack.name}: {e}"
-            self.event("error", msg)
-            raise ioerror(msg) from None
-        finally:
-            if pack.notes:
-                self.drain_notes()
-
-    def loader(self, vol: Volume):
-        async def load(nid):
-            return await self.load_node(vol, nid)
-        return load
 
     # ---- committer ---------------------------------------------------------------
     async def _committer(self) -> None:
@@ -801,6 +568,7 @@ class Array:
 
     def _needs_commit(self) -> bool:
         return bool(self.cache.dirty or self._dirty_rows or not self._pending.empty()
+                    or self.journal.uncommitted
                     or self._dirty_jobs or self._meta_changed
                     or any(v.overlay for v in self.volumes.values())
                     or any(p.pending_add or p.pending_del for p in self.packs.values()))
@@ -941,7 +709,7 @@ class Array:
                 check.append((pack, bid, loc, data))
         if check:
             for pack, bid, loc, data in check:
-                old = (await self._read_locs(pack, [bid], [loc]))[0]
+                old = (await self.reader.read_locs(pack, [bid], [loc]))[0]
                 if old != data:
                     msg = (f"hash collision in pack {pack.name} on id {bid.hex()}: "
                            "two different blocks share a content id; the write "
@@ -977,7 +745,7 @@ class Array:
                 root = maps.grow(root, height, need, emit, self.hasher)
                 height = need
             stats: dict = {}
-            root, delta = await maps.apply(root, height, merged, self.loader(vol),
+            root, delta = await maps.apply(root, height, merged, self.reader.loader(vol),
                                            emit, self.hasher, stats)
             await self._store_new([(vol.pack, nid, data) for nid, data in new_nodes], True)
             vol.root, vol.height = root, height
@@ -1013,9 +781,9 @@ class Array:
             for bid, loc in moved:    # written again after a failed fsync
                 pack.add(bid, loc)
         ch, self._pending = self._pending, Changes()
-        journal = self._rotate_event_journal() if ch.events else None
+        ch.events, journal = self.journal.take()
         if journal is not None:
-            ch.meta["events_journal"] = journal[0] + 1   # journals below are in the catalogue
+            ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
         for pack in self.packs.values():
             adds, dels = pack.take_pending()
             if adds:
@@ -1040,8 +808,7 @@ class Array:
             raise ioerror(f"catalogue commit failed: {e}; the array stopped "
                           "accepting changes, remount it") from None
         if journal is not None:
-            self._journal_next = await trio.to_thread.run_sync(
-                self._retire_journal_blocking, *journal)
+            await self.journal.retire(journal)
         if self.job_journal is not None:
             self.job_journal.committed(noted)
         if flush:       # every overlay was merged: what is not dirty is committed
@@ -1354,7 +1121,7 @@ class Array:
         for seg in pack.sparse_segments(ratio):
             entries = pack.entries_in(seg)
             bids = [b for b, _ in entries]
-            datas = await self._read_locs(pack, bids, [loc for _, loc in entries])
+            datas = await self.reader.read_locs(pack, bids, [loc for _, loc in entries])
             try:
                 locs = await trio.to_thread.run_sync(pack.append_blocking,
                                                      list(zip(bids, datas)), True)
@@ -1375,23 +1142,23 @@ class Array:
                 if vol.source.name not in live and vol.pack.name not in live:
                     continue
                 mine: set = set(vol.overlay.values())
-                await maps.mark(vol.root, vol.height, self.loader(vol), mine, set())
+                await maps.mark(vol.root, vol.height, self.reader.loader(vol), mine, set())
                 for name in (vol.source.name, vol.pack.name):
                     if name in live:
                         live[name] |= mine
             elif vol.pack.name in live:
-                await maps.mark(vol.root, vol.height, self.loader(vol),
+                await maps.mark(vol.root, vol.height, self.reader.loader(vol),
                                 live[vol.pack.name], seen[vol.pack.name])
                 live[vol.pack.name].update(vol.overlay.values())
         for vol, root, height in list(self._pins):
             if vol.source is not None:     # still copied: in both packs, as above
                 mine = set()
-                await maps.mark(root, height, self.loader(vol), mine, set())
+                await maps.mark(root, height, self.reader.loader(vol), mine, set())
                 for name in (vol.source.name, vol.pack.name):
                     if name in live:
                         live[name] |= mine
             elif vol.pack.name in live:
-                await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
+                await maps.mark(root, height, self.reader.loader(vol), live[vol.pack.name],
                                 seen[vol.pack.name])
         return live, seen
 
@@ -1505,10 +1272,7 @@ class Array:
         bs = vol.block_size
         keep = math.ceil(size / bs)
         if size % bs:
-            e = await vol._entry_for_update(size // bs)
-            if e.buf is not None:
-                e.own()[size % bs:] = bytes(bs - size % bs)
-                self.cache.mark_dirty(e)
+            await vol.zero_tail(size)
         vol.discard_cache(keep)
         await self._flush()
         await self._merge()
@@ -1517,7 +1281,7 @@ class Array:
         def emit(nid, data):
             self.nodes.add(nid, data)
             new_nodes.append((nid, data))
-        root, delta = await maps.trim(vol.root, vol.height, keep, self.loader(vol),
+        root, delta = await maps.trim(vol.root, vol.height, keep, self.reader.loader(vol),
                                       emit, self.hasher)
         await self._store_new([(vol.pack, nid, d) for nid, d in new_nodes])
         vol.root = root
@@ -1650,10 +1414,6 @@ def _per_volume(sizes: dict) -> str:
     return ", ".join(f"{'LUN' if v.kind == 'lun' else 'shadow copy'} {v.path} "
                      f"{human_bytes(n)}"
                      for v, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
-
-
-def _read_many(pack: Pack, bids, locs) -> list:
-    return [pack.read_blocking(b, loc) for b, loc in zip(bids, locs)]
 
 
 class _Collision(Exception):

@@ -13,10 +13,43 @@ flood of them never pushes a real event out of ctl/events or the catalogue.
 - `EventLog`: what ctl/events shows, the newest `EVENTS_KEPT` ordinary
   events and, apart, the newest `NOISE_KEPT` rate-limited ones, merged in
   order. The catalogue keeps the same bounds (catalogue.prune_events).
+- `EventJournal`: the array's event sink (`journal.event(level, message,
+  source=None)`, handed to whoever logs events) and the owner of the
+  events not yet in the catalogue. Each event goes to the EventLog, the
+  daemon log, the list the next commit takes (`take`) and one line of
+  ARRAY/events.journal.N (appended with O_APPEND into the page cache, so a
+  SIGKILL loses none; no fsync: a power loss may). A commit that carries
+  events rotates to events.journal.N+1 (opened ahead: no file system call
+  on the trio thread) and records "events_journal: N+1" in the same
+  transaction; once it is in, `retire` closes and deletes N and opens N+2
+  in a worker thread. The next open (`recover_blocking`) inserts the
+  events of journals at or above the recorded number (a torn last line is
+  skipped) and deletes every journal file.
+
+  Concurrency: the trio thread owns all of it; `recover_blocking` runs in
+  the array's opening worker thread before the loop uses the journal, and
+  `retire`'s blocking part in a worker thread while the loop appends to
+  the next journal (different descriptors). `record_death` may run after
+  `close` (the daemon dying): it appends to the last journal by path.
+  A crash leaves events.journal.N (and maybe N+1, N+2, empty): the next
+  open puts their events in the catalogue; events of a commit that was in
+  are never inserted twice (the recorded number says which are in).
 """
 import collections
 import heapq
+import json
+import logging
+import os
 import time
+
+import trio
+
+from .perms import FILE_MODE
+
+log = logging.getLogger("fusearray")
+
+#: ARRAY/events.journal.N: events not yet in the catalogue.
+EVENT_JOURNAL = "events.journal"
 
 #: Ordinary events kept (in memory, in the catalogue): everything the
 #: array itself says.
@@ -142,3 +175,166 @@ class EventLog:
 
     def __getitem__(self, i):
         return list(self)[i]
+
+
+class EventJournal:
+    """The array's events: logged, shown, journaled until committed (see
+    the module docstring). `path` is the array directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.log = EventLog()              # what ctl/events shows
+        self.limiter = Limiter()           # events users cause at will
+        self.seq = 0                       # the last event's number
+        self.uncommitted: list = []        # (time, level, message, noise) for the next commit
+        self._no = 0                       # events.journal.N being appended
+        self._fd = None
+        self._next = None                  # N+1, opened ahead for the rotation
+        self._ready = False                # recovered: events.journal.N is ours
+        self._retiring: dict = {}          # N -> fd of a rotated journal, until its commit is in
+
+    # ---- logging -----------------------------------------------------------
+    def event(self, level: str, message: str, source: str | None = None) -> None:
+        """Log an event (one printable line: see `clean`). `source` names
+        who caused it when a user can cause it at will (a refused command:
+        `refused ctl/create uid 1000`): such events are rate-limited per
+        source, one summary says how many were suppressed, and they are
+        kept apart so they never push others out."""
+        if source is not None:
+            self._summaries(source)
+            if not self.limiter.allow(source):
+                return
+        self._log(level, clean(message), source is not None)
+
+    def flush_summaries(self) -> None:
+        """The summaries of sources that suppressed events and went quiet."""
+        self._summaries(None)
+
+    def _summaries(self, source: str | None) -> None:
+        for src, n, since in self.limiter.summaries(source):
+            self._log("warning", clean(f"{n} similar event(s) suppressed since "
+                                       f"{time.strftime('%H:%M:%SZ', time.gmtime(since))}"
+                                       f" (rate limit): {src}"), True)
+
+    def _log(self, level: str, message: str, noise: bool) -> None:
+        t = time.time()
+        self.seq += 1
+        self.log.append((self.seq, t, level, message), noise)
+        self.uncommitted.append((t, level, message, int(noise)))
+        getattr(log, "info" if level == "info" else "warning")(message)
+        if self._fd is not None:     # a line in the page cache: survives SIGKILL
+            try:
+                os.write(self._fd, (json.dumps([t, level, message, int(noise)]) + "\n").encode())
+            except OSError:
+                pass         # the daemon log has it; the catalogue gets it at the commit
+
+    def record_death(self, message: str) -> None:
+        """The daemon is dying of an unexpected error: an event, written to
+        the journal even after `close` (the next open puts it in the
+        catalogue), and to the log."""
+        t = time.time()
+        message = clean(message)
+        self.log.append((self.seq + 1, t, "error", message))
+        log.error("%s", message)
+        line = (json.dumps([t, "error", message, 0]) + "\n").encode()
+        try:
+            if self._fd is not None:
+                os.write(self._fd, line)
+            elif self._ready:           # closed already: its journal still counts
+                fd = self._open(self._no)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass
+
+    # ---- open ----------------------------------------------------------------
+    def recover_blocking(self, done: int, store) -> int:
+        """At open, in a worker thread: journals numbered `done` or above
+        hold events not in the catalogue yet: `store(events, n)` inserts
+        them and records `n` as the journal now appended (one catalogue
+        transaction); then every journal file goes and events.journal.n
+        and n+1 are opened. Returns the number of events recovered."""
+        nums = []
+        for fn in os.listdir(self.path):
+            head, _, tail = fn.rpartition(".")
+            if head == EVENT_JOURNAL and tail.isdigit():
+                nums.append(int(tail))
+        events = []
+        for n in sorted(x for x in nums if x >= done):
+            with open(self._path(n), "rb") as f:
+                for line in f:
+                    try:
+                        t, level, msg, *noise = json.loads(line)
+                        events.append((float(t), str(level), str(msg),
+                                       int(bool(noise and noise[0]))))
+                    except (ValueError, TypeError):
+                        continue
+        self._no = max(nums + [done - 1]) + 1
+        if events or nums:
+            store(events, self._no)
+        for n in nums:
+            os.unlink(self._path(n))
+        self._fd = self._open(self._no)
+        self._ready = True
+        self._next = self._open(self._no + 1)
+        return len(events)
+
+    def load(self, rows) -> None:
+        """The catalogue's last events, (seq, time, level, message, noise)
+        oldest first, for ctl/events."""
+        for seq, t, level, msg, noise in rows:
+            self.log.append((seq, t, level, msg), noise)
+            self.seq = max(self.seq, seq)
+
+    # ---- commit --------------------------------------------------------------
+    def take(self):
+        """At a commit: (events, n). `events` go into the commit; if any,
+        later ones go to the next journal and `n` is the number of the old
+        one (record "events_journal: n + 1" in the commit, call `retire(n)`
+        once it is in), else n is None."""
+        events, self.uncommitted = self.uncommitted, []
+        if not events or self._fd is None:
+            return events, None
+        n, fd = self._no, self._fd
+        nxt = self._next
+        if nxt is None:              # rare: opening it ahead failed
+            try:
+                nxt = self._open(self._no + 1)
+            except OSError:
+                nxt = None           # journaling stops; the catalogue still gets events
+        self._fd, self._next = nxt, None
+        self._no += 1
+        self._retiring[n] = fd
+        return events, n
+
+    async def retire(self, n: int) -> None:
+        """The commit of journal `n`'s events is in: close and delete it
+        and open the one after next, in a worker thread."""
+        self._next = await trio.to_thread.run_sync(self._retire_blocking, n,
+                                                   self._retiring.pop(n))
+
+    def _retire_blocking(self, n: int, fd: int):
+        os.close(fd)
+        try:
+            try:
+                os.unlink(self._path(n))
+            except FileNotFoundError:
+                pass
+            return self._open(n + 2)
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        for fd in (self._fd, self._next, *self._retiring.values()):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._next = None
+        self._retiring = {}
+
+    def _path(self, n: int) -> str:
+        return os.path.join(self.path, f"{EVENT_JOURNAL}.{n}")
+
+    def _open(self, n: int) -> int:
+        return os.open(self._path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)

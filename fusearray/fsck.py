@@ -17,7 +17,7 @@ async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
     problems: list[str] = []
     live = {name: set() for name in array.packs}
     for vol in list(array.volumes.values()):
-        load = array.loader(vol)
+        load = array.reader.loader(vol)
         mine: set = set()
         try:
             await maps.mark(vol.root, vol.height, load, mine, set())
@@ -50,7 +50,7 @@ async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
                 loc = pack.lookup(bid)
                 if loc is not None:
                     try:
-                        await array._read_locs(pack, [bid], [loc])
+                        await array.reader.read_locs(pack, [bid], [loc])
                     except Exception as e:
                         problems.append(f"pack {name}: {e}")
         blocks += len(pack.block_ids())

@@ -151,9 +151,10 @@ async def export_stream(array, set_name: str, base_name: str | None = None):
             yield [enc.json(b"V", {"index": i})]
             b = base_vols.get(v.name)
             if _diffable(b, v, height):
-                changes = maps.diff(b.root, root, height, array.loader(b), array.loader(v))
+                load = array.reader.loader
+                changes = maps.diff(b.root, root, height, load(b), load(v))
             else:
-                changes = maps.entries(root, height, array.loader(v))
+                changes = maps.entries(root, height, array.reader.loader(v))
             batch = []
             async for bno, bid in changes:
                 if bno * v.block_size >= v.size:
@@ -330,7 +331,7 @@ async def _encode_batch(array, enc: Encoder, vol, batch) -> list:
             reads.append((tmp, bid))
             short.append((mv[data:data + n], tmp[:n]))
     if reads:       # a worker thread reads (and verifies) while the loop goes on
-        await array.read_into(vol, reads, in_thread=True)
+        await array.reader.read_into(vol, reads, in_thread=True)
     for dst, src in short:
         dst[:] = src
     datas = [mv[off + REC.size + 16:off + REC.size + 16 + n] for _, _, off, n in layout if n]

@@ -6,6 +6,12 @@ A volume's content is, from newest to oldest:
    map (the committer merges them at the next commit);
 3. its map (root, height): the last merged state.
 
+A read goes one way: the volume resolves block numbers to ids (cache,
+overlay, then its map through `maps` with the reader's node cache and
+loader) and has the BlockReader (reader.py) read the stored ones from the
+pack. A volume holds no array: it is built with the mount's BlockCache,
+the reader and write admission (see Volume).
+
 Only the trio thread touches any of this. Code between two awaits is a
 critical section: after every await, state is re-checked (a block may have
 been written, flushed or evicted meanwhile, or the volume's content replaced
@@ -189,10 +195,20 @@ class BlockCache:
 
 class Volume:
     """A LUN or a shadow copy. Identity and flags are plain attributes; the
-    array owns the catalogue row and commits it."""
+    array owns the catalogue row and commits it.
 
-    def __init__(self, array, row: dict, pack, source=None):
-        self.array = array
+    Built with what it uses, never the array: `cache` the mount's
+    BlockCache (`block_cache`; `cache` is this volume's own entries),
+    `reader` the BlockReader its stored blocks and map nodes are read
+    with, `admission` what decides whether a write near a full pack may go
+    on (`await admission.admit(vol, off, end)`, `await
+    admission.pack_writable(pack)`)."""
+
+    def __init__(self, row: dict, pack, *, cache: BlockCache, reader, admission,
+                 source=None):
+        self.block_cache = cache
+        self.reader = reader
+        self.admission = admission
         self.pack = pack
         self.source = source      # Pack still holding blocks this map needs
         self.vid = row["vid"]
@@ -284,11 +300,11 @@ class Volume:
         bid = self.overlay.get(bno)
         if bid is not None:
             return bid
-        return maps.lookup_nowait(self.array.nodes, self.root, self.height, bno)
+        return maps.lookup_nowait(self.reader.nodes, self.root, self.height, bno)
 
     def current_ids_nowait(self, first: int, last: int) -> list:
         """current_id_nowait for the blocks [first, last]."""
-        ids = maps.ids_nowait(self.array.nodes, self.root, self.height, first, last)
+        ids = maps.ids_nowait(self.reader.nodes, self.root, self.height, first, last)
         if self.overlay:
             get = self.overlay.get
             for i in range(len(ids)):
@@ -303,7 +319,7 @@ class Volume:
             if bid is not None:
                 return bid
             root, gen = self.root, self.generation
-            bid = await maps.lookup(root, self.height, bno, self.array.loader(self))
+            bid = await maps.lookup(root, self.height, bno, self.reader.loader(self))
             if root == self.root and gen == self.generation and bno not in self.overlay:
                 return bid
 
@@ -320,7 +336,7 @@ class Volume:
         e = self.cache.get(bno)
         if e is None:
             return None
-        self.array.cache.touch(e)
+        self.block_cache.touch(e)
         lo = off - bno * bs
         return self._zeros[:size] if e.buf is None else e.buf[lo:lo + size]
 
@@ -349,7 +365,7 @@ class Volume:
         if first == last:
             blocks = await self._blocks((first,))
             return [bytes(blocks[0][off - first * bs:end - first * bs])]
-        cache = self.array.cache
+        cache = self.block_cache
         parts: list = []
         direct = []                     # (index in parts, id) of whole blocks to read
         ids = self.current_ids_nowait(first, last)   # valid until the first await
@@ -383,7 +399,7 @@ class Volume:
             # between its check and the reply: while other tasks run, GC
             # may recycle its segment file for new data. After reading the
             # rest (an await), the mapped ones are checked again.
-            views = self.array.mapped_blocks(self, [bid for _, bid in direct])
+            views = self.reader.mapped_blocks(self, [bid for _, bid in direct])
             rest = [(i, bid) for (i, bid), v in zip(direct, views) if v is None]
             if not rest:
                 for (i, _), v in zip(direct, views):
@@ -398,7 +414,7 @@ class Volume:
                 parts[i] = mv[k * bs:(k + 1) * bs]
                 items.append((parts[i], bid))
             del views
-            await self.array.read_into(self, items)
+            await self.reader.read_into(self, items)
         for out in taken:
             _give_buffer(out)      # reused only after pyfuse3 has sent this reply
         if any(type(x) is tuple for x in parts):    # a RAID-5 block in pieces
@@ -406,7 +422,7 @@ class Volume:
         return parts
 
     async def _blocks(self, bnos) -> list:
-        cache = self.array.cache
+        cache = self.block_cache
         out: list = [None] * len(bnos)
         misses = []
         for i, bno in enumerate(bnos):
@@ -424,7 +440,7 @@ class Volume:
                 misses.append((i, bno, bid))
         if misses:
             gen = self.generation
-            datas = await self.array.read_blocks(self, [m[2] for m in misses])
+            datas = await self.reader.read_blocks(self, [m[2] for m in misses])
             for (i, bno, bid), data in zip(misses, datas):
                 out[i] = data
                 if (gen == self.generation and bno not in self.cache
@@ -454,17 +470,17 @@ class Volume:
         if self.frozen is not None:
             await self._gate()
         self._check_writable(off)
-        cache = self.array.cache
+        cache = self.block_cache
         if cache.errors and cache.error_for(self.pack.name) is not None:
             # refused until its unstored blocks are stored: space may be
             # back since (a delete, a punch hole, the host's file system)
-            await self.array.pack_writable(self.pack)
+            await self.admission.pack_writable(self.pack)
         end = min(off + len(buf), self.size)
         bs = self.block_size
         pack = self.pack
         if pack.free_bytes() - pack.reserve - pack.slack - cache.dirty_bytes \
                 < end - off + 2 * bs:
-            await self.array.admit(self, off, end)     # near full: look closer
+            await self.admission.admit(self, off, end)     # near full: look closer
             if self.frozen is not None:
                 await self._gate()
         mv = memoryview(buf)
@@ -517,7 +533,7 @@ class Volume:
                 bid = await self.current_id(bno)
                 data = None
                 if bid != ZERO_ID:
-                    data = (await self.array.read_blocks(self, [bid]))[0]
+                    data = (await self.reader.read_blocks(self, [bid]))[0]
             finally:
                 del self.loading[bno]
                 ev.set()
@@ -525,8 +541,19 @@ class Volume:
                     or self.current_id_nowait(bno) != bid:
                 continue      # written (and maybe flushed and evicted) meanwhile
             e = Entry(self, bno, None if data is None else bytearray(data))
-            self.array.cache.insert_clean(e)
+            self.block_cache.insert_clean(e)
             return e
+
+    async def zero_tail(self, size: int) -> None:
+        """A shrink to `size` bytes: the bytes from `size` to the end of
+        its block become zeros (a later grow reads zeros there)."""
+        bs = self.block_size
+        if not size % bs:
+            return
+        e = await self._entry_for_update(size // bs)
+        if e.buf is not None:
+            e.own()[size % bs:] = bytes(bs - size % bs)
+            self.block_cache.mark_dirty(e)
 
     async def zero(self, off: int, length: int) -> None:
         """Punch a hole / zero a range: whole blocks become ZERO (freed at
@@ -536,7 +563,7 @@ class Volume:
         self._check_writable(off)
         end = min(off + length, self.size)
         bs = self.block_size
-        cache = self.array.cache
+        cache = self.block_cache
         pos = off
         while pos < end:
             bno, boff = divmod(pos, bs)
@@ -562,6 +589,6 @@ class Volume:
         self.generation += 1
         for bno, e in list(self.cache.items()):
             if bno >= from_bno:
-                self.array.cache.drop(e)
+                self.block_cache.drop(e)
         for bno in [b for b in self.overlay if b >= from_bno]:
             del self.overlay[bno]

@@ -642,12 +642,12 @@ async def test_a_mapped_block_is_checked_again_after_any_await_before_the_reply(
                 f.seek(locs[block][1] + 11)
                 f.write(bytes([data[block * bs + 11] ^ 0xA5]))
         flip(1)                  # block 1 fails its mapped check: an ordinary read
-        read_into = a.read_into
+        read_into = a.reader.read_into
 
         async def read_into_while_block_2_changes(*args, **kw):
             flip(2)              # block 2 was checked in place already
             await read_into(*args, **kw)
-        monkeypatch.setattr(a, "read_into", read_into_while_block_2_changes)
+        monkeypatch.setattr(a.reader, "read_into", read_into_while_block_2_changes)
         parts = await vol.read_parts(0, 4 * bs)
         assert b"".join(parts) == data[:4 * bs]
     await with_array(tmp_path / "arr", body)

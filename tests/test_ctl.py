@@ -385,7 +385,7 @@ async def test_events_from_one_source_are_rate_limited_in_process(tmp_path):
                                    f"real {events.EVENTS_KEPT + 9}"]
             noise = [msg for msg in logged if msg.startswith("refused ")]
             assert 0 < len(noise) <= events.BURST + 2 and noise[0] == "refused 0\\x1b"
-            assert a.event_limiter.suppressed_total >= events.EVENTS_KEPT - events.BURST
+            assert a.journal.limiter.suppressed_total >= events.EVENTS_KEPT - events.BURST
         finally:
             await a.close()
             n.cancel_scope.cancel()
