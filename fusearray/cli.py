@@ -23,15 +23,13 @@ import sys
 import threading
 import time
 
-from . import STREAM_SOCKET_XATTR, default_cache_size
+from . import STREAM_SOCKET_XATTR, ctlclient, default_cache_size
+from .ctlclient import VERB_NAMES
 from .errors import ArrayError
 
 DEFAULT_ARRAY = os.path.join(os.environ.get("XDG_DATA_HOME") or
                              os.path.expanduser("~/.local/share"), "fusearray", "default")
 DEFAULT_MOUNT = "/mnt/fusearray"
-VERBS = ("create", "delete", "resize", "snapshot", "resync", "swap", "readonly",
-         "hidden", "addpack", "recover", "replace", "scrub", "cancel", "pause",
-         "resume", "throttle", "sync")
 
 
 class UserError(Exception):
@@ -50,36 +48,17 @@ def mountpoint(args) -> str:
 
 def ctl_call(mnt: str, verb: str, words: list[str]) -> dict:
     """Run one command through ctl/VERB; returns the reply as a dict."""
-    path = os.path.join(mnt, "ctl", verb)
     try:
-        fd = os.open(path, os.O_RDWR)
+        err, pairs = ctlclient.call(mnt, verb, " ".join(words))
     except FileNotFoundError:
         raise UserError(f"this array has no verb {verb!r}") from None
-    try:
-        failed = None
-        try:
-            os.write(fd, (" ".join(words) + "\n").encode())
-        except OSError as e:
-            failed = e
-        reply = b""
-        while chunk := os.read(fd, 65536):
-            reply += chunk
-    finally:
-        os.close(fd)
-    pairs = dict(line.split("=", 1) for line in reply.decode().splitlines() if "=" in line)
-    if failed is not None:
-        msg = pairs.get("message") or os.strerror(failed.errno)
-        raise UserError(f"{msg} [{pairs.get('errno', errno.errorcode.get(failed.errno))}]")
+    if err:
+        raise UserError(str(ctlclient.CtlError(err, pairs, verb)))
     return pairs
 
 
-def read_ctl(mnt: str, name: str) -> str:
-    with open(os.path.join(mnt, "ctl", name)) as f:
-        return f.read()
-
-
-def status_json(mnt: str) -> dict:
-    return json.loads(read_ctl(mnt, "status.json"))
+read_ctl = ctlclient.read_view
+status_json = ctlclient.status
 
 
 # ---- array-side commands ---------------------------------------------------------
@@ -214,10 +193,9 @@ def cmd_jobs(args) -> int:
 
 def read_job(mnt: str, jid: str) -> dict:
     try:
-        text = read_ctl(mnt, os.path.join("jobs", jid))
+        return ctlclient.job(mnt, jid)
     except FileNotFoundError:
         raise UserError(f"no job {jid!r}") from None
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
 def cmd_wait(args) -> int:
@@ -389,8 +367,7 @@ def cmd_export(args) -> int:
         try:
             os.write(fd, (args.set + (f" base={args.base}" if args.base else "") + "\n").encode())
         except OSError as e:
-            reply = os.read(fd, 65536).decode()
-            pairs = dict(l.split("=", 1) for l in reply.splitlines() if "=" in l)
+            pairs = ctlclient.parse_reply(os.read(fd, 65536))
             raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
         out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb",
                                                                opener=_private_opener)
@@ -515,14 +492,12 @@ def cmd_import(args) -> int:
         except OSError as e:
             failed = e
         bar.close()
-        reply = b""
-        while data := os.read(fd, 65536):
-            reply += data
+        reply = ctlclient.read_reply(fd)
     finally:
         os.close(fd)
         if src is not sys.stdin.buffer:
             src.close()
-    pairs = dict(l.split("=", 1) for l in reply.decode().splitlines() if "=" in l)
+    pairs = ctlclient.parse_reply(reply)
     if failed is not None or pairs.get("status") != "ok":
         raise UserError(pairs.get("message") or os.strerror(failed.errno))
     print(f"imported set {pairs['set']} ({pairs.get('blocks', '?')} blocks)")
@@ -675,7 +650,7 @@ def parse_args(argv):
         s = sub.add_parser(name, help=f"{name} a LUN to/from a loop device")
         s.add_argument("lun")
         s.set_defaults(fn=fn)
-    for verb in VERBS:
+    for verb in VERB_NAMES:
         s = sub.add_parser(verb, help=f"ctl/{verb}")
         s.add_argument("words", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_verb, verb=verb)

@@ -220,6 +220,9 @@ def _register_flags():
 
 _register_flags()
 
+#: The verbs, in one place: the CLI's subcommands and the ctl/ files are these.
+VERB_NAMES: tuple[str, ...] = tuple(VERBS)
+
 
 def echo(line) -> str:
     """A command as its event and reply quote it: decoded whatever its
