@@ -1,0 +1,294 @@
+"""fusearray benchmark: the same workloads on three targets, in one run.
+
+Targets:
+  tmpfs      a file on a tmpfs the bench mounts itself (the memory limit)
+  memfile    tools/memfile.py, a minimal pyfuse3 in-memory file (the FUSE ceiling)
+  fusearray  a LUN file of a fusearray mount (array dir on the bench's tmpfs
+             unless --array-dir is given)
+
+Groups (each a function returning rows, see GROUPS):
+  fio        O_DIRECT fio on the file: seq write/read 1M, rand write/read 4k
+  ext4       ext4 on a loop device over the file (losetup --direct-io=on):
+             write a file + fsync, cold read after remount and drop_caches
+  snap       shadow copies on a fusearray array of its own (issue 3): snapshot
+             and same-pack resync time of a full 1 GiB LUN and of a 1 TiB thin
+             LUN with 4 GiB written; resync to another pack: time to the first
+             read (both LUNs; the thin LUN's copy is then cancelled), and the
+             1 GiB LUN's background copy MB/s against the seq write of the run
+  packs      mirror and raid5 packs on an array of its own (issue 4), every disk
+             a tmpfs of its own: seq write/read 1M of a LUN on each as a ratio
+             to a LUN on a single-disk pack; rebuild MB/s of one removed disk
+             (mirror, raid5) as a ratio to `cp -a` of a surviving disk
+  transport  export and import of a shadow copy set between two arrays mounted
+             at once (issue 5): MB/s as a ratio to the LUN's seq read 1M, and
+             the incremental stream after rewriting 1 % of the blocks as a
+             fraction of the full one. The import is timed into a new array
+             once (and a dd of the stream to the same tmpfs beside it: both
+             write memory for the first time, which this VM makes slow), then
+             into the receiver after deleting the set and letting GC reclaim
+             it, as a backup target that expires old sets does
+
+Space: each thing that grows gets a tmpfs of its own, so one cannot starve
+another: the bench tmpfs (the tmpfs target's file), the fusearray target's
+array, the ext4 group's random source, the snap group's array and its second
+pack, the packs group's array, disks and cp -a scratch, the transport group's
+two arrays and its stream files. The report shows each one's limit and peak use.
+
+Prints one Markdown table per group with the ratios fusearray/memfile and
+fusearray/tmpfs and PASS/MISS against the goals. Needs root, fio, losetup,
+mkfs.ext4, fusermount3, fallocate. Run it with a Python that has pyfuse3 and trio
+(the project venv): memfile and the fusearray CLI run as subprocesses of
+sys.executable (or --python). Everything it mounts, attaches or starts is
+undone in a `finally`, also on failure and Ctrl-C.
+"""
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+
+from .common import (
+    Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail, fmt_bytes, log,
+    make_tempdir, mem_available, mount_tmpfs, parse_size, run)
+from .fio import group_fio
+from .ext4 import group_ext4
+from .snap import group_snap
+from .packs import group_packs
+from .transport import group_transport
+from .report import report
+
+
+#: groups that make arrays of their own (no targets needed)
+OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport'}
+
+# title, function; later issues add groups here (snapshot, resync, rebuild, ...)
+GROUPS = [
+    ('fio, O_DIRECT on the file (psync, iodepth 1)', group_fio),
+    ('ext4 on a loop device over the file (losetup --direct-io=on)', group_ext4),
+    ('shadow copies: snapshot and resync (fusearray only, an array of its own)', group_snap),
+    ('packs: mirror and raid5 against a single disk, rebuild against cp -a '
+     '(fusearray only, an array of its own)', group_packs),
+    ('transport: export and import of a set, full and incremental (fusearray only, two '
+     'arrays of their own)', group_transport),
+]
+
+
+# ---------------------------------------------------------------- report
+
+
+class Context:
+    def __init__(self, args, cl):
+        self.args, self.cl = args, cl
+        self.work = self.tmpfs = None
+        self.plan = {}             # tmpfs limits, see plan_space
+        self.space = None          # SpaceWatch
+        self.targets = []
+        self.results = {}          # group name -> rows, for groups that build on others
+        self.done = []             # (title, rows) in the order run
+        self.errors = []
+        self.elapsed = 0.0
+
+    def fail(self, msg):
+        log(f'FAILED: {msg}')
+        self.errors.append(msg)
+
+    def fail_target(self, target, msg):
+        """A failed step on a target: for fusearray with its daemon.log, and
+        with the space left everywhere (ENOSPC is the usual suspect)."""
+        extra = f'\nspace now: {self.space.now()}' if self.space else ''
+        if target.array is not None:
+            extra += f'\n{daemon_log_tail(target.array)}'
+        self.fail(f'{target.name}: {msg}{extra}')
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split('\n\n', 1)[1])
+    ap.add_argument('--only', default=','.join(TARGETS),
+                    help='comma-separated targets (default: all of tmpfs,memfile,fusearray)')
+    ap.add_argument('--quick', action='store_true',
+                    help='smoke run: size 256M, runtime 3 s, ext4 file 128M; snap: 256M LUN, '
+                    '512M written in the 1T LUN, 3 repeats, 1 cross-pack copy; packs and '
+                    'transport: 256M LUNs, 1 pass')
+    ap.add_argument('--size', type=parse_size, help='file/LUN size (default 1G)')
+    ap.add_argument('--runtime', type=int, help='seconds per fio workload (default 10)')
+    ap.add_argument('--repeat', type=int, default=1,
+                    help='runs of each fio workload, the median is shown (default 1)')
+    ap.add_argument('--ext4-size', type=parse_size,
+                    help='file written in the ext4 group (default 512M; at most half of --size)')
+    ap.add_argument('--ext4-runs', type=int,
+                    help='ext4 passes per target after a warm-up pass, the median is shown '
+                    '(default 3, quick 1)')
+    ap.add_argument('--snap-small', type=parse_size,
+                    help='snap group: the fully written LUN (default 1G)')
+    ap.add_argument('--snap-big', type=parse_size, default=1 << 40,
+                    help='snap group: the thin LUN (default 1T)')
+    ap.add_argument('--snap-written', type=parse_size,
+                    help='snap group: bytes written into the thin LUN (default 4G)')
+    ap.add_argument('--snap-repeat', type=int,
+                    help='snap group: snapshots and resyncs per LUN, the median is shown '
+                    '(default 9)')
+    ap.add_argument('--copy-repeat', type=int,
+                    help='snap group: resyncs to another pack, the median is shown (default 3)')
+    ap.add_argument('--pack-lun', type=parse_size,
+                    help='packs group: the LUN on each pack (default 512M, quick 256M)')
+    ap.add_argument('--pack-writes', type=int,
+                    help='packs group: seq write passes per LUN, the packs taken in turn '
+                         '(default 5, quick 2: the first write, the first overwrite, which '
+                         'needs new segment files for all of it, and steady overwrites)')
+    ap.add_argument('--transport-lun', type=parse_size,
+                    help='transport group: the exported LUN (default 512M, quick 256M)')
+    ap.add_argument('--read-repeat', type=int,
+                    help='packs and transport groups: seq read passes per LUN, the median '
+                    'is shown (default 3, quick 1)')
+    ap.add_argument('--array-dir', help='put the fusearray arrays under this directory '
+                    '(default: on tmpfs mounts of their own)')
+    ap.add_argument('--cache-size', help='pass --cache-size to fusearray mount')
+    ap.add_argument('--groups', default=','.join(f.__name__.removeprefix('group_')
+                                                 for _, f in GROUPS),
+                    help='comma-separated groups to run (default: all)')
+    ap.add_argument('--python', default=sys.executable,
+                    help='interpreter for memfile and the fusearray CLI (default: this one)')
+    ap.add_argument('--json', help='also save the raw numbers to this file')
+    args = ap.parse_args(argv)
+    quick = args.quick
+    args.size = args.size or (256 << 20 if quick else 1 << 30)
+    args.runtime = args.runtime or (3 if quick else 10)
+    args.ext4_size = args.ext4_size or (128 << 20 if quick else 512 << 20)
+    args.ext4_runs = args.ext4_runs or (1 if quick else 3)
+    args.snap_small = args.snap_small or (256 << 20 if quick else 1 << 30)
+    args.snap_written = args.snap_written or (512 << 20 if quick else 4 << 30)
+    args.snap_repeat = args.snap_repeat or (3 if quick else 9)
+    args.copy_repeat = args.copy_repeat or (1 if quick else 3)
+    args.pack_lun = args.pack_lun or (256 << 20 if quick else 512 << 20)
+    args.transport_lun = args.transport_lun or (256 << 20 if quick else 512 << 20)
+    args.read_repeat = args.read_repeat or (1 if quick else 3)
+    args.pack_writes = args.pack_writes or (2 if quick else 5)
+    args.only = [t.strip() for t in args.only.split(',') if t.strip()]
+    args.groups = [g.strip() for g in args.groups.split(',') if g.strip()]
+    bad = set(args.only) - set(TARGETS)
+    if bad:
+        ap.error(f'unknown target(s) {",".join(sorted(bad))}; choose from {",".join(TARGETS)}')
+    known = {f.__name__.removeprefix('group_') for _, f in GROUPS}
+    if set(args.groups) - known:
+        ap.error(f'unknown group(s); choose from {",".join(sorted(known))}')
+    if args.size % (1 << 20) or args.ext4_size % (1 << 20):
+        ap.error('--size and --ext4-size must be multiples of 1M')
+    if args.ext4_size * 2 > args.size:
+        ap.error('--ext4-size must be at most half of --size (ext4 goes on the same file)')
+    if (args.snap_small % (1 << 20) or args.snap_written % (1 << 20) or args.snap_big % (1 << 20)
+            or not 0 < args.snap_written <= args.snap_big):
+        ap.error('--snap-small, --snap-big, --snap-written: multiples of 1M, '
+                 'with --snap-written at most --snap-big')
+    if args.pack_lun % (1 << 20) or args.transport_lun % (1 << 20):
+        ap.error('--pack-lun and --transport-lun must be multiples of 1M')
+    return args
+
+
+def preflight(args):
+    if os.geteuid() != 0:
+        raise StepFailed('run as root (mount, losetup, drop_caches)')
+    for tool in ('fio', 'losetup', 'mkfs.ext4', 'fusermount3', 'mount', 'umount', 'dd',
+                 'fallocate'):
+        if not shutil.which(tool):
+            raise StepFailed(f'{tool} not found')
+    if {'memfile', 'fusearray'} & set(args.only):
+        probe = run([args.python, '-c', 'import pyfuse3, trio'], check=False)
+        if probe.returncode != 0:
+            raise StepFailed(f'{args.python} cannot import pyfuse3/trio: run the bench with '
+                             f'the project venv\'s python (or pass --python)')
+
+
+#: Room for the garbage a fusearray array holds until its collector catches up
+#: with a fio workload (1 GiB LUN, 10 s: about 3.5 GiB seen after seq write 1M)
+ARRAY_SLACK = 8 << 30
+
+
+def plan_space(args):
+    """tmpfs limits (a limit is not a reservation): the bench tmpfs holds the
+    tmpfs target's file; the fusearray target's array gets its own. Capped by
+    half the free memory. (The ext4 source and the snap group's array get
+    theirs when those groups run.)"""
+    avail = mem_available()
+    bench = (256 << 20) + (args.size if 'tmpfs' in args.only else 0)
+    plan = {'bench': min(bench, avail // 2),
+            'array': min(args.size + ARRAY_SLACK, avail // 2)}
+    log('tmpfs limits: ' + ', '.join(f'{k} {fmt_bytes(v)}' for k, v in plan.items())
+        + f' (memory available {fmt_bytes(avail)})')
+    return plan
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
+def run_bench(ctx):
+    args, cl = ctx.args, ctx.cl
+    ctx.work = make_tempdir(cl)
+    ctx.tmpfs = ctx.work / 'tmpfs'
+    ctx.plan = plan_space(args)
+    mount_tmpfs(cl, ctx.tmpfs, ctx.plan['bench'], ctx.space, 'bench tmpfs')
+    # the snap, packs and transport groups make their own arrays: targets only
+    # for the groups that use them
+    wanted = args.only if set(args.groups) - OWN_ARRAY_GROUPS else []
+    for name in wanted:
+        log(f'set up {name}')
+        try:
+            ctx.targets.append(SETUP[name](ctx))
+        except StepFailed as e:
+            ctx.fail(f'{name}: set-up: {e}')
+    for title, fn in GROUPS:
+        name = fn.__name__.removeprefix('group_')
+        if name not in args.groups or not (ctx.targets or name in OWN_ARRAY_GROUPS):
+            continue
+        ctx.space.group = name
+        log(f'group {name}: {ctx.space.now()}')
+        mark = cl.mark()
+        try:
+            rows = fn(ctx)
+        except Exception as e:  # a bug or a surprise: report it, go on with the next group
+            ctx.fail(f'{name} group: {type(e).__name__}: {e}; {ctx.space.now()}\n'
+                     + traceback.format_exc())
+            continue
+        finally:
+            cl.unwind(mark)   # what a group sets up, it undoes
+        ctx.results[name] = rows
+        ctx.done.append((title, rows))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    cl = Cleanup()
+    ctx = Context(args, cl)
+    ctx.space = SpaceWatch()
+    start = time.monotonic()
+    try:
+        preflight(args)
+        run_bench(ctx)
+    except StepFailed as e:
+        ctx.fail(str(e))
+    except KeyboardInterrupt:
+        ctx.fail('interrupted')
+    finally:
+        # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log('clean-up')
+        cl.run_all()
+        ctx.space.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctx.elapsed = time.monotonic() - start
+    if ctx.done:
+        report(ctx, ctx.done)   # what was measured, also after a failure or Ctrl-C
+    elif ctx.errors:
+        for e in ctx.errors:
+            print(f'FAILED: {e}', file=sys.stderr)
+    if cl.problems:
+        print('Clean-up problems (check `grep fuse /proc/mounts; losetup -a`):', file=sys.stderr)
+        for p in cl.problems:
+            print(f'  {p}', file=sys.stderr)
+    return 1 if ctx.errors or cl.problems else 0
