@@ -1,4 +1,5 @@
-"""Shared fixtures: the FUSE gate and a daemon-in-a-subprocess mount.
+"""Shared fixtures: the FUSE gate, a daemon-in-a-subprocess mount, the
+cost tiers and the daemon-log check.
 
 `require_fuse()` is the one gate: it skips when the machine cannot mount
 FUSE, unless FUSEARRAY_REQUIRE_FUSE=1 (CI), where it fails instead.
@@ -7,10 +8,27 @@ FUSE, unless FUSEARRAY_REQUIRE_FUSE=1 (CI), where it fails instead.
 readiness line, and in `close()` (always run, from `finally`) unmounts every
 filesystem and detaches every loop device it recorded, unmounts the FUSE
 mount and ends the daemon by PID.
+
+Tiers (pytest markers, one per test, set here in
+pytest_collection_modifyitems): `unit` (no array on disk: parsers,
+formats, pure functions), `array` (an Array in this process, no FUSE),
+`mount` (one FUSE mount, a daemon in a subprocess), `heavy` (ext4,
+crash loops, fault injection, model runs: minutes). `pytest -m unit` is
+the fast core; `pytest -m "not heavy"` everything but the long runs.
+
+Daemon logs: after each test, every daemon log it left (ARRAY/daemon.log,
+the daemon's captured output daemon.out, under the test's tmp_path or of
+a Mount it made) is read, and so is what an Array in the test's own
+process logged (the "fusearray" logger); a Python traceback, an "internal
+error", a CRITICAL record or a fatal-signal dump fails the test. A test that
+provokes one on purpose says which with
+`@pytest.mark.daemon_errors("regex", ...)`: only records matching one of
+them are allowed (a pattern that matches everything is refused).
 """
 import hashlib
-import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +36,8 @@ import sys
 import time
 
 import pytest
+
+from fusearray import ctlclient
 
 PY = sys.executable
 
@@ -97,6 +117,8 @@ def wait_for(cond, timeout=30.0, what="condition"):
 
 class Mount:
     def __init__(self, tmp_path, array=None, cache_size=None):
+        _LOGS.update((os.path.join(array or tmp_path / "array", "daemon.log"),
+                      os.path.join(tmp_path, "daemon.out")))
         self.base = tmp_path
         self.array = str(array or tmp_path / "array")
         self.mnt = str(tmp_path / "mnt")
@@ -195,20 +217,7 @@ class Mount:
 
     def ctl(self, verb: str, line: str) -> tuple[int, dict]:
         """Write a command as a script does; returns (errno or 0, reply)."""
-        fd = os.open(self.path("ctl", verb), os.O_RDWR)
-        try:
-            err = 0
-            try:
-                os.write(fd, (line + "\n").encode())
-            except OSError as e:
-                err = e.errno
-            reply = b""
-            while chunk := os.read(fd, 65536):
-                reply += chunk
-        finally:
-            os.close(fd)
-        pairs = dict(l.split("=", 1) for l in reply.decode().splitlines() if "=" in l)
-        return err, pairs
+        return ctlclient.call(self.mnt, verb, line)
 
     def ok(self, verb: str, line: str) -> dict:
         err, reply = self.ctl(verb, line)
@@ -216,12 +225,30 @@ class Mount:
         return reply
 
     def status(self) -> dict:
-        with open(self.path("ctl", "status.json")) as f:
-            return json.load(f)
+        return ctlclient.status(self.mnt)
 
     def events(self) -> str:
-        with open(self.path("ctl", "events")) as f:
-            return f.read()
+        return ctlclient.events(self.mnt)
+
+    def view(self, name: str) -> str:
+        """The text of ctl/NAME."""
+        return ctlclient.read_view(self.mnt, name)
+
+    def job(self, jid) -> dict:
+        """ctl/jobs/ID's fields."""
+        return ctlclient.job(self.mnt, jid)
+
+    def wait_job(self, jid, states=("done",), timeout=60.0) -> dict:
+        """Poll ctl/jobs/ID until its state is in `states`: its fields
+        (AssertionError after `timeout`, or when it ended otherwise)."""
+        try:
+            return ctlclient.wait_job(self.mnt, jid, states, timeout)
+        except TimeoutError as e:
+            raise AssertionError(f"timed out waiting for {e}") from None
+
+    def job_events(self, jid) -> list[str]:
+        """The events that name job `jid`."""
+        return [l for l in self.events().splitlines() if re.search(rf"\bjob {jid}\b", l)]
 
     def attach(self, lun: str) -> str:
         dev = cli("attach", lun, mnt=self.mnt).stdout.strip()
@@ -280,3 +307,161 @@ def make_mount(tmp_path):
     finally:
         for m in made:
             m.close()
+
+
+# ---- tiers ---------------------------------------------------------------------------
+TIERS = ("unit", "array", "mount", "heavy")
+#: Files whose tests are all long runs (ext4, crash loops, faults, the model).
+HEAVY_FILES = {"test_ext4.py", "test_faults.py", "test_durability.py", "test_model.py"}
+MOUNT_FIXTURES = {"mount", "make_mount"}
+_MOUNT_WORDS = re.compile(r"\b(require_fuse\(|Mount\(|fusermount3)")
+_ARRAY_WORDS = re.compile(r"\b(Array\(|init_array|open_array|Arrays\(|_with_array)")
+
+
+def _sources(item) -> str:
+    """The source of the test and of the fixtures it uses (theirs first)."""
+    import inspect
+    out = []
+    for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+        for d in defs:
+            try:
+                out.append(inspect.getsource(d.func))
+            except (OSError, TypeError):
+                pass
+    try:
+        out.append(inspect.getsource(item.function))
+    except (OSError, TypeError, AttributeError):
+        pass
+    return "\n".join(out)
+
+
+def tier_of(item) -> str:
+    if any(item.get_closest_marker(t) for t in TIERS):        # set by the test itself
+        return next(t for t in TIERS if item.get_closest_marker(t))
+    src = _sources(item)
+    fuse = bool(MOUNT_FIXTURES & set(item.fixturenames)) or bool(_MOUNT_WORDS.search(src))
+    if item.path.name in HEAVY_FILES or item.get_closest_marker("slow"):
+        return "heavy" if fuse else "array"
+    if fuse:
+        return "mount"
+    if (_ARRAY_WORDS.search(src) or getattr(item.function, "__code__", None) and
+            item.function.__code__.co_flags & 0x80):        # a coroutine: trio
+        return "array"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+# ---- daemon logs ---------------------------------------------------------------------
+_LOGS: set[str] = set()             # daemon logs of the Mounts made (checked after every test)
+_SEEN: dict[str, int] = {}          # log file -> bytes already checked
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ", re.M)
+_BAD = re.compile(r"Traceback \(most recent call last\)|internal error|Fatal Python error|"
+                  r"Exception ignored in")
+LOG_NAMES = ("daemon.log", "daemon.out")
+
+
+def _records(text: str) -> list[str]:
+    """A log cut into records: a logging record with its continuation lines
+    (daemon.log), or, for text without logging headers, blocks separated
+    by blank lines (a traceback printed to stderr)."""
+    starts = [m.start() for m in _RECORD.finditer(text)]
+    out = []
+    if not starts or starts[0] > 0:
+        head = text[:starts[0]] if starts else text
+        out += [b for b in re.split(r"\n\s*\n", head) if b.strip()]
+    for a, b in zip(starts, starts[1:] + [len(text)]):
+        out.append(text[a:b])
+    return out
+
+
+def bad_records(text: str) -> list[str]:
+    """The records of a daemon log that show a bug."""
+    out = []
+    for rec in _records(text):
+        m = _RECORD.match(rec)
+        if _BAD.search(rec) or (m and m.group(1) == "CRITICAL"):
+            out.append(rec.rstrip())
+    return out
+
+
+def _log_files(roots) -> list[str]:
+    found = []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for d, dirs, files in os.walk(root):
+            dirs[:] = [x for x in dirs if x not in ("mnt", "segments", "packs")
+                       and not os.path.ismount(os.path.join(d, x))]
+            found += [os.path.join(d, f) for f in files if f in LOG_NAMES]
+    return found
+
+
+def _new_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(_SEEN.get(path, 0))
+            data = f.read()
+    except OSError:
+        return ""
+    _SEEN[path] = _SEEN.get(path, 0) + len(data)
+    return data.decode(errors="replace")
+
+
+class _Bugs(logging.Handler):
+    """Records of the "fusearray" logger in this process that show a bug."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.found: list[str] = []
+
+    def emit(self, record):
+        try:
+            text = logging.Formatter("%(levelname)s %(name)s: %(message)s").format(record)
+        except Exception:       # a record that cannot be formatted is a bug too
+            text = f"{record.levelname} {record.name}: {record.msg!r} {record.args!r}"
+        if record.exc_info or record.levelno >= logging.CRITICAL or _BAD.search(text):
+            self.found.append(text)
+
+
+@pytest.fixture(autouse=True)
+def _daemon_logs(request):
+    """Fails the test if a daemon log it left shows a bug (module doc)."""
+    marker = request.node.get_closest_marker("daemon_errors")
+    allowed = []
+    if marker is not None:
+        for p in marker.args:
+            if not p or re.search(p, "") or re.search(p, "Traceback (most recent call "
+                                                         "last)\ninternal error\n"):
+                raise pytest.UsageError(f"daemon_errors({p!r}) allows anything: name "
+                                        "the error the test expects")
+            allowed.append(re.compile(p))
+        if not allowed:
+            raise pytest.UsageError("daemon_errors() needs the pattern(s) of the "
+                                    "expected error")
+    bugs = _Bugs()
+    logger = logging.getLogger("fusearray")
+    logger.addHandler(bugs)
+    try:
+        yield
+    finally:
+        logger.removeHandler(bugs)
+    tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if tmp is not None:         # e.g. the CLI's `mount --background` writes ARRAY/daemon.log
+        _LOGS.update(_log_files([str(tmp)]))
+    bad = [f"in this process:\n{rec}" for rec in bugs.found
+           if not any(a.search(rec) for a in allowed)]
+    for path in sorted(_LOGS):
+        for rec in bad_records(_new_text(path)):
+            if not any(a.search(rec) for a in allowed):
+                bad.append(f"{path}:\n{rec}")
+    if bad:
+        pytest.fail("a daemon (or an Array in this process) logged a bug (a traceback or "
+                    "an internal error); if the test provokes it, mark it "
+                    "@pytest.mark.daemon_errors(PATTERN):\n"
+                    + "\n\n".join(b[-4000:] for b in bad[:5]), pytrace=False)

@@ -314,8 +314,7 @@ class ArrayMachine(RuleBasedStateMachine):
                 + self.m.output()[-2000:])
 
     def job_state(self, jid: str) -> dict:
-        with open(self.m.path("ctl", "jobs", jid)) as f:
-            return dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
+        return self.m.job(jid)
 
     def refresh_jobs(self) -> None:
         """Learn which copies have ended; a job that failed is a defect here

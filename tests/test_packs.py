@@ -33,6 +33,7 @@ import time
 import pytest
 import xxhash
 
+from fusearray import ctlclient
 from conftest import Mount, cli, drop_caches, run, wait_for
 from fallbacks import punch_hole
 from fusearray import native
@@ -138,8 +139,7 @@ def wait_pack(m: Mount, pack: str, state: str, disks: list[str] | None = None,
 
 
 def status_text(m: Mount) -> str:
-    with open(m.path("ctl", "status")) as f:
-        return f.read()
+    return m.view("status")
 
 
 def events_since(m: Mount, mark: int) -> list[str]:
@@ -160,18 +160,7 @@ def event_mark(m: Mount) -> int:
     return len(m.events().splitlines())
 
 
-def job(m: Mount, jid) -> dict:
-    with open(m.path("ctl", "jobs", str(jid))) as f:
-        return dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
 
-
-def wait_job(m: Mount, jid, states=("done",), timeout=60.0) -> dict:
-    return wait_for(lambda: (j := job(m, jid))["state"] in states and j, timeout,
-                    f"job {jid} to reach {states}")
-
-
-def job_events(m: Mount, jid) -> list[str]:
-    return [l for l in m.events().splitlines() if f"job {jid} " in l]
 
 
 def recover_throttled(m: Mount, pack: str, rate: str = "5M") -> str:
@@ -181,7 +170,7 @@ def recover_throttled(m: Mount, pack: str, rate: str = "5M") -> str:
     ft = os.open(m.path("ctl", "throttle"), os.O_RDWR)
     try:
         os.write(fr, f"{pack}\n".encode())
-        reply = dict(l.split("=", 1) for l in os.read(fr, 4096).decode().splitlines())
+        reply = ctlclient.parse_reply(os.read(fr, 4096))
         assert reply.get("status") == "ok", reply
         os.write(ft, f"{reply['job']} {rate}\n".encode())
         assert os.read(ft, 4096).startswith(b"status=ok")
@@ -634,7 +623,7 @@ def test_recover_progress_events_throttle_and_io(make_mount, tmp_path):
     jid = recover_throttled(m, "fast", "5M")
     seen = []
     while time.monotonic() - t0 < 2.5:
-        j = job(m, jid)
+        j = m.job(jid)
         seen.append((j["state"], int(j["percent"]), int(j["done_bytes"]),
                      int(j["total_bytes"]), round(time.monotonic() - t0, 2)))
         if j["state"] == "done":
@@ -657,9 +646,9 @@ def test_recover_progress_events_throttle_and_io(make_mount, tmp_path):
     # I/O goes on while it runs
     lun.fill(52 * MiB, 3 * MiB)
     lun.check("during recover")
-    if job(m, jid)["state"] == "running":
+    if m.job(jid)["state"] == "running":
         assert m.ok("throttle", f"{jid} 0")["state"] == "running"
-    j = wait_job(m, jid)
+    j = m.wait_job(jid)
     assert j["percent"] == "100" and j["done_bytes"] == j["total_bytes"], j
     evs = [l for l in events_since(m, mark) if f"job {jid} " in l]
     assert any("started" in l for l in evs), evs
@@ -704,7 +693,7 @@ def test_recover_pause_resume_cancel_and_second_recover(make_mount, tmp_path):
     os.mkdir(disks["e2"])
     mark = event_mark(m)
     jid = recover_throttled(m, "cheap", "5M")
-    j = wait_for(lambda: (j := job(m, jid))["state"] == "running" and
+    j = wait_for(lambda: (j := m.job(jid))["state"] == "running" and
                  0 < int(j["percent"]) < 100 and j, 10, "recover to make progress")
     assert j["kind"] == "recover" and int(j["total_bytes"]) > 64 * MiB, j
     # status: the pack, its disks and a progress bar for the job
@@ -717,19 +706,19 @@ def test_recover_pause_resume_cancel_and_second_recover(make_mount, tmp_path):
 
     assert m.ok("pause", jid)["state"] == "paused"
     time.sleep(1.0)                   # a piece in flight may finish (<= 0.8 s throttle wait)
-    held = job(m, jid)
+    held = m.job(jid)
     time.sleep(1.0)
-    now = job(m, jid)
+    now = m.job(jid)
     assert now["state"] == "paused" and now["done_bytes"] == held["done_bytes"], (held, now)
     text = status_text(m)
     assert re.search(rf"^  {jid} recover paused \[#* *\] {now['percent']}%$", text, re.M)
     lun.fill(3 * MiB, MiB)            # I/O goes on while it is paused
     lun.check("recover paused")
     m.ok("resume", jid)
-    wait_for(lambda: int(job(m, jid)["done_bytes"]) > int(now["done_bytes"]), 10,
+    wait_for(lambda: int(m.job(jid)["done_bytes"]) > int(now["done_bytes"]), 10,
              "progress after resume")
     assert m.ok("cancel", jid)
-    j = wait_job(m, jid, ("cancelled",), 10)
+    j = m.wait_job(jid, ("cancelled",), 10)
     assert 0 < int(j["percent"]) < 100, j
     assert any(f"job {jid} (recover) cancelled" in l for l in events_since(m, mark))
     # still degraded (the disk has not rejoined), still right
@@ -741,7 +730,7 @@ def test_recover_pause_resume_cancel_and_second_recover(make_mount, tmp_path):
     # a second recover finishes the work
     jid2 = m.ok("recover", "cheap")["job"]
     assert jid2 != jid
-    wait_job(m, jid2, timeout=60)
+    m.wait_job(jid2, timeout=60)
     wait_pack(m, "cheap", "healthy", ["online"] * 3, timeout=3)
     ee = [disks[x] for x in ("e1", "e2", "e3")]
     check_redundancy(m, "cheap", ee, "raid5")
@@ -756,11 +745,11 @@ def test_recover_survives_sigkill(make_mount, tmp_path):
     lun = luns["fast"]
     os.mkdir(disks["d2"])
     jid = recover_throttled(m, "fast", "5M")
-    wait_for(lambda: 0 < int(job(m, jid)["percent"]) < 90, 10, "recover under way")
+    wait_for(lambda: 0 < int(m.job(jid)["percent"]) < 90, 10, "recover under way")
     lun.fill(104 * MiB, 2 * MiB)      # I/O meanwhile (its fsync commits the job's row)
     time.sleep(2.0)
     lun.fill(106 * MiB, MiB)          # and again, with some progress made
-    before = job(m, jid)
+    before = m.job(jid)
     assert before["state"] == "running" and 0 < int(before["percent"]) < 50, before
     m.kill9()
     m.start()
@@ -771,15 +760,15 @@ def test_recover_survives_sigkill(make_mount, tmp_path):
     assert p["state"] == "degraded" and p["disks"][0]["state"] == "online", p
     assert p["disks"][1]["state"] in ("stale", "missing"), p
     # the job resumes where it was, still throttled
-    j = job(m, jid)
+    j = m.job(jid)
     assert j["state"] == "running" and j["rate_limit"] == str(5 * MiB), j
     assert any(f"job {jid} (recover) resumes at" in l for l in m.events().splitlines())
     drop_caches()
     lun.check("after SIGKILL mid-recover")
     lun.fill(110 * MiB, 4 * MiB)
-    assert job(m, jid)["state"] == "running" and status_pack(m, "fast")["state"] == "degraded"
+    assert m.job(jid)["state"] == "running" and status_pack(m, "fast")["state"] == "degraded"
     m.ok("throttle", f"{jid} 0")
-    wait_job(m, jid)
+    m.wait_job(jid)
     evs = [l for l in events_since(m, mark) if f"job {jid} " in l]
     steps = [int(x) for l in evs for x in re.findall(r": (\d+)% \(", l)]
     assert steps and steps == list(range(steps[0], 100, 10)), evs   # every 10 % from where it was
@@ -832,7 +821,7 @@ def test_recover_stale_disk_copies_only_what_changed(make_mount, tmp_path):
         paths = [disks[x] for x in dd]
         full = sum(os.path.getsize(f) for f in seg_files(disks[gone]))
         jid = m.ok("recover", pack)["job"]
-        j = wait_job(m, jid)
+        j = m.wait_job(jid)
         assert 0 < int(j["total_bytes"]) < full * 0.75, (pack, j, full)
         wait_pack(m, pack, "healthy", timeout=3)
         check_redundancy(m, pack, paths, lay)
@@ -864,7 +853,7 @@ def test_invalid_label_disk_listed_under_INVALID_rejoins_via_recover(make_mount,
     lun.check("with an invalid disk")
     lun.fill(21 * MiB, 3 * MiB)
     jid = m.ok("recover", "fast")["job"]
-    wait_job(m, jid)
+    m.wait_job(jid)
     wait_pack(m, "fast", "healthy", ["online", "online"], timeout=3)
     assert status_pack(m, "INVALID") is None
     with open(label) as f:
@@ -894,7 +883,7 @@ def test_replace_missing_disk(make_mount, tmp_path):
     jf = m.ok("replace", f"fast 1 {new_f}")["job"]
     jc = m.ok("replace", f"cheap 0 {new_c}")["job"]
     for jid in (jf, jc):
-        j = wait_job(m, jid)
+        j = m.wait_job(jid)
         assert j["kind"] == "replace" and j["percent"] == "100", j
     new = events_since(m, mark)
     assert any(f"disk 1 of pack fast {disks['d2']} -> {new_f}" in l for l in new), new
@@ -919,9 +908,9 @@ def test_replace_missing_disk(make_mount, tmp_path):
 # ---- 6. scrub -----------------------------------------------------------------------
 def scrub_report(m: Mount, pack: str) -> tuple[dict, tuple[int, int, int]]:
     jid = m.ok("scrub", pack)["job"]
-    j = wait_job(m, jid, ("done", "failed"))
-    ev = [l for l in job_events(m, jid) if "blocks verified" in l]
-    assert len(ev) == 1, job_events(m, jid)
+    j = m.wait_job(jid, ("done", "failed"))
+    ev = [l for l in m.job_events(jid) if "blocks verified" in l]
+    assert len(ev) == 1, m.job_events(jid)
     got = re.search(r"(\d+) blocks verified, (\d+) repaired, (\d+) unrecoverable", ev[0])
     return j, tuple(int(x) for x in got.groups())
 
@@ -964,7 +953,7 @@ def test_scrub_repairs_rot_and_reports_counts(make_mount, tmp_path):
     assert [p["state"] for p in m.status()["packs"]] == ["healthy", "healthy"]
     # the counts are in the job too (issue 4, point 6)
     jid = m.ok("scrub", "fast")["job"]
-    j = wait_job(m, jid)
+    j = m.wait_job(jid)
     assert "repaired" in j, f"ctl/jobs/{jid} does not report scrub counts: {j}"
 
 
@@ -989,7 +978,7 @@ def test_disk_failed_by_checksum_errors_then_recovered(make_mount, tmp_path):
     assert re.search(r"^    disk 1 online +" + re.escape(disks["d2"]), text, re.M), text
     lun.fill(24 * MiB, 4 * MiB)
     jid = m.ok("recover", "fast")["job"]
-    wait_job(m, jid)
+    m.wait_job(jid)
     wait_pack(m, "fast", "healthy", ["online", "online"], timeout=3)
     assert re.search(r"^  fast: mirror healthy", status_text(m), re.M)
     check_redundancy(m, "fast", dd, "mirror")

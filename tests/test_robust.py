@@ -31,6 +31,7 @@ import time
 import pytest
 import trio
 
+from fusearray import ctlclient
 from conftest import Mount, cli, require_fuse, run, wait_for
 
 MiB = 1 << 20
@@ -49,17 +50,10 @@ def shell_ctl(m: Mount, verb: str, line: str) -> tuple[int, dict, str]:
     """`exec 3<>ctl/VERB; echo LINE >&3; cat <&3` from bash: (echo's exit
     status, the reply, the shell's error message)."""
     r = sh(f"exec 3<>{m.mnt}/ctl/{verb}; echo '{line}' >&3; rc=$?; cat <&3; exit $rc")
-    reply = dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
+    reply = ctlclient.parse_reply(r.stdout)
     return r.returncode, reply, r.stderr
 
 
-def job(m: Mount, jid) -> dict:
-    with open(m.path("ctl", "jobs", str(jid))) as f:
-        return dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
-
-
-def job_events(m: Mount, jid) -> list[str]:
-    return [l for l in m.events().splitlines() if re.search(rf"\bjob {jid}\b", l)]
 
 
 def fill(path: str, size: int, seed: int) -> str:
@@ -117,17 +111,17 @@ def test_copy_job_of_deleted_volumes_ends_cleanly_from_the_shell(make_mount, tmp
     assert alive(m), m.output()
     assert rc != 0 and reply.get("errno") == "EINVAL", (rc, reply, err)
     assert re.search(r"has already ended|is ending", reply.get("message", "")), reply
-    j = wait_for(lambda: (j := job(m, jid))["state"] != "paused" and j, 60, "the job to end")
+    j = wait_for(lambda: (j := m.job(jid))["state"] != "paused" and j, 60, "the job to end")
     assert j["state"] == "cancelled" and "deleted" in j["error"], j
-    assert any("ended at" in l and "deleted" in l for l in job_events(m, jid)), \
-        job_events(m, jid)
+    assert any("ended at" in l and "deleted" in l for l in m.job_events(jid)), \
+        m.job_events(jid)
     assert not [l for l in m.events().splitlines() if "internal error" in l]
     assert sha_of(m.path("luns", "keep")) == keep
     # and the pack the copy went to holds nothing of it once collected
     m.ok("create", "after 8M pack=p2")        # the array still takes commands
     m.stop()
     m.start()
-    assert job(m, jid)["state"] == "cancelled"
+    assert m.job(jid)["state"] == "cancelled"
     assert sha_of(m.path("luns", "keep")) == keep
 
 
@@ -151,8 +145,8 @@ def test_copy_job_goes_on_for_the_volumes_left(make_mount, tmp_path):
     m.ok("delete", "b force=yes")
     m.ok("resume", jid)
     m.ok("throttle", f"{jid} 0")
-    wait_for(lambda: job(m, jid)["state"] != "running", 120, "the job to end")
-    j = job(m, jid)
+    wait_for(lambda: m.job(jid)["state"] != "running", 120, "the job to end")
+    j = m.job(jid)
     assert j["state"] == "done" and j["percent"] == "100", j
     assert alive(m)
     xb = next(v for v in m.status()["luns"] if v["name"] == "xb")
@@ -272,6 +266,7 @@ async def _with_array(path, fn):
             n.cancel_scope.cancel()
 
 
+@pytest.mark.daemon_errors(r"TypeError: 'NoneType' object is not subscriptable")
 async def test_a_bug_in_a_job_fails_that_job_not_the_daemon(tmp_path, monkeypatch):
     """A copy job's worker raises a TypeError (as `_read_locs` did on a
     collected block): the job is failed with the reason, as an event, the
@@ -302,6 +297,7 @@ async def test_a_bug_in_a_job_fails_that_job_not_the_daemon(tmp_path, monkeypatc
     await _with_array(tmp_path / "arr", body)
 
 
+@pytest.mark.daemon_errors(r"RuntimeError: disk check bug")
 async def test_a_bug_in_the_committers_disk_check_is_caught(tmp_path, monkeypatch):
     """The committer's disk check ran outside its guard: an unexpected error
     there ended the daemon. Now it is an event and the committer goes on
@@ -398,6 +394,8 @@ def _pid_gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.daemon_errors(r"RuntimeError: test crash requested through "
+                            r"FUSEARRAY_TEST_CRASH_FILE")
 def test_a_dying_daemon_leaves_a_trace_and_no_stale_mount(tmp_path):
     """`fusearray mount --background` with the test-only crash hook: the
     daemon dies of an unexpected error. Its traceback is in daemon.log (the
@@ -479,14 +477,14 @@ def test_a_job_resumed_after_sigkill_never_shows_less(make_mount, tmp_path):
     m.ok("snapshot", "src set=S")
     jid = m.ok("resync", "S/src=dst pack=p2")["job"]
     m.ok("throttle", f"{jid} 20M")
-    shown = wait_for(lambda: int((j := job(m, jid))["percent"]) >= 40 and j, 60,
+    shown = wait_for(lambda: int((j := m.job(jid))["percent"]) >= 40 and j, 60,
                      "the copy to pass 40 %")
-    shown = max(int(shown["percent"]), int(job(m, jid)["percent"]))
+    shown = max(int(shown["percent"]), int(m.job(jid)["percent"]))
     m.kill9()
     m.start()
     seen = []
     while True:
-        j = job(m, jid)
+        j = m.job(jid)
         seen.append(int(j["percent"]))
         if j["state"] != "running":
             break
@@ -496,7 +494,7 @@ def test_a_job_resumed_after_sigkill_never_shows_less(make_mount, tmp_path):
     assert j["state"] == "done", j
     assert min(seen) >= shown, (shown, seen)
     assert seen == sorted(seen), seen
-    ev = job_events(m, jid)
+    ev = m.job_events(jid)
     steps = [int(x) for l in ev for x in re.findall(r": (\d+)% \(", l)]
     assert steps == sorted(set(steps)) and steps == list(range(10, 100, 10)), ev
     resumed = [l for l in ev if "resumes" in l]
@@ -522,14 +520,14 @@ def test_a_pause_and_a_throttle_survive_sigkill(make_mount, tmp_path):
     m.ok("pause", jid)
     m.kill9()
     m.start()
-    j = job(m, jid)
+    j = m.job(jid)
     assert j["state"] == "paused" and j["rate_limit"] == str(3 * MiB), j
-    ev = job_events(m, jid)
+    ev = m.job_events(jid)
     assert sum("resumes" in l for l in ev) == 1 and "paused" in [l for l in ev
                                                                if "resumes" in l][0], ev
     m.ok("resume", jid)
     m.ok("throttle", f"{jid} 0")
-    wait_for(lambda: job(m, jid)["state"] == "done", 60, "the job to finish")
+    wait_for(lambda: m.job(jid)["state"] == "done", 60, "the job to finish")
 
 
 def test_a_scrub_resumed_after_sigkill_goes_on_where_it_was(make_mount, tmp_path):
@@ -544,22 +542,22 @@ def test_a_scrub_resumed_after_sigkill_goes_on_where_it_was(make_mount, tmp_path
     m.ok("create", "tick 1M")
     jid = m.ok("scrub", "main")["job"]
     m.ok("throttle", f"{jid} 20M")
-    wait_for(lambda: int(job(m, jid)["percent"]) >= 30, 60, "the scrub to pass a segment")
+    wait_for(lambda: int(m.job(jid)["percent"]) >= 30, 60, "the scrub to pass a segment")
     fill(m.path("luns", "tick"), MiB, 9)             # its fsync commits the job's row
-    shown = int(job(m, jid)["percent"])
-    assert job(m, jid)["state"] == "running", job(m, jid)
+    shown = int(m.job(jid)["percent"])
+    assert m.job(jid)["state"] == "running", m.job(jid)
     m.kill9()
     m.start()
-    assert int(job(m, jid)["percent"]) >= shown
+    assert int(m.job(jid)["percent"]) >= shown
     m.ok("throttle", f"{jid} 0")
-    j = wait_for(lambda: (j := job(m, jid))["state"] != "running" and j, 60, "the scrub")
+    j = wait_for(lambda: (j := m.job(jid))["state"] != "running" and j, 60, "the scrub")
     assert j["state"] == "done", j
     again = m.ok("scrub", "main")["job"]
-    k = wait_for(lambda: (k := job(m, again))["state"] != "running" and k, 60, "the scrub")
+    k = wait_for(lambda: (k := m.job(again))["state"] != "running" and k, 60, "the scrub")
     assert k["state"] == "done" and int(k["blocks"]) > 3000, k
     assert j["blocks"] == k["blocks"], (j, k)
-    resumed = [l for l in job_events(m, jid) if "resumes" in l]
-    assert len(resumed) == 1, job_events(m, jid)
+    resumed = [l for l in m.job_events(jid) if "resumes" in l]
+    assert len(resumed) == 1, m.job_events(jid)
 
 
 def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_mount, tmp_path):
@@ -579,12 +577,12 @@ def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_moun
     lun.fill(MiB, 150 * MiB)                  # two sealed segments and more, all new
     os.mkdir(disks["d2"])                     # since it left: all of them to rebuild
     jid = recover_throttled(m, "fast", "20M")
-    wait_for(lambda: int(job(m, jid)["done_bytes"]) >= 72 * MiB, 60, "a segment rebuilt")
+    wait_for(lambda: int(m.job(jid)["done_bytes"]) >= 72 * MiB, 60, "a segment rebuilt")
     lun.fill(160 * MiB, MiB)                  # its fsync commits the job's row
-    assert job(m, jid)["state"] == "running", job(m, jid)
+    assert m.job(jid)["state"] == "running", m.job(jid)
     m.kill9()
     m.start()
-    ev = job_events(m, jid)
+    ev = m.job_events(jid)
     first = float(re.search(r"started: ([\d.]+)M to rebuild", "\n".join(ev)).group(1))
     resumed = [l for l in ev if "resumes" in l]
     assert len(resumed) == 1, ev
@@ -592,7 +590,7 @@ def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_moun
                             resumed[0]).group(1))
     assert again <= first - 48, (first, again, resumed)     # a segment: ~64 MiB
     m.ok("throttle", f"{jid} 0")
-    j = wait_for(lambda: (j := job(m, jid))["state"] != "running" and j, 60, "the rebuild")
+    j = wait_for(lambda: (j := m.job(jid))["state"] != "running" and j, 60, "the rebuild")
     assert j["state"] == "done", j
     wait_pack(m, "fast", "healthy", ["online", "online"])
     check_redundancy(m, "fast", [disks["d1"], disks["d2"]], "mirror")

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from fusearray import ctlclient
 from conftest import Mount, cli, end_proc, run, sha, wait_for, write_files
 
 MiB = 1 << 20
@@ -42,7 +43,7 @@ def shell_ctl(m: Mount, verb: str, line: str) -> tuple[int, dict, str]:
     r = sh(f"exec 3<>{m.mnt}/ctl/{verb}; echo '{line}' >&3; rc=$?; cat <&3; exit $rc",
            check=False)
     lines = r.stdout.splitlines()
-    reply = dict(l.split("=", 1) for l in lines if "=" in l)
+    reply = ctlclient.parse_reply(r.stdout)
     if lines:
         assert lines[0].startswith("status="), r.stdout     # status= comes first
     return r.returncode, reply, r.stderr
@@ -86,10 +87,6 @@ def shadow_row(m: Mount, set_name: str, name: str) -> dict:
 def pack_row(m: Mount, name: str) -> dict:
     return next(p for p in m.status()["packs"] if p["name"] == name)
 
-
-def job(m: Mount, jid) -> dict:
-    with open(m.path("ctl", "jobs", str(jid))) as f:
-        return dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
 
 
 def xattrs(p: str) -> dict:
@@ -146,10 +143,10 @@ def held_still(m: Mount, jid, watch=1.5) -> int:
     """A paused job may finish the batch in flight (after at most one
     throttle sleep), then done_bytes stays put. Returns it."""
     t0 = time.monotonic()
-    first = int(job(m, jid)["done_bytes"])
+    first = int(m.job(jid)["done_bytes"])
     late = []
     while (t := time.monotonic() - t0) < watch:
-        j = job(m, jid)
+        j = m.job(jid)
         assert j["state"] == "paused", j
         if t > 0.7:
             late.append(int(j["done_bytes"]))
@@ -159,13 +156,6 @@ def held_still(m: Mount, jid, watch=1.5) -> int:
     return late[0]
 
 
-def wait_job(m: Mount, jid, states=("done",), timeout=60.0) -> dict:
-    return wait_for(lambda: (j := job(m, jid))["state"] in states and j, timeout,
-                    f"job {jid} to reach {states}")
-
-
-def job_events(m: Mount, jid) -> list[str]:
-    return [l for l in m.events().splitlines() if f"job {jid} " in l]
 
 
 # ---- 1. a set over two LUNs: names, files, tags, identity, content ------------------
@@ -384,7 +374,7 @@ def test_differential_huge_and_plex_survives_source_pack_loss(mount, tmp_path):
     put(src, os.urandom(20 * MiB), 0)       # after the instant: not in the plex
     r = cli("wait", jid, mnt=m.mnt)
     assert r.returncode == 0
-    j = job(m, jid)
+    j = m.job(jid)
     assert (j["kind"], j["state"], j["percent"]) == ("plex", "done", "100"), j
     plex = m.path("snapshots", "p1", "src")
     x = xattrs(plex)
@@ -438,7 +428,7 @@ def test_resync_same_pack(mount, tmp_path):
     jid, undo = reply["job"], reply["undo"]
     assert re.fullmatch(r"undo-db-\d{8}T\d{6}Z(-\d+)?", undo), undo
     assert read(db) == D1                       # at once
-    j = job(m, jid)
+    j = m.job(jid)
     assert (j["kind"], j["state"], j["percent"]) == ("resync", "done", "100"), j
     for key in ("id", "done_bytes", "total_bytes", "rate_bytes_per_s", "started",
                 "finished", "error"):
@@ -476,7 +466,7 @@ def test_resync_same_pack(mount, tmp_path):
     njobs = len(m.status()["jobs"])
     r = m.ok("resync", "nightly/db=tb1 nightly/logs=tb2 undo=no")
     assert r["job"].isdigit() and len(m.status()["jobs"]) == njobs + 1
-    assert job(m, r["job"])["state"] == "done"
+    assert m.job(r["job"])["state"] == "done"
     assert read(m.path("luns", "tb1")) == D1 and read(m.path("luns", "tb2")) == L1
 
     # the destination takes the source's size (growing it back here; shrinking
@@ -534,7 +524,7 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
         # right after the write returned, `far` reads as the shadow copy
         for off in (0, 100 * MiB + 4095, 191 * MiB, 200 * MiB):
             assert os.pread(fd, 256 * 1024, off) == bytes(model[off:off + 256 * 1024])
-        j0 = job(m, jid)
+        j0 = m.job(jid)
         assert j0["state"] in ("queued", "running") and int(j0["percent"]) < 100, j0
         assert lun_row(m, "far")["pack"] == "OTHER" and lun_row(m, "far")["size"] == size
         # reads and writes meanwhile, against a model
@@ -549,9 +539,9 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
                 assert os.pread(fd, n, off) == bytes(model[off:off + n]), (i, off, n)
             if i % 50 == 0:
                 os.fsync(fd)
-        wait_for(lambda: int(job(m, jid)["done_bytes"]) > int(j0["done_bytes"]) + 2 * MiB,
+        wait_for(lambda: int(m.job(jid)["done_bytes"]) > int(j0["done_bytes"]) + 2 * MiB,
                  10, "the copy to move on")                        # progress moves
-        j1 = job(m, jid)
+        j1 = m.job(jid)
         elapsed = time.monotonic() - t_throttle
         assert j1["state"] == "running", "the copy ended before the I/O was done: not concurrent"
         assert int(j1["percent"]) > int(j0["percent"])
@@ -561,7 +551,7 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
         assert moved <= 16 * MiB * elapsed + 2 * COPY_BATCH_BYTES, (moved, elapsed)
         m.ok("throttle", f"{jid} 0")
         assert cli("wait", jid, mnt=m.mnt).returncode == 0
-        assert job(m, jid)["state"] == "done"
+        assert m.job(jid)["state"] == "done"
         # the copy never overwrote the writes made meanwhile
         got = bytearray(size)
         for off in range(0, size, 8 * MiB):
@@ -570,7 +560,7 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
     finally:
         os.close(fd)
     cmp_file(tmp_path / "base", m.path("snapshots", "nightly", "db"))   # source untouched
-    ev = job_events(m, jid)
+    ev = m.job_events(jid)
     assert any(f"job {jid} (resync) started" in l for l in ev), ev
     steps = [int(s) for l in ev for s in re.findall(rf"job {jid} \(resync\): (\d+)%", l)]
     assert steps == list(range(10, 100, 10)), ev
@@ -605,8 +595,8 @@ def test_sigkill_mid_cross_pack_resync(mount, tmp_path):
     m.ok("throttle", f"{jid} 16M")
     far = m.path("luns", "far")
     model = bytearray(base)
-    wait_for(lambda: int(job(m, jid)["percent"]) >= 15, 30, "the copy to be under way")
-    d0 = int(job(m, jid)["done_bytes"])
+    wait_for(lambda: int(m.job(jid)["percent"]) >= 15, 30, "the copy to be under way")
+    d0 = int(m.job(jid)["done_bytes"])
     writes = [(5 * MiB + 3, os.urandom(70000)), (60 * MiB, os.urandom(2 * MiB)),
               (120 * MiB - 4096, os.urandom(8192))]
     fd = os.open(far, os.O_RDWR)
@@ -617,16 +607,16 @@ def test_sigkill_mid_cross_pack_resync(mount, tmp_path):
         os.fsync(fd)                 # acknowledged and synced: must survive
     finally:
         os.close(fd)
-    j = job(m, jid)
+    j = m.job(jid)
     assert j["state"] == "running" and int(j["percent"]) < 100, j
     m.kill9()
 
     m.start()
-    j = job(m, jid)
+    j = m.job(jid)
     assert j["state"] in ("running", "done"), j
     assert int(j["done_bytes"]) >= d0, (d0, j)      # progress kept, not back to 0
     assert read(far) == model, "after the crash far is not shadow + synced writes"
-    if job(m, jid)["state"] == "running":
+    if m.job(jid)["state"] == "running":
         m.ok("throttle", f"{jid} 0")
     assert cli("wait", jid, mnt=m.mnt).returncode == 0
     assert read(far) == model
@@ -821,15 +811,15 @@ def test_job_controls_and_persistence(mount, tmp_path):
     jid = r["job"]
     m.ok("throttle", f"{jid} 8M")
     # throttled while running: 96 MiB cannot be done in a second at 8 MiB/s
-    d0 = int(job(m, jid)["done_bytes"])
-    wait_for(lambda: int(job(m, jid)["done_bytes"]) > d0, 10, "progress while throttled")
-    j = job(m, jid)
+    d0 = int(m.job(jid)["done_bytes"])
+    wait_for(lambda: int(m.job(jid)["done_bytes"]) > d0, 10, "progress while throttled")
+    j = m.job(jid)
     assert j["state"] == "running" and int(j["percent"]) < 60, j
     assert j["rate_limit"] == str(8 * MiB)
 
-    p0 = int(job(m, jid)["done_bytes"])
+    p0 = int(m.job(jid)["done_bytes"])
     assert m.ok("pause", jid) == {"status": "ok", "job": jid, "state": "paused"}
-    assert job(m, jid)["state"] == "paused"
+    assert m.job(jid)["state"] == "paused"
     p = held_still(m, jid)
     assert p - p0 <= 2 * COPY_BATCH_BYTES, (p0, p)  # at most the batch in flight
     out = cli("jobs", mnt=m.mnt).stdout
@@ -838,14 +828,14 @@ def test_job_controls_and_persistence(mount, tmp_path):
     # persistence: a paused job stays paused across stop/start
     m.stop()
     m.start()
-    j = job(m, jid)
+    j = m.job(jid)
     assert j["state"] == "paused" and int(j["done_bytes"]) >= p > 0, (p, j)
     cmp_file(m.path("luns", "src"), m.path("snapshots", "p1", "src"))
     p = held_still(m, jid, 1.0)
     assert p == int(j["done_bytes"])
     m.ok("resume", jid)
-    wait_for(lambda: int(job(m, jid)["done_bytes"]) > p, 10, "progress after resume")
-    assert job(m, jid)["state"] == "running"
+    wait_for(lambda: int(m.job(jid)["done_bytes"]) > p, 10, "progress after resume")
+    assert m.job(jid)["state"] == "running"
     m.ok("throttle", f"{jid} 0")
     assert cli("wait", jid, mnt=m.mnt).returncode == 0
     assert read(m.path("snapshots", "p1", "src")) == expect
@@ -857,14 +847,14 @@ def test_job_controls_and_persistence(mount, tmp_path):
     r = m.ok("snapshot", "src set=p2 context=plex pack=OTHER")
     j2 = r["job"]
     m.ok("throttle", f"{j2} 4M")
-    assert job(m, j2)["state"] == "running"
+    assert m.job(j2)["state"] == "running"
     assert m.ok("cancel", j2)["job"] == j2
-    wait_job(m, j2, ("cancelled",), 10)
+    m.wait_job(j2, ("cancelled",), 10)
     w = cli("wait", j2, mnt=m.mnt, check=False)
     assert w.returncode != 0 and "cancelled" in w.stderr
-    j = job(m, j2)
+    j = m.job(j2)
     assert int(j["percent"]) < 100 and j["finished"]
-    assert any("cancelled" in l for l in job_events(m, j2))
+    assert any("cancelled" in l for l in m.job_events(j2))
     # the array stays consistent: the cancelled plex still reads right
     assert read(m.path("snapshots", "p2", "src")) == expect
     out = cli("jobs", mnt=m.mnt).stdout
@@ -872,7 +862,7 @@ def test_job_controls_and_persistence(mount, tmp_path):
     refused(m, "resume", "999", errno.ENOENT)
     m.stop()
     m.start()
-    assert job(m, j2)["state"] == "cancelled" and job(m, jid)["state"] == "done"
+    assert m.job(j2)["state"] == "cancelled" and m.job(jid)["state"] == "done"
 
 
 # ---- 10. the full ext4 flow -----------------------------------------------------------
@@ -1080,11 +1070,11 @@ def test_bad_input(mount, tmp_path):
     m.ok("snapshot", "src set=s")
     jid = m.ok("resync", "s/src=far pack=OTHER")["job"]
     m.ok("throttle", f"{jid} 2M")
-    assert job(m, jid)["state"] == "running"
+    assert m.job(jid)["state"] == "running"
     refused(m, "snapshot", "far", errno.EBUSY)
     refused(m, "resync", "nightly/db=far", errno.EBUSY)
     m.ok("throttle", f"{jid} 0")
-    wait_job(m, jid)
+    m.wait_job(jid)
 
     # a destination the pack cannot hold: a pack on a 4 MiB filesystem takes
     # LUNs of at most 16 x 4 MiB, so a 1 GiB shadow copy does not fit

@@ -36,6 +36,7 @@ import trio
 import xxhash
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from fusearray import ctlclient
 from conftest import PY, run
 
 MiB = 1 << 20
@@ -403,6 +404,7 @@ def test_a_short_block_that_is_not_the_last_is_refused(arrays):
     assert arrays.call(_state, arrays.b) == arrays.base
 
 
+@pytest.mark.daemon_errors(r"MemoryError: staging")
 def test_an_error_while_staging_leaves_nothing_and_the_next_import_works(arrays, monkeypatch):
     """Defect 11: a failure after the staging set was added (here the
     volume's construction raises MemoryError) is undone: no staging set,
@@ -458,12 +460,10 @@ class Live:
                     os.write(fd, data[i:i + 128 << 10])
             except OSError as e:
                 err = e.errno
-            reply = b""
-            while chunk := os.read(fd, 65536):
-                reply += chunk
+            reply = ctlclient.read_reply(fd)
         finally:
             os.close(fd)
-        return err, dict(l.split("=", 1) for l in reply.decode().splitlines() if "=" in l)
+        return err, ctlclient.parse_reply(reply)
 
     def by_cli(self, args: list, stream: bytes) -> tuple[int, str]:
         path = self.tmp / "case.fas"

@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 
+from fusearray import ctlclient
 from conftest import PY, run, wait_for
 
 MiB = 1 << 20
@@ -253,9 +254,7 @@ def test_a_daemon_stopped_mid_import_keeps_it_for_resume(make_mount, tmp_path):
     b.start()
     job = next(j for j in b.status()["jobs"] if j["kind"] == "import")
     assert job["state"] == "paused", job
-    with open(b.path("ctl", "jobs", str(job["id"]))) as f:
-        off = int(dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
-                  ["stream_offset"])
+    off = int(b.job(job["id"])["stream_offset"])
     assert 16 * MiB <= off <= 48 * MiB, off      # checkpointed at the stop, not before
     assert "Traceback" not in b.output()
     assert os.listdir(b.path("snapshots")) == []
@@ -269,7 +268,7 @@ def _reply_of(s: socket.socket) -> dict:
     s.settimeout(120)
     while chunk := s.recv(4096):
         data += chunk
-    return dict(l.split("=", 1) for l in data.decode().splitlines() if "=" in l)
+    return ctlclient.parse_reply(data)
 
 
 def test_connections_are_bounded_per_peer_and_in_all_and_idle_ones_time_out(

@@ -23,6 +23,7 @@ import struct
 import subprocess
 
 
+from fusearray import ctlclient
 from conftest import PY, Mount, run, wait_for
 from fallbacks import punch_hole
 from fusearray import native
@@ -107,10 +108,6 @@ def used(m: Mount, pack: str = "main") -> int:
 def jobs(m: Mount, kind="import") -> list[dict]:
     return [j for j in m.status()["jobs"] if j["kind"] == kind]
 
-
-def job_text(m: Mount, jid) -> dict:
-    with open(m.path("ctl", "jobs", str(jid))) as f:
-        return dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
 
 
 def n_events(m: Mount) -> int:
@@ -522,7 +519,7 @@ def partial_import(m: Mount, stream, nbytes: int, *args) -> int:
     finally:
         end_proc(p)
     jid = j["id"]
-    wait_for(lambda: job_text(m, jid)["state"] == "paused", 30, f"import job {jid} to pause")
+    wait_for(lambda: m.job(jid)["state"] == "paused", 30, f"import job {jid} to pause")
     return jid
 
 
@@ -543,7 +540,7 @@ def test_interrupted_import_cancel_resume_and_restart(make_mount, tmp_path):
     wait_for(lambda: f"import job {jid} interrupted at stream offset" in b.events(), 30,
              "the interruption to be logged")
     b.ok("cancel", str(jid))
-    assert job_text(b, jid)["state"] == "cancelled"
+    assert b.job(jid)["state"] == "cancelled"
     wait_for(lambda: used(b) <= u0, 30, "the cancelled import's space to be reclaimed")
     assert listed(b) == [] and b.status()["sets"] == []
     r = fa(b, "import", big, "--resume", check=False)
@@ -552,11 +549,11 @@ def test_interrupted_import_cancel_resume_and_restart(make_mount, tmp_path):
     # interrupted, then resumed from where it stopped
     jid = partial_import(b, big, 96 * MiB)
     assert listed(b) == [] and b.status()["sets"] == []
-    off = int(job_text(b, jid)["stream_offset"])
+    off = int(b.job(jid)["stream_offset"])
     assert 32 * MiB < off <= 96 * MiB, off
     r = fa(b, "import", big, "--as", "S", "--resume")
     assert "imported set S" in r.stdout, r.stdout
-    assert job_text(b, jid)["state"] == "done"
+    assert b.job(jid)["state"] == "done"
     assert f"import job {jid} resumes at stream offset {off}" in b.events()
     cmp_file(a.path("snapshots", "S", "big"), b.path("snapshots", "S", "big"))
     assert xattrs(b.path("snapshots", "S", "big"))["wwn"] == \
@@ -566,13 +563,13 @@ def test_interrupted_import_cancel_resume_and_restart(make_mount, tmp_path):
     jid = partial_import(b, big, 128 * MiB, "--as", "S3", "--remap")
     b.stop()
     b.start()
-    assert job_text(b, jid)["state"] == "paused"
+    assert b.job(jid)["state"] == "paused"
     assert listed(b) == ["S"] and [s["name"] for s in b.status()["sets"]] == ["S"]
-    off = int(job_text(b, jid)["stream_offset"])
+    off = int(b.job(jid)["stream_offset"])
     assert 64 * MiB < off < total, off
     r = fa(b, "import", big, "--as", "S3", "--resume")
     assert "imported set S3" in r.stdout, r.stdout
-    assert job_text(b, jid)["state"] == "done" and listed(b) == ["S", "S3"]
+    assert b.job(jid)["state"] == "done" and listed(b) == ["S", "S3"]
     cmp_file(a.path("snapshots", "S", "big"), b.path("snapshots", "S3", "big"))
     assert xattrs(b.path("snapshots", "S3", "big"))["wwn"] != \
         xattrs(b.path("snapshots", "S", "big"))["wwn"]
@@ -591,8 +588,8 @@ def test_resume_from_a_fresh_export_through_a_pipe(make_mount, tmp_path):
         cmp_file(a.path("snapshots", "S", "big"), b.path("snapshots", "S", "big"))
     else:     # refusing is acceptable if it is clear and the partial import is kept
         assert "corrupt" not in r.stderr and "damaged" not in r.stderr \
-            and job_text(b, jid)["state"] == "paused", \
-            (r.stderr, job_text(b, jid))
+            and b.job(jid)["state"] == "paused", \
+            (r.stderr, b.job(jid))
 
 
 def test_export_read_in_odd_sizes_from_the_shell(mount, tmp_path):
@@ -804,8 +801,7 @@ def _ctl_stream(m, verb: str, writes: list[bytes], read_back: bool = True):
 
 
 def _pairs(data: bytes) -> dict:
-    return dict(l.split("=", 1) for l in data.decode(errors="replace").splitlines()
-                if "=" in l)
+    return ctlclient.parse_reply(data)
 
 
 def test_ctl_export_and_import_check_their_command_line_at_its_write(mount, tmp_path):
