@@ -2,7 +2,8 @@
 
 Array-side commands (init, mount, umount) act on directories; every other
 command talks to a mount through its ctl/ files, exactly as a shell script
-would (`exec 3<>ctl/VERB; echo ARGS >&3; cat <&3`). Export and import hand
+would (`exec 3<>ctl/VERB; echo ARGS >&3; cat <&3`), with the ctl client
+fusearray/ctlclient.py; one subcommand per verb of ctl.VERB_NAMES. Export and import hand
 the daemon their file's descriptor through its stream socket instead
 (fusearray/streamsock.py), so the stream does not cross FUSE; ctl/export
 and ctl/import are the fallback.

@@ -219,6 +219,27 @@ class Mount:
         """Write a command as a script does; returns (errno or 0, reply)."""
         return ctlclient.call(self.mnt, verb, line)
 
+    def ctl_writes(self, verb: str, chunks) -> tuple[list[int], bytes, int]:
+        """Each chunk its own write(2) on one descriptor of ctl/VERB, then
+        the reply read to its end, then the close: ([errno of each write or
+        0], reply, errno of the close or 0)."""
+        fd = os.open(self.path("ctl", verb), os.O_RDWR)
+        errs, cerr = [], 0
+        try:
+            for c in chunks:
+                try:
+                    os.write(fd, c)
+                    errs.append(0)
+                except OSError as e:
+                    errs.append(e.errno)
+            reply = ctlclient.read_reply(fd)
+        finally:
+            try:
+                os.close(fd)
+            except OSError as e:
+                cerr = e.errno
+        return errs, reply, cerr
+
     def ok(self, verb: str, line: str) -> dict:
         err, reply = self.ctl(verb, line)
         assert err == 0 and reply.get("status") == "ok", (verb, line, reply)

@@ -160,25 +160,11 @@ async def test_lines_that_are_refused(line):
 
 
 # ---- on a mount -------------------------------------------------------------------
-def raw(m, verb, *chunks, close_err=False):
+def raw(m, verb, *chunks):
     """Write `chunks` as separate write(2) calls on one descriptor, then
     read the reply and close. Returns ([errno of each write], reply,
     errno of close)."""
-    fd = os.open(m.path("ctl", verb), os.O_RDWR)
-    errs, cerr = [], 0
-    try:
-        for c in chunks:
-            try:
-                os.write(fd, c)
-                errs.append(0)
-            except OSError as e:
-                errs.append(e.errno)
-        reply = os.read(fd, 65536)
-    finally:
-        try:
-            os.close(fd)
-        except OSError as e:
-            cerr = e.errno
+    errs, reply, cerr = m.ctl_writes(verb, chunks)
     return errs, reply.decode(errors="replace"), cerr
 
 

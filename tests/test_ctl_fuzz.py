@@ -341,21 +341,7 @@ def send(m, verb: str, chunks: list[bytes], mode: str):
         r = subprocess.run(["dash", "-c", f"printf {shlex.quote(fmt)} > {path}"],
                            capture_output=True, timeout=120)
         return [0 if r.returncode == 0 else -1], 0, b""
-    fd = os.open(path, os.O_RDWR)
-    errs, cerr = [], 0
-    try:
-        for c in chunks:
-            try:
-                os.write(fd, c)
-                errs.append(0)
-            except OSError as e:
-                errs.append(e.errno)
-        reply = os.read(fd, 1 << 16)
-    finally:
-        try:
-            os.close(fd)
-        except OSError as e:
-            cerr = e.errno
+    errs, reply, cerr = m.ctl_writes(verb, chunks)
     return errs, cerr, reply
 
 

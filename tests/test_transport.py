@@ -781,22 +781,9 @@ def test_hostile_headers_are_refused_before_anything_is_staged(make_mount, tmp_p
     assert "Traceback" not in b.output()
 
 
-def _ctl_stream(m, verb: str, writes: list[bytes], read_back: bool = True):
+def _ctl_stream(m, verb: str, writes: list[bytes]):
     """Write each piece on one descriptor of ctl/VERB; (errnos, reply)."""
-    fd = os.open(m.path("ctl", verb), os.O_RDWR)
-    errs = []
-    try:
-        for w in writes:
-            try:
-                os.write(fd, w)
-                errs.append(0)
-            except OSError as e:
-                errs.append(e.errno)
-        data = b""
-        while read_back and (chunk := os.read(fd, 1 << 20)):
-            data += chunk
-    finally:
-        os.close(fd)
+    errs, data, _ = m.ctl_writes(verb, writes)
     return errs, data
 
 
