@@ -244,6 +244,16 @@ def test_thin_allocation_punch_and_du(mount):
     # punch a hole: those blocks read zeros and are freed (without the
     # interposer: EOPNOTSUPP, then zeros written, see tests/fallbacks.py)
     punch_hole(p, 100 * MiB, 4 * MiB)
+    with open(m.path("ctl", "events")) as f:
+        events = f.read()
+    native_line = [ln for ln in events.splitlines() if "native:" in ln]
+    assert native_line, "no native: event at mount"
+    if INTERPOSER:
+        assert "libfuse interposer on" in native_line[-1], native_line
+    else:       # the daemon said why punch-hole fails, and what to do instead
+        assert "libfuse interposer off" in native_line[-1], native_line
+        assert "fallocate (punch-hole, discard) is not available" in events
+        assert "FUSEARRAY_NATIVE=0" in events and "Write zeros" in events
     with open(p, "rb") as f:
         f.seek(100 * MiB)
         assert f.read(4 * MiB) == bytes(4 * MiB)
