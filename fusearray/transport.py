@@ -381,7 +381,7 @@ def _check_and_ids(hasher, items, checks) -> list:
     ids: list = [None] * len(items)
     for (i, data, _, _), b in zip(checks, both):
         if data is datas[i]:
-            ids[i] = hasher._id(data, b[8:])
+            ids[i] = hasher.block_id_from(data, b[8:])
     rest = [k for k, d in enumerate(datas) if ids[k] is None and d is not None]
     for k, bid in zip(rest, hasher.block_ids([datas[k] for k in rest])):
         ids[k] = bid

@@ -33,229 +33,26 @@ and written again to a new segment; any that no longer read back right are
 lost, and from then on every sync fails (nothing more is committed, so a
 restart returns to the last durable state).
 """
-import bisect
 import contextlib
 import errno
-import json
 import mmap
 import os
-import struct
 import threading
 import time
 
-import xxhash
+from ..errors import ChecksumError
+from ..perms import FILE_MODE, private_dir
+from .disks import ERROR_LIMIT, Disk
+from .hasher import Hasher
+from .records import (HDR, IOV_MAX, MAGIC, NOT_THE_DISK, NOWAIT, Gather, fsync_dir, in_memory,
+                      pwritev_all, scratch, verify_mapped, xor, xor_at)
 
-from . import ZERO_ID
-from .errors import ChecksumError
-from .perms import FILE_MODE, private_dir
-
-HDR = struct.Struct("<4s16sI")
-MAGIC = b"FAB1"
 SEGMENT_LIMIT = 64 << 20
 SEGMENT_MIN = 4 << 20
 SPARES = 8                # dead segment files kept for reuse (see retire_blocking)
 SPARE_IDLE = 30.0         # seconds without a new segment before extra spares go
-LABEL = "fusearray-disk.json"
-_IOV_MAX = 1024
-_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 CHUNK = 64 << 10          # raid5 stripe unit
-#: write errors that say nothing about the disk: raised to the caller, not
-#: counted against it (EFAULT: the source buffer faulted, e.g. a stream file
-#: cut short under an import's mapping)
-_NOT_THE_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFAULT)
 MAPS_MAX = 64             # segment files kept mapped for reads
-ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
-
-
-# None when not available (see fusearray.native): pure-Python XOR; hashing
-# by python-xxhash with the GIL held; no reads from mapped files
-from .native import hash128_many as _hash128_many
-from .native import verify_mapped as _verify_mapped
-from .native import xor_into as _xor_into
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(n: int):
-    """Two n-byte buffers private to the calling thread, reused call after
-    call (memoryviews; their content is whatever the last user left)."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None or len(bufs[0]) < n:
-        bufs = _SCRATCH.bufs = (memoryview(bytearray(n)), memoryview(bytearray(n)))
-    return bufs[0][:n], bufs[1][:n]
-
-
-def _xor(parts):
-    """XOR of equal-length buffers (a new bytes-like object)."""
-    acc = bytearray(parts[0])
-    for p in parts[1:]:
-        _xor_at(acc, 0, p)
-    return acc
-
-
-def _xor_at(acc: bytearray, at: int, src) -> None:
-    """acc[at:at+len(src)] ^= src."""
-    n = len(src)
-    if _xor_into is not None:
-        _xor_into(memoryview(acc)[at:at + n], src)
-    else:
-        x = int.from_bytes(acc[at:at + n], "little") ^ int.from_bytes(src, "little")
-        acc[at:at + n] = x.to_bytes(n, "little")
-
-
-class _Gather:
-    """A batch of buffers as one logical byte string, sliced into views
-    without copying (RAID-5 cuts a batch of records into stripe chunks)."""
-
-    def __init__(self, bufs):
-        self.views = [memoryview(b) for b in bufs]
-        self.starts = []
-        pos = 0
-        for v in self.views:
-            self.starts.append(pos)
-            pos += len(v)
-        self.size = pos
-
-    def slices(self, start: int, n: int) -> list:
-        i = bisect.bisect_right(self.starts, start) - 1
-        out = []
-        while n > 0:
-            v = self.views[i]
-            o = start - self.starts[i]
-            take = min(len(v) - o, n)
-            if take > 0:
-                out.append(v[o:o + take])
-                start += take
-                n -= take
-            i += 1
-        return out
-
-
-def _in_memory(path: str) -> bool:
-    """Is `path` on tmpfs/ramfs (reads never block on a device)?"""
-    path = os.path.realpath(path)
-    best, fstype = "", ""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[4]
-                typ = parts[parts.index("-") + 1]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, typ
-    except (OSError, ValueError, IndexError):
-        return False
-    return fstype in ("tmpfs", "ramfs")
-
-
-def _pwritev_all(fd: int, iov, offset: int) -> None:
-    want = sum(len(b) for b in iov)
-    done = os.pwritev(fd, iov, offset)
-    if done != want:   # short write: finish it piecewise
-        data = b"".join(bytes(b) for b in iov)
-        while done < want:
-            n = os.pwrite(fd, data[done:], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write to segment")
-            done += n
-
-
-class Hasher:
-    """Block ids: xxHash3-128 keyed with the array's random 64-bit seed.
-
-    The key keeps ids unpredictable to an outsider (xxh3 is not
-    cryptographic); `verify` mode in the array confirms dedup hits byte for
-    byte. All-zero blocks get ZERO_ID and are never stored."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._zeros: dict[int, tuple[bytes, bytes]] = {}    # size -> (zeros, their hash)
-
-    def _zero(self, n: int) -> tuple[bytes, bytes]:
-        z = self._zeros.get(n)
-        if z is None:
-            zeros = bytes(n)
-            z = self._zeros[n] = (zeros, xxhash.xxh3_128_digest(zeros, self.seed))
-        return z
-
-    def is_zero(self, data) -> bool:
-        zeros = self._zero(len(data))[0]
-        # bytes/bytearray compare with memcmp; a memoryview compares item
-        # by item (30x slower), so it is compared as bytes
-        return (data if type(data) is not memoryview else data.tobytes()) == zeros
-
-    def block_ids(self, datas) -> list:
-        """block_id of each buffer; the hashing runs without the GIL when
-        the shim was built with XXH3 (same ids: checked in the tests)."""
-        if _hash128_many is not None:
-            raw = _hash128_many(datas, self.seed)
-        else:
-            raw = [xxhash.xxh3_128_digest(d, self.seed) for d in datas]
-        return [self._id(d, bid) for d, bid in zip(datas, raw)]
-
-    def block_id(self, data) -> bytes:
-        return self._id(data, xxhash.xxh3_128_digest(data, self.seed))
-
-    def _id(self, data, bid: bytes) -> bytes:
-        """The hash first (memory speed for any buffer type); only a block
-        hashing like all-zeros is compared byte for byte."""
-        if bid == self._zero(len(data))[1] and self.is_zero(data):
-            return ZERO_ID
-        return bid
-
-
-class Disk:
-    """A host directory holding a pack's segment files (and its label).
-    state: online | missing | failed | stale | invalid. `since`: the first
-    segment it may lack (set when it leaves; a rebuild starts there)."""
-
-    def __init__(self, idx: int, path: str, state: str = "online", since=None):
-        self.idx = idx
-        self.path = path
-        self.state = state
-        self.since = since
-        self.errors = 0
-
-    @property
-    def segdir(self) -> str:
-        return os.path.join(self.path, "segments")
-
-    def seg_path(self, seq: int) -> str:
-        return os.path.join(self.segdir, f"{seq:08d}.seg")
-
-    def write_label(self, array_uuid: str, pack: str) -> None:
-        private_dir(self.path)           # raw data: the owner's alone (0700)
-        private_dir(self.segdir)
-        write_file_atomic(os.path.join(self.path, LABEL), json.dumps(
-            {"array": array_uuid, "pack": pack, "disk": self.idx}).encode())
-
-    def read_label(self) -> dict:
-        with open(os.path.join(self.path, LABEL), "rb") as f:
-            return json.loads(f.read())
-
-
-def write_file_atomic(path: str, data: bytes) -> None:
-    """tmp, fsync, rename, fsync the directory. The file is 0600 (labels,
-    array.json with the secret that keys the dedup hash)."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)         # a .tmp left by an older version
-        _pwritev_all(fd, [data], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Pack:
@@ -310,7 +107,7 @@ class Pack:
         self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
         self._row: tuple | None = None       # raid5: (seg, row, bytearray) of the tail row
         self.seg_limit = SEGMENT_LIMIT       # set from the capacity at open
-        self._nowait = _NOWAIT               # preadv2 flags for reads on the loop
+        self._nowait = NOWAIT               # preadv2 flags for reads on the loop
         self._gap = bytearray(HDR.size)      # where record headers go in a run read
         self.reserve = 2 * SEGMENT_LIMIT     # free space only GC may use
         # above the reserve: free space only overwrites of blocks a LUN
@@ -347,26 +144,7 @@ class Pack:
 
     # ---- disks ---------------------------------------------------------------
     def _label_ok(self, d: Disk, array_uuid: str | None) -> bool:
-        return self._label_state(d, array_uuid) == "ok"
-
-    def _label_state(self, d: Disk, array_uuid: str | None) -> str:
-        """ok | missing (no directory or no label) | invalid (a label that is
-        unreadable or from another pack or array)."""
-        try:
-            lab = d.read_label()
-        except FileNotFoundError:
-            return "missing"
-        except OSError as e:
-            if e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM) and \
-                    os.path.isdir(d.path):
-                return "error"          # the disk failed a read: not a wrong label
-            return "invalid" if os.path.isdir(d.path) else "missing"
-        except ValueError:
-            return "invalid" if os.path.isdir(d.path) else "missing"
-        if lab.get("pack") == self.name and lab.get("disk") == d.idx and \
-                (array_uuid is None or lab.get("array") == array_uuid):
-            return "ok"
-        return "invalid"
+        return d.label_state(self.name, array_uuid) == "ok"
 
     def check_disks_blocking(self, array_uuid: str | None = None,
                              segs: list | None = None) -> None:
@@ -375,7 +153,7 @@ class Pack:
         taken on the trio thread)."""
         expected = {f"{seq:08d}.seg" for seq in segs or ()}
         for d in self.disks:
-            label = self._label_state(d, array_uuid)
+            label = d.label_state(self.name, array_uuid)
             ok = label == "ok"
             if d.state == "online" and label == "error":
                 self.disk_error(d, "reading its label failed")
@@ -456,7 +234,7 @@ class Pack:
         removed: set = set()
         top = 0
         for d in self.disks:
-            label = self._label_state(d, array_uuid) if d.state == "online" else "ok"
+            label = d.label_state(self.name, array_uuid) if d.state == "online" else "ok"
             if label == "error":
                 label = "invalid"
             if label != "ok":
@@ -624,7 +402,7 @@ class Pack:
         for bid, data in records:
             n = len(data)
             full = not self.active_open or self.active_tail + HDR.size + n > self.seg_limit
-            if full or len(iov) >= _IOV_MAX:
+            if full or len(iov) >= IOV_MAX:
                 if iov:
                     self._write(iov, start)
                     iov = []
@@ -643,7 +421,7 @@ class Pack:
     def _write(self, iov, offset) -> None:
         seq = self.active_seq
         if self.layout == "raid5":
-            self._write_raid5(seq, _Gather(iov), offset)
+            self._write_raid5(seq, Gather(iov), offset)
             return
         wrote = 0
         failed: list = []
@@ -652,11 +430,11 @@ class Pack:
             if fd is None:
                 continue
             try:
-                _pwritev_all(fd, iov, offset)
+                pwritev_all(fd, iov, offset)
                 self._unsynced.add((d.idx, seq))
                 wrote += 1
             except OSError as e:
-                if e.errno in _NOT_THE_DISK:
+                if e.errno in NOT_THE_DISK:
                     raise
                 failed.append((d, e))
         for d, e in failed:
@@ -668,7 +446,7 @@ class Pack:
             raise failed[-1][1] if failed else \
                 OSError(errno.EIO, f"no disk of pack {self.name} took the write")
 
-    def _write_raid5(self, seq: int, data: "_Gather", offset: int) -> None:
+    def _write_raid5(self, seq: int, data: "Gather", offset: int) -> None:
         """Data pieces go to their disks as views of the batch's buffers
         (pwritev, no joining); each row's parity is written with them. A
         full row's parity is XORed straight from the batch; a partial row
@@ -680,7 +458,7 @@ class Pack:
         def put(di: int, doff: int, views) -> None:
             views = views if type(views) is list else [views]
             run = runs.get(di)
-            if run is not None and run[0] + run[1] == doff and len(run[2]) < _IOV_MAX - 64:
+            if run is not None and run[0] + run[1] == doff and len(run[2]) < IOV_MAX - 64:
                 run[1] += sum(len(v) for v in views)
                 run[2] += views
                 return
@@ -696,7 +474,7 @@ class Pack:
                 for j in range(k):
                     at = 0
                     for v in data.slices(pos + j * CHUNK, CHUNK):
-                        _xor_at(parity, at, v)
+                        xor_at(parity, at, v)
                         at += len(v)
             else:
                 if self._row is None or self._row[:2] != (seq, row):
@@ -712,7 +490,7 @@ class Pack:
                     buf[at:at + len(v)] = v
                     at += len(v)
                 bv = memoryview(buf)
-                parity = _xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)])
+                parity = xor([bv[j * CHUNK:(j + 1) * CHUNK] for j in range(k)])
             for di, doff, n, loff in self._pieces(offset + pos, take):
                 put(di, doff, data.slices(loff - offset, n))
             put(self._parity_disk(row), row * CHUNK, parity)
@@ -729,10 +507,10 @@ class Pack:
         if fd is None:
             return                     # a missing disk: parity covers it
         try:
-            _pwritev_all(fd, data if type(data) is list else [data], off)
+            pwritev_all(fd, data if type(data) is list else [data], off)
             self._unsynced.add((di, seq))
         except OSError as e:
-            if e.errno in _NOT_THE_DISK:
+            if e.errno in NOT_THE_DISK:
                 raise
             if not strict:
                 self.disk_error(d, f"write failed: {e.strerror}")
@@ -778,7 +556,7 @@ class Pack:
         for di in others[1:]:
             if not self._get_into(di, seq, off, tmp):
                 return False
-            _xor_at(acc, 0, tmp)
+            xor_at(acc, 0, tmp)
         return True
 
     def _read_logical(self, seq: int, off: int, n: int, avoid: int | None = None):
@@ -840,7 +618,7 @@ class Pack:
             self._put(di, seg, off, data)
 
     def read_nowait(self, bid: bytes, loc):
-        """Read a block only if the page cache has it (preadv2 RWF_NOWAIT):
+        """Read a block only if the page cache has it (preadv2 RWFNOWAIT):
         safe on the event loop. None when it would block or anything is
         unusual; then use read_blocking in a thread."""
         if loc is None or self._nowait is None:
@@ -864,7 +642,7 @@ class Pack:
             j = i + 1
             if di is not None and loc is not None and loc[2] == len(dst):
                 end = loc[1] + loc[2]   # extend the run while the next record follows on
-                while j < len(items) and j - i < _IOV_MAX // 2:
+                while j < len(items) and j - i < IOV_MAX // 2:
                     nloc = items[j][1]
                     if nloc is None or nloc[0] != loc[0] or nloc[1] != end + HDR.size \
                             or nloc[2] != len(items[j][2]):
@@ -910,7 +688,7 @@ class Pack:
         a view cannot crash the daemon (the check is SIGBUS-guarded, see
         _fuseshim.c)."""
         out = [None] * len(bids)
-        if _verify_mapped is None or self._nowait is None:
+        if verify_mapped is None or self._nowait is None:
             return out
         raid5 = self.layout == "raid5"
         di = None if raid5 else self._first_online()
@@ -934,7 +712,7 @@ class Pack:
         if not views:
             return out
         try:
-            bad = set(_verify_mapped(views, [bids[i] for i in idx], self.hasher.seed, on_disk))
+            bad = set(verify_mapped(views, [bids[i] for i in idx], self.hasher.seed, on_disk))
         except OSError:
             return out
         for k, i in enumerate(idx):
@@ -966,7 +744,7 @@ class Pack:
         path = self.disks[di].path
         mem = self._mem_paths.get(path)
         if mem is None:
-            mem = self._mem_paths[path] = _in_memory(path)
+            mem = self._mem_paths[path] = in_memory(path)
         with self._lock:                # the fd table's lock: closers hold it
             if self.fds.get(key) != fd:     # closed (and maybe reused) meanwhile
                 return None
@@ -995,13 +773,13 @@ class Pack:
             return os.preadv(fd, iov, off, self._nowait)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP:
-                # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
-                self._nowait = 0 if all(_in_memory(d.path) for d in self.disks) else None
+                # tmpfs has no RWFNOWAIT, but its reads never wait for a device
+                self._nowait = 0 if all(in_memory(d.path) for d in self.disks) else None
             return -1
 
     def _verified(self, bid: bytes, data) -> bool:
         # stored blocks are never all-zero, so the id is the plain keyed hash
-        return xxhash.xxh3_128_digest(data, self.hasher.seed) == bid
+        return self.hasher.verified(bid, data)
 
     def sync_blocking(self) -> list:
         """Make every append so far durable (fsync the files written and the
@@ -1252,7 +1030,7 @@ class Pack:
         src = [x for x in self.disks if x is not d and x.state == "online"]
         if not src:
             raise OSError(errno.EIO, f"no online disk of pack {self.name} to rebuild from")
-        acc, tmp = _scratch(n)
+        acc, tmp = scratch(n)
         if self.layout == "raid5":
             ok = self._reconstruct_into(d.idx, seq, off, acc, tmp)
         else:
@@ -1263,7 +1041,7 @@ class Pack:
         private_dir(d.segdir)
         fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            _pwritev_all(fd, [acc], off)
+            pwritev_all(fd, [acc], off)
             if off + n >= self.disk_file_size(seq):
                 os.ftruncate(fd, self.disk_file_size(seq))
                 os.fsync(fd)
@@ -1316,7 +1094,7 @@ class Pack:
                 stored = self._get(p, seq, row * CHUNK, CHUNK)
                 if None in chunks or stored is None:
                     continue
-                want = _xor(chunks)
+                want = xor(chunks)
                 if want != stored:
                     self._put(p, seq, row * CHUNK, want)
                     repaired += 1
