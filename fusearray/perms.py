@@ -58,24 +58,25 @@ class Access:
         return CTL_VERB_MODE | 0o060, self.uid, self.ctl_gid
 
 
-def _uid(name: str) -> int:
+def _id_of(name: str, option: str, kind: str, look_up) -> int:
+    """The uid or gid `name` gives: a number as it is, else the id of the
+    user or group of that name (`look_up`: pwd.getpwnam or grp.getgrnam)."""
     if name.isdigit():
         return int(name)
     try:
-        return pwd.getpwnam(name).pw_uid
+        return look_up(name)
     except KeyError:
-        raise ArrayError(errno.EINVAL, f"--owner {name}: no such user (give a user name "
-                         "or a numeric uid)") from None
+        number = "uid" if kind == "user" else "gid"
+        raise ArrayError(errno.EINVAL, f"{option} {name}: no such {kind} (give a {kind} "
+                         f"name or a numeric {number})") from None
+
+
+def _uid(name: str) -> int:
+    return _id_of(name, "--owner", "user", lambda n: pwd.getpwnam(n).pw_uid)
 
 
 def _gid(name: str, option: str) -> int:
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ArrayError(errno.EINVAL, f"{option} {name}: no such group (give a group "
-                         "name or a numeric gid)") from None
+    return _id_of(name, option, "group", lambda n: grp.getgrnam(n).gr_gid)
 
 
 def parse_mode(text: str) -> int:
