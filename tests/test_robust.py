@@ -582,10 +582,13 @@ def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_moun
     assert m.job(jid)["state"] == "running", m.job(jid)
     m.kill9()
     m.start()
+    # the resumed worker plans (and says so) once it runs, which may be a
+    # moment after the mount serves: wait for it (read at once, it was
+    # missing twice in full runs on a loaded machine)
+    resumed = wait_for(lambda: [l for l in m.job_events(jid) if "resumes" in l], 30,
+                       "the resumed rebuild's event")
     ev = m.job_events(jid)
     first = float(re.search(r"started: ([\d.]+)M to rebuild", "\n".join(ev)).group(1))
-    resumed = [l for l in ev if "resumes" in l]
-    assert len(resumed) == 1, ev
     again = float(re.search(r"resumes at \d+% after a restart: ([\d.]+)M to rebuild",
                             resumed[0]).group(1))
     assert again <= first - 48, (first, again, resumed)     # a segment: ~64 MiB
@@ -593,6 +596,7 @@ def test_a_recover_resumed_after_sigkill_keeps_the_segments_it_rebuilt(make_moun
     j = wait_for(lambda: (j := m.job(jid))["state"] != "running" and j, 60, "the rebuild")
     assert j["state"] == "done", j
     wait_pack(m, "fast", "healthy", ["online", "online"])
+    assert len([l for l in m.job_events(jid) if "resumes" in l]) == 1, m.job_events(jid)
     check_redundancy(m, "fast", [disks["d1"], disks["d2"]], "mirror")
     shutil.rmtree(disks["d1"])
     wait_pack(m, "fast", "degraded", ["missing", "online"])
