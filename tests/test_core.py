@@ -110,7 +110,7 @@ def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tm
     seq = locs[0][0]
     views = pack.mapped_blocks(bids, locs)
     assert [bytes(v) for v in views] == datas
-    assert (0, seq) in pack._maps          # served from disk 0, the first online copy
+    assert (0, seq) in pack.files.maps          # served from disk 0, the first online copy
     del views
 
     with open(disks[0].seg_path(seq), "r+b") as f:       # bit rot on disk 0
@@ -128,7 +128,7 @@ def test_mapped_reads_verify_in_place_and_survive_a_file_truncated_under_them(tm
     for bid, loc, d in zip(bids, locs, datas):
         assert pack.read_blocking(bid, loc) == d
     pack.close_segment_blocking(seq)
-    assert not pack._maps                  # a closed file's mapping goes with its fd
+    assert not pack.files.maps                  # a closed file's mapping goes with its fd
     pack.close_blocking()
 
 
@@ -212,7 +212,7 @@ def test_raid5_mapped_reads_hash_a_block_in_pieces_across_the_disks(tmp_path):
     seq = locs[0][0]
 
     def on(i):          # the disks block i has a piece on
-        return {di for di, _, _, _ in pack._pieces(locs[i][1], locs[i][2])}
+        return {di for di, _, _, _ in pack.strategy.pieces(locs[i][1], locs[i][2])}
 
     views = pack.mapped_blocks(bids, locs)
     assert all(type(v) is tuple for v in views)
@@ -222,7 +222,7 @@ def test_raid5_mapped_reads_hash_a_block_in_pieces_across_the_disks(tmp_path):
 
     # bit rot in the second piece of a block that spans two disks
     i = next(i for i in range(len(datas)) if len(on(i)) > 1)
-    di, doff, ln, loff = pack._pieces(locs[i][1], locs[i][2])[1]
+    di, doff, ln, loff = pack.strategy.pieces(locs[i][1], locs[i][2])[1]
     at = loff - locs[i][1] + 5
     with open(disks[di].seg_path(seq), "r+b") as f:
         f.seek(doff + 5)
@@ -807,12 +807,12 @@ async def test_a_long_write_back_collects_the_garbage_it_makes_as_it_goes(tmp_pa
         await a.sync()
         await a.collect_garbage()
         rolls = []
-        roll = pack._roll_blocking
+        roll = pack.segs.roll_blocking
 
         def spy():
             rolls.append(bool(pack.spares))
             roll()
-        monkeypatch.setattr(pack, "_roll_blocking", spy)
+        monkeypatch.setattr(pack.segs, "roll_blocking", spy)
         new = rng.randbytes(96 * MiB)
         for off in range(0, 96 * MiB, MiB):
             await vol.write(off, new[off:off + MiB])

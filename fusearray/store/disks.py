@@ -1,8 +1,26 @@
-"""Disks: a pack's host directories and their labels.
+"""Disks: a pack's host directories, their labels and their health.
 
-`Disk` is one directory: its label (which array, pack and position it
-belongs to), its segment files' paths, its state and error count. The
-rules by which a disk leaves its pack are the pack's (see pack.py).
+`Disk` is one directory (its label, its segment files' paths, its state:
+online | missing | failed | stale | invalid). `DiskHealth` holds the rules
+by which a pack's disks leave it: an I/O or checksum error counts against
+a disk (ERROR_LIMIT of them fail it), a disk whose write or fsync fails
+while another holds the data is failed at once, like md, and the last
+disk holding the data is never failed (that would only make the rest
+unreadable: its errors go to the caller). Which disks a layout can do
+without is the layout's to say (`Layout.can_lose`, `Layout.failed`).
+
+Threads: a disk leaves (`DiskHealth.lose`) in whichever thread finds it
+failing: a worker thread appending or syncing (under the array's commit
+lock), reading or healing a block (no lock: reads run beside appends),
+checking the disks (under the commit lock from the committer, without it
+from `recover`), or rebuilding and scrubbing. Its state is a single
+attribute write read without a lock: a reader that sees the old state
+tries the disk and fails over as for an I/O error. `lose` closes the
+disk's files through the fd table's lock (files.py) and reads the
+segments' unsynced bookkeeping to set `since` (segments.py). The trio
+thread changes states too (recovery: stale, replace) under the commit
+lock. Messages go to the pack's `notes` (list.append: safe from any
+thread; the array drains them on the trio thread).
 """
 import errno
 import json
@@ -63,3 +81,89 @@ class Disk:
                 (array_uuid is None or lab.get("array") == array_uuid):
             return "ok"
         return "invalid"
+
+
+class DiskHealth:
+    """The pack's disks as a whole: their state, and the failing of one.
+    `pack` is the pack: its name, layout strategy and notes, and, when a
+    disk leaves, its segments (`since_lost`) and fd table (`close_disk`)."""
+
+    def __init__(self, pack):
+        self.pack = pack
+        self.disks: list[Disk] = pack.disks
+
+    def online(self) -> list[Disk]:
+        return [d for d in self.disks if d.state == "online"]
+
+    @property
+    def state(self) -> str:
+        bad = sum(d.state != "online" for d in self.disks)
+        if not bad:
+            return "healthy"
+        return "failed" if self.pack.strategy.failed(bad) else "degraded"
+
+    def can_lose(self, d: Disk) -> bool:
+        """Would the pack's data stay readable without disk `d`? (A single
+        disk, the last online copy of a mirror or a second raid5 disk
+        never is failed: that would make the data unreadable, not safer.)"""
+        others = sum(x is not d and x.state == "online" for x in self.disks)
+        return self.pack.strategy.can_lose(others)
+
+    def lose(self, d: Disk, state: str, why: str) -> None:
+        """Disk `d` leaves the pack (`state`: missing, failed, invalid)."""
+        if d.state != "online":
+            return
+        pack = self.pack
+        d.state = state
+        # what it holds but never fsynced may be gone: a rebuild starts there
+        d.since = pack.segs.since_lost(d)
+        pack.files.close_disk(d)
+        what = {"degraded": "data is still readable (redundancy lost)",
+                "failed": "some data can no longer be read"}.get(self.state, "")
+        pack.note("error", f"disk {d.idx} of pack {pack.name} ({d.path}) is {state}: {why}; "
+                  f"the pack is {self.state}: {what}; run `recover {pack.name}` when the "
+                  f"disk is back, or `replace {pack.name} {d.idx} NEW_DIR`")
+
+    def disk_error(self, d: Disk, what: str) -> None:
+        d.errors += 1
+        last = not self.can_lose(d)
+        self.pack.note("warning", f"disk {d.idx} of pack {self.pack.name} ({d.path}): {what} "
+                       + ("(the last disk holding the data: it stays in service)" if last
+                          else f"(error {d.errors} of {ERROR_LIMIT})"))
+        if d.errors >= ERROR_LIMIT and not last:
+            self.lose(d, "failed", f"{d.errors} I/O or checksum errors")
+
+    def write_failed(self, d: Disk, e: OSError, others_wrote: bool = True) -> None:
+        """An append's write to `d` failed (another disk took it when
+        `others_wrote`): out it goes if the pack can do without it, else it
+        counts against it."""
+        if others_wrote and self.can_lose(d):      # it lacks this record: out it goes
+            self.lose(d, "failed", f"a write to it failed: {e.strerror}")
+        else:
+            self.disk_error(d, f"write failed: {e.strerror}")
+
+    def check_blocking(self, array_uuid: str | None, segs) -> None:
+        """Notice disks that vanished or came back (a worker thread, every
+        few seconds). `segs`: the segments every online disk must hold."""
+        pack = self.pack
+        expected = {f"{seq:08d}.seg" for seq in segs or ()}
+        for d in self.disks:
+            label = d.label_state(pack.name, array_uuid)
+            ok = label == "ok"
+            if d.state == "online" and label == "error":
+                self.disk_error(d, "reading its label failed")
+            elif d.state == "online" and not ok:
+                self.lose(d, label, "its directory or label is gone" if label == "missing"
+                          else "its label is unreadable or belongs elsewhere")
+            elif d.state == "online":
+                try:
+                    gone = expected - set(os.listdir(d.segdir))
+                except OSError:
+                    gone = expected
+                if gone:
+                    self.lose(d, "missing", f"{len(gone)} segment file(s) are gone "
+                              "from its directory")
+            elif d.state == "missing" and ok:
+                d.state = "stale"
+                pack.note("warning", f"disk {d.idx} of pack {pack.name} ({d.path}) is "
+                          f"back but older than the pack: run `recover {pack.name}`")

@@ -1,5 +1,6 @@
 """The segment record format and the byte-level helpers every part of the
-store shares. No state: pure functions, constants and a per-thread scratch.
+store shares. No state: functions, constants and a per-thread scratch
+(safe from any thread).
 
 On-disk record (one per block): header `MAGIC | id (16) | length (u32)`,
 then the data. Files written here are the owner's alone (0600).
@@ -10,7 +11,7 @@ import os
 import struct
 import threading
 
-from ..native import hash128_many, verify_mapped, xor_into
+from ..native import hash128_many, verify_mapped, xor_into  # noqa: F401 (for the package)
 from ..perms import FILE_MODE
 
 HDR = struct.Struct("<4s16sI")
@@ -22,10 +23,10 @@ NOWAIT = getattr(os, "RWF_NOWAIT", None)
 #: cut short under an import's mapping)
 NOT_THE_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFAULT)
 
-# the accelerators (None when not available, see fusearray.native): then
-# pure-Python XOR; hashing by python-xxhash with the GIL held; no reads
-# from mapped files
-__all__ = ["hash128_many", "verify_mapped", "xor_into"]
+# The accelerators, imported here for the store's modules (None when not
+# available, see fusearray.native): then pure-Python XOR (xor_at), hashing
+# by python-xxhash with the GIL held (hasher.py), no reads from mapped
+# files (reads.py).
 
 _SCRATCH = threading.local()
 
