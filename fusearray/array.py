@@ -1,33 +1,42 @@
-"""The array: packs, volumes, the catalogue, the committer, GC and events.
-
-State ownership: the Array object (trio thread) owns every in-memory
-structure; the catalogue is written only by the committer, in a worker
-thread, under `_lock`. Every metadata change (create, delete, resize, tags)
-and every data commit goes through `_commit()`, the single commit point:
-
-    flush dirty cache -> store (segments)         [thread]
-    merge overlays into maps, store new nodes     [trio + thread]
-    fsync segment files                           [thread]
-    one SQLite transaction: index rows, roots, catalogue rows, events [thread]
-
-`sync()` is what fsync on a LUN calls: it returns once every write
-acknowledged before it is committed (group commit: one commit serves every
-fsync that arrived before it started).
-
-The Array is the coordinator: it opens and closes the array and builds
-collaborators, each the one owner of its state and given what it needs
-(never the Array):
+"""The array: the coordinator. It creates arrays (`init_array`), opens and
+closes one (the array lock file, the catalogue, the packs, the previous
+session's record) and builds its collaborators, each the one owner of its
+state and given what it needs (never the Array):
+- `reader` (reader.BlockReader): block and map-node reads (the node cache);
+- `journal` (events.EventJournal): events, logged, shown and journaled;
+- `runner` (jobs.JobRunner): every job, its worker, its row and journal;
 - `ns` (namespace.Namespace): volumes, LUNs, shadow copy sets, identities;
-- `runner` (jobs.JobRunner): every job, its worker, events and journal;
+- `writeback` (writeback.WriteBack): the dirty cache's write-back, dedup and
+  store of blocks, merge, the commit point and its lock, durability
+  (fsync), admission near a full pack, the committer task;
+- `collector` (gc.Collector, the write-back's partner): garbage collection,
+  plan then execute, and the roots pinned by exports;
 - `shadows` (shadows.Shadows): snapshot, resync, swap, delete of shadow
   copies, the copy jobs, the staging API of an import;
 - `recovery` (recovery.Recovery): recover, replace, scrub jobs.
-The fs and ctl layers call the Array's public methods, which delegate.
+
+State it owns itself: the pack table (`packs`, shared with the
+write-back, collector and recovery, which read it; filled by `open`
+before the committer starts, then changed only by `add_pack`, under the
+commit lock), the catalogue handle (opened and closed here, written only
+by the write-back's commit), the block cache and node cache it hands out,
+the array lock file and running marker. Its part of each commit
+(`_prepare_commit` / `_committed`, called by WriteBack.commit on the trio
+thread) adds the events and their journal, the namespace's and runner's
+counters, and retires those journals once the transaction is in.
+
+Threads: everything here runs on the trio thread but, in worker threads,
+`_open_blocking` (before anything is shared), `check_new_disks` and the
+preparation of a new pack's disks (paths nothing else uses yet). Every
+change (create, delete, resize, flags, add pack) takes the write-back's
+commit lock and ends with its `commit` (a delete: with a collection);
+the steps of a commit and what a crash leaves after each are in
+writeback.py. The fs and ctl layers call the Array's public methods,
+which delegate.
 """
 import errno
 import fcntl
 import json
-import logging
 import math
 import os
 import secrets
@@ -36,12 +45,12 @@ import uuid
 
 import trio
 
-from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, ZERO_ID, maps
+from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, maps
 from .catalogue import Catalogue, Changes
 from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
-from .errors import ArrayError, ChecksumError, busy, exists, invalid, ioerror, notfound, nospace
+from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .perms import FILE_MODE, private_dir, tighten
-from .store import SPARE_IDLE, SPARES, Disk, Hasher, Pack, write_file_atomic
+from .store import Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
 from .jobs import JobRunner
 from .namespace import Namespace
@@ -49,8 +58,8 @@ from .reader import BlockReader, NodeCache
 from .recovery import Recovery
 from .shadows import Shadows
 from .volume import BlockCache, Volume
-
-log = logging.getLogger("fusearray")
+from .writeback import Collision, WriteBack, per_volume, store_hashed
+from .writeback import OVERCOMMIT  # noqa: F401  (tools/bench reads fusearray.array.OVERCOMMIT)
 
 ARRAY_FILE = "array.json"
 CATALOGUE_FILE = "catalogue.db"
@@ -59,21 +68,6 @@ LOCK_FILE = "lock"
 CRASH_FILE = "crash.json"            # what the last daemon died of (daemon.py writes it)
 RUNNING_FILE = "running"             # a daemon has the array open: gone at a clean close
 LAYOUTS = ("single", "mirror", "raid5")
-#: A LUN may be this many times larger than its pack (thin provisioning).
-OVERCOMMIT = 16
-COMMIT_INTERVAL = 5.0
-GC_INTERVAL = 10.0
-GC_GARBAGE_MIN = 64 << 20
-DISK_CHECK_INTERVAL = 2.0
-#: Merge overlays into maps once this much is flushed (finds garbage sooner).
-OVERLAY_MERGE = 256 << 20
-FLUSH_BATCH = 16 << 20
-#: On a full pack, segments with this share of garbage or more are
-#: compacted (GC's usual bar is half): overwrites (a file system's journal
-#: and metadata) leave garbage spread thin over many segments.
-RECLAIM_RATIO = 0.95
-#: A full or failed pack's dirty blocks are retried this often.
-FLUSH_RETRY = 3.0
 
 
 def _bs_ok(bs: int) -> bool:
@@ -223,40 +217,34 @@ class Array:
         self.journal = EventJournal(self.path)   # events: logged, shown, journaled (events.py)
         self.events = self.journal.log           # what ctl/events shows
         self.reader = BlockReader(self.nodes, self.journal.event, self.drain_notes)
-        self.durable_seq = 0      # every write up to this one (any volume) is durable
         self.started = time.time()
-        self._lock = trio.Lock()
-        self._db = trio.CapacityLimiter(1)
-        self._pending = Changes()
-        self._dirty_rows: set = set()
-        self._gc_wanted = False
-        self._garbage: dict = {}                 # pack name -> bytes overwritten since its last GC
-        self._meta_changed = False               # disk states changed
-        self._reclaiming = False
-        self._last_disk_check = 0.0
-        self._last_commit = 0.0
-        self._last_gc = 0.0
         self._lockfd = None
         self._open_infos: list = []              # (level, message) found while opening
         self.catalogue: Catalogue | None = None
-        self.fatal: BaseException | None = None
-        self._dirty_jobs: set = set()
-        self._pins: list = []                    # (vol, root, height) kept by exports
         self.nursery = None                      # the daemon's: set by `open`
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
         self.mountpoint: str | None = None       # set by the daemon (disks must be outside)
         self.previous_session: list[str] = []    # how the last daemon ended, if badly
         # ---- the collaborators (each given what it needs, none the Array) ----
-        self.writeback = _WriteBackNames(self)
-        self.collector = _CollectorNames(self)
+        # (the runner and the namespace are made before the write-back whose
+        # mark_job/mark_row they are given: the write-back takes the
+        # namespace's volume table)
         self.runner = JobRunner(os.path.join(self.path, JOB_JOURNAL), event=self.journal.event,
-                                mark_dirty=self.writeback.mark_job)
+                                mark_dirty=lambda job: self.writeback.mark_job(job))
         self.ns = Namespace(self.conf["uuid"], self.conf["vendor"],
                             make_volume=self._make_volume,
                             changes=lambda: self.writeback.changes,
-                            mark_row=self.writeback.mark_row,
+                            mark_row=lambda vol: self.writeback.mark_row(vol),
                             volume_dropped=self.runner.volume_dropped)
         self.volumes = self.ns.volumes           # every live volume, also deleted-but-open
+        self.writeback = WriteBack(self.packs, self.volumes, self.cache, self.nodes,
+                                   self.hasher, self.verify, reader=self.reader,
+                                   event=self.journal.event, drain_notes=self.drain_notes,
+                                   round_start=self.journal.flush_summaries,
+                                   uncommitted=lambda: bool(self.journal.uncommitted),
+                                   prepare_commit=self._prepare_commit,
+                                   committed=self._committed, array_uuid=self.conf["uuid"])
+        self.collector = self.writeback.collector
         self.luns = self.ns.luns
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
         self.jobs = self.runner.jobs
@@ -264,19 +252,18 @@ class Array:
                                collector=self.collector, read_locs=self.reader.read_locs,
                                loader=self.reader.loader, pack=self.pack, event=self.journal.event,
                                notify=lambda vol: self.notify(vol),
-                               store_hashed=_store_hashed, collision=_Collision)
+                               store_hashed=store_hashed, collision=Collision)
         self.recovery = Recovery(self.conf["uuid"], packs=self.packs, pack=self.pack,
-                                 runner=self.runner, lock=self._lock,
-                                 commit=self._commit, event=self.journal.event,
+                                 runner=self.runner, lock=self.writeback.lock,
+                                 commit=self.writeback.commit, event=self.journal.event,
                                  drain_notes=self.drain_notes,
                                  check_new_disks=self.check_new_disks)
 
     def _make_volume(self, row: dict, pack: Pack, source: Pack | None) -> Volume:
         """A Volume of catalogue row `row`, wired to the cache, the reader
-        and write admission (the Array's admit/pack_writable until the
-        write-back owns them)."""
-        return Volume(row, pack, cache=self.cache, reader=self.reader, admission=self,
-                      source=source)
+        and write admission (the write-back's admit/pack_writable)."""
+        return Volume(row, pack, cache=self.cache, reader=self.reader,
+                      admission=self.writeback, source=source)
 
     # the counters the commit persists (the namespace's and the runner's)
     @property
@@ -294,6 +281,27 @@ class Array:
     @property
     def job_journal(self):
         return self.runner.journal
+
+    def _prepare_commit(self, ch: Changes):
+        """The coordinator's part of a commit, on the trio thread just before
+        the transaction (WriteBack.commit): the events and the events
+        journal they came from, the namespace's and the runner's counters,
+        how far the job journal goes. Returns the token for `_committed`."""
+        ch.events, journal = self.journal.take()
+        if journal is not None:
+            ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
+        ch.meta.update(next_serial=self.next_serial, next_vid=self.next_vid,
+                       next_job=self.next_job)
+        noted = self.job_journal.notes if self.job_journal is not None else 0
+        return journal, noted
+
+    async def _committed(self, token) -> None:
+        """After the transaction: the journals it covers are retired."""
+        journal, noted = token
+        if journal is not None:
+            await self.journal.retire(journal)
+        if self.job_journal is not None:
+            self.job_journal.committed(noted)
 
     # ---- open / close --------------------------------------------------------
     def _take_lock(self) -> None:
@@ -354,7 +362,8 @@ class Array:
     def _open_blocking(self):
         self._take_lock()
         self.previous_session = self._previous_session_blocking()
-        cat = self.catalogue = Catalogue(os.path.join(self.path, CATALOGUE_FILE))
+        cat = self.catalogue = self.writeback.catalogue = Catalogue(
+            os.path.join(self.path, CATALOGUE_FILE))
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.path} belongs to another array")
@@ -421,8 +430,8 @@ class Array:
             self.event(level, n)
         self.event("info", f"array opened: {len(self.luns)} LUN(s), "
                    f"{len(self.packs)} pack(s)")
-        self._last_commit = time.monotonic()
-        nursery.start_soon(self._committer)
+        self.writeback.last_commit = time.monotonic()
+        nursery.start_soon(self.writeback.run_committer)
         self.runner.resume_all(nursery)   # each worker says it resumes, and where
 
     async def close(self) -> int:
@@ -434,25 +443,26 @@ class Array:
         only to an unmount or SIGTERM that bypassed it."""
         lost = 0
         try:
-            if self.fatal is None and self.catalogue is not None:
-                async with self._lock:
-                    await self._commit()
-                    unstored = self._unstored()
+            wb = self.writeback
+            if wb.fatal is None and self.catalogue is not None:
+                async with wb.lock:
+                    await wb.commit()
+                    unstored = wb.unstored()
                     lost = sum(unstored.values())
                     if lost:
-                        err = self._not_stored_error(None)
+                        err = wb.not_stored_error(None)
                         self.event("error", f"unmounted with {human_bytes(lost)} of "
-                                   f"acknowledged writes not stored ({_per_volume(unstored)}):"
+                                   f"acknowledged writes not stored ({per_volume(unstored)}):"
                                    f" they are lost; {err.message}. `fusearray umount` "
                                    "refuses this unless given --discard")
                     self.event("info", "array closed")
-                    await self._commit(flush=False)
+                    await wb.commit(flush=False)
         finally:
             for pack in self.packs.values():
                 pack.close_blocking()
             if self.catalogue is not None:
                 self.catalogue.close()
-                self.catalogue = None
+                self.catalogue = self.writeback.catalogue = None
             self.journal.close()
             self.runner.close()
             if self._lockfd is not None:
@@ -477,357 +487,13 @@ class Array:
             while pack.notes:
                 level, msg = pack.notes.pop(0)
                 self.event(level, msg)
-                self._meta_changed = True
+                self.writeback.mark_meta()
 
-    # ---- committer ---------------------------------------------------------------
-    async def _committer(self) -> None:
-        cache = self.cache
-        while True:
-            with trio.move_on_after(1.0):
-                await cache.wake_committer.wait()
-            if cache.wake_committer.is_set():
-                cache.wake_committer = trio.Event()
-            try:
-                await self._committer_round()
-            except ArrayError:
-                pass     # recorded as an event and in cache.errors; retried
-            except Exception as e:   # a bug: keep serving, say so, retry later
-                log.exception("committer failed")
-                self.event("error", f"internal error in the committer: "
-                           f"{type(e).__name__}: {e}; retrying")
-                self.cache.errors["*"] = ioerror(f"the array could not write back "
-                                                 f"data: {e}")
-                await trio.sleep(1)
-
-    async def _committer_round(self) -> None:
-        """One round of the committer: disk checks, write-back, the
-        periodic commit and GC. Its errors are the committer's to catch."""
-        cache = self.cache
-        self.flush_event_summaries()
-        now = time.monotonic()
-        if now - self._last_disk_check >= DISK_CHECK_INTERVAL:
-            self._last_disk_check = now
-            for pack in list(self.packs.values()):
-                before = [d.state for d in pack.disks]
-                async with self._lock:       # no segment retired meanwhile
-                    await trio.to_thread.run_sync(pack.check_disks_blocking,
-                                                  self.conf["uuid"], pack.sealed())
-                if before != [d.state for d in pack.disks]:
-                    self._meta_changed = True
-        self.drain_notes()
-        async with self._lock:
-            if cache.dirty_bytes > cache.flush_at:
-                # bounded: under a steady stream of writes the dirty
-                # level never drops, and an unbounded loop starved the
-                # commits and GC below (segments piled up, 7 GB of
-                # them for a 1 GB LUN, and fresh pages cost 4x)
-                budget = cache.dirty_limit
-                while cache.dirty_bytes > cache.flush_to and budget > 0:
-                    await self._flush(FLUSH_BATCH)
-                    budget -= FLUSH_BATCH
-                    await self._reclaim_as_we_go()
-            now = time.monotonic()
-            piled = sum(len(v.overlay) * v.block_size for v in self.volumes.values())
-            if (now - self._last_commit >= COMMIT_INTERVAL and self._needs_commit()) \
-                    or piled > OVERLAY_MERGE:
-                await self._commit()     # merging finds overwritten blocks
-            if self._gc_wanted:
-                if now - self._last_gc >= GC_INTERVAL:
-                    await self._gc()
-                elif pressing := self._garbage_pressing():
-                    await self._gc(pressing)
-            for pack in self.packs.values():
-                if len(pack.spares) > SPARES and now - pack.last_roll > SPARE_IDLE:
-                    await trio.to_thread.run_sync(pack.trim_spares_blocking, SPARES)
-
-    async def _reclaim_as_we_go(self) -> None:
-        """In a long write-back (a LUN overwritten end to end): once
-        OVERLAY_MERGE is flushed, fold it into the maps, and if that shows
-        a pack's garbage pressing, collect it there and then, without
-        flushing the rest (the old data's segments become spares for the
-        rest of the flush instead of after it: one overwrite pass took
-        twice the LUN's space, all of it new files, at a quarter of the
-        speed on the bench VM). Caller holds `_lock`."""
-        if sum(len(v.overlay) * v.block_size for v in self.volumes.values()) < OVERLAY_MERGE:
-            return
-        await self._merge()
-        pressing = self._garbage_pressing()
-        if pressing:
-            await self._gc(pressing, flush=False)
-
-    def _garbage_pressing(self) -> list:
-        """The packs with overwritten data worth reclaiming now rather than
-        at the next GC interval: a quarter of what each stores (so the
-        marking, which walks that pack's maps, stays in proportion). Per
-        pack: against the whole array, one LUN's overwrite pass found no GC
-        until it ended, and all of it went to fresh segment files. Both
-        sides logical: a mirror's copies would double the bar."""
-        return [name for name, garbage in self._garbage.items()
-                if name in self.packs
-                and garbage > max(GC_GARBAGE_MIN, self.packs[name].data_bytes() // 4)]
-
-    def _needs_commit(self) -> bool:
-        return bool(self.cache.dirty or self._dirty_rows or not self._pending.empty()
-                    or self.journal.uncommitted
-                    or self._dirty_jobs or self._meta_changed
-                    or any(v.overlay for v in self.volumes.values())
-                    or any(p.pending_add or p.pending_del for p in self.packs.values()))
-
-    async def _flush(self, max_bytes: int | None = None) -> None:
-        """Write dirty cache blocks to their packs; their ids go to the
-        volumes' overlays. Caller holds `_lock`.
-
-        The buffers are handed over, not copied: they are marked `shared`
-        and a write to one copies it first. Each pack is flushed on its
-        own: a full or failed pack keeps its blocks dirty (retried every
-        few seconds) and its error in `cache.errors`, while the others go
-        on. Raises the first pack error."""
-        cache = self.cache
-        now = time.monotonic()
-        groups: dict = {}
-        taken = 0
-        snap = cache.seq        # the buffers taken hold every write up to this one
-        for e in cache.dirty:
-            pack = e.vol.pack
-            if pack.name in cache.errors and now < cache.retry_at.get(pack.name, 0):
-                continue
-            if e.buf is not None:
-                e.shared = True
-            groups.setdefault(pack, []).append((e, e.gen, e.vol.generation, e.buf))
-            taken += e.vol.block_size
-            if max_bytes and taken >= max_bytes:
-                break
-        first = None
-        try:
-            for pack, batch in groups.items():
-                try:
-                    await self._flush_pack(pack, batch, snap)
-                    if cache.errors.pop(pack.name, None) is not None:
-                        self.event("info", f"pack {pack.name} accepts writes again")
-                except ArrayError as err:
-                    cache.errors[pack.name] = err
-                    cache.retry_at[pack.name] = now + FLUSH_RETRY
-                    first = first or err
-        finally:
-            for batch in groups.values():
-                for e, _, _, buf in batch:
-                    if e.buf is buf and type(buf) is bytearray:
-                        e.shared = False
-            cache.recount_stuck()
-            cache.flushed()
-        if first is not None:
-            raise first
-
-    async def _flush_pack(self, pack: Pack, batch, snap: int) -> None:
-        """Store `batch` [(entry, gen, volume generation, buf)], taken
-        when the last write acknowledged was number `snap`. Punched blocks
-        (buf None) need no space and go first, so that on a full pack the
-        reclaim below already frees what they punched."""
-        cache = self.cache
-        zeros = [b for b in batch if b[3] is None]
-        if zeros:
-            for e, gen, vgen, _ in zeros:
-                self._stored(e, gen, vgen, ZERO_ID, snap)
-            batch = [b for b in batch if b[3] is not None]
-            if not batch:
-                return
-        items = [(pack, b[3]) for b in batch]
-        try:
-            try:
-                ids, added = await trio.to_thread.run_sync(
-                    _hash_and_store, self.hasher, items, self.verify)
-            except OSError as err:
-                if err.errno not in (errno.ENOSPC, errno.EDQUOT) or self._reclaiming:
-                    raise
-                if pack.name in cache.errors and not self._gc_wanted and not zeros:
-                    raise       # full already, and nothing freed since the last reclaim
-                await self._reclaim()           # garbage first, then try again
-                ids, added = await trio.to_thread.run_sync(
-                    _hash_and_store, self.hasher, items, self.verify)
-        except OSError as err:
-            raise self._append_error(pack, err, quiet=pack.name in cache.errors) from None
-        except _Collision as c:
-            msg = (f"hash collision in pack {c.pack} on id {c.bid}: two different "
-                   "blocks share a content id; the write was refused (verify mode "
-                   "caught it)")
-            self.event("error", msg)
-            raise ioerror(msg) from None
-        for p, bid, loc in added:
-            p.add(bid, loc)
-        for (e, gen, vgen, _), bid in zip(batch, ids):
-            self._stored(e, gen, vgen, bid, snap)
-
-    def _stored(self, e, gen: int, vgen: int, bid: bytes, snap: int) -> None:
-        """Entry `e` as of generation `gen` is stored as `bid`: its id goes
-        to the overlay (unless the volume's content was replaced since)."""
-        vol = e.vol
-        if vgen != vol.generation or vol.cache.get(e.bno) is not e:
-            return
-        old = vol.overlay.get(e.bno)
-        if old is not None and old != bid and old != ZERO_ID:
-            self._add_garbage(vol)               # flushed, then overwritten
-            self._gc_wanted = True
-        elif bid == ZERO_ID:
-            self._gc_wanted = True               # punched: may free space (see admit)
-        vol.overlay[e.bno] = bid
-        cache = self.cache
-        cache.mark_clean(e, gen)
-        if e.dirty:     # written again meanwhile: only writes after `snap` are not stored
-            e.seq = max(e.seq, snap + 1)
-        elif type(e.buf) is memoryview:
-            cache.drop(e)   # a view pins its whole write request: let it go
-
-    def _append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
-        """The error writers get; an event unless the pack already had one."""
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            msg = (f"pack {pack.name} is full: {e.strerror}; writes fail with "
-                   "ENOSPC until space is freed (delete LUNs or shadow copies, "
-                   "punch holes / fstrim)")
-            err = nospace(msg)
-        else:
-            msg = f"I/O error writing to pack {pack.name}: {e.strerror or e}"
-            err = ioerror(msg)
-        if not quiet:
-            self.event("error", msg)
-        return err
-
-    async def _store_new(self, items, reserve_ok: bool = False) -> None:
-        """Append the blocks of `items` [(pack, id, data)] their pack does not
-        hold yet. Dedup hits are confirmed byte for byte in verify mode."""
-        new: dict = {}
-        check = []
-        for pack, bid, data in items:
-            if bid == ZERO_ID:
-                continue
-            recs = new.setdefault(pack, {})
-            if bid in recs:
-                continue
-            loc = pack.lookup(bid)
-            if loc is None:
-                recs[bid] = data
-            elif self.verify:
-                check.append((pack, bid, loc, data))
-        if check:
-            for pack, bid, loc, data in check:
-                old = (await self.reader.read_locs(pack, [bid], [loc]))[0]
-                if old != data:
-                    msg = (f"hash collision in pack {pack.name} on id {bid.hex()}: "
-                           "two different blocks share a content id; the write "
-                           "was refused (verify mode caught it)")
-                    self.event("error", msg)
-                    raise ioerror(msg)
-        for pack, recs in new.items():
-            if not recs:
-                continue
-            records = list(recs.items())
-            try:
-                locs = await trio.to_thread.run_sync(pack.append_blocking, records,
-                                                     reserve_ok)
-            except OSError as e:
-                raise self._append_error(pack, e) from None
-            for (bid, _), loc in zip(records, locs):
-                pack.add(bid, loc)
-
-    async def _merge(self) -> None:
-        """Fold every overlay into its map; store the new nodes."""
-        for vol in list(self.volumes.values()):
-            need = maps.height_for(vol.nblocks)
-            if not vol.overlay and need <= vol.height:
-                continue
-            new_nodes = []
-
-            def emit(nid, data, _n=new_nodes):
-                self.nodes.add(nid, data)
-                _n.append((nid, data))
-            merged = dict(vol.overlay)
-            root, height = vol.root, vol.height
-            if need > height:
-                root = maps.grow(root, height, need, emit, self.hasher)
-                height = need
-            stats: dict = {}
-            root, delta = await maps.apply(root, height, merged, self.reader.loader(vol),
-                                           emit, self.hasher, stats)
-            await self._store_new([(vol.pack, nid, data) for nid, data in new_nodes], True)
-            vol.root, vol.height = root, height
-            vol.allocated += delta
-            for bno, bid in merged.items():
-                if vol.overlay.get(bno) == bid:
-                    del vol.overlay[bno]
-            self._dirty_rows.add(vol)
-            if stats["replaced"]:
-                self._gc_wanted = True   # something was overwritten or zeroed
-                self._add_garbage(vol, stats["replaced"])
-
-    async def _commit(self, flush: bool = True) -> None:
-        """The commit point. Caller holds `_lock`. flush=False commits only
-        what is already stored (the index and catalogue changes)."""
-        if self.fatal is not None:
-            raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
-        seq = self.cache.seq
-        if flush:
-            try:
-                await self._flush()
-            except ArrayError:
-                pass    # in cache.errors and the blocks stay dirty: writers and
-                        # sync() see it (_mark_durable); the catalogue changes still commit
-            await self._merge()
-        for pack in self.packs.values():
-            lost_before = pack.lost_writes
-            try:
-                moved = await trio.to_thread.run_sync(pack.sync_blocking)
-            except OSError as e:      # not durable: nothing is committed (see Pack.sync_blocking)
-                self.drain_notes()
-                raise self._append_error(pack, e, quiet=lost_before is not None) from None
-            for bid, loc in moved:    # written again after a failed fsync
-                pack.add(bid, loc)
-        ch, self._pending = self._pending, Changes()
-        ch.events, journal = self.journal.take()
-        if journal is not None:
-            ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
-        for pack in self.packs.values():
-            adds, dels = pack.take_pending()
-            if adds:
-                ch.blocks_add[pack.name] = adds
-            if dels:
-                ch.blocks_del[pack.name] = dels
-        ch.volumes = [v.row() for v in self._dirty_rows if not v.deleted]
-        self._dirty_rows = set()
-        ch.meta.update(next_serial=self.next_serial, next_vid=self.next_vid,
-                       next_job=self.next_job)
-        ch.jobs = [j.row() for j in self._dirty_jobs]
-        noted = self.job_journal.notes if self.job_journal is not None else 0
-        ch.disks = [(p.name, d.idx, d.path, d.state, d.since)
-                    for p in self.packs.values() for d in p.disks]
-        self._dirty_jobs = set()
-        try:
-            await trio.to_thread.run_sync(self.catalogue.commit_blocking, ch,
-                                          limiter=self._db)
-        except Exception as e:
-            self.fatal = e
-            log.exception("catalogue commit failed")
-            raise ioerror(f"catalogue commit failed: {e}; the array stopped "
-                          "accepting changes, remount it") from None
-        if journal is not None:
-            await self.journal.retire(journal)
-        if self.job_journal is not None:
-            self.job_journal.committed(noted)
-        if flush:       # every overlay was merged: what is not dirty is committed
-            self._mark_durable(seq)
-        self._meta_changed = False
-        if flush:       # commits of what is stored (GC during a write-back) don't put it off
-            self._last_commit = time.monotonic()
-        await self._delete_dead_segments()
-
-    async def _delete_dead_segments(self) -> None:
-        """After a commit: segments nothing points into any more are
-        recycled (or deleted while a read is still in flight on them)."""
-        for pack in self.packs.values():
-            for seg in pack.dead_segments():
-                if pack.drop_dead_segment(seg):     # being read: closed after the read
-                    await trio.to_thread.run_sync(pack.unlink_segment_blocking, seg)
-                else:
-                    reuse = pack.free_bytes() > 8 * pack.reserve   # never on a full pack
-                    await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)
+    # ---- the write-back's, for the fs and ctl layers -----------------------------
+    @property
+    def durable_seq(self) -> int:
+        """Every write up to this one (any volume) is stored and committed."""
+        return self.writeback.durable_seq
 
     @property
     def write_seq(self) -> int:
@@ -835,356 +501,16 @@ class Array:
         return self.cache.seq
 
     async def sync(self, vol: Volume | None = None) -> None:
-        """fsync, fdatasync and a loop device's flush of `vol` (None: of
-        every volume). The contract (DESIGN 4.1), exactly:
-
-        - It returns only when every write to `vol` acknowledged before it
-          was called is stored in its pack and committed (the catalogue
-          transaction that makes it reachable after a crash is in), so a
-          SIGKILL or a host crash after it loses none of them.
-        - Otherwise it raises, every time it is called, for as long as one
-          of those writes is not stored: ENOSPC (the pack is full) or EIO
-          (a disk write failed, the commit failed). Each call retries the
-          write-back first (no back-off), so the first call after space
-          is freed or the fault is gone succeeds. A write stops counting
-          only once stored, or once its data is dropped on purpose (the
-          LUN deleted or its content replaced by a command, `umount
-          --discard`).
-
-        Accounting: the cache numbers acknowledged writes (BlockCache.seq);
-        a dirty block's `seq` bounds the oldest unstored write in it from
-        below; after each commit a volume's `durable_seq` is the highest
-        number below which none of its writes is unstored (_mark_durable).
-        Group commit: one commit serves every fsync waiting for the lock."""
-        target = self.cache.seq if vol is None else vol.last_write
-        if self._durable(vol) >= target:
-            return
-        async with self._lock:
-            if self._durable(vol) >= target:
-                return
-            cache = self.cache
-            for name in ([vol.pack.name] if vol is not None else list(cache.errors)):
-                cache.retry_at.pop(name, None)     # retried now, not after the back-off
-            try:
-                await self._commit()
-            except ArrayError:
-                if self._durable(vol) >= target:
-                    return          # a later step failed; what fsync covers is in
-                raise
-            if self._durable(vol) < target:
-                raise self._not_stored_error(vol)
+        """fsync of `vol` (None: of every volume): WriteBack.sync."""
+        await self.writeback.sync(vol)
 
     async def sync_all(self, discard: bool = False) -> dict:
-        """ctl `sync all [discard=yes]`, what `fusearray umount` runs before
-        it unmounts: every acknowledged write of every volume stored and
-        committed (sync(None)), or ENOSPC/EIO saying how much of which
-        LUN is not, and the array stays as it is. With `discard`, blocks
-        that still cannot be stored after a last try are dropped (the LUN
-        reads what it held before those writes) and an event says how
-        much of which LUN was dropped."""
-        try:
-            await self.sync(None)
-            return {"unstored_bytes": 0}
-        except ArrayError as err:
-            unstored = self._unstored()
-            if not unstored:
-                raise
-            if not discard:
-                raise ArrayError(err.errno, f"{human_bytes(sum(unstored.values()))} of "
-                                 f"acknowledged writes are not stored "
-                                 f"({_per_volume(unstored)}): {err.message}. Free space "
-                                 "(or repair the pack) and retry, or drop them with "
-                                 "`fusearray umount --discard` (ctl: sync all "
-                                 "discard=yes)") from None
-        async with self._lock:
-            cache = self.cache
-            for name in list(cache.errors):
-                cache.retry_at.pop(name, None)
-            try:
-                await self._flush()         # a last try: what can be stored is
-            except ArrayError:
-                pass
-            dropped: dict = {}
-            for e in list(cache.dirty):
-                if e.vol.pack.name in cache.errors or "*" in cache.errors:
-                    dropped[e.vol] = dropped.get(e.vol, 0) + e.vol.block_size
-                    cache.drop(e)
-            cache.recount_stuck()
-            total = sum(dropped.values())
-            if total:
-                self.event("warning", f"dropped {human_bytes(total)} of acknowledged "
-                           f"writes that could not be stored ({_per_volume(dropped)}), "
-                           "as asked (sync all discard=yes, `fusearray umount --discard`);"
-                           " those blocks read as they were before the writes")
-            await self._commit()
-        await self.sync(None)
-        return {"unstored_bytes": 0, "dropped_bytes": total}
-
-    def _unstored(self) -> dict:
-        """{volume: bytes} of dirty blocks of packs that refused them."""
-        cache = self.cache
-        out: dict = {}
-        for e in cache.dirty:
-            if e.vol.pack.name in cache.errors or "*" in cache.errors:
-                out[e.vol] = out.get(e.vol, 0) + e.vol.block_size
-        return out
-
-    def _durable(self, vol: Volume | None) -> int:
-        return self.durable_seq if vol is None else vol.durable_seq
-
-    def _not_stored_error(self, vol: Volume | None) -> ArrayError:
-        err = self.cache.error_for(vol.pack.name if vol is not None else None)
-        if err is not None:
-            return err
-        what = f"{vol.kind} {vol.path}" if vol is not None else "the array"
-        return ioerror(f"writes to {what} are not stored yet (the last write-back "
-                       "did not take them); the fsync failed, retry it")
-
-    def _mark_durable(self, seq: int) -> None:
-        """After a commit of everything stored when it started, `seq` the
-        last write acknowledged then: each volume's writes up to `seq` are
-        durable but those still in a dirty block (a full or failed pack)."""
-        oldest: dict = {}
-        low = seq + 1
-        for e in self.cache.dirty:
-            if e.seq <= seq:
-                v = e.vol
-                if e.seq < oldest.get(v, low):
-                    oldest[v] = e.seq
-        for v in self.volumes.values():
-            v.durable_seq = max(v.durable_seq, oldest.get(v, low) - 1)
-        self.durable_seq = max(self.durable_seq, min(oldest.values(), default=low) - 1)
-
-    async def pack_writable(self, pack: Pack) -> None:
-        """A write to `pack`, whose last write-back failed, may go on only
-        once its unstored blocks are stored (raises the pack's error
-        otherwise). Space may have come back since: a statvfs (in a worker
-        thread) says so for the host's file system; a delete or a punch
-        hole frees space at the next collection, run here if one is due.
-        Then the pack's blocks are written back at once, without waiting
-        for the retry back-off."""
-        cache = self.cache
-        err = cache.error_for(pack.name)
-        if err is None:
-            return
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            await trio.to_thread.run_sync(pack.refresh_space_blocking)
-            if not self._has_room(pack) and not self._frees_pending(pack):
-                raise err                   # still full, and nothing freed since
-        elif time.monotonic() < cache.retry_at.get(pack.name, 0):
-            raise err                       # a failed disk: retried after the back-off
-        async with self._lock:
-            if cache.error_for(pack.name) is None:
-                return                      # stored meanwhile
-            cache.retry_at.pop(pack.name, None)
-            try:
-                if self._has_room(pack) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    await self._flush()
-                else:
-                    await self._gc()        # frees what was deleted or punched; retries
-            except ArrayError:
-                pass
-        err = cache.error_for(pack.name)
-        if err is not None:
-            raise err
-
-    async def admit(self, vol: Volume, off: int, end: int) -> None:
-        """Admission control near a full pack: a write is acknowledged only
-        if its pack can store it, so a full pack refuses the write itself
-        (ENOSPC) and never the fsync after it (that is left to space taken
-        from outside and to failed disks). Every block already dirty in the
-        cache is counted as needing its space. New data may not use the
-        pack's `slack`; overwrites of blocks the LUN already holds may (a
-        file system's superblock, journal replay and metadata on a pack its
-        data filled, so it can be mounted again and fstrim free it); the
-        `reserve` below it is the collector's. A delete or punch hole not
-        yet collected is collected here first."""
-        pack, cache = vol.pack, self.cache
-        if pack.state == "failed":
-            return          # no space figure to go by: its write-back says EIO
-        bs = vol.block_size
-        first, last = off // bs, (end - 1) // bs
-        need = sum(bs for b in range(first, last + 1)
-                   if not ((e := vol.cache.get(b)) is not None and e.dirty))
-        collected = False
-        while True:
-            await trio.to_thread.run_sync(pack.refresh_space_blocking)
-            dirty = sum(e.vol.block_size for e in cache.dirty
-                        if e.buf is not None and e.vol.pack is pack)
-            room = pack.free_bytes() - pack.reserve - dirty - need
-            if room >= pack.slack:
-                pack.admit_refused = False
-                return
-            if room >= 0:
-                held = True
-                for b in range(first, last + 1):
-                    e = vol.cache.get(b)
-                    if e is not None and e.buf is not None:
-                        continue
-                    if e is not None or await vol.current_id(b) == ZERO_ID:
-                        held = False
-                        break
-                if held:
-                    pack.admit_refused = False
-                    return
-            if collected:
-                break
-            collected = True
-            # wait for the lock before refusing: a GC another write started
-            # clears _gc_wanted at its start, so without waiting a write
-            # racing it saw nothing pending and was refused (ENOSPC) just
-            # before that GC freed the space; then look once more
-            async with self._lock:
-                if self._frees_pending(pack):
-                    try:
-                        await self._gc()
-                    except ArrayError:
-                        pass
-        msg = (f"pack {pack.name} is full: {human_bytes(max(pack.free_bytes(), 0))} free, "
-               f"{human_bytes(pack.reserve + pack.slack)} of it kept for collection and "
-               "overwrites; the write was refused with ENOSPC. Free space: delete LUNs "
-               "or shadow copies, punch holes / fstrim")
-        if not pack.admit_refused:
-            pack.admit_refused = True
-            self.event("error", msg)
-        raise nospace(msg)
-
-    def _frees_pending(self, pack: Pack) -> bool:
-        """Something may free space in `pack` at the next collection: a
-        delete or overwrite since the last one, or a punched block not yet
-        written back."""
-        return self._gc_wanted or any(e.buf is None and e.vol.pack is pack
-                                      for e in self.cache.dirty)
-
-    def _has_room(self, pack: Pack) -> bool:
-        """As of its last statvfs, `pack` can take its stuck dirty blocks."""
-        stuck = sum(e.vol.block_size for e in self.cache.dirty if e.vol.pack is pack)
-        return pack.free_bytes() >= pack.reserve + stuck + (1 << 20)
-
-    # ---- garbage collection ----------------------------------------------------
-    def _add_garbage(self, vol: Volume, blocks: int = 1) -> None:
-        name = vol.pack.name
-        self._garbage[name] = self._garbage.get(name, 0) + blocks * vol.block_size
-
-    async def _gc(self, only: list | None = None, flush: bool = True) -> None:
-        """Mark every block reachable from a volume, sweep the rest, compact
-        sparse segments, commit, delete emptied segments; with `only`, in
-        those packs alone (their volumes' maps are all it walks); with
-        flush=False, what is already stored only (dirty blocks stay in the
-        cache; see _commit). Caller holds `_lock`."""
-        if only is None:
-            self._gc_wanted = False
-            self._garbage.clear()
-            self._last_gc = time.monotonic()
-        for name in only or ():
-            self._garbage.pop(name, None)
-        if flush:
-            await self._flush()
-        await self._merge()
-        live, seen = await self._mark_live(only)
-        freed = 0
-        for name in live:
-            pack = self.packs[name]
-            freed += pack.sweep(live[name])
-            pack.seal_if_sparse()
-            await self._compact(pack)
-        await self._commit(flush)
-        if freed:
-            log.info("gc freed %s", human_bytes(freed))
-        await self._retry_full_packs()
-
-    async def _retry_full_packs(self) -> None:
-        """After GC freed space: a pack that refused writes for being full
-        is retried at once (its blocks still dirty from the failed writes
-        are flushed, which clears its error), or, with none left, its error
-        is cleared. Writers then get in without waiting for the back-off."""
-        cache = self.cache
-        for pack in list(self.packs.values()):
-            err = cache.errors.get(pack.name)
-            if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                continue
-            if pack.free_bytes() <= pack.reserve:
-                continue                     # still full
-            cache.retry_at[pack.name] = 0
-            if any(e.vol.pack is pack for e in cache.dirty):
-                try:
-                    await self._flush()
-                except ArrayError:
-                    pass                     # still an error: writers keep getting it
-            elif cache.errors.pop(pack.name, None) is not None:
-                cache.recount_stuck()
-                self.event("info", f"pack {pack.name} accepts writes again")
-
-    async def _compact(self, pack: Pack, ratio: float = 0.5) -> None:
-        """Move the live blocks out of segments less than `ratio` live
-        (they die at the next commit). May use the pack's reserve."""
-        for seg in pack.sparse_segments(ratio):
-            entries = pack.entries_in(seg)
-            bids = [b for b, _ in entries]
-            datas = await self.reader.read_locs(pack, bids, [loc for _, loc in entries])
-            try:
-                locs = await trio.to_thread.run_sync(pack.append_blocking,
-                                                     list(zip(bids, datas)), True)
-            except OSError as e:
-                log.warning("compaction of pack %s stopped: %s", pack.name, e)
-                return
-            for b, loc in zip(bids, locs):
-                pack.add(b, loc)
-
-    async def _mark_live(self, only: list | None = None):
-        """Every id reachable from a volume, an overlay or a pinned root,
-        per pack (of the packs in `only`, default all)."""
-        names = list(self.packs) if only is None else [n for n in only if n in self.packs]
-        live: dict = {name: set() for name in names}
-        seen: dict = {name: set() for name in names}   # per pack: a node shared
-        for vol in list(self.volumes.values()):        # across packs counts in each
-            if vol.source is not None:     # its blocks must stay in both packs
-                if vol.source.name not in live and vol.pack.name not in live:
-                    continue
-                mine: set = set(vol.overlay.values())
-                await maps.mark(vol.root, vol.height, self.reader.loader(vol), mine, set())
-                for name in (vol.source.name, vol.pack.name):
-                    if name in live:
-                        live[name] |= mine
-            elif vol.pack.name in live:
-                await maps.mark(vol.root, vol.height, self.reader.loader(vol),
-                                live[vol.pack.name], seen[vol.pack.name])
-                live[vol.pack.name].update(vol.overlay.values())
-        for vol, root, height in list(self._pins):
-            if vol.source is not None:     # still copied: in both packs, as above
-                mine = set()
-                await maps.mark(root, height, self.reader.loader(vol), mine, set())
-                for name in (vol.source.name, vol.pack.name):
-                    if name in live:
-                        live[name] |= mine
-            elif vol.pack.name in live:
-                await maps.mark(root, height, self.reader.loader(vol), live[vol.pack.name],
-                                seen[vol.pack.name])
-        return live, seen
-
-    async def _reclaim(self) -> None:
-        """A pack is full: free what no map references, without writing
-        anything new (no flush, no compaction). Caller holds `_lock`."""
-        self._reclaiming = True
-        try:
-            try:
-                await self._merge()     # overwritten blocks become garbage (small writes)
-            except ArrayError:
-                pass
-            self._gc_wanted = False     # this is a collection: set again by what frees
-            live, _ = await self._mark_live()
-            freed = sum(p.sweep(live[n]) for n, p in self.packs.items())
-            for pack in self.packs.values():
-                pack.seal_if_sparse(1.0)
-                await self._compact(pack, RECLAIM_RATIO)
-            await self._commit(flush=False)
-            log.info("reclaim on a full pack freed %s", human_bytes(freed))
-        finally:
-            self._reclaiming = False
+        """ctl `sync all [discard=yes]`: WriteBack.sync_all."""
+        return await self.writeback.sync_all(discard)
 
     async def collect_garbage(self) -> None:
-        async with self._lock:
-            await self._gc()
+        async with self.writeback.lock:
+            await self.collector.collect()
 
     # ---- commands ---------------------------------------------------------------
     def pack(self, name: str | None) -> Pack:
@@ -1203,13 +529,6 @@ class Array:
     def new_identity(self) -> tuple[str, str]:
         return self.ns.new_identity()
 
-    def _check_fits(self, pack: Pack, size: int) -> None:
-        cap = pack.capacity_bytes()
-        if size > cap * OVERCOMMIT:
-            raise nospace(f"pack {pack.name} cannot hold a LUN of {human_bytes(size)}: "
-                          f"its capacity is {human_bytes(cap)} and LUNs may be at most "
-                          f"{OVERCOMMIT}x that (thin provisioning)")
-
     async def create_lun(self, name: str, size_text: str, pack: str | None = None,
                          block_size: int | None = None) -> Volume:
         check_name(name, "LUN name")
@@ -1218,14 +537,14 @@ class Array:
         if not _bs_ok(bs):
             raise invalid("block size must be a power of two from 4K to 1M")
         p = self.pack(pack)
-        async with self._lock:
+        async with self.writeback.lock:
             if name in self.luns:
                 raise exists(f"a LUN named {name} already exists")
-            self._check_fits(p, size)
+            self.writeback.check_fits(p, size)
             vol = self.ns.create_lun(name, size, p, bs)
             self.event("info", f"created LUN {name}: {human_bytes(size)} on pack "
                        f"{p.name}, block size {bs // 1024}K, {vol.wwn}")
-            await self._commit()
+            await self.writeback.commit()
         return vol
 
     async def delete_lun(self, name: str, force: bool = False) -> None:
@@ -1233,18 +552,18 @@ class Array:
         if vol.open_count and not force:
             raise busy(f"LUN {name} is open ({vol.open_by()}; e.g. a loop "
                        "device): detach it first or use force=yes")
-        async with self._lock:
+        async with self.writeback.lock:
             if self.luns.get(name) is not vol:
                 raise notfound(f"no LUN named {name!r}")
             del self.luns[name]
             self.ns.drop_volume(vol)      # (a copy job of it ends)
             self.event("info", f"deleted LUN {name} ({vol.wwn})")
-            await self._gc()
+            await self.collector.collect()
 
     def released(self, vol: Volume) -> None:
         """The last handle of a deleted volume closed: forget it."""
         if self.ns.released(vol):
-            self._gc_wanted = True
+            self.collector.want()
 
     async def resize_lun(self, name: str, size_text: str, force: bool = False) -> Volume:
         vol = self.lun(name)
@@ -1254,16 +573,16 @@ class Array:
         if size < vol.size and vol.open_count and not force:
             raise busy(f"LUN {name} is open ({vol.open_by()}): shrinking it under a "
                        "user could cut off data in use; detach it first or use force=yes")
-        async with self._lock:
-            self._check_fits(vol.pack, size)
+        async with self.writeback.lock:
+            self.writeback.check_fits(vol.pack, size)
             old = vol.size
             if size < old:
                 await self._shrink(vol, size)
             vol.size = size
-            self._dirty_rows.add(vol)
+            self.writeback.mark_row(vol)
             self.event("info", f"resized LUN {name} from {human_bytes(old)} to "
                        f"{human_bytes(size)}")
-            await self._commit()
+            await self.writeback.commit()
         self.notify(vol)
         return vol
 
@@ -1274,8 +593,8 @@ class Array:
         if size % bs:
             await vol.zero_tail(size)
         vol.discard_cache(keep)
-        await self._flush()
-        await self._merge()
+        await self.writeback.flush()
+        await self.writeback.merge()
         new_nodes = []
 
         def emit(nid, data):
@@ -1283,10 +602,10 @@ class Array:
             new_nodes.append((nid, data))
         root, delta = await maps.trim(vol.root, vol.height, keep, self.reader.loader(vol),
                                       emit, self.hasher)
-        await self._store_new([(vol.pack, nid, d) for nid, d in new_nodes])
+        await self.writeback.store_new([(vol.pack, nid, d) for nid, d in new_nodes])
         vol.root = root
         vol.allocated += delta
-        self._gc_wanted = True
+        self.collector.want()
 
     async def check_new_disks(self, name: str, layout: str, dirs: list[str]) -> list[str]:
         """check_pack and check_outside_mount, in a worker thread (they look
@@ -1309,7 +628,7 @@ class Array:
 
     async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
         paths = await self.check_new_disks(name, layout, dirs)
-        async with self._lock:
+        async with self.writeback.lock:
             if name in self.packs:
                 raise exists(f"a pack named {name} already exists")
             disks = [Disk(i, p) for i, p in enumerate(paths)]
@@ -1320,17 +639,17 @@ class Array:
             pack = Pack(name, layout, disks, self.hasher)
             await trio.to_thread.run_sync(pack.open_blocking, [])
             self.packs[name] = pack
-            self._pending.packs_add.append((name, layout, time.time(), paths))
+            self.writeback.changes.packs_add.append((name, layout, time.time(), paths))
             self.event("info", f"added pack {name}: {layout} over {', '.join(paths)}")
-            await self._commit()
+            await self.writeback.commit()
         return pack
 
     async def set_flag(self, vol: Volume, flag: str, value: bool) -> None:
-        async with self._lock:
+        async with self.writeback.lock:
             setattr(vol, flag, value)
-            self._dirty_rows.add(vol)
+            self.writeback.mark_row(vol)
             self.event("info", f"{vol.kind} {vol.path}: {flag} {'on' if value else 'off'}")
-            await self._commit()
+            await self.writeback.commit()
 
     def render_job(self, jid: int) -> bytes:
         return self.runner.render(jid)
@@ -1409,65 +728,6 @@ class Array:
         return d
 
 
-def _per_volume(sizes: dict) -> str:
-    """`LUN l0 12.0M, l1 4.0M` for {volume: bytes}."""
-    return ", ".join(f"{'LUN' if v.kind == 'lun' else 'shadow copy'} {v.path} "
-                     f"{human_bytes(n)}"
-                     for v, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
-
-
-class _Collision(Exception):
-    def __init__(self, pack: str, bid: bytes):
-        super().__init__(pack, bid)
-        self.pack, self.bid = pack, bid.hex()
-
-
-def _hash_and_store(hasher: Hasher, items, verify: bool):
-    """Worker thread, under the array's commit lock: hash each (pack, data),
-    append what its pack lacks. Returns (ids, [(pack, id, loc)]) for the
-    caller to add to the indexes on the trio thread."""
-    ids = _block_ids(hasher, [data for _, data in items])
-    return ids, _store_hashed(items, ids, verify)
-
-
-def _block_ids(hasher: Hasher, datas) -> list:
-    """The id of each buffer; ZERO_ID for None (a zero block). Needs no lock."""
-    hashed = iter(hasher.block_ids([d for d in datas if d is not None]))
-    return [ZERO_ID if d is None else next(hashed) for d in datas]
-
-
-def _store_hashed(items, ids, verify: bool) -> list:
-    """Worker thread, under the array's commit lock: append the (pack, data)
-    of `items` whose id (`ids`, in step) their pack lacks; dedup hits are
-    confirmed byte for byte in verify mode. Returns [(pack, id, loc)] for
-    the caller to add to the indexes on the trio thread."""
-    new: dict = {}
-    for (pack, data), bid in zip(items, ids):
-        if bid == ZERO_ID:
-            continue
-        recs = new.setdefault(pack, {})
-        if bid in recs:
-            continue
-        loc = pack.index.get(bid)
-        if loc is None:
-            recs[bid] = data
-        elif verify:
-            try:
-                old = pack.read_blocking(bid, loc)
-            except (ChecksumError, OSError):
-                recs[bid] = data         # the stored copy is bad: store it again
-                continue
-            if old != data:
-                raise _Collision(pack.name, bid)
-    added = []
-    for pack, recs in new.items():
-        records = list(recs.items())
-        if records:
-            locs = pack.append_blocking(records)
-            added.extend((pack, bid, loc) for (bid, _), loc in zip(records, locs))
-    return added
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -1480,70 +740,3 @@ def _make_disks(disks, array_uuid: str, pack: str) -> None:
         private_dir(d.path)
         d.write_label(array_uuid, pack)
 
-
-
-
-class _WriteBackNames:
-    """The write-back's public names (issue #14 contract) over the Array's
-    private ones, until writeback.py has them: what Shadows and an import
-    use. Temporary."""
-
-    def __init__(self, array: Array):
-        self.a = array
-
-    @property
-    def lock(self):
-        return self.a._lock
-
-    @property
-    def changes(self) -> Changes:
-        return self.a._pending
-
-    def mark_row(self, vol) -> None:
-        self.a._dirty_rows.add(vol)
-
-    def mark_job(self, job) -> None:
-        self.a._dirty_jobs.add(job)
-
-    async def commit(self, flush: bool = True) -> None:
-        await self.a._commit(flush)
-
-    async def flush(self, max_bytes: int | None = None) -> None:
-        await self.a._flush(max_bytes)
-
-    async def merge(self) -> None:
-        await self.a._merge()
-
-    async def store_new(self, items, reserve_ok: bool = False) -> None:
-        await self.a._store_new(items, reserve_ok)
-
-    def append_error(self, pack: Pack, e: OSError, quiet: bool = False) -> ArrayError:
-        return self.a._append_error(pack, e, quiet)
-
-    def check_fits(self, pack: Pack, size: int) -> None:
-        self.a._check_fits(pack, size)
-
-
-class _CollectorNames:
-    """The collector's public names over the Array's private ones, until
-    gc.py has them. Temporary."""
-
-    def __init__(self, array: Array):
-        self.a = array
-
-    def pin(self, roots) -> None:
-        """Keep the blocks of [(vol, root, height)] alive (an export reads
-        them while the volumes may change)."""
-        self.a._pins.extend(roots)
-
-    def unpin(self, roots) -> None:
-        for r in roots:
-            self.a._pins.remove(r)
-
-    async def collect(self, only: list | None = None) -> None:
-        """A collection now. Caller holds the commit lock."""
-        await self.a._gc(only)
-
-    def want(self) -> None:
-        """A collection at the committer's next GC interval."""
-        self.a._gc_wanted = True

@@ -44,6 +44,7 @@ from . import ZERO_ID, ctl, maps
 from .errors import ArrayError, exists, invalid, notfound
 from .jobs import Job
 from .util import NAME_RE, InFlight, check_name, human_bytes
+from .writeback import block_ids
 
 MAGIC = b"FASTRM\x00\x02"
 REC = struct.Struct("<cI")
@@ -366,7 +367,6 @@ def _check_and_ids(hasher, items, checks) -> list:
     hashed both ways in one pass (the shim's hash64_128_many: the second
     hash reads it from the CPU's cache); a short last block is padded,
     so its id is taken from the padded copy."""
-    from .array import _block_ids       # (until writeback.py has it public)
     sent = [c[1] for c in checks]
     both = _shim_hash64_128_many(sent, hasher.seed) if _shim_hash64_128_many else None
     for (i, _, want, off), got in zip(checks, (b[:8] for b in both) if both is not None
@@ -377,7 +377,7 @@ def _check_and_ids(hasher, items, checks) -> list:
                              f"(stream offset {off}) does not match its hash")
     datas = [d for _, _, d in items]
     if both is None:
-        return _block_ids(hasher, datas)
+        return block_ids(hasher, datas)
     ids: list = [None] * len(items)
     for (i, data, _, _), b in zip(checks, both):
         if data is datas[i]:

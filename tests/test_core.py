@@ -351,7 +351,7 @@ def test_import_checks_and_ids_in_one_pass_match_the_two_pass_way():
     import xxhash
 
     from fusearray import native, transport
-    from fusearray.array import _block_ids
+    from fusearray.writeback import block_ids
     assert transport._shim_hash64_128_many is not None or not native.ENABLED, \
         "fusearray._accel was built without XXH3"
     h = Hasher(0x1234)
@@ -365,7 +365,7 @@ def test_import_checks_and_ids_in_one_pass_match_the_two_pass_way():
     datas = sent[:3] + [sent[3] + bytes(bs - 5000)]
     items = [(v, i, d) for i, d in enumerate(datas)] + [(v, 9, None)]
     checks = [(i, s, xxhash.xxh3_64_digest(s), 100 * i) for i, s in enumerate(sent)]
-    want = _block_ids(h, [d for _, _, d in items])
+    want = block_ids(h, [d for _, _, d in items])
     assert want[1] == want[4] == ZERO_ID
     assert transport._check_and_ids(h, items, checks) == want
     bad = list(checks)
@@ -551,18 +551,18 @@ async def test_steady_writes_still_commit_and_collect(tmp_path, monkeypatch):
     the committer must still commit and collect garbage: an unbounded
     flush loop once starved both (a 1 GiB LUN piled up 7 GB of segments).
     The commit interval is shortened so the stream outlasts it."""
-    from fusearray import array as array_mod
-    monkeypatch.setattr(array_mod, "COMMIT_INTERVAL", 0.05)
+    from fusearray import writeback
+    monkeypatch.setattr(writeback, "COMMIT_INTERVAL", 0.05)
     init_array(str(tmp_path / "arr"))
 
     async def body(a):
         vol = await a.create_lun("l", "256M")     # twice the cache: writes must flush
         rng = random.Random(3)
-        start = a._last_commit
+        start = a.writeback.last_commit
         for i in range(4 * 256):                  # 4 passes over the LUN, never pausing
             await vol.write((i % 256) * MiB, bytes(rng.randbytes(MiB)))
         used = a.packs["main"].used_bytes()
-        assert a._last_commit > start, "no commit during the write stream"
+        assert a.writeback.last_commit > start, "no commit during the write stream"
         assert used < 3 * 256 * MiB, f"garbage never collected: {used >> 20} MiB"
         await a.sync()
         await assert_clean(a)
@@ -574,8 +574,8 @@ async def test_write_back_starts_early_in_a_large_cache(tmp_path, monkeypatch):
     it arrives (from 64 MiB dirty), not left for the next fsync or periodic
     commit: otherwise fsync pays for the whole burst at once (a 512 MiB
     write + fsync took twice as long in a 3 GiB cache)."""
-    from fusearray import array as array_mod, volume
-    monkeypatch.setattr(array_mod, "COMMIT_INTERVAL", 3600)    # no periodic commit
+    from fusearray import volume, writeback
+    monkeypatch.setattr(writeback, "COMMIT_INTERVAL", 3600)    # no periodic commit
     init_array(str(tmp_path / "arr"))
 
     async def body(a):
@@ -708,7 +708,7 @@ async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path,
     once counted per copy, which on disks of this size kept it from ever
     reusing a file; GC came at a quarter of its physical bytes overwritten,
     twice as late as on a single disk. Disks of 400 MiB are simulated."""
-    from fusearray import array as array_mod
+    from fusearray import gc
     disks = 3 if layout == "raid5" else 2 if layout == "mirror" else 1
     spec = f"m={layout}:" + ",".join(str(tmp_path / f"d{i}") for i in range(disks))
     init_array(str(tmp_path / "arr"), packs=[spec])
@@ -743,11 +743,11 @@ async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path,
         assert new and spare_inodes & set(new), "no new segment reused a spare file"
         # GC is pressing at a quarter of the data overwritten, logical bytes
         # on both sides (not a mirror's two copies against one)
-        monkeypatch.setattr(array_mod, "GC_GARBAGE_MIN", 0)
-        a._garbage = {"m": pack.data_bytes() // 4 + 1}
-        assert a._garbage_pressing() == ["m"]
-        a._garbage = {"m": pack.data_bytes() // 4 - 1}
-        assert a._garbage_pressing() == []
+        monkeypatch.setattr(gc, "GC_GARBAGE_MIN", 0)
+        a.collector.garbage = {"m": pack.data_bytes() // 4 + 1}
+        assert a.collector.pressing() == ["m"]
+        a.collector.garbage = {"m": pack.data_bytes() // 4 - 1}
+        assert a.collector.pressing() == []
         await a.collect_garbage()
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", body)
@@ -770,17 +770,17 @@ async def test_gc_pressed_by_one_pack_walks_and_sweeps_that_pack_alone(tmp_path)
             await a.sync()
         want = {n: await v.read(0, 4 * MiB) for n, v in vols.items()}
         pa, pb = a.packs["a"], a.packs["b"]
-        assert set(a._garbage) == {"a", "b"} and a._garbage["a"] >= 4 * MiB
+        assert set(a.collector.garbage) == {"a", "b"} and a.collector.garbage["a"] >= 4 * MiB
         before_a, before_b = len(pa.index), len(pb.index)      # blocks and map nodes
-        async with a._lock:
-            await a._gc(["a"])
+        async with a.writeback.lock:
+            await a.collector.collect(["a"])
         assert len(pa.index) <= before_a - 64, (before_a, len(pa.index))   # 4M of 64K
         assert len(pb.index) == before_b
-        assert set(a._garbage) == {"b"}
+        assert set(a.collector.garbage) == {"b"}
         for n, v in vols.items():
             assert await v.read(0, 4 * MiB) == want[n]
         await a.collect_garbage()
-        assert len(pb.index) <= before_b - 64 and not a._garbage
+        assert len(pb.index) <= before_b - 64 and not a.collector.garbage
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", body)
 
@@ -793,9 +793,9 @@ async def test_a_long_write_back_collects_the_garbage_it_makes_as_it_goes(tmp_pa
     the old data's segment files are reused by the same write-back. Before,
     the whole write-back went to new files and the garbage was found after
     it: an overwrite needed twice the LUN's space."""
-    from fusearray import array as array_mod
-    monkeypatch.setattr(array_mod, "OVERLAY_MERGE", 8 * MiB)
-    monkeypatch.setattr(array_mod, "GC_GARBAGE_MIN", 0)
+    from fusearray import gc, writeback
+    monkeypatch.setattr(writeback, "OVERLAY_MERGE", 8 * MiB)
+    monkeypatch.setattr(gc, "GC_GARBAGE_MIN", 0)
     init_array(str(tmp_path / "arr"))
 
     async def body(a):
@@ -1016,8 +1016,8 @@ async def test_space_figures_never_statvfs_on_the_trio_thread(tmp_path, monkeypa
             pack.spare_bytes
         await vol.write(0, os.urandom(4 * MiB))     # garbage, then GC retires segments
         await a.sync()
-        async with a._lock:
-            await a._gc()
+        async with a.writeback.lock:
+            await a.collector.collect()
         a.status()
         assert not on_loop, f"statvfs on the trio thread: {on_loop}"
         monkeypatch.setattr(os, "statvfs", real)

@@ -302,7 +302,7 @@ async def test_a_bug_in_the_committers_disk_check_is_caught(tmp_path, monkeypatc
     """The committer's disk check ran outside its guard: an unexpected error
     there ended the daemon. Now it is an event and the committer goes on
     (the next round commits)."""
-    from fusearray import array as array_mod
+    from fusearray import writeback
     from fusearray.array import init_array
     from fusearray.store import Pack
     init_array(str(tmp_path / "arr"))
@@ -315,7 +315,7 @@ async def test_a_bug_in_the_committers_disk_check_is_caught(tmp_path, monkeypatc
             raise RuntimeError("disk check bug")
         return real(self, *args)
     monkeypatch.setattr(Pack, "check_disks_blocking", flaky)
-    monkeypatch.setattr(array_mod, "DISK_CHECK_INTERVAL", 0.0)
+    monkeypatch.setattr(writeback, "DISK_CHECK_INTERVAL", 0.0)
 
     async def body(a):
         with trio.fail_after(30):
@@ -352,7 +352,7 @@ async def test_a_command_whose_shadow_copy_is_deleted_while_it_waits(tmp_path):
             except ArrayError as e:
                 results[name] = e.errno
         async with trio.open_nursery() as n:
-            async with a._lock:          # (the test holds the lock: all queue up)
+            async with a.writeback.lock:  # (the test holds the lock: all queue up)
                 n.start_soon(attempt, "delete", lambda: a.delete_shadow("S"))
                 await trio.sleep(0.05)
                 n.start_soon(attempt, "delete2", lambda: a.delete_shadow("S"))

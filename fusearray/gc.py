@@ -1,0 +1,217 @@
+"""The garbage collector: plan, then execute (as restic's prune).
+
+A collection (`collect`): write back and merge first (so every overlay is
+in a map), then
+- PLAN (`plan`): mark every block id reachable from a volume, an overlay
+  or a pinned root, per pack (a copied volume's blocks count in both its
+  packs); nothing is changed;
+- EXECUTE (`execute`): drop the index entries of every other block
+  (sweep), close a mostly-dead active segment to appends, move the live
+  blocks out of sparse segments (compaction, may use the pack's reserve);
+then commit (the write-back's `commit`): the segments left with nothing
+live are recycled as spares or deleted after the commit that dropped
+their entries. A pack that refused writes for being full is retried.
+
+What a crash leaves: before that commit, the old index (the sweep was in
+memory only; the compacted copies are unreferenced segment bytes, removed
+at the next open); after it, dead segment files not yet removed, found
+unreferenced and removed at the next open. Never a reachable block lost.
+
+`reclaim` is the collection a full pack runs in the middle of a write-back
+(WriteBack._flush_pack): no flush, no new data, compaction up to
+RECLAIM_RATIO live, the commit of what is stored only.
+
+Owns (trio thread only): whether a collection is wanted (`wanted`,
+`want()`), the garbage found per pack since its last collection
+(`garbage`, `add_garbage`, `pressing`), when the last full one ran
+(`last_gc`, `due`), the roots pinned by exports (`pin`/`unpin`) and
+`reclaiming` (a reclaim is running: a full pack inside it does not reclaim
+again).
+
+Given at construction (the write-back makes it; no reference to the
+Array): the write-back it collects for (`store`: its `flush`, `merge`,
+`commit`, `retry_full_packs`), the pack and volume tables (the
+coordinator's dicts, shared, read here), the reader's `read_locs(pack,
+ids, locs)` and `loader(vol)`. Every collection runs on the trio thread
+with the write-back's commit lock held by its caller; pack I/O (reads for
+compaction, appends) runs in worker threads through the reader and Pack
+*_blocking methods.
+"""
+import dataclasses
+import logging
+import time
+
+import trio
+
+from . import maps
+from .errors import ArrayError
+from .util import human_bytes
+
+log = logging.getLogger("fusearray")
+
+GC_INTERVAL = 10.0
+GC_GARBAGE_MIN = 64 << 20
+#: On a full pack, segments with this share of garbage or more are
+#: compacted (GC's usual bar is half): overwrites (a file system's journal
+#: and metadata) leave garbage spread thin over many segments.
+RECLAIM_RATIO = 0.95
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a collection does: in each pack of `live`, drop every block
+    not in its set; then seal the active segment if less than `seal` of it
+    is live, and compact sealed segments less than `compact` live."""
+    live: dict               # pack name -> set of live ids
+    seal: float = 0.5
+    compact: float = 0.5
+
+
+class Collector:
+    """The garbage collector (see the module docstring)."""
+
+    def __init__(self, store, packs: dict, volumes: dict, *, read_locs, loader):
+        self.store = store              # the write-back: flush, merge, commit, retry_full_packs
+        self.packs = packs
+        self.volumes = volumes
+        self.read_locs = read_locs
+        self.loader = loader
+        self.wanted = False
+        self.garbage: dict = {}         # pack name -> bytes overwritten since its last GC
+        self.reclaiming = False
+        self.last_gc = 0.0
+        self.pins: list = []            # (vol, root, height) kept by exports
+
+    # ---- what tells it garbage is there ----------------------------------------
+    def want(self) -> None:
+        """Something was deleted, overwritten or punched: a collection at
+        the committer's next GC interval."""
+        self.wanted = True
+
+    def add_garbage(self, vol, blocks: int = 1) -> None:
+        name = vol.pack.name
+        self.garbage[name] = self.garbage.get(name, 0) + blocks * vol.block_size
+
+    def due(self, now: float) -> bool:
+        """The periodic collection is due (if `wanted`)."""
+        return now - self.last_gc >= GC_INTERVAL
+
+    def pressing(self) -> list:
+        """The packs with overwritten data worth reclaiming now rather than
+        at the next GC interval: a quarter of what each stores (so the
+        marking, which walks that pack's maps, stays in proportion). Per
+        pack: against the whole array, one LUN's overwrite pass found no GC
+        until it ended, and all of it went to fresh segment files. Both
+        sides logical: a mirror's copies would double the bar."""
+        return [name for name, garbage in self.garbage.items()
+                if name in self.packs
+                and garbage > max(GC_GARBAGE_MIN, self.packs[name].data_bytes() // 4)]
+
+    def pin(self, roots) -> None:
+        """Keep the blocks of [(vol, root, height)] alive (an export reads
+        them while the volumes may change)."""
+        self.pins.extend(roots)
+
+    def unpin(self, roots) -> None:
+        for r in roots:
+            self.pins.remove(r)
+
+    # ---- collections -------------------------------------------------------------
+    async def collect(self, only: list | None = None, flush: bool = True) -> None:
+        """Mark every block reachable from a volume, sweep the rest, compact
+        sparse segments, commit, delete emptied segments; with `only`, in
+        those packs alone (their volumes' maps are all it walks); with
+        flush=False, what is already stored only (dirty blocks stay in the
+        cache; see WriteBack.commit). Caller holds the commit lock."""
+        store = self.store
+        if only is None:
+            self.wanted = False
+            self.garbage.clear()
+            self.last_gc = time.monotonic()
+        for name in only or ():
+            self.garbage.pop(name, None)
+        if flush:
+            await store.flush()
+        await store.merge()
+        freed = await self.execute(await self.plan(only))
+        await store.commit(flush)
+        if freed:
+            log.info("gc freed %s", human_bytes(freed))
+        await store.retry_full_packs()
+
+    async def reclaim(self) -> None:
+        """A pack is full: free what no map references, without writing
+        anything new (no flush; compaction of segments up to RECLAIM_RATIO
+        live, in the reserve). Caller holds the commit lock."""
+        store = self.store
+        self.reclaiming = True
+        try:
+            try:
+                await store.merge()     # overwritten blocks become garbage (small writes)
+            except ArrayError:
+                pass
+            self.wanted = False         # this is a collection: set again by what frees
+            plan = await self.plan(None)
+            plan.seal, plan.compact = 1.0, RECLAIM_RATIO
+            freed = await self.execute(plan)
+            await store.commit(flush=False)
+            log.info("reclaim on a full pack freed %s", human_bytes(freed))
+        finally:
+            self.reclaiming = False
+
+    async def plan(self, only: list | None = None) -> Plan:
+        """Every id reachable from a volume, an overlay or a pinned root,
+        per pack (of the packs in `only`, default all). Changes nothing."""
+        names = list(self.packs) if only is None else [n for n in only if n in self.packs]
+        live: dict = {name: set() for name in names}
+        seen: dict = {name: set() for name in names}   # per pack: a node shared
+        for vol in list(self.volumes.values()):        # across packs counts in each
+            if vol.source is not None:     # its blocks must stay in both packs
+                if vol.source.name not in live and vol.pack.name not in live:
+                    continue
+                mine: set = set(vol.overlay.values())
+                await maps.mark(vol.root, vol.height, self.loader(vol), mine, set())
+                for name in (vol.source.name, vol.pack.name):
+                    if name in live:
+                        live[name] |= mine
+            elif vol.pack.name in live:
+                await maps.mark(vol.root, vol.height, self.loader(vol),
+                                live[vol.pack.name], seen[vol.pack.name])
+                live[vol.pack.name].update(vol.overlay.values())
+        for vol, root, height in list(self.pins):
+            if vol.source is not None:     # still copied: in both packs, as above
+                mine = set()
+                await maps.mark(root, height, self.loader(vol), mine, set())
+                for name in (vol.source.name, vol.pack.name):
+                    if name in live:
+                        live[name] |= mine
+            elif vol.pack.name in live:
+                await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
+                                seen[vol.pack.name])
+        return Plan(live)
+
+    async def execute(self, plan: Plan) -> int:
+        """Sweep every pack of `plan`, then seal and compact each; the
+        caller commits. Returns the bytes freed."""
+        freed = sum(self.packs[name].sweep(live) for name, live in plan.live.items())
+        for name in plan.live:
+            pack = self.packs[name]
+            pack.seal_if_sparse(plan.seal)
+            await self.compact(pack, plan.compact)
+        return freed
+
+    async def compact(self, pack, ratio: float = 0.5) -> None:
+        """Move the live blocks out of segments less than `ratio` live
+        (they die at the next commit). May use the pack's reserve."""
+        for seg in pack.sparse_segments(ratio):
+            entries = pack.entries_in(seg)
+            bids = [b for b, _ in entries]
+            datas = await self.read_locs(pack, bids, [loc for _, loc in entries])
+            try:
+                locs = await trio.to_thread.run_sync(pack.append_blocking,
+                                                     list(zip(bids, datas)), True)
+            except OSError as e:
+                log.warning("compaction of pack %s stopped: %s", pack.name, e)
+                return
+            for b, loc in zip(bids, locs):
+                pack.add(b, loc)
