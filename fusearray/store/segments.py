@@ -289,8 +289,12 @@ class Segments:
         """Disk `d` is leaving: the first segment it may lack (what it
         holds but never fsynced may be gone: a rebuild starts there). Its
         list of new segments to fsync the directory of is dropped."""
-        return min([self.active_seq] + [k[1] for k in self.pack.files.unsynced
-                                        if k[0] == d.idx]
+        # list(): one C-level copy under the GIL; iterating the set itself
+        # could meet an append adding to it in another thread (a reader or
+        # the disk check loses a disk without the commit lock) and raise
+        # "Set changed size during iteration"
+        unsynced = list(self.pack.files.unsynced)
+        return min([self.active_seq] + [k[1] for k in unsynced if k[0] == d.idx]
                    + list(self.new_segs.pop(d.idx, ())))
 
     # ---- dead segments (worker thread, under the array's commit lock) -------
