@@ -53,7 +53,9 @@ Concurrency contract (what the code does; the array keeps to it):
   Readers that see the old state fail over as for an I/O error. A lose
   from a reader's thread, or from `recover`'s disk check (which runs
   without the commit lock), can meet an append in another thread: both
-  touch the unsynced bookkeeping, which has no lock of its own.
+  touch the unsynced bookkeeping, which has no lock of its own, so the
+  lose only reads it with single GIL-held operations (a set copied by
+  list(), a dict pop), never by iterating a set an append may grow.
 - `notes` take messages from any thread (list.append); the array drains
   them on the trio thread. The counters `mapped_reads` and `lost_reads`
   are approximate under concurrent reads.
