@@ -2,8 +2,19 @@
 
 One FUSE mount shows every LUN and shadow copy as a regular file; blocks live
 in a content-addressed store behind copy-on-write block maps. See README.md
-and DESIGN.md. Layers (one owner of state each, data flowing one way):
-store -> maps -> volume -> array -> ctl -> fs -> cli.
+and DESIGN.md. Layers, each object the one owner of its state, calls
+going down only:
+
+    cli / ctlclient            (the command; talks to a mount's ctl/ files)
+    fs -> ctl                  (the pyfuse3 Operations; the control protocol)
+    array                      (the coordinator: builds and delegates to)
+      namespace, jobs, shadows, recovery, transport
+      writeback + gc           (the commit point and the collector)
+      volume -> reader, maps   (LUNs and the cache; block and node reads)
+    store/                     (packs: segments, index, disks, layouts)
+    catalogue                  (SQLite: one transaction per commit)
+
+The structure, paths and threads: docs/architecture.md, docs/concurrency.md.
 """
 
 __version__ = "0.1.0"

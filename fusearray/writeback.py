@@ -44,7 +44,7 @@ The commit (`commit`, caller holds `lock`), step by step, and what a crash
        [trio + worker thread]. Same as 1.
     3. Pack.sync_blocking: fsync of every segment file written [thread].
        Durable bytes, still unreachable: as 1. A failed fsync commits
-       nothing (the pack rewrites those blocks, see store.py).
+       nothing (the pack rewrites those blocks, see store/segments.py).
     4. one SQLite transaction: index rows, roots, volume/set/job rows,
        disk states, events, meta counters [thread, under `db`]. After it
        every write acknowledged before step 1 and stored is reachable
@@ -55,9 +55,9 @@ The commit (`commit`, caller holds `lock`), step by step, and what a crash
        crash leaves spare or orphan segment files: removed at the next open.
 
 Lock order: `lock` (trio) -> `db` (trio limiter, held only around the
-catalogue transaction) -> Pack._lock (a threading.Lock over a pack's fd
-table and mapped segments, taken inside Pack methods, never held across
-I/O). Nothing takes `lock` while holding a pack's lock. The block cache
+catalogue transaction) -> Pack.files.lock (a threading.Lock over a
+pack's fd table and mapped segments, taken inside the store, never held
+across I/O; see fusearray/store/__init__.py). Nothing takes `lock` while holding a pack's lock. The block cache
 has no lock: it is the trio thread's.
 
 Worker threads (trio.to_thread): `hash_and_store` / `store_hashed` (under
