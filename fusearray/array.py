@@ -265,19 +265,6 @@ class Array:
         return Volume(row, pack, cache=self.cache, reader=self.reader,
                       admission=self.writeback, source=source)
 
-    # the counters the commit persists (the namespace's and the runner's)
-    @property
-    def next_serial(self) -> int:
-        return self.ns.next_serial
-
-    @property
-    def next_vid(self) -> int:
-        return self.ns.next_vid
-
-    @property
-    def next_job(self) -> int:
-        return self.runner.next_id
-
     @property
     def job_journal(self):
         return self.runner.journal
@@ -290,8 +277,8 @@ class Array:
         ch.events, journal = self.journal.take()
         if journal is not None:
             ch.meta["events_journal"] = journal + 1   # journals below are in the catalogue
-        ch.meta.update(next_serial=self.next_serial, next_vid=self.next_vid,
-                       next_job=self.next_job)
+        ch.meta.update(next_serial=self.ns.next_serial, next_vid=self.ns.next_vid,
+                       next_job=self.runner.next_id)     # the counters the commit persists
         noted = self.job_journal.notes if self.job_journal is not None else 0
         return journal, noted
 
@@ -490,16 +477,6 @@ class Array:
                 self.writeback.mark_meta()
 
     # ---- the write-back's, for the fs and ctl layers -----------------------------
-    @property
-    def durable_seq(self) -> int:
-        """Every write up to this one (any volume) is stored and committed."""
-        return self.writeback.durable_seq
-
-    @property
-    def write_seq(self) -> int:
-        """Sequence number of the last write acknowledged (any volume)."""
-        return self.cache.seq
-
     async def sync(self, vol: Volume | None = None) -> None:
         """fsync of `vol` (None: of every volume): WriteBack.sync."""
         await self.writeback.sync(vol)
