@@ -83,3 +83,16 @@ def test_the_checker_finds_what_it_is_for():
     assert sorted(t for _, t in _foreign_attributes(sample)) == \
         ["from .array import _helper", "o._theirs"]
     assert [n for _, n in _borrowed_self_names(sample)] == ["_borrowed"]
+
+
+def test_every_package_is_installed():
+    """pyproject's [tool.setuptools] packages names every package of the
+    tree: an installed (non-editable) fusearray without `fusearray.store`
+    could not even run `fusearray init` (the libfuse matrix's installs
+    caught it once)."""
+    import tomllib
+    conf = tomllib.loads((PKG.parent / "pyproject.toml").read_text())
+    listed = set(conf["tool"]["setuptools"]["packages"])
+    present = {".".join(p.parent.relative_to(PKG.parent).parts)
+               for p in PKG.glob("**/__init__.py")}
+    assert present == listed, (sorted(present), sorted(listed))
