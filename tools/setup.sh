@@ -17,6 +17,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# tools/bench compares with qemu-storage-daemon FUSE exports of raw and qcow2
+# images (bookworm: qemu-storage-daemon is in qemu-system-common, qemu-img in
+# qemu-utils); without recommends (no qemu-system, no GUI libraries)
+qemu_pkgs=(qemu-system-common qemu-utils)
+missing=()
+for p in "${qemu_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} (for tools/bench)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null \
+  || { echo "setup: qemu-storage-daemon or qemu-img missing after install" >&2; exit 1; }
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -5,8 +5,13 @@ import statistics
 import time
 
 from .common import (
-    MB, Row, StepFailed, array_used, drop_caches, fmt_bytes, fmt_size, log, mount_dev,
+    MB, Row, StepFailed, array_used, drop_caches, fio, fmt_bytes, fmt_size, log, mount_dev,
     mount_tmpfs, run, timed)
+
+
+#: fio in a file on the ext4: random writes, each followed by an fsync
+#: (buffered, psync; a database's commit pattern), time-based
+FSYNC_WORKLOADS = [('4k', '4k'), ('64k', '64k')]
 
 
 def random_source(ctx):
@@ -63,21 +68,46 @@ def ext4_pass(ctx, target, dev, src):
     return write, read
 
 
+def ext4_fsync(ctx, target, dev):
+    """fio fsync=1 random writes in a file of --ext4-size on the ext4 the
+    passes left (their file removed first): [[IOPS...] per FSYNC_WORKLOADS]."""
+    mnt = ctx.work / f'ext4-{target.name}'
+    handle = mount_dev(ctx.cl, dev, mnt)
+    (mnt / 'data').unlink(missing_ok=True)
+    out = []
+    for label, bs in FSYNC_WORKLOADS:
+        log(f'{target.name}: ext4 fio randwrite {label} fsync=1')
+        runs = []
+        for _ in range(ctx.args.repeat):
+            job = fio(mnt / 'fio-fsync', f'ext4-fsync-{label}',
+                      ['--rw=randwrite', f'--bs={bs}', '--fsync=1', '--time_based',
+                       f'--runtime={ctx.args.runtime}'],
+                      ctx.args.ext4_size, timeout=ctx.args.runtime + 300, direct=False)
+            runs.append(job['write']['iops'])
+        out.append(runs)
+    ctx.cl.now(handle)
+    return out
+
+
 def ext4_one(ctx, target, src):
-    """A warm-up and --ext4-runs passes on one loop device: ([write MB/s...], [read MB/s...])."""
+    """A warm-up and --ext4-runs passes on one loop device, then the fsync=1
+    workloads: ([write MB/s...], [read MB/s...], [IOPS...] per fsync workload)."""
     dev, loop_handle = target.attach()
     log(f'{target.name}: ext4 on {dev}, 1 warm-up + {ctx.args.ext4_runs} pass(es)')
     # the first pass on fresh page cache is slow and erratic in a VM (host page faults)
     ext4_pass(ctx, target, dev, src)
     passes = [ext4_pass(ctx, target, dev, src) for _ in range(ctx.args.ext4_runs)]
+    fsyncs = ext4_fsync(ctx, target, dev)
     target.detach(dev, loop_handle)
-    return [p[0] for p in passes], [p[1] for p in passes]
+    return [p[0] for p in passes], [p[1] for p in passes], *fsyncs
 
 
 def group_ext4(ctx):
     n = fmt_size(ctx.args.ext4_size)
-    rows = [Row(f'ext4 write {n} + fsync', 'MB/s', goal=('tmpfs', 0.5)),
-            Row(f'ext4 cold read {n}', 'MB/s', goal=('tmpfs', 0.5))]
+    rows = [Row(f'ext4 write {n} + fsync', 'MB/s', goals=[('file', 0.5)]),
+            Row(f'ext4 cold read {n}', 'MB/s', goals=[('file', 0.5)])]
+    rows += [Row(f'ext4 fio randwrite {label} fsync=1', 'IOPS', goals=[('qemu-qcow2', 1.0)])
+             for label, _ in FSYNC_WORKLOADS]
     mark = ctx.cl.mark()
     try:
         src = random_source(ctx)
@@ -94,7 +124,7 @@ def group_ext4(ctx):
             samples = ext4_one(ctx, target, src)
         except (StepFailed, OSError) as e:
             ctx.fail_target(target, f'ext4: {e}')
-            samples = (None, None)
+            samples = (None,) * len(rows)
         for row, runs in zip(rows, samples):
             row.values[target.name] = statistics.median(runs) if runs else 'failed'
             row.samples[target.name] = runs

@@ -1,15 +1,34 @@
-"""fusearray benchmark: the same workloads on three targets, in one run.
+"""fusearray benchmark: the same workloads on five targets, on two backings, in one run.
+
+Backings (--backing): where the targets' data lives; the fio and ext4 groups
+run once per backing, each with its own set of targets:
+  tmpfs      a tmpfs the bench mounts itself (the software, not a disk)
+  disk       a directory of the machine's disk (--disk-dir, default
+             /var/tmp/fusearray-bench; a run directory is made and removed in it)
 
 Targets:
-  tmpfs      a file on a tmpfs the bench mounts itself (the memory limit)
-  memfile    tools/memfile.py, a minimal pyfuse3 in-memory file (the FUSE ceiling)
-  fusearray  a LUN file of a fusearray mount (array dir on the bench's tmpfs
-             unless --array-dir is given)
+  file       a plain file on the backing (the backing's limit)
+  memfile    tools/memfile.py, a minimal pyfuse3 in-memory file (the FUSE
+             ceiling; in memory, so on the tmpfs backing only)
+  qemu-raw   a raw image on the backing, exported by qemu-storage-daemon
+             (--export type=fuse, onto a regular file; cache.direct=off,
+             aio=threads: the defaults)
+  qemu-qcow2 the same with a qcow2 image (qemu-img create defaults: 64 KiB
+             clusters, no preallocation). Both qemu targets' loop devices in the
+             ext4 group are attached without direct-io: ext4 made on a direct-io
+             loop over a qemu 7.2 FUSE export does not mount, raw or qcow2
+             (issue #15; --qemu-loop-direct to try it anyway)
+  fusearray  a LUN file of a fusearray mount (array dir on the backing unless
+             --array-dir is given)
 
 Groups (each a function returning rows, see GROUPS):
-  fio        O_DIRECT fio on the file: seq write/read 1M, rand write/read 4k
+  fio        O_DIRECT fio on the file, time-based: seq write (overwrite) and
+             read 1M; rand write 4k QD1, QD32 libaio, 4k and 64k + fdatasync;
+             rand read 4k QD1, QD32 libaio, 4 jobs. Goals against memfile
+             and against qemu-qcow2
   ext4       ext4 on a loop device over the file (losetup --direct-io=on):
-             write a file + fsync, cold read after remount and drop_caches
+             write a file + fsync, cold read after remount and drop_caches;
+             fio random writes 4k and 64k with fsync=1 in a file on it
   snap       shadow copies on a fusearray array of its own (issue 3): snapshot
              and same-pack resync time of a full 1 GiB LUN and of a 1 TiB thin
              LUN with 4 GiB written; resync to another pack: time to the first
@@ -34,12 +53,14 @@ array, the ext4 group's random source, the snap group's array and its second
 pack, the packs group's array, disks and cp -a scratch, the transport group's
 two arrays and its stream files. The report shows each one's limit and peak use.
 
-Prints one Markdown table per group with the ratios fusearray/memfile and
-fusearray/tmpfs and PASS/MISS against the goals. Needs root, fio, losetup,
-mkfs.ext4, fusermount3, fallocate. Run it with a Python that has pyfuse3 and trio
-(the project venv): memfile and the fusearray CLI run as subprocesses of
-sys.executable (or --python). Everything it mounts, attaches or starts is
-undone in a `finally`, also on failure and Ctrl-C.
+Prints one Markdown table per group (and backing) with the ratios
+fusearray/memfile, fusearray/file and fusearray/qcow2 and PASS/FAIL against the
+goals. Needs root, fio, losetup, mkfs.ext4, fusermount3, fallocate,
+qemu-storage-daemon and qemu-img (tools/setup.sh installs them). Run it with
+a Python that has pyfuse3 and trio (the project venv): memfile and the
+fusearray CLI run as subprocesses of sys.executable (or --python). Everything
+it mounts, attaches or starts is undone in a `finally`, also on failure and
+Ctrl-C.
 """
 import argparse
 import os
@@ -48,10 +69,11 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from .common import (
-    Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail, fmt_bytes, log,
-    make_tempdir, mem_available, mount_tmpfs, parse_size, run)
+    BACKINGS, DISK_DIR, Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail,
+    fmt_bytes, log, make_tempdir, mem_available, mount_tmpfs, parse_size, run)
 from .fio import group_fio
 from .ext4 import group_ext4
 from .snap import group_snap
@@ -65,8 +87,9 @@ OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport'}
 
 # title, function; later issues add groups here (snapshot, resync, rebuild, ...)
 GROUPS = [
-    ('fio, O_DIRECT on the file (psync, iodepth 1)', group_fio),
-    ('ext4 on a loop device over the file (losetup --direct-io=on)', group_ext4),
+    ('fio, O_DIRECT on the file (psync, iodepth 1 unless named)', group_fio),
+    ('ext4 on a loop device over the file (losetup --direct-io=on; the qemu targets: off)',
+     group_ext4),
     ('shadow copies: snapshot and resync (fusearray only, an array of its own)', group_snap),
     ('packs: mirror and raid5 against a single disk, rebuild against cp -a '
      '(fusearray only, an array of its own)', group_packs),
@@ -81,7 +104,12 @@ GROUPS = [
 class Context:
     def __init__(self, args, cl):
         self.args, self.cl = args, cl
-        self.work = self.tmpfs = None
+        self.work = None
+        self.backing = None        # the directory of the backing being run
+        self.backing_name = None   # 'tmpfs' or 'disk'
+        self.backing_dirs = {}     # backing -> directory, for the report
+        self.target_notes = {}     # 'target on backing' -> notes, for the report
+        self.group_backing = {}    # group title -> backing, for the JSON
         self.plan = {}             # tmpfs limits, see plan_space
         self.space = None          # SpaceWatch
         self.targets = []
@@ -108,7 +136,15 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split('\n\n', 1)[1])
     ap.add_argument('--only', default=','.join(TARGETS),
-                    help='comma-separated targets (default: all of tmpfs,memfile,fusearray)')
+                    help=f'comma-separated targets (default: all of {",".join(TARGETS)})')
+    ap.add_argument('--backing', default=','.join(BACKINGS),
+                    help='comma-separated backings for the fio and ext4 groups '
+                    '(default: tmpfs,disk)')
+    ap.add_argument('--disk-dir', default=DISK_DIR,
+                    help=f'the disk backing\'s directory (default {DISK_DIR})')
+    ap.add_argument('--qemu-loop-direct', action='store_true',
+                    help='attach the qemu targets\' loop devices with direct-io like the '
+                    'others (ext4 made on them does not mount with qemu 7.2)')
     ap.add_argument('--quick', action='store_true',
                     help='smoke run: size 256M, runtime 3 s, ext4 file 128M; snap: 256M LUN, '
                     '512M written in the 1T LUN, 3 repeats, 1 cross-pack copy; packs and '
@@ -167,7 +203,11 @@ def parse_args(argv):
     args.transport_lun = args.transport_lun or (256 << 20 if quick else 512 << 20)
     args.read_repeat = args.read_repeat or (1 if quick else 3)
     args.pack_writes = args.pack_writes or (2 if quick else 5)
-    args.only = [t.strip() for t in args.only.split(',') if t.strip()]
+    args.only = [{'tmpfs': 'file'}.get(t.strip(), t.strip())   # the old name of 'file'
+                 for t in args.only.split(',') if t.strip()]
+    args.backing = [b.strip() for b in args.backing.split(',') if b.strip()]
+    if set(args.backing) - set(BACKINGS) or not args.backing:
+        ap.error(f'--backing: choose from {",".join(BACKINGS)}')
     args.groups = [g.strip() for g in args.groups.split(',') if g.strip()]
     bad = set(args.only) - set(TARGETS)
     if bad:
@@ -192,9 +232,10 @@ def preflight(args):
     if os.geteuid() != 0:
         raise StepFailed('run as root (mount, losetup, drop_caches)')
     for tool in ('fio', 'losetup', 'mkfs.ext4', 'fusermount3', 'mount', 'umount', 'dd',
-                 'fallocate'):
+                 'fallocate', *(('qemu-storage-daemon', 'qemu-img')
+                                if {'qemu-raw', 'qemu-qcow2'} & set(args.only) else ())):
         if not shutil.which(tool):
-            raise StepFailed(f'{tool} not found')
+            raise StepFailed(f'{tool} not found (bash tools/setup.sh installs it)')
     if {'memfile', 'fusearray'} & set(args.only):
         probe = run([args.python, '-c', 'import pyfuse3, trio'], check=False)
         if probe.returncode != 0:
@@ -208,55 +249,117 @@ ARRAY_SLACK = 8 << 30
 
 
 def plan_space(args):
-    """tmpfs limits (a limit is not a reservation): the bench tmpfs holds the
-    tmpfs target's file; the fusearray target's array gets its own. Capped by
-    half the free memory. (The ext4 source and the snap group's array get
-    theirs when those groups run.)"""
+    """The tmpfs backing's limit (a limit is not a reservation): the file,
+    the two qemu images (qcow2 with its metadata), the fusearray array and
+    its garbage. Capped by half the free memory. (The ext4 source and the
+    snap group's array get theirs when those groups run.)"""
     avail = mem_available()
-    bench = (256 << 20) + (args.size if 'tmpfs' in args.only else 0)
-    plan = {'bench': min(bench, avail // 2),
-            'array': min(args.size + ARRAY_SLACK, avail // 2)}
+    need = (256 << 20) + sum(args.size for t in ('file', 'qemu-raw', 'qemu-qcow2')
+                             if t in args.only)
+    if 'fusearray' in args.only and not args.array_dir:
+        need += args.size + ARRAY_SLACK
+    plan = {'tmpfs backing': min(need, avail // 2)}
     log('tmpfs limits: ' + ', '.join(f'{k} {fmt_bytes(v)}' for k, v in plan.items())
         + f' (memory available {fmt_bytes(avail)})')
     return plan
+
+
+def make_backing(ctx, name):
+    """The backing's directory, undone by ctx.cl: a tmpfs of its own, or a
+    new directory under --disk-dir."""
+    if name == 'tmpfs':
+        path = ctx.work / 'backing-tmpfs'
+        mount_tmpfs(ctx.cl, path, ctx.plan['tmpfs backing'], ctx.space, 'tmpfs backing')
+        ctx.backing_dirs[name] = f'a tmpfs of its own, limit {fmt_bytes(ctx.plan["tmpfs backing"])}'
+        return path
+    base = Path(ctx.args.disk_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    fstype = run(['stat', '-f', '-c', '%T', base]).stdout.strip()
+    path = make_tempdir(ctx.cl, parent=base, prefix='run.')
+    ctx.space.watch('disk backing', path)
+    ctx.cl.push('stop watching the disk backing', lambda: ctx.space.forget('disk backing'))
+    ctx.backing_dirs[name] = f'{path}, {fstype}'
+    return path
 
 
 def on_sigterm(signum, frame):
     raise KeyboardInterrupt(f'signal {signum}')
 
 
+def run_group(ctx, title, fn, name):
+    ctx.space.group = name
+    log(f'group {name}: {ctx.space.now()}')
+    mark = ctx.cl.mark()
+    try:
+        rows = fn(ctx)
+    except Exception as e:  # a bug or a surprise: report it, go on with the next group
+        ctx.fail(f'{name} group: {type(e).__name__}: {e}; {ctx.space.now()}\n'
+                 + traceback.format_exc())
+        return
+    finally:
+        ctx.cl.unwind(mark)   # what a group sets up, it undoes
+    ctx.results.setdefault(name, rows)   # the first backing's (snap reads the fio group)
+    ctx.done.append((title, rows))
+    ctx.group_backing[title] = ctx.backing_name
+
+
+def run_backing(ctx, backing, groups):
+    """The target groups on one backing: its directory, its targets, the
+    groups, then everything undone (the next backing starts clean)."""
+    cl = ctx.cl
+    mark = cl.mark()
+    top = ctx.work
+    try:
+        ctx.work = top / backing     # mount points and logs of this backing's targets
+        ctx.work.mkdir()
+        ctx.backing_name = backing
+        try:
+            ctx.backing = make_backing(ctx, backing)
+        except (StepFailed, OSError) as e:
+            ctx.fail(f'{backing} backing: {e}')
+            return
+        ctx.targets = []
+        for name in ctx.args.only:
+            if name == 'memfile' and backing != 'tmpfs':
+                continue      # in memory whatever the backing: measured once
+            log(f'set up {name} on {backing}')
+            try:
+                target = SETUP[name](ctx)
+            except (StepFailed, OSError) as e:
+                ctx.fail(f'{name} on {backing}: set-up: {e}')
+                continue
+            ctx.targets.append(target)
+            notes = target.notes + ([target.loop_note + ' (ext4 group)']
+                                    if target.loop_note else [])
+            if notes:
+                ctx.target_notes[f'{name} on {backing}'] = notes
+        if not ctx.targets:
+            return
+        for title, fn in groups:
+            run_group(ctx, f'{title}, on {backing}', fn, fn.__name__.removeprefix('group_'))
+    finally:
+        cl.unwind(mark)
+        ctx.targets = []
+        ctx.work = top
+        ctx.backing = ctx.backing_name = None
+
+
 def run_bench(ctx):
-    args, cl = ctx.args, ctx.cl
-    ctx.work = make_tempdir(cl)
-    ctx.tmpfs = ctx.work / 'tmpfs'
+    args = ctx.args
+    ctx.work = make_tempdir(ctx.cl)
     ctx.plan = plan_space(args)
-    mount_tmpfs(cl, ctx.tmpfs, ctx.plan['bench'], ctx.space, 'bench tmpfs')
-    # the snap, packs and transport groups make their own arrays: targets only
-    # for the groups that use them
-    wanted = args.only if set(args.groups) - OWN_ARRAY_GROUPS else []
-    for name in wanted:
-        log(f'set up {name}')
-        try:
-            ctx.targets.append(SETUP[name](ctx))
-        except StepFailed as e:
-            ctx.fail(f'{name}: set-up: {e}')
-    for title, fn in GROUPS:
+    wanted = [(title, fn) for title, fn in GROUPS
+              if fn.__name__.removeprefix('group_') in args.groups]
+    target_groups = [(t, f) for t, f in wanted
+                     if f.__name__.removeprefix('group_') not in OWN_ARRAY_GROUPS]
+    if target_groups and args.only:
+        for backing in args.backing:
+            run_backing(ctx, backing, target_groups)
+    # the snap, packs and transport groups make their own arrays (on tmpfs)
+    for title, fn in wanted:
         name = fn.__name__.removeprefix('group_')
-        if name not in args.groups or not (ctx.targets or name in OWN_ARRAY_GROUPS):
-            continue
-        ctx.space.group = name
-        log(f'group {name}: {ctx.space.now()}')
-        mark = cl.mark()
-        try:
-            rows = fn(ctx)
-        except Exception as e:  # a bug or a surprise: report it, go on with the next group
-            ctx.fail(f'{name} group: {type(e).__name__}: {e}; {ctx.space.now()}\n'
-                     + traceback.format_exc())
-            continue
-        finally:
-            cl.unwind(mark)   # what a group sets up, it undoes
-        ctx.results[name] = rows
-        ctx.done.append((title, rows))
+        if name in OWN_ARRAY_GROUPS:
+            run_group(ctx, title, fn, name)
 
 
 def main(argv=None):

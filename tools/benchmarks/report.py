@@ -29,21 +29,29 @@ def ratio(row, ref):
 
 
 def verdict(row):
-    if not row.goal:
-        return ''
-    ref, minimum = row.goal
-    r = ratio(row, ref)
-    mark = 'n/a' if r is None else ('PASS' if r >= minimum else 'MISS')
-    return f'>= {minimum}x {ref}: {mark}'
+    """PASS/FAIL of each goal of the row (n/a when a value is missing)."""
+    out = []
+    for ref, minimum in row.goals:
+        r = ratio(row, ref)
+        mark = 'n/a' if r is None else ('PASS' if r >= minimum else 'FAIL')
+        out.append(f'>= {minimum}x {ref}: {mark}')
+    return '; '.join(out)
+
+
+#: the ratio columns, fusearray over each of these (when the table has it)
+RATIO_REFS = ('memfile', 'file', 'qemu-qcow2')
 
 
 def table(rows):
-    head = ['workload', 'unit', *TARGETS, 'fusearray/memfile', 'fusearray/tmpfs', 'goal']
+    present = [t for t in TARGETS if any(t in row.values for row in rows)]
+    refs = [r for r in RATIO_REFS if r in present and r != 'fusearray']
+    head = ['workload', 'unit', *present, *(f'fusearray/{r.removeprefix("qemu-")}' for r in refs),
+            'goal']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for row in rows:
         cells = [row.workload, row.unit]
-        cells += [fmt_value(row.values.get(t), row.unit) for t in TARGETS]
-        for ref in ('memfile', 'tmpfs'):
+        cells += [fmt_value(row.values.get(t), row.unit) for t in present]
+        for ref in refs:
             r = ratio(row, ref)
             cells.append('-' if r is None else f'{r:.2f}x')
         cells.append(verdict(row))
@@ -116,11 +124,12 @@ def report(ctx, results):
           f'packs: {fmt_size(a.pack_lun)} LUNs; transport: {fmt_size(a.transport_lun)} LUN; '
           f'packs/transport seq reads: median of {a.read_repeat}; '
           f'MB/s are 10^6 bytes/s; run took {ctx.elapsed / 60:.1f} min.')
-    for t in ctx.targets:
-        if t.notes:
-            print(f'{t.name}: {", ".join(t.notes)}'
-                  + (' (so this measures the software, not a disk)' if
-                     t.name == 'fusearray' and not a.array_dir else '') + '.')
+    print(f'Backings: {", ".join(f"{b} ({d})" for b, d in ctx.backing_dirs.items())}: '
+          'the fio and ext4 groups run once per backing, every target\'s data on it '
+          '(the file, the qemu images, fusearray\'s array; memfile is in memory, on the '
+          'tmpfs run only).')
+    for name, notes in ctx.target_notes.items():
+        print(f'{name}: {", ".join(notes)}.')
     for title, rows in results:
         print(f'\n## {title}\n')
         print(metric_table(rows) if isinstance(rows, MetricTable) else table(rows))
@@ -150,8 +159,10 @@ def report(ctx, results):
                                            'read_repeat': a.read_repeat,
                                            'pack_writes': a.pack_writes,
                                            'array_dir': a.array_dir,
+                                           'backing': a.backing, 'disk_dir': a.disk_dir,
                                            'cache_size': a.cache_size},
-                'groups': [{'title': title, **as_json(rows)} for title, rows in results],
+                'groups': [{'title': title, 'backing': ctx.group_backing.get(title),
+                            **as_json(rows)} for title, rows in results],
                 'space': {label: {'peak_used': u, 'size': sz, 'group': g}
                           for label, (u, sz, g) in ctx.space.peaks.items()},
                 'errors': ctx.errors, 'seconds': ctx.elapsed}
