@@ -693,7 +693,7 @@ class Array:
                 "packs": packs, "luns": luns, "sets": sets,
                 "jobs": self.runner.status(),
                 "cache": {"limit_bytes": self.cache.limit, "bytes": self.cache.bytes,
-                          "dirty_bytes": self.cache.dirty_bytes}}
+                          "dirty_bytes": self.cache.dirty_bytes, **self.cache.stats()}}
 
     def _vol_status(self, v: Volume) -> dict:
         d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,

@@ -1,7 +1,8 @@
 """Volumes (LUNs and shadow copies) and the write-back block cache.
 
 A volume's content is, from newest to oldest:
-1. its entries in the block cache (dirty or clean copies of whole blocks);
+1. its entries in the block cache (dirty or clean copies of whole blocks,
+   or partial ones: the bytes of sub-block writes over the stored block);
 2. its overlay: block ids flushed to the store but not yet merged into the
    map (the committer merges them at the next commit);
 3. its map (root, height): the last merged state.
@@ -18,7 +19,25 @@ been written, flushed or evicted meanwhile, or the volume's content replaced
 wholesale, which bumps `generation`).
 
 The cache is bounded: writers wait (back-pressure) while dirty bytes exceed
-half the cache; clean blocks are evicted least recently used first.
+half the cache; clean blocks are evicted least recently used first. Every
+entry counts a whole block, partial ones included.
+
+Small writes are absorbed: a write of part of a block that is not in the
+cache reads nothing and awaits nothing. It makes a partial entry (Entry:
+a block-size buffer holding the written bytes, `valid` the byte ranges
+written); later sub-block writes patch it, a write of the whole block
+makes it whole. The stored block under it is read once, when something
+needs the bytes not written (`Volume.complete`): a read of a range not
+all written (read_cached answers a read inside the written ranges without
+a coroutine, as for any hit), the write-back before it hashes the block
+(WriteBack.flush, one batch of reads per volume and flush; so a snapshot,
+a resync's source and every commit see merged blocks), or a shrink's last
+block (zero_tail). Completion fills only what is still not written after
+its await, so writes made meanwhile win over the stored bytes; an entry
+dropped or a volume whose content was replaced meanwhile (`generation`)
+is left alone. A partial entry is always dirty (never evicted) and owns
+its buffer (never `shared`). Counters in BlockCache.stats
+(ctl/status.json "cache").
 """
 import collections
 import errno
@@ -30,15 +49,67 @@ from . import ZERO_ID, maps
 from .errors import ArrayError
 
 
+def merge_range(ranges: list, lo: int, hi: int) -> list:
+    """`ranges` (sorted, disjoint, non-adjacent (lo, hi) intervals) with
+    [lo, hi) added: a new list, merged the same way."""
+    out = []
+    i, n = 0, len(ranges)
+    while i < n and ranges[i][1] < lo:
+        out.append(ranges[i])
+        i += 1
+    while i < n and ranges[i][0] <= hi:
+        lo = min(lo, ranges[i][0])
+        hi = max(hi, ranges[i][1])
+        i += 1
+    out.append((lo, hi))
+    out.extend(ranges[i:])
+    return out
+
+
+def covers(ranges: list, lo: int, hi: int) -> bool:
+    """[lo, hi) lies inside one interval of `ranges` (merged, so inside
+    their union)."""
+    for a, b in ranges:
+        if a <= lo:
+            if hi <= b:
+                return True
+        else:
+            break
+    return False
+
+
+def gaps(ranges: list, size: int) -> list:
+    """The intervals of [0, size) outside `ranges`."""
+    out, pos = [], 0
+    for a, b in ranges:
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < size:
+        out.append((pos, size))
+    return out
+
+
 class Entry:
     """A cached block. `buf` None means all zeros (a punched block).
     `shared`: a flush holds `buf`, or `buf` is a read-only view of a write
     request's data; a write must copy it first (`own`). `seq`, while dirty:
     no write it holds that is not stored yet has a sequence number below it
-    (see BlockCache.seq)."""
-    __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "seq", "__weakref__")
+    (see BlockCache.seq).
 
-    def __init__(self, vol, bno, buf):
+    `valid` None: the whole block is in `buf`. Otherwise the entry is
+    partial (what a sub-block write that missed the cache makes, without
+    reading the pack): `buf` is a private block-size bytearray holding the
+    written bytes at `valid`, a sorted list of disjoint, non-adjacent
+    (lo, hi) intervals, and zeros elsewhere; the rest of the block is the
+    stored one. A partial entry is always dirty, never `shared`: it is
+    completed (Volume.complete: the stored block read once, its bytes put
+    in the gaps) before a read needs its gaps and before the write-back
+    hashes it."""
+    __slots__ = ("vol", "bno", "buf", "dirty", "gen", "shared", "seq", "valid",
+                 "__weakref__")
+
+    def __init__(self, vol, bno, buf, valid=None):
         self.vol = vol
         self.bno = bno
         self.buf = buf
@@ -46,6 +117,7 @@ class Entry:
         self.gen = 0
         self.shared = False
         self.seq = 0
+        self.valid = valid
 
     def own(self) -> bytearray:
         """The buffer, private and writable (zeros materialised)."""
@@ -55,6 +127,26 @@ class Entry:
             self.buf = bytearray(self.buf)
         self.shared = False
         return self.buf
+
+    def patch(self, lo: int, data) -> None:
+        """Write `data` at `lo` in the block (a sub-block write)."""
+        hi = lo + len(data)
+        self.own()[lo:hi] = data
+        if self.valid is not None:
+            valid = merge_range(self.valid, lo, hi)
+            self.valid = None if valid[0] == (0, len(self.buf)) else valid
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """The bytes [lo, hi) of the block are in the entry."""
+        return self.valid is None or covers(self.valid, lo, hi)
+
+    def fill(self, data) -> None:
+        """Complete a partial entry with the stored block `data` (None:
+        zeros): its bytes go where nothing was written."""
+        buf = self.buf
+        for lo, hi in gaps(self.valid, len(buf)):
+            buf[lo:hi] = bytes(hi - lo) if data is None else data[lo:hi]
+        self.valid = None
 
 
 FLUSH_AT = 64 << 20       # dirty bytes that start a write-back (at most half the dirty limit)
@@ -103,6 +195,22 @@ class BlockCache:
         # gets sequence number n; a dirty entry's `seq` is at most that of
         # the oldest write in it not yet stored (Array.sync's accounting)
         self.seq = 0
+        # counters (ctl/status.json, "cache"): sub-block writes that missed
+        # the cache, absorbed into a partial entry without reading the pack;
+        # partial blocks completed (their stored block read once) by the
+        # write-back and for a read; blocks read from a pack before a write
+        # could be acknowledged (only a shrink's last block now)
+        self.absorbed = 0
+        self.completed_at_flush = 0
+        self.completed_for_read = 0
+        self.write_loads = 0
+
+    def stats(self) -> dict:
+        """The counters above, by name."""
+        return {"absorbed_writes": self.absorbed,
+                "completed_at_flush": self.completed_at_flush,
+                "completed_for_read": self.completed_for_read,
+                "write_loads": self.write_loads}
 
     def acknowledge(self) -> int:
         """A write is about to return to its caller: its sequence number."""
@@ -336,8 +444,10 @@ class Volume:
         e = self.cache.get(bno)
         if e is None:
             return None
-        self.block_cache.touch(e)
         lo = off - bno * bs
+        if e.valid is not None and not covers(e.valid, lo, lo + size):
+            return None         # partly not written: read_parts completes it
+        self.block_cache.touch(e)
         return self._zeros[:size] if e.buf is None else e.buf[lo:lo + size]
 
     async def read(self, off: int, size: int) -> bytes:
@@ -363,6 +473,11 @@ class Volume:
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
         if first == last:
+            e = self.cache.get(first)
+            if e is not None and e.valid is not None and \
+                    covers(e.valid, off - first * bs, end - first * bs):
+                self.block_cache.touch(e)
+                return [bytes(e.buf[off - first * bs:end - first * bs])]
             blocks = await self._blocks((first,))
             return [bytes(blocks[0][off - first * bs:end - first * bs])]
         cache = self.block_cache
@@ -374,7 +489,8 @@ class Volume:
             base = bno * bs
             lo, hi = max(off, base), min(end, base + bs)
             e = self.cache.get(bno)
-            if e is None and hi - lo < bs:
+            if (e is None and hi - lo < bs) or \
+                    (e is not None and not e.covers(lo - base, hi - base)):
                 data = (await self._blocks((bno,)))[0]
                 awaited = True
                 parts.append(bytes(memoryview(data)[lo - base:hi - base]))
@@ -427,6 +543,9 @@ class Volume:
         misses = []
         for i, bno in enumerate(bnos):
             e = self.cache.get(bno)
+            while e is not None and e.valid is not None:    # partial: complete it
+                await self.complete([e])
+                e = self.cache.get(bno)
             if e is not None:
                 cache.touch(e)
                 out[i] = self._zeros if e.buf is None else e.buf
@@ -490,8 +609,8 @@ class Volume:
             bno, boff = divmod(pos, bs)
             n = min(bs - boff, end - pos)
             piece = mv[pos - off:pos - off + n]
+            e = self.cache.get(bno)
             if n == bs:
-                e = self.cache.get(bno)
                 if immutable:       # keep a view of the request: no copy
                     if e is None:
                         e = Entry(self, bno, piece)
@@ -504,24 +623,66 @@ class Volume:
                     e.buf, e.shared = bytearray(piece), False
                 else:
                     e.buf[:] = piece
-                cache.mark_dirty(e)
+                e.valid = None
             else:
-                e = self.cache.get(bno)
-                if e is None:
-                    e = await self._entry_for_update(bno)
-                e.own()[boff:boff + n] = piece
-                cache.mark_dirty(e)
+                if e is None:       # absorbed: the stored block is read at write-back
+                    e = Entry(self, bno, bytearray(bs), [])
+                    cache.absorbed += 1
+                e.patch(boff, piece)
+            cache.mark_dirty(e)
             pos += n
         self.last_write = cache.acknowledge()
         if cache.dirty_bytes > cache.flush_at:
             await cache.wait_for_room(self.pack.name)
         return end - off
 
+    async def complete(self, entries, at_flush: bool = False) -> None:
+        """Make the partial entries among `entries` (of this volume) whole:
+        their stored blocks are read in one batch and fill what was not
+        written. After the await everything is checked again: an entry
+        dropped or replaced meanwhile (a resync, a discard) is left alone,
+        bytes written meanwhile are kept (only the gaps left are filled),
+        and one whose stored id changed is read again. Raises the reader's
+        error (EIO) if a stored block cannot be read: the entries stay
+        partial."""
+        while True:
+            todo = [e for e in entries
+                    if e.valid is not None and self.cache.get(e.bno) is e]
+            if not todo:
+                return
+            gen = self.generation
+            bids = []
+            for e in todo:
+                bid = self.current_id_nowait(e.bno)
+                if bid is None:
+                    bid = await self.current_id(e.bno)
+                bids.append(bid)
+            reads = [bid for bid in bids if bid != ZERO_ID]
+            datas = iter(await self.reader.read_blocks(self, reads) if reads else ())
+            if gen != self.generation:
+                continue            # content replaced: those entries are gone
+            for e, bid in zip(todo, bids):
+                data = None if bid == ZERO_ID else next(datas)
+                if e.valid is None or self.cache.get(e.bno) is not e:
+                    continue        # completed, made whole or dropped meanwhile
+                now = self.current_id_nowait(e.bno)
+                if now is not None and now != bid:
+                    continue        # (cannot happen while it is partial) read again
+                e.fill(data)
+                if at_flush:
+                    self.block_cache.completed_at_flush += 1
+                else:
+                    self.block_cache.completed_for_read += 1
+
     async def _entry_for_update(self, bno: int) -> Entry:
-        """The cache entry of `bno`, loading the block first if needed."""
+        """The cache entry of `bno`, loading the block first if needed (a
+        partial entry is completed)."""
         while True:
             e = self.cache.get(bno)
             if e is not None:
+                if e.valid is not None:
+                    await self.complete([e])
+                    continue
                 return e
             ev = self.loading.get(bno)
             if ev is not None:
@@ -534,6 +695,7 @@ class Volume:
                 data = None
                 if bid != ZERO_ID:
                     data = (await self.reader.read_blocks(self, [bid]))[0]
+                    self.block_cache.write_loads += 1
             finally:
                 del self.loading[bno]
                 ev.set()
@@ -573,11 +735,14 @@ class Volume:
                 if e is None:
                     e = Entry(self, bno, None)
                 else:
-                    e.buf, e.shared = None, False
+                    e.buf, e.shared, e.valid = None, False, None
                 cache.mark_dirty(e)
-            else:
-                e = await self._entry_for_update(bno)     # never refused: no space needed
-                e.own()[boff:boff + n] = bytes(n)
+            else:       # like a write (never refused: no space needed)
+                e = self.cache.get(bno)
+                if e is None:
+                    e = Entry(self, bno, bytearray(bs), [])
+                    cache.absorbed += 1
+                e.patch(boff, bytes(n))
                 cache.mark_dirty(e)
             pos += n
         self.last_write = cache.acknowledge()

@@ -34,8 +34,11 @@ those journals). `catalogue` is set by the coordinator once opened.
 The commit (`commit`, caller holds `lock`), step by step, and what a crash
 (SIGKILL, power loss) leaves after each:
 
-    1. flush: dirty cache blocks hashed, deduplicated and appended to
-       segment files [worker thread: hash_and_store]; their ids go to the
+    1. flush: partial dirty blocks (absorbed sub-block writes, see
+       volume.py) completed: their stored blocks read, one batch per
+       volume (the read-modify-write, once per block) [reader: page cache
+       or a worker thread]; dirty cache blocks hashed, deduplicated and
+       appended to segment files [worker thread: hash_and_store]; their ids go to the
        volumes' overlays [trio]. A crash leaves segment bytes no index row
        points to: the next open truncates/removes them (Pack.open_blocking);
        those writes were acknowledged but no fsync covered them yet: they
@@ -304,6 +307,13 @@ class WriteBack:
         """Write dirty cache blocks to their packs; their ids go to the
         volumes' overlays. Caller holds `lock`.
 
+        Partial entries (absorbed sub-block writes) among those it takes
+        are completed first: the stored blocks under them read in one
+        batch per volume (Volume.complete); writes made during that read
+        win over the stored bytes, and an entry made partial during it
+        waits for the next flush. A stored block that cannot be read fails
+        its pack's flush like a failed append (EIO, retried).
+
         The buffers are handed over, not copied: they are marked `shared`
         and a write to one copies it first. Each pack is flushed on its
         own: a full or failed pack keeps its blocks dirty (retried every
@@ -311,20 +321,46 @@ class WriteBack:
         on. Raises the first pack error."""
         cache = self.cache
         now = time.monotonic()
+        first = None
+        failed: set = set()       # packs whose partial blocks could not be completed
+        partial: dict = {}        # volume -> its partial entries this flush takes
+        taken = 0
+        for e in cache.dirty:
+            if e.vol.pack.name in cache.errors and now < cache.retry_at.get(e.vol.pack.name, 0):
+                continue
+            if e.valid is not None:
+                partial.setdefault(e.vol, []).append(e)
+            taken += e.vol.block_size
+            if max_bytes and taken >= max_bytes:
+                break
+        for vol, entries in partial.items():
+            # read-modify-write, once per block however many writes hit it:
+            # the stored blocks under the partial ones, one batch per volume
+            if vol.pack in failed:
+                continue
+            try:
+                await vol.complete(entries, at_flush=True)
+            except ArrayError as err:      # its stored block unreadable: retried later
+                cache.errors[vol.pack.name] = err
+                cache.retry_at[vol.pack.name] = now + FLUSH_RETRY
+                failed.add(vol.pack)
+                first = first or err
         groups: dict = {}
         taken = 0
         snap = cache.seq        # the buffers taken hold every write up to this one
         for e in cache.dirty:
             pack = e.vol.pack
-            if pack.name in cache.errors and now < cache.retry_at.get(pack.name, 0):
+            if pack in failed or (pack.name in cache.errors
+                                  and now < cache.retry_at.get(pack.name, 0)):
                 continue
+            if e.valid is not None:
+                continue        # made partial since (a write during the reads above)
             if e.buf is not None:
                 e.shared = True
             groups.setdefault(pack, []).append((e, e.gen, e.vol.generation, e.buf))
             taken += e.vol.block_size
             if max_bytes and taken >= max_bytes:
                 break
-        first = None
         try:
             for pack, batch in groups.items():
                 try:

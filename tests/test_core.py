@@ -1254,3 +1254,164 @@ async def test_a_mapped_stream_file_cut_short_mid_import_fails_it_as_damaged(tmp
         del whole, source
         await b.collect_garbage()
         await assert_clean(b, strict=True)
+
+
+# ---- absorbed sub-block writes (partial cache entries) --------------------------------
+def test_partial_entry_ranges_merge_cover_and_gaps():
+    from fusearray.volume import covers, gaps, merge_range
+    assert merge_range([], 10, 20) == [(10, 20)]
+    assert merge_range([(10, 20)], 30, 40) == [(10, 20), (30, 40)]
+    assert merge_range([(10, 20), (30, 40)], 20, 30) == [(10, 40)]       # adjacent: one
+    assert merge_range([(10, 20), (30, 40), (50, 60)], 15, 55) == [(10, 60)]
+    assert merge_range([(10, 20)], 0, 5) == [(0, 5), (10, 20)]
+    assert merge_range([(10, 20)], 12, 18) == [(10, 20)]
+    assert covers([(0, 5), (10, 20)], 10, 20) and covers([(0, 5), (10, 20)], 1, 4)
+    assert not covers([(0, 5), (10, 20)], 4, 11) and not covers([], 0, 1)
+    assert gaps([(0, 5), (10, 20)], 32) == [(5, 10), (20, 32)]
+    assert gaps([], 8) == [(0, 8)] and gaps([(0, 8)], 8) == []
+    rng = random.Random(11)
+    for _ in range(300):          # against a bitmap
+        size = rng.choice([8, 64, 100])
+        bits = [False] * size
+        ranges: list = []
+        for _ in range(rng.randrange(1, 8)):
+            lo = rng.randrange(size)
+            hi = rng.randrange(lo + 1, size + 1)
+            ranges = merge_range(ranges, lo, hi)
+            bits[lo:hi] = [True] * (hi - lo)
+            want, i = [], 0
+            while i < size:
+                if bits[i]:
+                    j = i
+                    while j < size and bits[j]:
+                        j += 1
+                    want.append((i, j))
+                    i = j
+                else:
+                    i += 1
+            assert ranges == want
+            lo = rng.randrange(size)
+            hi = rng.randrange(lo + 1, size + 1)
+            assert covers(ranges, lo, hi) == all(bits[lo:hi])
+            assert [(a, b) for a, b in gaps(ranges, size)] == \
+                [(a, b) for a, b in zip([0] + [h for _, h in want], [l for l, _ in want] + [size])
+                 if a < b]
+
+
+def test_partial_entry_patch_fill_and_whole():
+    from types import SimpleNamespace
+    from fusearray.volume import Entry
+    vol = SimpleNamespace(block_size=16)
+    e = Entry(vol, 0, bytearray(16), [])
+    e.patch(2, b"ab")
+    e.patch(8, b"cdef")
+    assert e.valid == [(2, 4), (8, 12)] and e.covers(8, 12) and not e.covers(3, 9)
+    e.fill(bytes(range(100, 116)))
+    assert e.valid is None
+    assert e.buf == bytes([100, 101]) + b"ab" + bytes(range(104, 108)) + b"cdef" \
+        + bytes(range(112, 116))
+    e = Entry(vol, 0, bytearray(16), [])
+    e.patch(0, b"x" * 10)
+    e.patch(10, b"y" * 6)           # the whole block written: complete without a read
+    assert e.valid is None and e.buf == b"x" * 10 + b"y" * 6
+    e = Entry(vol, 0, bytearray(16), [])
+    e.patch(4, b"z")
+    e.fill(None)                    # over a zero block
+    assert e.valid is None and e.buf == bytes(4) + b"z" + bytes(11)
+
+
+async def test_sub_block_writes_are_absorbed_and_completed_once_per_block(tmp_path):
+    """A sub-block write that misses the cache reads nothing from the pack:
+    the block is completed once, by the write-back or by a read that needs
+    what was not written; snapshots, resync and shrink see the merged
+    block."""
+    init_array(str(tmp_path / "arr"))
+    size, bs = 4 * MiB, 65536
+    base = os.urandom(size)
+    model = bytearray(base)
+    rng = random.Random(7)
+
+    def partial_entries(vol):
+        return sum(1 for e in vol.cache.values() if e.valid is not None)
+
+    async def small_writes(vol, count, within=None):
+        pieces = []
+        for _ in range(count):
+            if within is None:
+                off = rng.randrange(size - 5000)
+            else:
+                off = within * bs + rng.randrange(bs - 5000)
+            n = rng.choice([1, 512, 4096, 5000])
+            data = rng.randbytes(n)
+            assert await vol.write(off, data) == n
+            model[off:off + n] = data
+            pieces.append((off, n))
+        return pieces
+
+    async def body(a):
+        vol = await a.create_lun("l", "4M")
+        await vol.write(0, base)
+        await a.sync()
+        stats = a.cache.stats
+        s0 = stats()
+        pieces = await small_writes(vol, 200)
+        s1 = stats()
+        assert s1["write_loads"] == s0["write_loads"]          # nothing read to write
+        assert s1["absorbed_writes"] > s0["absorbed_writes"]
+        partial = partial_entries(vol)
+        assert partial > 10
+        # reads inside what was written need nothing of the pack
+        for off, n in pieces[-20:]:
+            assert vol.read_cached(off, n) == model[off:off + n] or \
+                (off // bs != (off + n - 1) // bs)
+            assert await vol.read(off, n) == bytes(model[off:off + n])
+        assert stats()["completed_for_read"] == s0["completed_for_read"]
+        await a.sync()                   # read-modify-write here, once per block
+        s2 = stats()
+        assert s2["completed_at_flush"] - s0["completed_at_flush"] == partial
+        assert partial_entries(vol) == 0
+        assert await vol.read(0, size) == bytes(model)
+        # a read that needs unwritten bytes completes the block at once
+        await small_writes(vol, 3, within=5)
+        vol.discard_cache()             # (as if evicted) then written again
+        await small_writes(vol, 3, within=7)
+        assert partial_entries(vol) == 1
+        assert await vol.read(7 * bs, bs) == bytes(model[7 * bs:8 * bs])
+        assert stats()["completed_for_read"] == s2["completed_for_read"] + 1
+        assert partial_entries(vol) == 0
+        model[5 * bs:6 * bs] = base[5 * bs:6 * bs]       # discarded: reads the stored
+        assert await vol.read(0, size) == bytes(model)
+        # a snapshot taken while partial dirty entries exist holds the merged blocks
+        await small_writes(vol, 30)
+        assert partial_entries(vol) > 0
+        await a.snapshot(["l"], "s1")
+        snap = bytes(model)
+        assert await a.shadow("s1/l").read(0, size) == snap
+        # resync over partial dirty entries: they are dropped, the LUN is the set's
+        await small_writes(vol, 30)
+        assert partial_entries(vol) > 0
+        await a.resync(["s1/l"], undo=False)
+        model[:] = snap
+        assert await vol.read(0, size) == snap
+        # punch and zero_tail with partial entries present
+        await small_writes(vol, 5, within=9)
+        await vol.zero(9 * bs + 100, 200)
+        model[9 * bs + 100:9 * bs + 300] = bytes(200)
+        await small_writes(vol, 5, within=10)
+        await vol.zero(10 * bs, bs)
+        model[10 * bs:11 * bs] = bytes(bs)
+        await small_writes(vol, 5, within=11)
+        await a.resize_lun("l", "720K")       # cuts block 11 after 16K
+        del model[720 * 1024:]
+        assert await vol.read(0, size) == bytes(model)
+        await a.resize_lun("l", "4M")
+        model.extend(bytes(size - len(model)))
+        assert await vol.read(0, size) == bytes(model)
+        await a.sync()
+        await assert_clean(a)
+    await with_array(tmp_path / "arr", body, cache=64 * MiB)
+
+    async def again(a):
+        assert await a.lun("l").read(0, size) == bytes(model)
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", again)

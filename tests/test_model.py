@@ -495,6 +495,31 @@ class ArrayMachine(RuleBasedStateMachine):
     def write_again(self, data):
         self.write(data)
 
+    @precondition(lambda self: any(True for _ in self.visible()))
+    @rule(data=st.data())
+    @counted
+    def small_writes(self, data):
+        """Sub-block writes at random offsets of one block: a partial cache
+        entry (nothing read from the pack), patched again, then completed
+        by a read, the write-back, a snapshot or dropped by a resync."""
+        parts, v = self.pick_vol(data)
+        if not v.size:
+            return
+        b = data.draw(st.integers(0, (v.size - 1) // v.bs), label="block")
+        try:
+            fd = self.open_vol(parts, os.O_WRONLY)
+        except OSError as e:
+            assert v.readonly and e.errno == errno.EROFS, (parts, e, v.readonly)
+            STATS["refused"] += 1
+            return
+        try:
+            for _ in range(data.draw(st.integers(1, 4), label="pieces")):
+                off = b * v.bs + data.draw(st.integers(0, v.bs - 1), label="in block")
+                n = data.draw(st.sampled_from([1, 512, 4096]), label="length")
+                self._pwrite(fd, v, off, self.payload(data, n), "/".join(parts))
+        finally:
+            os.close(fd)
+
     def _pwrite(self, fd, v: Vol, off: int, payload: bytes, what: str) -> None:
         want_err = 0
         if v.deleted:
