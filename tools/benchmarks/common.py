@@ -617,6 +617,7 @@ class Row:
     values: dict = field(default_factory=dict)   # target -> float | str (error)
     goals: list = field(default_factory=list)   # [(reference target, minimum fusearray/reference)]
     samples: dict = field(default_factory=dict)  # target -> every measurement, if several
+    bounds: list = field(default_factory=list)   # [('>=' or '<=', limit)] on fusearray's own value
 
 
 def fio(file, name, extra, size, timeout, buffers='--scramble_buffers=1', direct=True):

@@ -22,6 +22,11 @@ Targets:
              --array-dir is given)
 
 Groups (each a function returning rows, see GROUPS):
+  steady     runs first on each backing, on the fresh targets: seq write 1M
+             of the whole file once (the first pass), then --steady-passes
+             overwrite passes in one fio run; MB/s of each, and the longest
+             write stall (fio clat max). Goals: overwrites >= 0.9x qemu-qcow2
+             and >= the first pass, longest stall <= 100 ms (#15 point 4)
   fio        O_DIRECT fio on the file, time-based: seq write (overwrite) and
              read 1M; rand write 4k QD1, QD32 libaio, 4k and 64k + fdatasync;
              rand read 4k QD1, QD32 libaio, 4 jobs. Goals against memfile
@@ -75,6 +80,7 @@ from .common import (
     BACKINGS, DISK_DIR, Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail,
     fmt_bytes, log, make_tempdir, mem_available, mount_tmpfs, parse_size, run)
 from .fio import group_fio
+from .steady import group_steady
 from .ext4 import group_ext4
 from .snap import group_snap
 from .packs import group_packs
@@ -87,6 +93,9 @@ OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport'}
 
 # title, function; later issues add groups here (snapshot, resync, rebuild, ...)
 GROUPS = [
+    # steady first: it wants the targets fresh (its first pass writes them for the first time)
+    ('steady overwrites: a fresh file written end to end, then overwritten again and again '
+     '(fio seq write 1M, O_DIRECT)', group_steady),
     ('fio, O_DIRECT on the file (psync, iodepth 1 unless named)', group_fio),
     ('ext4 on a loop device over the file (losetup --direct-io=on; the qemu targets: off)',
      group_ext4),
@@ -151,6 +160,8 @@ def parse_args(argv):
                     'transport: 256M LUNs, 1 pass')
     ap.add_argument('--size', type=parse_size, help='file/LUN size (default 1G)')
     ap.add_argument('--runtime', type=int, help='seconds per fio workload (default 10)')
+    ap.add_argument('--steady-passes', type=int,
+                    help='steady group: overwrite passes after the first (default 3, quick 2)')
     ap.add_argument('--repeat', type=int, default=1,
                     help='runs of each fio workload, the median is shown (default 1)')
     ap.add_argument('--ext4-size', type=parse_size,
@@ -203,6 +214,7 @@ def parse_args(argv):
     args.transport_lun = args.transport_lun or (256 << 20 if quick else 512 << 20)
     args.read_repeat = args.read_repeat or (1 if quick else 3)
     args.pack_writes = args.pack_writes or (2 if quick else 5)
+    args.steady_passes = args.steady_passes or (2 if quick else 3)
     args.only = [{'tmpfs': 'file'}.get(t.strip(), t.strip())   # the old name of 'file'
                  for t in args.only.split(',') if t.strip()]
     args.backing = [b.strip() for b in args.backing.split(',') if b.strip()]

@@ -18,6 +18,10 @@ def fmt_value(value, unit):
         return value
     if unit == 'IOPS':
         return f'{value / 1000:.1f}k' if value >= 1000 else f'{value:.0f}'
+    if unit == 'x':
+        return f'{value:.2f}x'
+    if unit == 'ms':
+        return f'{value:.1f}'
     return f'{value:.0f}'
 
 
@@ -35,6 +39,13 @@ def verdict(row):
         r = ratio(row, ref)
         mark = 'n/a' if r is None else ('PASS' if r >= minimum else 'FAIL')
         out.append(f'>= {minimum}x {ref}: {mark}')
+    own = row.values.get('fusearray')
+    for op, limit in getattr(row, 'bounds', ()):
+        if not isinstance(own, (int, float)):
+            mark = 'n/a'
+        else:
+            mark = 'PASS' if (own >= limit if op == '>=' else own <= limit) else 'FAIL'
+        out.append(f'fusearray {op} {limit:g}{"" if row.unit == "x" else " " + row.unit}: {mark}')
     return '; '.join(out)
 
 
@@ -158,6 +169,7 @@ def report(ctx, results):
                                            'transport_lun': a.transport_lun,
                                            'read_repeat': a.read_repeat,
                                            'pack_writes': a.pack_writes,
+                                           'steady_passes': a.steady_passes,
                                            'array_dir': a.array_dir,
                                            'backing': a.backing, 'disk_dir': a.disk_dir,
                                            'cache_size': a.cache_size},
