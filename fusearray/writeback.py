@@ -78,7 +78,7 @@ import trio
 from . import ZERO_ID, maps
 from .catalogue import Changes
 from .errors import ArrayError, ChecksumError, ioerror, nospace
-from .gc import Collector
+from .gc import AS_WE_GO_COMPACT, Collector
 from .store import SPARE_IDLE, SPARES
 from .util import human_bytes
 
@@ -282,18 +282,19 @@ class WriteBack:
 
     async def _reclaim_as_we_go(self) -> None:
         """In a long write-back (a LUN overwritten end to end): once
-        OVERLAY_MERGE is flushed, fold it into the maps, and if that shows
-        a pack's garbage pressing, collect it there and then, without
-        flushing the rest (the old data's segments become spares for the
-        rest of the flush instead of after it: one overwrite pass took
-        twice the LUN's space, all of it new files, at a quarter of the
-        speed on the bench VM). Caller holds `lock`."""
-        if self._overlaid() < OVERLAY_MERGE:
+        a quarter of a pack's GC bar is flushed (Collector.merge_every, at most
+        OVERLAY_MERGE), fold it into the maps, and if that shows a pack's
+        garbage pressing, collect it there and then, without flushing the
+        rest (the old data's segments become spares for the rest of the
+        flush instead of after it: one overwrite pass took twice the LUN's
+        space, all of it new files, at a quarter of the speed on the bench
+        VM). Caller holds `lock`."""
+        if self._overlaid() < min(OVERLAY_MERGE, self.collector.merge_every()):
             return
         await self.merge()
         pressing = self.collector.pressing()
         if pressing:
-            await self.collector.collect(pressing, flush=False)
+            await self.collector.collect(pressing, flush=False, compact=AS_WE_GO_COMPACT)
 
     def needs_commit(self) -> bool:
         return bool(self.cache.dirty or self._rows or not self.changes.empty()
