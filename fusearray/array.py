@@ -52,6 +52,8 @@ from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .perms import FILE_MODE, private_dir, tighten
 from .store import Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
+from . import intentlog
+from .intentlog import Coverage, IntentLog
 from .jobs import JobRunner
 from .namespace import Namespace
 from .reader import BlockReader, NodeCache
@@ -67,6 +69,7 @@ JOB_JOURNAL = "jobs.journal"         # job changes not yet in the catalogue (job
 LOCK_FILE = "lock"
 CRASH_FILE = "crash.json"            # what the last daemon died of (daemon.py writes it)
 RUNNING_FILE = "running"             # a daemon has the array open: gone at a clean close
+LOG_DIR = "log"                      # the intent log's slots, unless `--log DIR` (intentlog.py)
 LAYOUTS = ("single", "mirror", "raid5")
 
 
@@ -146,8 +149,10 @@ def check_outside_mount(paths: list[str], mountpoint: str | None) -> None:
 
 
 def init_array(path: str, packs: list[str] | None = None,
-               block_size: int = DEFAULT_BLOCK_SIZE, verify: bool = False) -> None:
-    """Create an array directory (`fusearray init`)."""
+               block_size: int = DEFAULT_BLOCK_SIZE, verify: bool = False,
+               log_dir: str | None = None) -> None:
+    """Create an array directory (`fusearray init`); `log_dir`: the intent
+    log's directory (`--log DIR`, default ARRAY/log)."""
     path = os.path.abspath(path)
     if not _bs_ok(block_size):
         raise invalid("block size must be a power of two from 4K to 1M")
@@ -173,6 +178,8 @@ def init_array(path: str, packs: list[str] | None = None,
     conf = {"format": FORMAT_VERSION, "uuid": array_id,
             "seed": secrets.randbits(64), "block_size": block_size,
             "verify": verify, "vendor": secrets.token_hex(5)[:9]}
+    if log_dir is not None:
+        conf["log_dir"] = check_log_dir(log_dir)
     cat = Catalogue(os.path.join(path, CATALOGUE_FILE), create=True)
     try:
         now = time.time()
@@ -204,14 +211,30 @@ def read_config(path: str) -> dict:
     return conf
 
 
+def check_log_dir(log_dir: str) -> str:
+    """`--log DIR`: an existing directory, absolute."""
+    log_dir = os.path.abspath(log_dir)
+    if not os.path.isdir(log_dir):
+        raise notfound(f"log directory {log_dir} does not exist (give a directory on "
+                       "the device for the intent log)")
+    return log_dir
+
+
 class Array:
-    def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE):
+    def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE,
+                 log_dir: str | None = None):
         self.path = os.path.abspath(path)
         self.conf = read_config(self.path)
         self.hasher = Hasher(self.conf["seed"])
         self.verify = bool(self.conf.get("verify"))
         self.default_block_size = self.conf["block_size"]
+        # the intent log's records share --cache-size with the block cache
+        log_share = min(cache_size // 8, 8 << 20)
         self.cache = BlockCache(cache_size)
+        # where the log is (array.json's log_dir), and where `--log` moves it
+        self.log_moved_to = check_log_dir(log_dir) if log_dir is not None else None
+        self.intent = IntentLog(self._log_path(self.conf.get("log_dir")), self.conf["uuid"],
+                                log_share, event=lambda lv, msg: self.event(lv, msg))
         self.nodes = NodeCache(max(64 << 20, min(cache_size // 4, 512 << 20)))
         self.packs: dict[str, Pack] = {}
         self.journal = EventJournal(self.path)   # events: logged, shown, journaled (events.py)
@@ -243,7 +266,8 @@ class Array:
                                    round_start=self.journal.flush_summaries,
                                    uncommitted=lambda: bool(self.journal.uncommitted),
                                    prepare_commit=self._prepare_commit,
-                                   committed=self._committed, array_uuid=self.conf["uuid"])
+                                   committed=self._committed, array_uuid=self.conf["uuid"],
+                                   intent=self.intent)
         self.collector = self.writeback.collector
         self.luns = self.ns.luns
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
@@ -263,7 +287,14 @@ class Array:
         """A Volume of catalogue row `row`, wired to the cache, the reader
         and write admission (the write-back's admit/pack_writable)."""
         return Volume(row, pack, cache=self.cache, reader=self.reader,
-                      admission=self.writeback, source=source)
+                      admission=self.writeback, source=source, intent=self.intent)
+
+    def _log_path(self, log_dir: str | None) -> str:
+        """The intent log's directory: ARRAY/log, or DIR/<uuid> with --log
+        DIR (so two arrays may share DIR)."""
+        if log_dir is None:
+            return os.path.join(self.path, LOG_DIR)
+        return os.path.join(log_dir, self.conf["uuid"])
 
     @property
     def job_journal(self):
@@ -384,7 +415,21 @@ class Array:
                          "of the previous session")
         self.journal.load(cat.events(EVENTS_KEPT, NOISE_KEPT))
         self._set_rows = cat.sets()
+        self._log_records = self._open_log_blocking(meta)
         return rows, notes
+
+    def _open_log_blocking(self, meta: dict) -> list:
+        """Open the intent log; its records no commit covers (replayed by
+        `open`). A `--log` directory that is gone after a daemon that did
+        not end cleanly may hold acknowledged writes: refused."""
+        conf_dir = self.conf.get("log_dir")
+        if conf_dir is not None and not os.path.isdir(self.intent.dir):
+            if not os.path.isdir(conf_dir) or self.previous_session:
+                raise ioerror(f"the intent log directory {self.intent.dir} is missing"
+                              + (" and the previous daemon did not end cleanly: it may "
+                                 "hold acknowledged writes" if self.previous_session else "")
+                              + "; make it available (mount its device) and mount again")
+        return self.intent.open_blocking(Coverage.from_meta(meta))
 
     def _tighten_modes(self, cat: Catalogue) -> None:
         """An array made by an older fusearray let other users read its
@@ -417,9 +462,72 @@ class Array:
             self.event(level, n)
         self.event("info", f"array opened: {len(self.luns)} LUN(s), "
                    f"{len(self.packs)} pack(s)")
+        await self._replay_log()
+        self.intent.start()
         self.writeback.last_commit = time.monotonic()
         nursery.start_soon(self.writeback.run_committer)
         self.runner.resume_all(nursery)   # each worker says it resumes, and where
+
+    async def _replay_log(self) -> None:
+        """The intent log's records no commit covered (a daemon that did not
+        end cleanly) written again, in order, each with its own sequence
+        number, and committed, before the mount appears; then, if `--log`
+        moved the log, the new directory is taken."""
+        records, self._log_records = self._log_records, []
+        wb = self.writeback
+        cache = self.cache
+        applied = skipped = 0
+        async with wb.lock:
+            for seq, vid, kind, off, span, data in records:
+                vol = self.volumes.get(vid)
+                if vol is None or vol.deleted or off >= vol.size:
+                    skipped += 1
+                    continue
+                cache.resume_after(seq - 1)
+                if kind == intentlog.ZERO:
+                    await vol.zero(off, span, replay=True)
+                else:
+                    await vol.write(off, data, replay=True)
+                applied += 1
+                if cache.dirty_bytes > cache.flush_at:
+                    await wb.commit()
+            if records:
+                await wb.commit()
+        for slot, pos in self.intent.damaged:
+            self.event("warning", f"intent log: {slot} stops at a damaged record at byte "
+                       f"{pos} (a write in flight when the daemon stopped, or damage on "
+                       "its device): it and anything after it were not replayed")
+        if records:
+            self.event("warning" if applied else "info",
+                       f"intent log: replayed {applied} write(s) acknowledged after the "
+                       f"last commit of the previous session"
+                       + (f" ({skipped} of deleted LUNs skipped)" if skipped else ""))
+        if self.log_moved_to is not None and self.log_moved_to != self.conf.get("log_dir"):
+            await self._move_log(self.log_moved_to)
+
+    async def _move_log(self, log_dir: str) -> None:
+        """`mount --log DIR` names another directory than the array's: with
+        everything committed, the old log's slots are removed and the new
+        directory recorded in array.json."""
+        async with self.writeback.lock:
+            await self.writeback.commit()
+            if self.writeback.unstored():
+                self.event("warning", f"the intent log stays in {self.intent.dir}: "
+                           "some acknowledged writes are not stored yet")
+                return
+            old = self.intent
+            new = IntentLog(self._log_path(log_dir), self.conf["uuid"], old.buffer_limit,
+                            event=old.event)
+            await trio.to_thread.run_sync(new.open_blocking, old.covered)
+            await trio.to_thread.run_sync(old.remove_blocking)
+            self.intent = self.writeback.intent = new
+            for v in self.volumes.values():
+                v.intent = new
+            conf = dict(self.conf, log_dir=log_dir)
+            await trio.to_thread.run_sync(write_file_atomic, os.path.join(self.path, ARRAY_FILE),
+                                          json.dumps(conf, indent=1).encode())
+            self.conf = conf
+            self.event("info", f"the intent log is now in {new.dir}")
 
     async def close(self) -> int:
         """Final commit, then release files. Safe to call once. Returns the
@@ -452,6 +560,7 @@ class Array:
                 self.catalogue = self.writeback.catalogue = None
             self.journal.close()
             self.runner.close()
+            self.intent.close_blocking()
             if self._lockfd is not None:
                 _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
             if self._lockfd is not None:
@@ -477,9 +586,10 @@ class Array:
                 self.writeback.mark_meta()
 
     # ---- the write-back's, for the fs and ctl layers -----------------------------
-    async def sync(self, vol: Volume | None = None) -> None:
-        """fsync of `vol` (None: of every volume): WriteBack.sync."""
-        await self.writeback.sync(vol)
+    async def sync(self, vol: Volume | None = None, log: bool = False) -> None:
+        """fsync of `vol` (None: of every volume): WriteBack.sync; `log`:
+        through the intent log where it can (an fsync on the mount)."""
+        await self.writeback.sync(vol, log)
 
     async def sync_all(self, discard: bool = False) -> dict:
         """ctl `sync all [discard=yes]`: WriteBack.sync_all."""
@@ -693,7 +803,8 @@ class Array:
                 "packs": packs, "luns": luns, "sets": sets,
                 "jobs": self.runner.status(),
                 "cache": {"limit_bytes": self.cache.limit, "bytes": self.cache.bytes,
-                          "dirty_bytes": self.cache.dirty_bytes, **self.cache.stats()}}
+                          "dirty_bytes": self.cache.dirty_bytes, **self.cache.stats()},
+                "intent_log": self.intent.status()}
 
     def _vol_status(self, v: Volume) -> dict:
         d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,

@@ -67,7 +67,7 @@ def cmd_init(args) -> int:
     from .array import init_array
     from .util import parse_bytes
     init_array(args.array, args.pack, parse_bytes(args.block_size, "block size"),
-               args.verify)
+               args.verify, args.log)
     print(f"initialised array {os.path.abspath(args.array)}")
     return 0
 
@@ -81,12 +81,13 @@ def cmd_mount(args) -> int:
     resolve(**perms)        # a bad user, group or mode is refused here, before forking
     if not args.background:
         from . import daemon
-        return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms)
-    return start_background(args.array, args.mountpoint, cache, args.debug, perms)
+        return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
+                          args.log)
+    return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log)
 
 
 def start_background(array: str, mnt: str, cache: int, debug: bool = False,
-                     perms: dict | None = None) -> int:
+                     perms: dict | None = None, log_dir: str | None = None) -> int:
     from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
@@ -94,6 +95,8 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
            *mount_args(**(perms or {}))]
     if debug:
         cmd.append("--debug")
+    if log_dir is not None:
+        cmd += ["--log", os.path.abspath(log_dir)]
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -593,6 +596,9 @@ def parse_args(argv):
     s.add_argument("--block-size", default="64K")
     s.add_argument("--verify", action="store_true",
                    help="confirm dedup hits byte for byte")
+    s.add_argument("--log", metavar="DIR",
+                   help="keep the intent log (what makes fsync fast) in DIR, e.g. on a "
+                        "faster device; default: ARRAY/log")
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("mount", help="mount an array")
@@ -601,6 +607,8 @@ def parse_args(argv):
     s.add_argument("--background", action="store_true")
     s.add_argument("--cache-size", default=None)
     s.add_argument("--debug", action="store_true")
+    s.add_argument("--log", metavar="DIR",
+                   help="move the intent log to DIR (replayed from where it was first)")
     s.add_argument("--owner", metavar="USER",
                    help="owner of the LUN and shadow copy files (default: root)")
     s.add_argument("--group", metavar="GROUP",

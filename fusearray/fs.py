@@ -516,7 +516,7 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)
         if type(h) is VolHandle:
-            await self.array.sync(h.vol)
+            await self.array.sync(h.vol, log=True)
 
     @guarded
     async def release(self, fh):

@@ -212,6 +212,11 @@ class BlockCache:
                 "completed_for_read": self.completed_for_read,
                 "write_loads": self.write_loads}
 
+    def resume_after(self, seq: int) -> None:
+        """Acknowledgements go on after `seq` (the intent log's replay gives
+        each write its number again; numbers grow across mounts)."""
+        self.seq = max(self.seq, seq)
+
     def acknowledge(self) -> int:
         """A write is about to return to its caller: its sequence number."""
         self.seq += 1
@@ -313,8 +318,9 @@ class Volume:
     admission.pack_writable(pack)`)."""
 
     def __init__(self, row: dict, pack, *, cache: BlockCache, reader, admission,
-                 source=None):
+                 source=None, intent=None):
         self.block_cache = cache
+        self.intent = intent      # the intent log (intentlog.IntentLog): each write recorded
         self.reader = reader
         self.admission = admission
         self.pack = pack
@@ -585,23 +591,28 @@ class Volume:
         while self.frozen is not None:
             await self.frozen.wait()
 
-    async def write(self, off: int, buf) -> int:
-        if self.frozen is not None:
-            await self._gate()
-        self._check_writable(off)
+    async def write(self, off: int, buf, *, replay: bool = False) -> int:
+        """A write acknowledged when this returns (in the cache, recorded
+        for the intent log). `replay`: a record of the intent log put back
+        at open (Array.open): no checks, not recorded again, no
+        back-pressure (the caller commits as it goes)."""
         cache = self.block_cache
-        if cache.errors and cache.error_for(self.pack.name) is not None:
-            # refused until its unstored blocks are stored: space may be
-            # back since (a delete, a punch hole, the host's file system)
-            await self.admission.pack_writable(self.pack)
         end = min(off + len(buf), self.size)
-        bs = self.block_size
-        pack = self.pack
-        if pack.free_bytes() - pack.reserve - pack.slack - cache.dirty_bytes \
-                < end - off + 2 * bs:
-            await self.admission.admit(self, off, end)     # near full: look closer
+        if not replay:
             if self.frozen is not None:
                 await self._gate()
+            self._check_writable(off)
+            if cache.errors and cache.error_for(self.pack.name) is not None:
+                # refused until its unstored blocks are stored: space may be
+                # back since (a delete, a punch hole, the host's file system)
+                await self.admission.pack_writable(self.pack)
+            pack = self.pack
+            if pack.free_bytes() - pack.reserve - pack.slack - cache.dirty_bytes \
+                    < end - off + 2 * self.block_size:
+                await self.admission.admit(self, off, end)     # near full: look closer
+                if self.frozen is not None:
+                    await self._gate()
+        bs = self.block_size
         mv = memoryview(buf)
         immutable = type(buf) is bytes      # pyfuse3's request data
         pos = off
@@ -632,6 +643,11 @@ class Volume:
             cache.mark_dirty(e)
             pos += n
         self.last_write = cache.acknowledge()
+        if replay:
+            return end - off
+        if self.intent is not None:
+            self.intent.record(self.vid, self.last_write, off,
+                               mv[:end - off] if immutable else bytes(mv[:end - off]))
         if cache.dirty_bytes > cache.flush_at:
             await cache.wait_for_room(self.pack.name)
         return end - off
@@ -717,12 +733,14 @@ class Volume:
             e.own()[size % bs:] = bytes(bs - size % bs)
             self.block_cache.mark_dirty(e)
 
-    async def zero(self, off: int, length: int) -> None:
+    async def zero(self, off: int, length: int, *, replay: bool = False) -> None:
         """Punch a hole / zero a range: whole blocks become ZERO (freed at
-        the next commit), partial ones are written with zeros."""
-        if self.frozen is not None:
-            await self._gate()
-        self._check_writable(off)
+        the next commit), partial ones are written with zeros. `replay`:
+        as for write()."""
+        if not replay:
+            if self.frozen is not None:
+                await self._gate()
+            self._check_writable(off)
         end = min(off + length, self.size)
         bs = self.block_size
         cache = self.block_cache
@@ -746,6 +764,8 @@ class Volume:
                 cache.mark_dirty(e)
             pos += n
         self.last_write = cache.acknowledge()
+        if self.intent is not None and not replay:
+            self.intent.record_zero(self.vid, self.last_write, off, end - off)
         cache.wake_committer.set()
 
     def discard_cache(self, from_bno: int = 0) -> None:

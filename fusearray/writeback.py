@@ -79,6 +79,7 @@ from . import ZERO_ID, maps
 from .catalogue import Changes
 from .errors import ArrayError, ChecksumError, ioerror, nospace
 from .gc import AS_WE_GO_COMPACT, Collector
+from .intentlog import Coverage
 from .store import SPARE_IDLE, SPARES
 from .util import human_bytes
 
@@ -93,6 +94,9 @@ OVERLAY_MERGE = 256 << 20
 FLUSH_BATCH = 16 << 20
 #: A full or failed pack's dirty blocks are retried this often.
 FLUSH_RETRY = 3.0
+#: The intent log covers an fsync only if the pack has this much room
+#: beyond every dirty block (else the commit answers, with its ENOSPC).
+LOG_MARGIN = 64 << 20
 
 
 class Collision(Exception):
@@ -162,7 +166,7 @@ class WriteBack:
 
     def __init__(self, packs: dict, volumes: dict, cache, nodes, hasher, verify: bool, *,
                  reader, event, drain_notes, round_start, uncommitted, prepare_commit,
-                 committed, array_uuid: str):
+                 committed, array_uuid: str, intent=None):
         self.packs = packs              # the coordinator's: name -> Pack
         self.volumes = volumes          # the coordinator's: vid -> Volume
         self.cache = cache
@@ -177,6 +181,7 @@ class WriteBack:
         self.prepare_commit = prepare_commit
         self.committed = committed
         self.array_uuid = array_uuid
+        self.intent = intent            # the intent log (intentlog.IntentLog) or None
         self.catalogue = None           # set by the coordinator once opened
         self.lock = trio.Lock()         # the commit lock
         self.db = trio.CapacityLimiter(1)
@@ -265,7 +270,8 @@ class WriteBack:
             now = time.monotonic()
             piled = self._overlaid()
             if (now - self.last_commit >= COMMIT_INTERVAL and self.needs_commit()) \
-                    or piled > OVERLAY_MERGE:
+                    or piled > OVERLAY_MERGE \
+                    or (self.intent is not None and self.intent.wants_commit()):
                 await self.commit()     # merging finds overwritten blocks
             if collector.wanted:
                 if collector.due(now):
@@ -557,6 +563,10 @@ class WriteBack:
                 ch.blocks_add[pack.name] = adds
             if dels:
                 ch.blocks_del[pack.name] = dels
+        coverage = None
+        if flush and self.intent is not None:
+            coverage = self._coverage(seq)
+            ch.meta.update(coverage.meta())
         ch.volumes = [v.row() for v in self._rows if not v.deleted]
         self._rows = set()
         ch.jobs = [j.row() for j in self._jobs]
@@ -574,6 +584,8 @@ class WriteBack:
         await self.committed(token)
         if flush:       # every overlay was merged: what is not dirty is committed
             self._mark_durable(seq)
+        if coverage is not None:
+            self.intent.committed(coverage)
         self._meta_changed = False
         if flush:       # commits of what is stored (GC during a write-back) don't put it off
             self.last_commit = time.monotonic()
@@ -591,7 +603,7 @@ class WriteBack:
                     await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)
 
     # ---- durability ------------------------------------------------------------
-    async def sync(self, vol=None) -> None:
+    async def sync(self, vol=None, log: bool = False) -> None:
         """fsync, fdatasync and a loop device's flush of `vol` (None: of
         every volume). The contract (DESIGN 4.1), exactly:
 
@@ -612,10 +624,26 @@ class WriteBack:
         a dirty block's `seq` bounds the oldest unstored write in it from
         below; after each commit a volume's `durable_seq` is the highest
         number below which none of its writes is unstored (_mark_durable).
-        Group commit: one commit serves every fsync waiting for the lock."""
+        Group commit: one commit serves every fsync waiting for the lock.
+
+        With `log` (an fsync through the mount), the intent log
+        (intentlog.py) takes the place of the commit when it can
+        (`_log_may`): the writes are then durable in the log
+        (replayed at the next open if no commit covers them first), and the
+        commit follows in the background. It cannot when the pack has an
+        error or is near full (the commit's ENOSPC/EIO is the answer then,
+        exactly as above), when it dropped records over its memory share or
+        when the log device failed. Without it (`sync all`, what umount
+        runs, and in-process callers) it always commits."""
         target = self.cache.seq if vol is None else vol.last_write
         if self._durable(vol) >= target:
             return
+        intent = self.intent
+        if log and intent is not None:
+            if intent.durable(target):
+                return
+            if self._log_may(vol) and await intent.sync(target):
+                return
         async with self.lock:
             if self._durable(vol) >= target:
                 return
@@ -685,6 +713,31 @@ class WriteBack:
             if e.vol.pack.name in cache.errors or "*" in cache.errors:
                 out[e.vol] = out.get(e.vol, 0) + e.vol.block_size
         return out
+
+    def _log_may(self, vol) -> bool:
+        """The intent log may make `vol`'s writes (None: all) durable: its
+        pack (every pack) has no write-back error and room for every dirty
+        block with a margin, so the commit behind the log will store them."""
+        cache = self.cache
+        if cache.errors and cache.error_for(vol.pack.name if vol is not None else None):
+            return False
+        margin = cache.dirty_bytes + self.intent.pending_bytes + LOG_MARGIN
+        for pack in ([vol.pack] if vol is not None else self.packs.values()):
+            if pack.free_bytes() - pack.reserve - pack.slack < margin:
+                return False
+        return True
+
+    def _coverage(self, seq: int) -> Coverage:
+        """After a flush of everything acknowledged up to `seq`: what the
+        commit covers for the intent log (intentlog.Coverage): all of it
+        but, per volume, from the oldest write still in a dirty block."""
+        stuck: dict = {}
+        for e in self.cache.dirty:
+            if e.seq <= seq:
+                vid = e.vol.vid
+                if e.seq - 1 < stuck.get(vid, seq):
+                    stuck[vid] = e.seq - 1
+        return Coverage(seq, stuck)
 
     def _durable(self, vol) -> int:
         return self.durable_seq if vol is None else vol.durable_seq
