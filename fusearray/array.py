@@ -222,15 +222,15 @@ def check_log_dir(log_dir: str) -> str:
 
 class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, fsync: str = "log"):
         self.path = os.path.abspath(path)
         self.conf = read_config(self.path)
         self.hasher = Hasher(self.conf["seed"])
         self.verify = bool(self.conf.get("verify"))
         self.default_block_size = self.conf["block_size"]
         # the intent log's records share --cache-size with the block cache
-        log_share = min(cache_size // 8, 8 << 20)
-        self.cache = BlockCache(cache_size)
+        log_share = min(cache_size // 8, intentlog.SLOT_SIZE // 2)
+        self.cache = BlockCache(cache_size - log_share)
         # where the log is (array.json's log_dir), and where `--log` moves it
         self.log_moved_to = check_log_dir(log_dir) if log_dir is not None else None
         self.intent = IntentLog(self._log_path(self.conf.get("log_dir")), self.conf["uuid"],
@@ -267,7 +267,7 @@ class Array:
                                    uncommitted=lambda: bool(self.journal.uncommitted),
                                    prepare_commit=self._prepare_commit,
                                    committed=self._committed, array_uuid=self.conf["uuid"],
-                                   intent=self.intent)
+                                   intent=self.intent, fsync_log=fsync == "log")
         self.collector = self.writeback.collector
         self.luns = self.ns.luns
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
@@ -490,7 +490,10 @@ class Array:
                     await vol.write(off, data, replay=True)
                 applied += 1
                 if cache.dirty_bytes > cache.flush_at:
-                    await wb.commit()
+                    await wb.commit(cover=False)   # a crash now replays it all again
+            # numbers go on above everything the log and the catalogue have
+            # seen: a record is never mistaken for an older or newer one
+            cache.resume_after(self.intent.last)
             if records:
                 await wb.commit()
         for slot, pos in self.intent.damaged:

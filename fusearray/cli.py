@@ -82,12 +82,14 @@ def cmd_mount(args) -> int:
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
-                          args.log)
-    return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log)
+                          args.log, args.fsync)
+    return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log,
+                            args.fsync)
 
 
 def start_background(array: str, mnt: str, cache: int, debug: bool = False,
-                     perms: dict | None = None, log_dir: str | None = None) -> int:
+                     perms: dict | None = None, log_dir: str | None = None,
+                     fsync: str = "log") -> int:
     from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
@@ -97,6 +99,8 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
         cmd.append("--debug")
     if log_dir is not None:
         cmd += ["--log", os.path.abspath(log_dir)]
+    if fsync != "log":
+        cmd += ["--fsync", fsync]
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -547,7 +551,8 @@ def cmd_up(args) -> int:
     array, mnt = args.array or DEFAULT_ARRAY, args.mountpoint or DEFAULT_MOUNT
     if not os.path.exists(os.path.join(array, "array.json")):
         os.makedirs(array, exist_ok=True)
-        cmd_init(argparse.Namespace(array=array, pack=None, block_size="64K", verify=False))
+        cmd_init(argparse.Namespace(array=array, pack=None, block_size="64K", verify=False,
+                                    log=None))
     os.makedirs(mnt, exist_ok=True)
     if os.path.isdir(os.path.join(mnt, "ctl")):
         print(f"{array} is already mounted on {mnt}")
@@ -609,6 +614,10 @@ def parse_args(argv):
     s.add_argument("--debug", action="store_true")
     s.add_argument("--log", metavar="DIR",
                    help="move the intent log to DIR (replayed from where it was first)")
+    s.add_argument("--fsync", choices=("log", "commit"), default="log",
+                   help="log (default): an fsync is one append to the intent log; "
+                        "commit: every fsync is a full commit (the pack's write errors "
+                        "answer the fsync that meets them)")
     s.add_argument("--owner", metavar="USER",
                    help="owner of the LUN and shadow copy files (default: root)")
     s.add_argument("--group", metavar="GROUP",

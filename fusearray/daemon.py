@@ -117,9 +117,11 @@ def died(array_path: str, array, mnt: str | None, e: BaseException) -> str:
 
 
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
-        debug: bool = False, perms: dict | None = None, log_dir: str | None = None) -> int:
+        debug: bool = False, perms: dict | None = None, log_dir: str | None = None,
+        fsync: str = "log") -> int:
     """`perms`: the mount's --owner, --group, --mode, --ctl-group
-    (fusearray.perms.resolve); `log_dir`: --log (the intent log's directory)."""
+    (fusearray.perms.resolve); `log_dir`: --log (the intent log's directory);
+    `fsync`: --fsync (log or commit)."""
     from .perms import UMASK
     os.umask(UMASK)         # nothing the daemon creates is for other users (logs, data)
     from . import native
@@ -155,7 +157,7 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
             raise ArrayError(errno.EBUSY, f"{mnt} is already a mountpoint: unmount it "
                              "first (fusearray umount)")
         access = access_mod.resolve(**(perms or {}))
-        array = Array(array_path, cache_size, log_dir)
+        array = Array(array_path, cache_size, log_dir, fsync)
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
@@ -286,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", default=None, help="the intent log's directory")
+    p.add_argument("--fsync", choices=("log", "commit"), default="log",
+                   help="what makes an fsync durable: the intent log or a full commit")
     p.add_argument("--owner", help="owner of LUN and shadow copy files (default: root)")
     p.add_argument("--group", help="their group (default: disk)")
     p.add_argument("--mode", help="their mode (default: 0660; write bits off when read-only)")
@@ -294,7 +298,7 @@ def main(argv=None) -> int:
     from . import default_cache_size
     perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
     return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
-               a.debug, perms, a.log)
+               a.debug, perms, a.log, a.fsync)
 
 
 if __name__ == "__main__":

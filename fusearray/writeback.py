@@ -166,7 +166,7 @@ class WriteBack:
 
     def __init__(self, packs: dict, volumes: dict, cache, nodes, hasher, verify: bool, *,
                  reader, event, drain_notes, round_start, uncommitted, prepare_commit,
-                 committed, array_uuid: str, intent=None):
+                 committed, array_uuid: str, intent=None, fsync_log: bool = True):
         self.packs = packs              # the coordinator's: name -> Pack
         self.volumes = volumes          # the coordinator's: vid -> Volume
         self.cache = cache
@@ -182,6 +182,7 @@ class WriteBack:
         self.committed = committed
         self.array_uuid = array_uuid
         self.intent = intent            # the intent log (intentlog.IntentLog) or None
+        self.fsync_log = fsync_log      # fsyncs through the log (mount --fsync log)
         self.catalogue = None           # set by the coordinator once opened
         self.lock = trio.Lock()         # the commit lock
         self.db = trio.CapacityLimiter(1)
@@ -532,10 +533,13 @@ class WriteBack:
                 self.collector.add_garbage(vol, stats["replaced"])
 
     # ---- the commit point --------------------------------------------------------
-    async def commit(self, flush: bool = True) -> None:
+    async def commit(self, flush: bool = True, cover: bool = True) -> None:
         """The commit point (steps in the module docstring). Caller holds
         `lock`. flush=False commits only what is already stored (the index
-        and catalogue changes)."""
+        and catalogue changes). A commit that flushed records how far it
+        covers the intent log unless `cover` is False (the log's replay at
+        open commits as it goes without: until it is over, a crash must
+        replay every record again)."""
         if self.fatal is not None:
             raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
         seq = self.cache.seq
@@ -564,7 +568,7 @@ class WriteBack:
             if dels:
                 ch.blocks_del[pack.name] = dels
         coverage = None
-        if flush and self.intent is not None:
+        if flush and cover and self.intent is not None:
             coverage = self._coverage(seq)
             ch.meta.update(coverage.meta())
         ch.volumes = [v.row() for v in self._rows if not v.deleted]
@@ -639,7 +643,7 @@ class WriteBack:
         if self._durable(vol) >= target:
             return
         intent = self.intent
-        if log and intent is not None:
+        if log and intent is not None and self.fsync_log:
             if intent.durable(target):
                 return
             if self._log_may(vol) and await intent.sync(target):
@@ -737,7 +741,7 @@ class WriteBack:
                 vid = e.vol.vid
                 if e.seq - 1 < stuck.get(vid, seq):
                     stuck[vid] = e.seq - 1
-        return Coverage(seq, stuck)
+        return Coverage(max(seq, self.intent.covered.seq), stuck)
 
     def _durable(self, vol) -> int:
         return self.durable_seq if vol is None else vol.durable_seq

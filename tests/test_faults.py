@@ -7,6 +7,13 @@ fsynced is taken back) and a restart: each block reads as its content at
 the last good fsync or as one written after it, never anything else, and
 never older than the last good fsync.
 
+The pack-fault tests mount with `--fsync commit`: every fsync is a full
+commit, so the fsync that meets a pack fault answers for it. With the
+intent log (the default) an fsync writes the log instead and the pack's
+faults surface at the background commit: the log-mode tests at the end put
+the log on the fault disk too and check the same promise with faults in
+the log, in the pack's commits behind it, and power cuts of both.
+
 The long run is tools/faultrun (more seeds, longer, bigger)."""
 import errno
 import hashlib
@@ -32,21 +39,30 @@ def _h(b) -> bytes:
 
 
 class Rig:
-    """A fault disk and an array whose pack `main` lives on it."""
+    """A fault disk and an array whose pack `main` lives on it; with
+    `fsync="log"` the intent log lives on it too (`FDISK/logs`), else the
+    array is mounted `--fsync commit`."""
 
-    def __init__(self, base: Path, layout: str = "single", ndisks: int = 1):
+    def __init__(self, base: Path, layout: str = "single", ndisks: int = 1,
+                 fsync: str = "commit"):
         self.base = base
         self.fd = FaultDisk(base / "backing", base / "fdisk", log=str(base / "faultdisk.out"))
         self.disks = [str(base / "fdisk" / f"d{i}") for i in range(ndisks)]
         self.layout = layout
         self.m = Mount(base)
         self.crashes = 0
+        self.fsync = fsync
+        self.opts = ("--fsync", "commit") if fsync == "commit" else ()
 
     def start(self, cache_size=None):
         self.fd.start()
         self.m.cache_size = cache_size
-        self.m.init("--pack", f"main={self.layout}:{','.join(self.disks)}")
-        self.m.start()
+        init = ["--pack", f"main={self.layout}:{','.join(self.disks)}"]
+        if self.fsync == "log":
+            os.makedirs(self.base / "fdisk" / "logs")
+            init += ["--log", str(self.base / "fdisk" / "logs")]
+        self.m.init(*init)
+        self.m.start(*self.opts)
         return self
 
     def close(self):
@@ -64,7 +80,7 @@ class Rig:
         else:
             self.fd.clear()
         self.crashes += 1
-        self.m.start()
+        self.m.start(*self.opts)
 
     def injected(self) -> int:
         return sum(self.fd.report()["injected"].values())
@@ -75,8 +91,8 @@ def rig(tmp_path):
     require_fuse()
     made = []
 
-    def make(layout="single", ndisks=1, cache_size=None):
-        r = Rig(tmp_path / f"r{len(made)}", layout, ndisks)
+    def make(layout="single", ndisks=1, cache_size=None, fsync="commit"):
+        r = Rig(tmp_path / f"r{len(made)}", layout, ndisks, fsync)
         made.append(r)
         return r.start(cache_size)
     try:
@@ -358,12 +374,23 @@ RANDOM_RULES = [
 ]
 
 
-def run_random(rig, seed: int, steps: int, size: int, stats: dict | None = None):
+LOG_RULES = [
+    "write eio {log}", "write short {log}", "write enospc {log}", "fsync eio {log}",
+    "fsync eio lose {log}", "fsyncdir eio path=logs/*",
+]
+
+
+def run_random(rig, seed: int, steps: int, size: int, stats: dict | None = None,
+               fsync: str = "commit"):
     """A seeded random run: writes, fsyncs, faults, fault clearing, checks
-    while running, SIGKILL + power cut + restart. Returns the counts."""
+    while running, SIGKILL + power cut + restart. Returns the counts. With
+    fsync="log" the intent log is on the fault disk as well: its faults are
+    drawn too, and a step may run a full commit (`sync all`, what the
+    committer does in the background) so the pack's faults meet one."""
     rng = random.Random(seed)
-    r = rig()
+    r = rig(fsync=fsync)
     w = Workload(r, rng, size)
+    rules = RANDOM_RULES + (LOG_RULES if fsync == "log" else [])
     for step in range(steps):
         x = rng.random()
         if x < 0.55:
@@ -373,9 +400,12 @@ def run_random(rig, seed: int, steps: int, size: int, stats: dict | None = None)
             if w.fsync() and r.injected() > before:
                 # the pack's error is logged when it starts (not on every retry)
                 _alive_with_event(r.m, 0)
+        elif x < 0.80 and fsync == "log":
+            r.m.ctl("sync", "all")      # a commit behind the log; may fail with the pack
         elif x < 0.85:
-            rule = rng.choice(RANDOM_RULES).format(seg="path=d0/segments/*", seed=rng.randrange(1 << 30),
-                                                   nbytes=rng.randrange(0, 4 * MiB))
+            rule = rng.choice(rules).format(seg="path=d0/segments/*", log="path=logs/*",
+                                            seed=rng.randrange(1 << 30),
+                                            nbytes=rng.randrange(0, 4 * MiB))
             r.fd.rules(rule)
         elif x < 0.90:
             r.fd.clear()
@@ -391,6 +421,83 @@ def run_random(rig, seed: int, steps: int, size: int, stats: dict | None = None)
         for k, v in w.stats.items():
             stats[k] = stats.get(k, 0) + v
     return w.stats
+
+
+def test_random_faults_with_the_log_on_the_fault_disk(rig, capsys):
+    """The default mode: fsyncs through the intent log, the log and the pack
+    on one fault disk, faults drawn for both, commits behind the log, power
+    cuts: every fsync that returned 0 is there after each crash."""
+    seeds = int(os.environ.get("FUSEARRAY_FAULT_SEEDS", "4"))
+    stats: dict = {}
+    for seed in range(seeds):
+        run_random(rig, 100 + seed, 150, 6 * MiB, stats, fsync="log")
+    assert stats["bytes_lost"] == 0
+    assert stats["faults"] > 0 and stats["fsync_acked"] > 0
+    with capsys.disabled():
+        print("\nfaults (log mode): " + " ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+@pytest.mark.parametrize("rule", ["write eio path=logs/*", "write short path=logs/*",
+                                  "write enospc path=logs/*", "fsync eio path=logs/*",
+                                  "fsync eio lose path=logs/*"])
+def test_a_failing_log_device_falls_back_to_commits(rig, rule):
+    """The log's device fails a write or an fsync: that fsync is answered
+    by a full commit instead (it returns 0: the pack is fine), an event says
+    the log failed, later fsyncs commit; after SIGKILL and a power cut
+    every fsync'd write is there, and the next mount uses the log again. A
+    short write is finished by the log itself (written on from where it
+    stopped)."""
+    r = rig(fsync="log")
+    w = Workload(r, random.Random(rule), 4 * MiB)
+    for _ in range(6):
+        w.write()
+    assert w.fsync() == 0
+    w.crash_and_check(f"{rule}: before the fault")
+    for _ in range(6):
+        w.write()
+    r.fd.rules(rule)
+    syncs = r.m.status()["intent_log"]["log_syncs"]
+    assert w.fsync() == 0
+    assert r.injected(), "the rule never fired"
+    st = r.m.status()["intent_log"]
+    if "short" in rule:
+        assert not st["log_failed"] and st["log_syncs"] == syncs + 1, st
+    else:
+        assert st["log_failed"] and st["log_syncs"] == syncs, st
+        assert any("the intent log in" in l and "failed" in l
+                   for l in r.m.events().splitlines())
+    r.fd.clear()
+    for _ in range(4):
+        w.write()
+    assert w.fsync() == 0
+    w.crash_and_check(f"{rule}: after the log failed")
+    syncs = r.m.status()["intent_log"]["log_syncs"]
+    w.write()
+    assert w.fsync() == 0
+    assert r.m.status()["intent_log"]["log_syncs"] == syncs + 1    # the log again
+    w.crash_and_check(f"{rule}: the log again")
+    w.close()
+
+
+def test_pack_faults_behind_the_log_lose_nothing_fsync_acknowledged(rig):
+    """With the log, an fsync returns before the pack is written: a pack
+    fault (a failed write, a failed fsync that loses data) meets the commit
+    behind it. What the fsyncs acknowledged stays readable and survives
+    SIGKILL and a power cut (the log replays it); later fsyncs report the
+    pack's error until it is stored."""
+    r = rig(fsync="log")
+    w = Workload(r, random.Random(7), 4 * MiB)
+    for rule in [f"write eio {SEG}", f"fsync eio lose {SEG}", f"write enospc count=0 {SEG}"]:
+        for _ in range(6):
+            w.write()
+        assert w.fsync() == 0            # the log
+        r.fd.rules(rule)
+        err, _ = r.m.ctl("sync", "all")  # the commit behind it meets the fault
+        assert err in (errno.EIO, errno.ENOSPC), (rule, err)
+        assert r.injected(), rule
+        w.check_now(rule, lost_ok=w.lost())
+        r.fd.clear()
+        w.crash_and_check(rule)          # replayed from the log
 
 
 def test_random_faults_single_disk(rig, capsys):

@@ -597,6 +597,9 @@ def test_sigkill_mid_cross_pack_resync(mount, tmp_path):
     model = bytearray(base)
     wait_for(lambda: int(m.job(jid)["percent"]) >= 15, 30, "the copy to be under way")
     d0 = int(m.job(jid)["done_bytes"])
+    # a commit holds the progress so far (fsync no longer commits: it writes
+    # the intent log; the committer commits every few seconds)
+    m.ok("sync", "all")
     writes = [(5 * MiB + 3, os.urandom(70000)), (60 * MiB, os.urandom(2 * MiB)),
               (120 * MiB - 4096, os.urandom(8192))]
     fd = os.open(far, os.O_RDWR)

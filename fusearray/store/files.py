@@ -147,10 +147,11 @@ class SegmentFiles:
         -1 when the disk is not online, the file is not open or the read
         would block."""
         fd = self.fd(di, seg)
-        if fd is None:
+        flags = self.nowait         # None once a read found RWF_NOWAIT unsupported
+        if fd is None or flags is None:
             return -1
         try:
-            return os.preadv(fd, iov, off, self.nowait)
+            return os.preadv(fd, iov, off, flags)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP:
                 # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
