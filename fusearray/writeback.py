@@ -673,6 +673,9 @@ class WriteBack:
         much of which LUN was dropped."""
         try:
             await self.sync(None)
+            if self.needs_commit():     # changes with no write behind them (job progress)
+                async with self.lock:
+                    await self.commit()
             return {"unstored_bytes": 0}
         except ArrayError as err:
             unstored = self.unstored()
