@@ -805,7 +805,10 @@ class Array:
         return {"pid": os.getpid(), "array": self.path, "uuid": self.conf["uuid"],
                 "packs": packs, "luns": luns, "sets": sets,
                 "jobs": self.runner.status(),
-                "cache": {"limit_bytes": self.cache.limit, "bytes": self.cache.bytes,
+                # --cache-size: the block cache and the intent log's records
+                "cache": {"limit_bytes": self.cache.limit + self.intent.buffer_limit,
+                          "log_records_limit_bytes": self.intent.buffer_limit,
+                          "bytes": self.cache.bytes,
                           "dirty_bytes": self.cache.dirty_bytes, **self.cache.stats()},
                 "intent_log": self.intent.status()}
 

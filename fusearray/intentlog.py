@@ -279,7 +279,8 @@ class IntentLog:
         self.next_use = 1
         self.failed: OSError | None = None
         self.since_commit = 0            # bytes logged since the last covering commit
-        self.stats = {"syncs": 0, "batches": 0, "records": 0, "bytes": 0, "fallbacks": 0}
+        self.stats = {"syncs": 0, "batches": 0, "records": 0, "bytes": 0, "fallbacks": 0,
+                      "commits": 0}
         self.writer = Writer()
         self.damaged: list = []          # (slot, offset) where a read at open stopped
 
@@ -415,6 +416,7 @@ class IntentLog:
         """A commit covering `cov` is in the catalogue: drop what it covers
         from what the next fsync would log."""
         self.covered = cov
+        self.stats["commits"] += 1
         if self.pending:
             keep = [r for r in self.pending if not cov.covers(r[1], r[0])]
             if len(keep) != len(self.pending):
