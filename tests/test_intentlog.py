@@ -169,6 +169,9 @@ def test_fdatasync_each_write_survives_sigkill_through_the_log(mount, tmp_path):
             wait_for(lambda: synced(progress) >= 50 or w.poll() is not None, 30,
                      "the writer's first fsyncs")
             assert w.poll() is None, "the writer died"
+            if cycle == 0:      # once at least, after a commit behind the log
+                wait_for(lambda: log_status(m)["log_commits"] > commits0, 30,
+                         "a commit behind the log")
             time.sleep(rng.uniform(0, 2.5))
             st = log_status(m)
             assert st["log_syncs"] > 0 and st["log_fallbacks"] == 0, st
