@@ -654,13 +654,17 @@ class Volume:
 
     async def complete(self, entries, at_flush: bool = False) -> None:
         """Make the partial entries among `entries` (of this volume) whole:
-        their stored blocks are read in one batch and fill what was not
-        written. After the await everything is checked again: an entry
-        dropped or replaced meanwhile (a resync, a discard) is left alone,
-        bytes written meanwhile are kept (only the gaps left are filled),
-        and one whose stored id changed is read again. Raises the reader's
-        error (EIO) if a stored block cannot be read: the entries stay
-        partial."""
+        their stored blocks fill what was not written. Blocks the pack's
+        mapped segments hold in the page cache are verified and copied
+        from there at once (no await, no copy but the fill); the rest are
+        read in one batch (BlockReader.read_into: the page cache without
+        waiting where it can, else a worker thread). After an await everything is checked again:
+        an entry dropped or replaced meanwhile (a resync, a discard) is
+        left alone, bytes written meanwhile are kept (only the gaps left
+        are filled), and one whose stored id changed is read again. Raises
+        the reader's error (EIO) if a stored block cannot be read: the
+        entries stay partial."""
+        cache = self.block_cache
         while True:
             todo = [e for e in entries
                     if e.valid is not None and self.cache.get(e.bno) is e]
@@ -673,22 +677,46 @@ class Volume:
                 if bid is None:
                     bid = await self.current_id(e.bno)
                 bids.append(bid)
-            reads = [bid for bid in bids if bid != ZERO_ID]
-            datas = iter(await self.reader.read_blocks(self, reads) if reads else ())
-            if gen != self.generation:
-                continue            # content replaced: those entries are gone
-            for e, bid in zip(todo, bids):
-                data = None if bid == ZERO_ID else next(datas)
-                if e.valid is None or self.cache.get(e.bno) is not e:
-                    continue        # completed, made whole or dropped meanwhile
+
+            def fill(e, bid, data) -> None:
+                if gen != self.generation or e.valid is None \
+                        or self.cache.get(e.bno) is not e:
+                    return          # content replaced, completed or dropped meanwhile
                 now = self.current_id_nowait(e.bno)
                 if now is not None and now != bid:
-                    continue        # (cannot happen while it is partial) read again
+                    return          # (cannot happen while it is partial) read again
                 e.fill(data)
                 if at_flush:
-                    self.block_cache.completed_at_flush += 1
+                    cache.completed_at_flush += 1
                 else:
-                    self.block_cache.completed_for_read += 1
+                    cache.completed_for_read += 1
+            stored = []
+            for e, bid in zip(todo, bids):
+                if bid == ZERO_ID:
+                    fill(e, bid, None)
+                else:
+                    stored.append((e, bid))
+            if not stored:
+                continue
+            # views valid until the next await: used at once (on the
+            # loop: faster than a worker thread's copy, even for the
+            # write-back's batch, measured)
+            views = self.reader.mapped_blocks(self, [bid for _, bid in stored])
+            rest = []
+            for (e, bid), view in zip(stored, views):
+                if view is None:
+                    rest.append((e, bid))
+                else:
+                    fill(e, bid, view if type(view) is not tuple else b"".join(view))
+            del views
+            if rest:
+                scratch = bytearray(len(rest) * self.block_size)
+                mv = memoryview(scratch)
+                bs = self.block_size
+                parts = [mv[k * bs:(k + 1) * bs] for k in range(len(rest))]
+                await self.reader.read_into(self, list(zip(parts, [b for _, b in rest])))
+                for (e, bid), part in zip(rest, parts):
+                    fill(e, bid, part)
 
     async def _entry_for_update(self, bno: int) -> Entry:
         """The cache entry of `bno`, loading the block first if needed (a
