@@ -319,8 +319,10 @@ class WriteBack:
         are completed first: the stored blocks under them read in one
         batch per volume (Volume.complete); writes made during that read
         win over the stored bytes, and an entry made partial during it
-        waits for the next flush. A stored block that cannot be read fails
-        its pack's flush like a failed append (EIO, retried).
+        waits for the next flush. A stored block that cannot be read leaves
+        those entries dirty and fails its pack's flush like a failed
+        append (EIO, an event, retried); the pack's whole blocks are
+        still written back.
 
         The buffers are handed over, not copied: they are marked `shared`
         and a write to one copies it first. Each pack is flushed on its
@@ -330,7 +332,7 @@ class WriteBack:
         cache = self.cache
         now = time.monotonic()
         first = None
-        failed: set = set()       # packs whose partial blocks could not be completed
+        unreadable: dict = {}     # pack -> why some partial blocks could not be completed
         partial: dict = {}        # volume -> its partial entries this flush takes
         taken = 0
         for e in cache.dirty:
@@ -344,22 +346,16 @@ class WriteBack:
         for vol, entries in partial.items():
             # read-modify-write, once per block however many writes hit it:
             # the stored blocks under the partial ones, one batch per volume
-            if vol.pack in failed:
-                continue
             try:
                 await vol.complete(entries, at_flush=True)
-            except ArrayError as err:      # its stored block unreadable: retried later
-                cache.errors[vol.pack.name] = err
-                cache.retry_at[vol.pack.name] = now + FLUSH_RETRY
-                failed.add(vol.pack)
-                first = first or err
+            except ArrayError as err:      # a stored block unreadable: they stay dirty
+                unreadable.setdefault(vol.pack, err)
         groups: dict = {}
         taken = 0
         snap = cache.seq        # the buffers taken hold every write up to this one
         for e in cache.dirty:
             pack = e.vol.pack
-            if pack in failed or (pack.name in cache.errors
-                                  and now < cache.retry_at.get(pack.name, 0)):
+            if pack.name in cache.errors and now < cache.retry_at.get(pack.name, 0):
                 continue
             if e.valid is not None:
                 continue        # made partial since (a write during the reads above)
@@ -373,12 +369,26 @@ class WriteBack:
             for pack, batch in groups.items():
                 try:
                     await self._flush_pack(pack, batch, snap)
-                    if cache.errors.pop(pack.name, None) is not None:
+                    if pack not in unreadable and \
+                            cache.errors.pop(pack.name, None) is not None:
                         self.event("info", f"pack {pack.name} accepts writes again")
                 except ArrayError as err:
                     cache.errors[pack.name] = err
                     cache.retry_at[pack.name] = now + FLUSH_RETRY
                     first = first or err
+                    unreadable.pop(pack, None)      # that error says it
+            for pack, err in unreadable.items():
+                # partly written blocks whose stored rest cannot be read
+                # cannot be written back: the writers' error, as for a
+                # failed append (the read error is an event already)
+                msg = (f"I/O error writing to pack {pack.name}: partly written "
+                       f"blocks cannot be completed ({err.message})")
+                if pack.name not in cache.errors:
+                    self.event("error", msg)
+                werr = ioerror(msg)
+                cache.errors[pack.name] = werr
+                cache.retry_at[pack.name] = now + FLUSH_RETRY
+                first = first or werr
         finally:
             for batch in groups.values():
                 for e, _, _, buf in batch:
