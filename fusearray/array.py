@@ -49,6 +49,8 @@ from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, maps
 from .catalogue import Catalogue, Changes
 from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
+from .hooks import HOOKS_DIR, HookRunner
+from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
 from .store import Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
@@ -272,11 +274,14 @@ class Array:
         self.luns = self.ns.luns
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
         self.jobs = self.runner.jobs
+        self.hooks = HookRunner(self.path, self.journal.event, lambda: self.mountpoint)
+        self.host_view: dict = {}    # attachments as last read (refresh_host_view)
         self.shadows = Shadows(self.ns, self.runner, wb=self.writeback,
                                collector=self.collector, read_locs=self.reader.read_locs,
                                loader=self.reader.loader, pack=self.pack, event=self.journal.event,
                                notify=lambda vol: self.notify(vol),
-                               store_hashed=store_hashed, collision=Collision)
+                               store_hashed=store_hashed, collision=Collision,
+                               hooks=self.hooks, attachments=self.attachments)
         self.recovery = Recovery(self.conf["uuid"], packs=self.packs, pack=self.pack,
                                  runner=self.runner, lock=self.writeback.lock,
                                  commit=self.writeback.commit, event=self.journal.event,
@@ -437,7 +442,9 @@ class Array:
         (directories 0700, files 0600), and say so in an event."""
         disks = [p for name, _, _ in cat.packs() for _, p, _, _ in cat.disks(name)]
         try:
-            changed = tighten([self.path] + disks)
+            # (not hooks/: a hook another user could change must stay
+            # refused by hooks.find, not be made trusted by a chmod here)
+            changed = tighten([self.path] + disks, skip=[os.path.join(self.path, HOOKS_DIR)])
         except OSError as e:
             self._open_infos.append(("warning", f"cannot restrict the modes of the array's "
                                      f"files to their owner: {e}; fix with "
@@ -778,6 +785,17 @@ class Array:
     def unpin(self, roots) -> None:
         self.collector.unpin(roots)
 
+    # ---- the host: loop devices and mounts over our files (host.py) -------------
+    async def attachments(self) -> dict:
+        """{path under the mount: [host.Attachment]}, read in a worker thread."""
+        if not self.mountpoint:
+            return {}
+        return await trio.to_thread.run_sync(attachments_blocking, self.mountpoint)
+
+    async def refresh_host_view(self) -> None:
+        """Read the attachments again for `status` (before it is rendered)."""
+        self.host_view = await self.attachments()
+
     # ---- status ------------------------------------------------------------------
     def status(self) -> dict:
         packs = []
@@ -816,9 +834,12 @@ class Array:
         d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,
              "serial": v.serial, "readonly": v.readonly, "hidden": v.hidden,
              "allocated_bytes": v.allocated_bytes(), "block_size": v.block_size,
-             "open": v.open_count, "state": "online"}
+             "open": v.open_count, "state": self.shadows.state(v),
+             "attached": [{"device": a.device, "mounts": a.mounts}
+                          for a in self.host_view.get(volume_key(v), [])]}
         if v.kind == "shadow":
-            d.update(origin=v.origin, context=v.context, set=v.set_name)
+            d.update(origin=v.origin, context=v.context, set=v.set_name,
+                     consistency=v.consistency)
         return d
 
 

@@ -69,6 +69,7 @@ def create_tables(conn: sqlite3.Connection) -> None:
         hidden     INTEGER NOT NULL,
         origin     TEXT,            -- shadow copy: WWN of the LUN it copies
         context    TEXT,            -- shadow copy: differential | plex
+        consistency TEXT,           -- shadow copy: application | crash (NULL: not known)
         created    REAL NOT NULL,
         source     TEXT             -- pack still holding blocks of this map that
                                     -- its own pack lacks (plex copy or cross-pack
@@ -111,11 +112,14 @@ def upgrade_tables(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
     if "noise" not in cols:
         conn.execute("ALTER TABLE events ADD COLUMN noise INTEGER NOT NULL DEFAULT 0")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(volumes)")}
+    if cols and "consistency" not in cols:
+        conn.execute("ALTER TABLE volumes ADD COLUMN consistency TEXT")
 
 
 VOLUME_COLUMNS = ("vid", "name", "kind", "set_name", "pack", "size", "block_size",
                   "root", "height", "allocated", "wwn", "serial", "readonly",
-                  "hidden", "origin", "context", "created", "source")
+                  "hidden", "origin", "context", "created", "source", "consistency")
 JOB_COLUMNS = ("id", "kind", "state", "done_bytes", "total_bytes", "rate_limit",
                "started", "finished", "error", "params")
 

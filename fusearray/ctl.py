@@ -130,10 +130,13 @@ async def _addpack(array, args, opts):
 
 
 async def _snapshot(array, args, opts):
-    set_name, job = await array.snapshot(
+    set_name, job, info = await array.snapshot(
         args, opts.get("set"), opts.get("context", "differential"), opts.get("pack"),
-        parse_bool(opts.get("hidden", "no"), "hidden"))
-    reply = {"set": set_name}
+        parse_bool(opts.get("hidden", "no"), "hidden"),
+        parse_bool(opts.get("quiesce", "yes"), "quiesce"))
+    reply = {"set": set_name, "consistency": info["consistency"]}
+    if info["frozen"]:
+        reply["frozen"] = ",".join(info["frozen"])
     if job is not None:
         reply["job"] = job.id
     return reply
@@ -192,8 +195,9 @@ VERBS: dict[str, Verb] = {
     "delete": Verb(_delete, (1, 1), ("force",), "NAME|SET|SET/NAME [force=yes]"),
     "resize": Verb(_resize, (2, 2), ("force",), "NAME SIZE [force=yes]"),
     "addpack": Verb(_addpack, (3, 3), (), "NAME LAYOUT DIR[,DIR...]"),
-    "snapshot": Verb(_snapshot, (1, 256), ("set", "context", "pack", "hidden"),
-                     "LUN... [set=NAME] [context=differential|plex] [pack=P] [hidden=yes]"),
+    "snapshot": Verb(_snapshot, (1, 256), ("set", "context", "pack", "hidden", "quiesce"),
+                     "LUN... [set=NAME] [context=differential|plex] [pack=P] [hidden=yes] "
+                     "[quiesce=no]"),
     "resync": Verb(_resync, (1, 256), ("pack", "force", "undo"),
                    "SET/NAME[=DEST]... [pack=P] [force=yes] [undo=no]"),
     "swap": Verb(_swap, (1, 1), ("as", "force"), "SET/NAME [as=NAME] [force=yes]"),
@@ -411,10 +415,16 @@ def render_status(s: dict) -> bytes:
 
 def _vol_line(v: dict) -> str:
     flags = [f for f in ("readonly", "hidden") if v[f]]
+    if v.get("consistency"):
+        flags.append(f"{v['consistency']}-consistent")
     extra = f" [{','.join(flags)}]" if flags else ""
+    state = f"  {v['state']}" if v["state"] != "online" else ""
+    att = "".join(f"\n      attached {a['device']}" + (f" mounted on {', '.join(a['mounts'])}"
+                                                       if a["mounts"] else "")
+                  for a in v.get("attached", ()))
     return (f"{v['name']:16} {human_bytes(v['size']):>8}  alloc "
             f"{human_bytes(v['allocated_bytes']):>8}  pack {v['pack']}  {v['wwn']}"
-            f"{'  open' if v['open'] else ''}{extra}")
+            f"{'  open' if v['open'] else ''}{state}{extra}{att}")
 
 
 def render_events(events) -> bytes:

@@ -339,6 +339,8 @@ class Operations(pyfuse3.Operations):
         if inode in TEXT_FILES or inode >= JOB_BASE:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
+            if inode in (STATUS, STATUS_JSON):
+                await self.array.refresh_host_view()     # loop devices, mounts
             return pyfuse3.FileInfo(fh=self._new_handle(TextHandle(self._render(inode))),
                                     direct_io=True)
         if VERB_BASE <= inode < VERB_BASE + len(self.verbs):
@@ -573,7 +575,8 @@ class Operations(pyfuse3.Operations):
              "hidden": "on" if v.hidden else "off",
              "block_size": str(v.block_size)}
         if v.kind == "shadow":
-            d.update(set=v.set_name, origin=v.origin or "", context=v.context or "")
+            d.update(set=v.set_name, origin=v.origin or "", context=v.context or "",
+                     consistency=v.consistency or "unknown")
         return {(XATTR + k).encode(): val.encode() for k, val in d.items()}
 
     @guarded

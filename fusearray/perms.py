@@ -136,10 +136,12 @@ def open_private(path: str, flags: int) -> int:
     return os.open(path, flags, FILE_MODE)
 
 
-def tighten(roots) -> list[str]:
+def tighten(roots, skip=()) -> list[str]:
     """Take group and world bits off every directory and file under each
-    root (not following symlinks). Returns the paths changed."""
+    root (not following symlinks), but the trees in `skip`. Returns the
+    paths changed."""
     changed = []
+    skip = {os.path.realpath(p) for p in skip}
 
     def fix(p: str) -> None:
         try:
@@ -159,6 +161,7 @@ def tighten(roots) -> list[str]:
             continue
         fix(root)
         for top, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip]
             for n in dirs + files:
                 fix(os.path.join(top, n))
     return changed

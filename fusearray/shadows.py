@@ -40,6 +40,7 @@ import trio
 
 from . import maps
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound, unsupported
+from .host import Freeze, volume_key
 from .jobs import Job, JobCancelled, JobRunner
 from .namespace import Namespace, ShadowSet, staging_name
 from .util import InFlight, check_name, human_bytes, utc_stamp
@@ -57,7 +58,8 @@ class Shadows:
     the kernel-cache invalidation (the fs layer's)."""
 
     def __init__(self, ns: Namespace, runner: JobRunner, *, wb, collector, read_locs,
-                 loader, pack, event, notify, store_hashed, collision):
+                 loader, pack, event, notify, store_hashed, collision, hooks, attachments,
+                 freeze=Freeze):
         self.ns = ns
         self.runner = runner
         self.wb = wb
@@ -69,6 +71,11 @@ class Shadows:
         self.notify = notify
         self.store_hashed = store_hashed
         self.collision = collision
+        self.hooks = hooks                  # hooks.HookRunner: writer hooks
+        self.attachments = attachments      # async () -> host.attachments_blocking's dict
+        self.freeze = freeze                # host.Freeze (a test may give another)
+        self.quiesce_lock = trio.Lock()     # one set's freeze and hooks at a time
+        self.restoring: set = set()         # LUN names a resync command works on
         runner.register(("plex", "resync"), self._run_copy_job, default=True)
         runner.register(("import",), None, cancel=self.cancel_import)
 
@@ -96,7 +103,19 @@ class Shadows:
     # ---- snapshot -------------------------------------------------------------------
     async def snapshot(self, names: list[str], set_name: str | None = None,
                        context: str = "differential", pack: str | None = None,
-                       hidden: bool = False) -> str:
+                       hidden: bool = False, quiesce: bool = True):
+        """Take a shadow copy set of LUNs `names`: (set name, copy job or
+        None, {"consistency": application|crash, "frozen": [mountpoints]}).
+
+        With `quiesce` (the default), as a VSS requester does: the
+        pre-snapshot hooks run (a failure vetoes: EIO, nothing done), the
+        file systems mounted on this host from loop devices over these
+        LUNs are frozen (host.Freeze: within FREEZE_TIMEOUT, else EIO), the
+        instant is taken, they are thawed (whatever happens), then the
+        post-snapshot hooks run. A shadow copy is application-consistent
+        when its LUN's file systems were all frozen (at least one) or a
+        pre-snapshot hook succeeded; else crash-consistent (as with
+        quiesce=no, which runs neither)."""
         ns, wb = self.ns, self.wb
         if context not in ("differential", "plex"):
             raise invalid(f"unknown context {context!r}: use differential or plex")
@@ -117,6 +136,57 @@ class Shadows:
             self._check_pack_usable(lun.pack, f"LUN {lun.name}")
             if target is not None and target is not lun.pack:
                 wb.check_fits(target, lun.size)
+        if not quiesce:
+            set_name, job, _ = await self._take(luns, set_name, context, target, hidden,
+                                                None, {})
+            return set_name, job, {"consistency": "crash", "frozen": []}
+        async with self.quiesce_lock:
+            if set_name is None:
+                set_name = ns.new_set_name()
+            att = await self.attachments()
+            facts = self._facts("snapshot", luns, att, set=set_name)
+            what = f"snapshot of {', '.join(names)} (set {set_name})"
+            ran = await self.hooks.run("pre-snapshot", facts, what, veto=True)
+            mounts = list(dict.fromkeys(m for lun in luns for a in att.get(volume_key(lun), [])
+                                        for m in a.mounts))
+            consistency = {}
+            for lun in luns:
+                mine = [m for a in att.get(volume_key(lun), []) for m in a.mounts]
+                consistency[lun.name] = "application" if mine or ran else "crash"
+            fz = self.freeze(mounts)
+            try:
+                async with fz:
+                    set_name, job, made = await self._take(luns, set_name, context, target,
+                                                           hidden, fz, consistency)
+            finally:
+                for e in fz.thaw_errors:
+                    self.event("error", f"{what}: could not thaw the file system on {e}: "
+                               "its writers are blocked until `fsfreeze -u` of it")
+            frozen = fz.frozen + fz.already
+            if mounts:
+                self.event("info", f"{what}: froze {', '.join(frozen)} for the instant, "
+                           "thawed")
+            await self.hooks.run("post-snapshot", facts, what, veto=False)
+        overall = "application" if all(v == "application" for v in consistency.values()) \
+            else "crash"
+        return set_name, job, {"consistency": overall, "frozen": frozen}
+
+    def _facts(self, operation: str, luns: list, att: dict, **more) -> dict:
+        """A hook's environment (as FUSEARRAY_<KEY>): the operation, the
+        LUNs, their WWNs, loop devices and mountpoints (space-separated)."""
+        loops = [a.device for v in luns for a in att.get(volume_key(v), [])]
+        mounts = [m for v in luns for a in att.get(volume_key(v), []) for m in a.mounts]
+        return {"operation": operation, **more,
+                "luns": " ".join(v.name for v in luns),
+                "wwns": " ".join(v.wwn for v in luns),
+                "loop_devices": " ".join(loops), "mountpoints": " ".join(mounts)}
+
+    async def _take(self, luns, set_name, context, target, hidden, fz, consistency):
+        """The instant: writes wait at the gate, the set is made and
+        committed. `fz` (a held host.Freeze, or None) must still hold at
+        the instant, else nothing is done."""
+        ns, wb = self.ns, self.wb
+        job = None
         # Writes that start from here on wait: none is in the set.
         gate = trio.Event()
         for lun in luns:
@@ -132,18 +202,24 @@ class Shadows:
                         raise notfound(f"LUN {lun.name} was deleted meanwhile")
                 await wb.flush()
                 await wb.merge()
+                if fz is not None and not fz.held():
+                    raise ioerror(f"the freeze of {', '.join(fz.frozen)} reached its hold "
+                                  "limit before the instant (the freezer thawed them): "
+                                  "the set was not taken; try again")
                 created = time.time()
                 ns.add_set(set_name, created)
                 made = []
                 for lun in luns:
                     dest = target or lun.pack
                     row = ns.shadow_row(lun, set_name, context, hidden)
+                    row["consistency"] = consistency.get(lun.name, "crash")
                     copy = dest is not lun.pack
                     made.append(ns.add_shadow(row, dest, lun.pack if copy else None))
                 plex = [v for v in made if v.source is not None]
                 job = self.runner.new("plex", plex) if plex else None
                 self.event("info", f"shadow copy set {set_name} taken: "
-                           + ", ".join(f"{v.name} ({v.wwn})" for v in made)
+                           + ", ".join(f"{v.name} ({v.wwn}, {v.consistency}-consistent)"
+                                       for v in made)
                            + f", context {context}" + (f", copy job {job.id}" if job else ""))
                 await wb.commit()
         finally:
@@ -152,7 +228,7 @@ class Shadows:
             gate.set()
         if job:
             self.runner.start(job)
-        return set_name, job
+        return set_name, job, made
 
     # ---- delete ---------------------------------------------------------------------
     async def delete_shadow(self, target: str, force: bool = False) -> dict:
@@ -187,6 +263,57 @@ class Shadows:
     # ---- resync ---------------------------------------------------------------------
     async def resync(self, pairs: list[str], pack: str | None = None, force: bool = False,
                      undo: bool = True):
+        """Resync shadow copies into LUNs (SET/NAME[=DEST]). Around it, as
+        a VSS restore: the pre-restore hooks (a failure vetoes: EIO,
+        nothing done; they may let go of the LUNs, e.g. unmount them), then
+        the checks (a LUN open, attached or mounted is EBUSY naming where,
+        unless force=yes), the resync, the post-restore hooks. The LUNs are
+        in state `resyncing` from the hooks to the end of the copy job."""
+        ns = self.ns
+        srcs, dests = [], []
+        for text in pairs:
+            src_path, eq, dest_name = text.partition("=")
+            if "/" not in src_path:
+                raise invalid(f"{text!r}: give SET/NAME[=DEST]")
+            srcs.append(ns.shadow(src_path))
+            dests.append(dest_name if eq else srcs[-1].name)
+        if any(d in self.restoring for d in dests):
+            raise busy(f"LUN {next(d for d in dests if d in self.restoring)} is being "
+                       "resynced by another command: wait for it")
+        luns = [ns.luns[d] for d in dests if d in ns.luns]
+        att = await self.attachments()
+        what = f"resync of {', '.join(pairs)}"
+        facts = self._facts("resync", luns, att, set=" ".join(dict.fromkeys(
+            v.set_name for v in srcs)), sources=" ".join(v.path for v in srcs),
+            destinations=" ".join(dests))
+        self.restoring.update(dests)
+        try:
+            await self.hooks.run("pre-restore", facts, what, veto=True)
+            att = await self.attachments()          # (a hook may have let go of them)
+            job, undo_sets = await self._resync(pairs, pack, force, undo, att)
+        finally:
+            self.restoring.difference_update(dests)
+        await self.hooks.run("post-restore", facts, what, veto=False)
+        return job, undo_sets
+
+    def state(self, vol: Volume) -> str:
+        """`resyncing` while a resync works on LUN `vol` (its hooks, the
+        command, its copy job), else `online`."""
+        if vol.kind == "lun" and (vol.name in self.restoring or (
+                vol.source is not None and (job := self.runner.job_of(vol.vid)) is not None
+                and job.kind == "resync")):
+            return "resyncing"
+        return "online"
+
+    @staticmethod
+    def _held(vol: Volume, att: dict) -> str:
+        """Who holds `vol`, for an EBUSY: its loop devices and mountpoints
+        on this host, and its open handles."""
+        where = [a.describe() for a in att.get(volume_key(vol), [])]
+        return ("attached to " + "; ".join(where) + ", " if where else "") + vol.open_by()
+
+    async def _resync(self, pairs: list[str], pack: str | None, force: bool, undo: bool,
+                      att: dict):
         ns, wb = self.ns, self.wb
         plan = []
         dests = set()
@@ -207,9 +334,8 @@ class Shadows:
             dest = ns.luns.get(dest_name)
             if dest is not None:
                 if dest.open_count and not force:
-                    raise busy(f"LUN {dest_name} is open ({dest.open_by()}; e.g. "
-                               "a loop device or a mounted filesystem): unmount and detach "
-                               "it first, or use force=yes")
+                    raise busy(f"LUN {dest_name} is in use ({self._held(dest, att)}): "
+                               "unmount and detach it first, or use force=yes")
                 if dest.readonly:
                     raise ArrayError(errno.EROFS, f"LUN {dest_name} is read-only")
                 self.check_copy_free(dest, "LUN")
@@ -273,6 +399,7 @@ class Shadows:
     async def swap(self, path: str, as_name: str | None = None, force: bool = False) -> Volume:
         ns = self.ns
         src = ns.shadow(path)
+        att = await self.attachments()
         name = as_name or src.name
         check_name(name, "LUN name")
         old = ns.luns.get(name)
@@ -280,11 +407,13 @@ class Shadows:
             raise exists(f"a LUN named {name} already exists: swap {path} without as= "
                          "to replace it, or choose another name")
         if old is not None and old.open_count and not force:
-            raise busy(f"LUN {name} is open ({old.open_by()}): detach it "
-                       "first, or use force=yes (its content is discarded)")
+            raise busy(f"LUN {name} is in use ({self._held(old, att)}): unmount and detach "
+                       "it first, or use force=yes (its content is discarded)")
+        if old is not None and name in self.restoring:
+            raise busy(f"LUN {name} is being resynced: wait for the resync command")
         if src.open_count and not force:
-            raise busy(f"shadow copy {path} is open ({src.open_by()}): close it first or "
-                       "use force=yes")
+            raise busy(f"shadow copy {path} is in use ({self._held(src, att)}): close it "
+                       "first or use force=yes")
         async with self.wb.lock:
             self._check_live(src)
             if ns.luns.get(name) is not old:
@@ -297,7 +426,7 @@ class Shadows:
             ns.remove_member(src)
             src.kind, src.set_name, src.name = "lun", None, name
             src.readonly = src.hidden = False
-            src.origin = src.context = None
+            src.origin = src.context = src.consistency = None
             ns.luns[name] = src
             self.wb.mark_row(src)
             self.event("info", f"swap: shadow copy {path} ({src.wwn}) is now LUN {name}"

@@ -340,6 +340,7 @@ class Volume:
         self.hidden = bool(row["hidden"])
         self.origin = row["origin"]
         self.context = row["context"]
+        self.consistency = row.get("consistency")   # shadow copy: application | crash
         self.created = row["created"]
         self.cache: dict[int, Entry] = {}
         self.overlay: dict[int, bytes] = {}
@@ -392,7 +393,8 @@ class Volume:
                 "allocated": self.allocated, "wwn": self.wwn, "serial": self.serial,
                 "readonly": int(self.readonly), "hidden": int(self.hidden),
                 "origin": self.origin, "context": self.context, "created": self.created,
-                "source": self.source.name if self.source else None}
+                "source": self.source.name if self.source else None,
+                "consistency": self.consistency}
 
     @property
     def path(self) -> str:

@@ -172,7 +172,7 @@ def test_snapshot_set_files_xattrs_and_content(mount, tmp_path):
                for n in ("db", "logs")}
 
     rc, reply, err = shell_ctl(m, "snapshot", "db logs set=nightly")
-    assert rc == 0 and reply == {"status": "ok", "set": "nightly"}, (reply, err)
+    assert rc == 0 and reply == {"status": "ok", "set": "nightly", "consistency": "crash"}, (reply, err)
     assert sorted(os.listdir(m.path("snapshots"))) == ["nightly"]
     assert sorted(os.listdir(m.path("snapshots", "nightly"))) == ["db", "logs"]
     seen = set(lun_wwn.values())
@@ -339,7 +339,7 @@ def test_differential_huge_and_plex_survives_source_pack_loss(mount, tmp_path):
     for off, data in spots:
         put(huge, data, off)
     t0 = time.monotonic()
-    assert m.ok("snapshot", "huge set=h1") == {"status": "ok", "set": "h1"}
+    assert m.ok("snapshot", "huge set=h1") == {"status": "ok", "set": "h1", "consistency": "crash"}
     print(f"differential snapshot of a 1 TiB LUN: {(time.monotonic() - t0) * 1000:.1f} ms")
     sp = m.path("snapshots", "h1", "huge")
     assert os.stat(sp).st_size == TiB
