@@ -177,3 +177,226 @@ async def test_event_hooks_without_hooks_say_nothing(tmp_path):
         await trio.sleep(0.3)
         n.cancel_scope.cancel()
     assert [e[3] for e in j.log] == [f"e{i}" for i in range(50)]
+
+
+# ---- real mounts -------------------------------------------------------------------
+def _events_json(m) -> list[dict]:
+    return [json.loads(l) for l in m.view("events.json").splitlines()]
+
+
+def _ids(evs) -> list[int]:
+    return [e["id"] for e in evs]
+
+
+def _printed(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(l) for l in f.read().splitlines() if l.endswith("}")]
+
+
+def _end(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        p.kill()
+    if p is not None:
+        p.wait(timeout=30)
+
+
+def test_events_json_and_the_cli(mount):
+    """ctl/events.json has the events of ctl/events with their ids;
+    `events` keeps its text, `--json` prints the JSON lines, `--since ID`
+    only later ones."""
+    m = mount
+    m.ok("create", "a 1M")
+    evs = _events_json(m)
+    text = m.events().splitlines()
+    assert [f"{iso_time(e['time'])} {e['level']} {e['message']}" for e in evs] == text
+    assert _ids(evs) == sorted(set(_ids(evs)))
+    assert any(e["message"].startswith("created LUN a") for e in evs)
+    r = subprocess.run([PY, "-m", "fusearray", "-m", m.mnt, "events"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines() == text
+    r = subprocess.run([PY, "-m", "fusearray", "-m", m.mnt, "events", "--json"],
+                       capture_output=True, text=True, check=True)
+    assert [json.loads(l) for l in r.stdout.splitlines()] == evs
+    since = evs[-3]["id"]
+    r = subprocess.run([PY, "-m", "fusearray", "-m", m.mnt, "events", "--json",
+                        "--since", str(since)], capture_output=True, text=True, check=True)
+    assert [json.loads(l) for l in r.stdout.splitlines()] == evs[-2:]
+
+
+def test_follow_prints_each_event_once_across_a_sigkill(mount, tmp_path):
+    """`events --follow --json` while commands run, the daemon is SIGKILLed
+    (its last events only in the events journal) and mounted again: every
+    event printed once, ids strictly increasing, the same ids and messages
+    as ctl/events.json after the restart."""
+    m = mount
+    out, err = tmp_path / "follow.out", tmp_path / "follow.err"
+    f = None
+    with open(out, "w") as fo, open(err, "w") as fe:
+        f = subprocess.Popen([PY, "-m", "fusearray", "-m", m.mnt, "events", "--follow",
+                              "--json"], stdout=fo, stderr=fe)
+    try:
+        def seen(text):
+            return lambda: [e for e in _printed(out) if text in e["message"]]
+        wait_for(seen("array opened"), what="the kept events printed")
+        m.ok("create", "fa 1M")
+        assert m.ctl("create", "fa 1M")[0] != 0               # refused: exists
+        m.ok("snapshot", "fa set=fs1")
+        m.ok("create", "fb 1M")
+        m.ok("delete", "fb")
+        m.ok("create", "prekill 1M")
+        assert m.ctl("delete", "nosuch-prekill")[0] != 0      # in the journal only
+        before = wait_for(seen("nosuch-prekill"), what="the last event before the kill")
+        m.kill9()
+        time.sleep(1.0)                                       # the follower sees it gone
+        m.start()
+        wait_for(seen("recovered"), what="the reopen's events")
+        m.ok("create", "after 1M")
+        assert m.ctl("resize", "nosuch-after 2M")[0] != 0
+        wait_for(seen("nosuch-after"), what="the events after the restart")
+        time.sleep(0.5)                                       # nothing more comes
+        f.send_signal(signal.SIGTERM)
+        assert f.wait(timeout=30) == 0
+        f = None
+    finally:
+        _end(f)
+    printed = _printed(out)
+    ids = _ids(printed)
+    assert ids == sorted(set(ids)), "ids not strictly increasing or printed twice"
+    kept = _events_json(m)
+    assert printed == kept        # nothing pruned here: everything, once, same ids
+    msgs = [e["message"] for e in printed]
+    for text in ("created LUN fa", "fa 1M", "fs1", "created LUN fb", "deleted LUN fb",
+                 "created LUN prekill", "nosuch-prekill", "recovered", "created LUN after",
+                 "nosuch-after"):
+        assert sum(text in msg for msg in msgs) >= 1, (text, msgs)
+    for text in ("nosuch-prekill", "created LUN prekill", "nosuch-after", "created LUN after"):
+        assert sum(text in msg for msg in msgs) == 1, (text, msgs)
+    assert sum("array opened" in msg for msg in msgs) == 2
+    # what the follower read from the old daemon has the same id after the restart
+    old = before[0]
+    assert [e for e in kept if e["id"] == old["id"]] == [old]
+    log = err.read_text()
+    assert "not answering" in log and "is back" in log and "were not seen" not in log
+
+
+def _hook(m, name: str, body: str, mode: int = 0o755) -> str:
+    d = os.path.join(m.array, "hooks", "event.d")
+    os.makedirs(d, exist_ok=True)
+    for p in (os.path.dirname(d), d):
+        os.chmod(p, 0o755)
+    p = os.path.join(d, name)
+    with open(p, "w") as f:
+        f.write("#!/bin/sh\n" + body + "\n")
+    os.chmod(p, mode)
+    return p
+
+
+#: A hook that appends the event's fields, one line a run, tab-separated.
+RECORD = ('printf "%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n" "$FUSEARRAY_EVENT_ID" '
+          '"$FUSEARRAY_EVENT_TIME" "$FUSEARRAY_EVENT_TIME_EPOCH" "$FUSEARRAY_EVENT_LEVEL" '
+          '"$FUSEARRAY_EVENT_MESSAGE" "$FUSEARRAY_ARRAY" "$FUSEARRAY_MOUNT" '
+          '"$FUSEARRAY_STAGE" >> {out}')
+
+
+def _records(path) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [l.split("\t") for l in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def test_event_hooks_see_every_event_and_a_failure_is_a_warning(make_mount, tmp_path):
+    """event.d: a recording hook sees each event of a short sequence with
+    its fields; a failing hook (exit 1) is a warning event per event, never
+    passed to the hooks, and the array keeps working."""
+    m = make_mount().init()
+    rec = tmp_path / "records"
+    _hook(m, "10-record", RECORD.format(out=rec))
+    _hook(m, "20-fail", "echo boom >&2; exit 1")
+    m.start()
+    m.ok("create", "ha 1M")
+    assert m.ctl("create", "ha 1M")[0] != 0
+    m.ok("snapshot", "ha set=hs")
+    m.ok("delete", "hs")
+    wait_for(lambda: any("deleted" in r[4] for r in _records(rec)), what="the hook's records")
+    wait_for(lambda: sum("event.d/20-fail exited with status 1" in e["message"]
+                         for e in _events_json(m)) >= len(_records(rec)),
+             what="a warning per failure")
+    m.ok("create", "still-works 1M")             # the array goes on
+    kept = {e["id"]: e for e in _events_json(m)}
+    records = _records(rec)
+    ids = [int(r[0]) for r in records]
+    assert ids == sorted(set(ids))               # each event once, in order
+    for r in records:
+        e = kept[int(r[0])]
+        assert r[1] == iso_time(e["time"]) and abs(float(r[2]) - e["time"]) < 1e-3
+        assert r[3:5] == [e["level"], e["message"]]
+        assert r[5:] == [m.array, m.mnt, "event"]
+    scripted = [i for i, e in kept.items() if i <= ids[-1] and (
+        "LUN ha" in e["message"] or "ha 1M" in e["message"] or "hs" in e["message"])]
+    assert len(scripted) >= 4 and set(scripted) <= set(ids)
+    fails = [e for e in kept.values() if e["message"].startswith("event hook event.d/20-fail")]
+    assert fails and all(e["level"] == "warning" and "stderr: boom" in e["message"]
+                         for e in fails)
+    assert not {e["id"] for e in fails} & set(ids)     # never passed to the hooks
+    assert not any("event hook" in r[4] for r in records)
+
+
+def test_a_slow_hook_is_killed_and_blocks_nothing_an_untrusted_one_never_runs(
+        make_mount, tmp_path):
+    """A hook that sleeps past the time limit is killed (a warning says
+    so) while commands go on; a hook writable by others is not run, and
+    one warning (not one per event) says why."""
+    m = make_mount().init()
+    trace = tmp_path / "trace"
+    _hook(m, "10-slow", f'case "$FUSEARRAY_EVENT_MESSAGE" in *slowpoke*) '
+          f'echo start >> {trace}; sleep 60; echo end >> {trace};; esac')
+    m.start()
+    evil = tmp_path / "evil-ran"     # made after the open, which would take its go bits off
+    p = _hook(m, "20-evil", f"touch {evil}")
+    os.chmod(p, 0o777)                           # writable by others: never run
+    m.ok("create", "slowpoke 1M")
+    wait_for(lambda: "start" in (trace.read_text() if trace.exists() else ""),
+             what="the slow hook to start")
+    m.ok("create", "quick 1M")                   # while the hook sleeps
+    m.ok("delete", "quick")
+    with open(trace, "a") as f:
+        f.write("commands done\n")
+    killed = wait_for(lambda: [e for e in _events_json(m) if "event.d/10-slow" in e["message"]
+                               and "time limit" in e["message"]], timeout=60,
+                      what="the slow hook killed at its time limit")
+    assert trace.read_text().splitlines() == ["start", "commands done"]   # no "end"
+    kept = wait_for(lambda: [e for e in _events_json(m) if "20-evil" in e["message"]]
+                    and _events_json(m), what="the untrusted hook's warning")
+    quick = [e["id"] for e in kept if "created LUN quick" in e["message"]]
+    assert quick and quick[0] < killed[0]["id"]     # done before the hook was
+    assert killed[0]["level"] == "warning" and "killed" in killed[0]["message"]
+    evil_warn = [e for e in kept if "20-evil" in e["message"]]
+    assert len(evil_warn) == 1 and "writable by group or others" in evil_warn[0]["message"]
+    assert not evil.exists()
+
+
+def test_a_flood_is_rate_limited_for_the_hooks(make_mount, tmp_path):
+    """200 refused commands (of several verbs, so several sources) at
+    once: the hook runs far fewer times than events are logged, and a
+    summary event says how many were not passed to it."""
+    m = make_mount().init()
+    rec = tmp_path / "records"
+    _hook(m, "10-record", RECORD.format(out=rec))
+    m.start()
+    first = _events_json(m)[-1]["id"]
+    for i in range(50):
+        for verb, line in (("delete", f"nosuch{i}"), ("resize", f"nosuch{i} 1M"),
+                           ("swap", f"nosuch/x{i}"), ("cancel", f"99{i}")):
+            assert m.ctl(verb, line)[0] != 0
+    summary = wait_for(lambda: [e for e in _events_json(m) if "were not passed to the "
+                                "event.d hooks (rate limit" in e["message"]], timeout=30,
+                       what="the rate limit's summary")
+    n = int(summary[0]["message"].split("event hooks: ")[1].split()[0])
+    logged = [e for e in _events_json(m) if e["id"] > first and e["id"] < summary[0]["id"]]
+    time.sleep(1.5)
+    runs = [int(r[0]) for r in _records(rec) if first < int(r[0]) < summary[0]["id"]]
+    assert len(runs) == len(set(runs))
+    assert n > 0 and len(runs) + n == len(logged)    # each event either run or counted
+    assert len(runs) < len(logged) < 200
