@@ -4,7 +4,7 @@ ZFS's zedlets for events):
 
 - pre-snapshot.d, post-snapshot.d: around the instant of a shadow copy set;
 - pre-restore.d, post-restore.d: around a resync;
-- event.d: once per event (events.py's subscribers).
+- event.d: once per event (eventhooks.py, the events journal's subscriber).
 
 A stage runs its hooks one at a time in name order (C locale), each with
 the operation's facts in its environment (FUSEARRAY_*) and a time limit;
