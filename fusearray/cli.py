@@ -187,6 +187,10 @@ def cmd_status(args) -> int:
 def cmd_events(args) -> int:
     mnt = mountpoint(args)
     as_json = getattr(args, "json", False)
+    if (args.follow or as_json or args.since is not None) and \
+            not os.path.exists(os.path.join(mnt, "ctl", "events.json")):
+        raise UserError(f"{mnt} has no ctl/events.json (a daemon older than this "
+                        "fusearray: mount the array again)")
     if args.follow:
         return follow_events(mnt, args.since, as_json)
     if args.since is None and not as_json:

@@ -400,3 +400,21 @@ def test_a_flood_is_rate_limited_for_the_hooks(make_mount, tmp_path):
     assert len(runs) == len(set(runs))
     assert n > 0 and len(runs) + n == len(logged)    # each event either run or counted
     assert len(runs) < len(logged) < 200
+
+
+def test_an_unmount_while_a_hook_runs_kills_it(make_mount, tmp_path):
+    """At close the event hooks' task is cancelled: the running hook is
+    killed (its process group) and the unmount does not wait for it."""
+    m = make_mount().init()
+    pids = tmp_path / "pids"
+    _hook(m, "10-slow", f'case "$FUSEARRAY_EVENT_MESSAGE" in *slowpoke*) '
+          f'echo $$ >> {pids}; sleep 60;; esac')
+    m.start()
+    m.ok("create", "slowpoke 1M")
+    pid = int(wait_for(lambda: pids.exists() and pids.read_text().strip(),
+                       what="the slow hook to start"))
+    t0 = time.monotonic()
+    m.stop()
+    assert time.monotonic() - t0 < 8.0           # not the hook's 10 s limit, nor its 60 s
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10,
+             what="the hook's process to be gone")
