@@ -90,6 +90,49 @@ def test_events_json_renders_the_kept_events_with_their_ids():
     assert events.render_json(events.EventLog()) == b""
 
 
+def test_follow_prints_each_id_once_and_says_what_it_missed(tmp_path, monkeypatch):
+    """follow_events against a directory standing in for the mount (no
+    FUSE): --since, a gap of pruned ids, the mount gone and back, an array
+    whose newest id went below the last printed (events lost in a crash),
+    Ctrl-C ending it with 0."""
+    import io
+    from fusearray import cli
+    ctl_dir = tmp_path / "ctl"
+
+    def publish(ids):
+        ctl_dir.mkdir(exist_ok=True)
+        (ctl_dir / "events.json").write_text("".join(
+            json.dumps({"id": i, "time": 1.0 * i, "level": "info", "message": f"m{i}"}) + "\n"
+            for i in ids))
+
+    steps = [lambda: os.unlink(ctl_dir / "events.json"),     # the mount is gone
+             lambda: None,
+             lambda: publish(range(5, 10)),                  # back, with 7-9 new
+             lambda: publish([5, 6, 12, 13]),                # 10-11 pruned meanwhile
+             lambda: publish([1, 2]),                        # lost in a crash
+             lambda: publish([1, 2, 3])]
+
+    def sleep(_):
+        if not steps:
+            raise KeyboardInterrupt
+        steps.pop(0)()
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    publish([5, 6])
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.follow_events(str(tmp_path), 2, True, out=out, err=err) == 0
+    assert [json.loads(l)["id"] for l in out.getvalue().splitlines()] == \
+        [5, 6, 7, 8, 9, 12, 13, 3]
+    e = err.getvalue()
+    assert "event(s) 3-4 were not seen" in e and "event(s) 10-11 were not seen" in e
+    assert "not answering" in e and "is back" in e
+    assert "newest event is 2, below the last printed (13)" in e
+    out = io.StringIO()
+    steps[:] = []
+    publish([1, 2])
+    assert cli.follow_events(str(tmp_path), None, False, out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == "".join(f"{iso_time(float(i))} info m{i}\n" for i in (1, 2))
+
+
 async def _until(cond, timeout=10.0):
     with trio.fail_after(timeout):
         while not cond():
