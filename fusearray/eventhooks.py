@@ -38,7 +38,6 @@ queued are dropped (they are never run later; ctl/events and the catalogue
 still have them), and a hook still running is killed (its process group).
 """
 import collections
-import logging
 import os
 import signal
 import threading
@@ -48,8 +47,6 @@ import trio
 
 from . import hooks
 from .util import iso_time
-
-log = logging.getLogger("fusearray")
 
 #: Events waiting for the hooks, at most.
 QUEUE_MAX = 1000

@@ -5,7 +5,6 @@ are events, never a block). Units first (no FUSE), then real mounts."""
 import json
 import os
 import signal
-import stat
 import subprocess
 import time
 
