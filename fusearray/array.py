@@ -48,6 +48,7 @@ import trio
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, maps
 from .catalogue import Catalogue, Changes
 from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
+from .eventhooks import EventHooks
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .hooks import HOOKS_DIR, HookRunner
 from .host import attachments_blocking, volume_key
@@ -241,6 +242,9 @@ class Array:
         self.packs: dict[str, Pack] = {}
         self.journal = EventJournal(self.path)   # events: logged, shown, journaled (events.py)
         self.events = self.journal.log           # what ctl/events shows
+        # event.d hooks: each event queued for them (eventhooks.py; its task starts in open)
+        self.event_hooks = EventHooks(self.path, self.journal.event, lambda: self.mountpoint)
+        self.journal.subscriber = self.event_hooks.subscribe
         self.reader = BlockReader(self.nodes, self.journal.event, self.drain_notes)
         self.started = time.time()
         self._lockfd = None
@@ -473,6 +477,7 @@ class Array:
         self.intent.start()
         self.writeback.last_commit = time.monotonic()
         nursery.start_soon(self.writeback.run_committer)
+        nursery.start_soon(self.event_hooks.run)
         self.runner.resume_all(nursery)   # each worker says it resumes, and where
 
     async def _replay_log(self) -> None:

@@ -134,7 +134,7 @@ class Changes:
     sets_add: list = dataclasses.field(default_factory=list)    # (name, created)
     sets_del: list = dataclasses.field(default_factory=list)    # names
     packs_add: list = dataclasses.field(default_factory=list)   # (name, layout, created, [paths])
-    events: list = dataclasses.field(default_factory=list)      # (time, level, message[, noise])
+    events: list = dataclasses.field(default_factory=list)      # (time, level, message[, noise[, seq]])
     jobs: list = dataclasses.field(default_factory=list)        # rows (dict)
     disks: list = dataclasses.field(default_factory=list)       # (pack, idx, path, state, since)
     meta: dict = dataclasses.field(default_factory=dict)
@@ -233,8 +233,12 @@ class Catalogue:
                               f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})",
                               [tuple(r[k] for k in JOB_COLUMNS) for r in ch.jobs])
             if ch.events:
-                c.executemany("INSERT INTO events (time, level, message, noise) "
-                              "VALUES (?,?,?,?)", [(e + (0,))[:4] for e in ch.events])
+                # an event's number is given by the journal (events.py) and kept
+                # (None: a new number); one already here is the same event
+                c.executemany("INSERT OR IGNORE INTO events (seq, time, level, message, "
+                              "noise) VALUES (?,?,?,?,?)",
+                              [(e[4] if len(e) > 4 else None,) + (e + (0,))[:4]
+                               for e in ch.events])
                 prune_events(c)
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
                           [(k, str(v)) for k, v in ch.meta.items()])

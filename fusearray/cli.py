@@ -185,8 +185,122 @@ def cmd_status(args) -> int:
 
 
 def cmd_events(args) -> int:
-    sys.stdout.write(read_ctl(mountpoint(args), "events"))
+    mnt = mountpoint(args)
+    as_json = getattr(args, "json", False)
+    if (args.follow or as_json or args.since is not None) and \
+            not os.path.exists(os.path.join(mnt, "ctl", "events.json")):
+        raise UserError(f"{mnt} has no ctl/events.json (a daemon older than this "
+                        "fusearray: mount the array again)")
+    if args.follow:
+        return follow_events(mnt, args.since, as_json)
+    if args.since is None and not as_json:
+        sys.stdout.write(read_ctl(mnt, "events"))      # as it always was
+        return 0
+    evs = [e for e in read_events(mnt) if args.since is None or e["id"] > args.since]
+    sys.stdout.write("".join(_event_line(e, as_json) for e in evs))
     return 0
+
+
+# ---- events --follow ---------------------------------------------------------------
+#: How often `events --follow` reads ctl/events.json, in seconds.
+FOLLOW_POLL = 0.2
+#: What a mount answers while its daemon is gone or restarting.
+_MOUNT_DOWN = (errno.ENOTCONN, errno.ENOENT, errno.ECONNABORTED, errno.ENODEV,
+               errno.ESHUTDOWN, errno.EIO)
+
+
+def read_events(mnt: str) -> list[dict]:
+    """ctl/events.json (one open, read to its end: one consistent view),
+    oldest first. A torn or foreign line is skipped."""
+    out = []
+    with open(os.path.join(mnt, "ctl", "events.json"), "rb") as f:
+        data = f.read()
+    for line in data.splitlines():
+        try:
+            e = json.loads(line)
+            e["id"] = int(e["id"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        out.append(e)
+    return out
+
+
+def _event_line(e: dict, as_json: bool) -> str:
+    from .util import iso_time
+    if as_json:
+        return json.dumps(e) + "\n"
+    return f"{iso_time(e['time'])} {e['level']} {e['message']}\n"    # as ctl/events
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stop()
+
+
+def follow_events(mnt: str, since: int | None, as_json: bool, poll: float = FOLLOW_POLL,
+                  out=None, err=None) -> int:
+    """`events --follow`: the kept events after `since` (None: all of
+    them), then each new one as it comes, each printed once, in id order.
+    A mount that is gone or not answering (its daemon restarting) is
+    waited for, and following resumes from the last id printed. Ids skipped
+    (pruned before they were read, or lost by a crash) are said on stderr.
+    Ctrl-C and SIGTERM end it (exit 0)."""
+    import signal
+    out = out or sys.stdout
+    err = err or sys.stderr
+    last = since
+    down = printed = False
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while True:
+            try:
+                evs = read_events(mnt)
+            except OSError as e:
+                if e.errno not in _MOUNT_DOWN:
+                    raise UserError(f"cannot read {mnt}/ctl/events.json: "
+                                    f"{e.strerror or e}") from None
+                if not down:
+                    print(f"fusearray: {mnt} is not answering ({e.strerror}); waiting for "
+                          "it to come back", file=err, flush=True)
+                    down = True
+                time.sleep(poll)
+                continue
+            if down:
+                print(f"fusearray: {mnt} is back; following from event "
+                      f"{last if last is not None else 0}", file=err, flush=True)
+                down = False
+            if evs and last is not None and evs[-1]["id"] < last and printed:
+                # the array's newest id is below ours: events were lost in a
+                # crash and their ids are given again: follow from its newest
+                print(f"fusearray: the array's newest event is {evs[-1]['id']}, "
+                      f"below the last printed ({last}): events of the previous "
+                      "daemon were lost; following from there", file=err, flush=True)
+                last = evs[-1]["id"]
+            new = [e for e in evs if last is None or e["id"] > last]
+            if new:
+                if last is not None and new[0]["id"] > last + 1:
+                    a, b = last + 1, new[0]["id"] - 1
+                    print(f"fusearray: event(s) {a}" + (f"-{b}" if b > a else "")
+                          + " were not seen: removed from the kept events (or lost) "
+                          "before they could be read", file=err, flush=True)
+                out.write("".join(_event_line(e, as_json) for e in new))
+                out.flush()
+                last = new[-1]["id"]
+                printed = True
+            time.sleep(poll)
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    except BrokenPipeError:              # `| head`: the reader is gone
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_jobs(args) -> int:
@@ -646,6 +760,11 @@ def parse_args(argv):
         s = sub.add_parser(name)
         s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
+        if name == "events":
+            s.add_argument("-f", "--follow", action="store_true",
+                           help="print new events as they come (across daemon restarts)")
+            s.add_argument("--since", type=int, metavar="ID",
+                           help="only events with an id above ID (ctl/events.json's ids)")
     s = sub.add_parser("export", help="write a shadow copy set as a stream")
     s.add_argument("set")
     s.add_argument("file", help="a file, or - for standard output")

@@ -26,6 +26,17 @@ flood of them never pushes a real event out of ctl/events or the catalogue.
   events of journals at or above the recorded number (a torn last line is
   skipped) and deletes every journal file.
 
+  Ids: an event's number (`seq`, the id ctl/events.json shows) is given
+  once, here, and travels with it: in the journal line, in the commit
+  (`take`), into the catalogue's `events.seq` (inserted explicitly, not by
+  AUTOINCREMENT), so it is the same number in memory, in the catalogue
+  and after a SIGKILL and the next open. Numbers are dense: every number
+  is one event (a rate-limited event that is suppressed gets none).
+- `subscriber`: an optional callable the journal calls after logging each
+  event with (seq, time, level, message), on the trio thread; it must not
+  block (eventhooks.EventHooks queues it). `record_death` does not call it.
+- `render_json(events)`: ctl/events.json, one JSON object a line.
+
   Concurrency: the trio thread owns all of it; `recover_blocking` runs in
   the array's opening worker thread before the loop uses the journal, and
   `retire`'s blocking part in a worker thread while the loop appends to
@@ -186,12 +197,13 @@ class EventJournal:
         self.log = EventLog()              # what ctl/events shows
         self.limiter = Limiter()           # events users cause at will
         self.seq = 0                       # the last event's number
-        self.uncommitted: list = []        # (time, level, message, noise) for the next commit
+        self.uncommitted: list = []        # (time, level, message, noise, seq) for the next commit
         self._no = 0                       # events.journal.N being appended
         self._fd = None
         self._next = None                  # N+1, opened ahead for the rotation
         self._ready = False                # recovered: events.journal.N is ours
         self._retiring: dict = {}          # N -> fd of a rotated journal, until its commit is in
+        self.subscriber = None             # (seq, time, level, message) -> None, or None
 
     # ---- logging -----------------------------------------------------------
     def event(self, level: str, message: str, source: str | None = None) -> None:
@@ -219,14 +231,20 @@ class EventJournal:
     def _log(self, level: str, message: str, noise: bool) -> None:
         t = time.time()
         self.seq += 1
-        self.log.append((self.seq, t, level, message), noise)
-        self.uncommitted.append((t, level, message, int(noise)))
+        seq = self.seq
+        self.log.append((seq, t, level, message), noise)
+        self.uncommitted.append((t, level, message, int(noise), seq))
         getattr(log, "info" if level == "info" else "warning")(message)
         if self._fd is not None:     # a line in the page cache: survives SIGKILL
             try:
-                os.write(self._fd, (json.dumps([t, level, message, int(noise)]) + "\n").encode())
+                os.write(self._fd, _line(t, level, message, int(noise), seq))
             except OSError:
                 pass         # the daemon log has it; the catalogue gets it at the commit
+        if self.subscriber is not None:
+            try:
+                self.subscriber(seq, t, level, message)
+            except Exception:        # a subscriber never stops the logging
+                log.exception("event subscriber failed")
 
     def record_death(self, message: str) -> None:
         """The daemon is dying of an unexpected error: an event, written to
@@ -234,9 +252,10 @@ class EventJournal:
         catalogue), and to the log."""
         t = time.time()
         message = clean(message)
-        self.log.append((self.seq + 1, t, "error", message))
+        self.seq += 1                   # its own number, as any event's
+        self.log.append((self.seq, t, "error", message))
         log.error("%s", message)
-        line = (json.dumps([t, "error", message, 0]) + "\n").encode()
+        line = _line(t, "error", message, 0, self.seq)
         try:
             if self._fd is not None:
                 os.write(self._fd, line)
@@ -266,9 +285,12 @@ class EventJournal:
             with open(self._path(n), "rb") as f:
                 for line in f:
                     try:
-                        t, level, msg, *noise = json.loads(line)
-                        events.append((float(t), str(level), str(msg),
-                                       int(bool(noise and noise[0]))))
+                        t, level, msg, *rest = json.loads(line)
+                        noise = int(bool(rest and rest[0]))
+                        # the number the old daemon showed (None: a journal
+                        # written before lines carried it)
+                        seq = int(rest[1]) if len(rest) > 1 else None
+                        events.append((float(t), str(level), str(msg), noise, seq))
                     except (ValueError, TypeError):
                         continue
         self._no = max(nums + [done - 1]) + 1
@@ -338,3 +360,16 @@ class EventJournal:
 
     def _open(self, n: int) -> int:
         return os.open(self._path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+
+
+def _line(t: float, level: str, message: str, noise: int, seq: int) -> bytes:
+    """One line of events.journal.N: [time, level, message, noise, seq]."""
+    return (json.dumps([t, level, message, noise, seq]) + "\n").encode()
+
+
+def render_json(events) -> bytes:
+    """ctl/events.json: the kept events (the same as ctl/events), oldest
+    first, one JSON object a line: {"id", "time" (seconds since the
+    epoch), "level", "message"}."""
+    return "".join(json.dumps({"id": seq, "time": t, "level": level, "message": msg}) + "\n"
+                   for seq, t, level, msg in events).encode()

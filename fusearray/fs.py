@@ -2,7 +2,7 @@
 array, its volumes and the control protocol.
 
 Tree (DESIGN section 2): luns/NAME, snapshots/SET/NAME, ctl/VERB,
-ctl/status, ctl/status.json, ctl/events, ctl/jobs/ID.
+ctl/status, ctl/status.json, ctl/events, ctl/events.json, ctl/jobs/ID.
 
 Owners and modes come from fusearray.perms (LUN and shadow copy files 0660
 root:disk by default); the kernel checks them (default_permissions), with
@@ -23,7 +23,7 @@ import stat
 import pyfuse3
 import trio
 
-from . import STREAM_SOCKET_XATTR, ctl, perms, transport
+from . import STREAM_SOCKET_XATTR, ctl, events, perms, transport
 from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
@@ -36,12 +36,14 @@ from .native import reply_plan as _reply_plan    # None: join the parts
 ROOT = pyfuse3.ROOT_INODE
 LUNS, SNAPS, CTL, JOBS = 2, 3, 4, 5
 STATUS, STATUS_JSON, EVENTS = 10, 11, 12
+EVENTS_JSON = 13
 VERB_BASE = 100
 VOL_BASE = 1 << 32
 SET_BASE = 1 << 40
 JOB_BASE = 1 << 48
 DIRS = {ROOT: None, LUNS: b"luns", SNAPS: b"snapshots", CTL: b"ctl", JOBS: b"jobs"}
-TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events"}
+TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events",
+              EVENTS_JSON: b"events.json"}
 XATTR = "user.fusearray."
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -358,6 +360,8 @@ class Operations(pyfuse3.Operations):
             return ctl.render_status_json(a.status())
         if inode == EVENTS:
             return ctl.render_events(a.events)
+        if inode == EVENTS_JSON:
+            return events.render_json(a.events)
         return a.render_job(inode - JOB_BASE)
 
     @guarded

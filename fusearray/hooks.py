@@ -4,7 +4,7 @@ ZFS's zedlets for events):
 
 - pre-snapshot.d, post-snapshot.d: around the instant of a shadow copy set;
 - pre-restore.d, post-restore.d: around a resync;
-- event.d: once per event (events.py's subscribers).
+- event.d: once per event (eventhooks.py, the events journal's subscriber).
 
 A stage runs its hooks one at a time in name order (C locale), each with
 the operation's facts in its environment (FUSEARRAY_*) and a time limit;
@@ -139,9 +139,12 @@ def _tail(data: bytes) -> str:
     return " | ".join(line.strip() for line in lines[-STDERR_LINES:] if line.strip())
 
 
-def run_blocking(path: str, env: dict, timeout: float = HOOK_TIMEOUT) -> Result:
+def run_blocking(path: str, env: dict, timeout: float = HOOK_TIMEOUT,
+                 started=None) -> Result:
     """Run one hook: no stdin, stdout discarded, the end of stderr kept;
-    killed with its process group after `timeout` seconds. Blocking."""
+    killed with its process group after `timeout` seconds. Blocking.
+    `started(pid)`, if given, is called once it runs (its process group
+    is `pid`: a caller that gives up on it may kill the group)."""
     name = os.path.basename(path)
     try:
         p = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
@@ -149,6 +152,8 @@ def run_blocking(path: str, env: dict, timeout: float = HOOK_TIMEOUT) -> Result:
                              cwd="/", close_fds=True, start_new_session=True)
     except OSError as e:
         return Result(name, None, error=f"could not be run: {e.strerror or e}")
+    if started is not None:
+        started(p.pid)
     deadline = time.monotonic() + timeout
     tail = bytearray()
     fd = p.stderr.fileno()
