@@ -350,6 +350,10 @@ class Session:
         if line is not None:
             await self._run(array, [line], 1)
 
+    def pending(self) -> bool:
+        """A partial line is buffered (the close would run it)."""
+        return bool(self.buf.length)
+
     def read(self, size: int) -> bytes:
         data = self.reply[self.pos:self.pos + size]
         self.pos += len(data)

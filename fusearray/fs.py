@@ -515,6 +515,12 @@ class Operations(pyfuse3.Operations):
         # kernel hands this reply's errno to close(2) (FUSE_NOTES).
         h = self.handles.get(fh)
         if type(h) is CtlHandle:
+            if h.lock.locked() and not h.session.pending():
+                # a command runs (a long one: a snapshot's hooks) and this is
+                # the close of another descriptor of the same file with no
+                # partial line: e.g. a child forked meanwhile closing its
+                # copy at exec. Nothing to run: do not make it wait.
+                return
             async with h.lock:
                 await h.session.close(self.array)
 

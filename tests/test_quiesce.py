@@ -424,3 +424,30 @@ def test_a_mount_does_not_make_an_untrusted_hook_trusted(make_mount, tmp_path):
     err, reply = m.ctl("snapshot", "lun0 set=s1")
     assert err == errno.EIO and "writable by group or others" in reply["message"], reply
     assert not mark.exists()
+
+
+def test_a_child_forked_during_a_long_command_does_not_wait_for_it(mount, tmp_path):
+    """A process with ctl/snapshot open in one thread (the command waiting
+    for a slow pre-snapshot hook) forks a child in another: the child's
+    close of its copy of the descriptor at exec must not wait for the
+    command to end."""
+    import threading
+    m = mount
+    m.ok("create", "lun0 8M")
+    mark, started = tmp_path / "go", tmp_path / "started"
+    make_hook(m, "pre-snapshot", "10-wait", f"""
+        touch {started}
+        while [ ! -e {mark} ]; do sleep 0.05; done
+    """)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=m.ctl("snapshot", "lun0 set=s1")))
+    t.start()
+    try:
+        wait_for(started.exists, what="the hook to start")
+        run(["true"])                       # fork + exec while the command runs
+        assert t.is_alive() and not mark.exists()
+    finally:
+        mark.touch()
+        t.join(60)
+    err, reply = result["r"]
+    assert err == 0 and reply["set"] == "s1", reply
