@@ -527,6 +527,7 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
         j0 = m.job(jid)
         assert j0["state"] in ("queued", "running") and int(j0["percent"]) < 100, j0
         assert lun_row(m, "far")["pack"] == "OTHER" and lun_row(m, "far")["size"] == size
+        assert lun_row(m, "far")["state"] == "resyncing"      # until the copy is done
         # reads and writes meanwhile, against a model
         for i in range(400):
             off = rng.randrange(size - 300000)
@@ -552,6 +553,7 @@ def test_resync_cross_pack_io_during_copy(mount, tmp_path):
         m.ok("throttle", f"{jid} 0")
         assert cli("wait", jid, mnt=m.mnt).returncode == 0
         assert m.job(jid)["state"] == "done"
+        assert lun_row(m, "far")["state"] == "online"
         # the copy never overwrote the writes made meanwhile
         got = bytearray(size)
         for off in range(0, size, 8 * MiB):
