@@ -1031,7 +1031,7 @@ async def test_snapshot_resync_swap_in_process(tmp_path):
         lun = await a.create_lun("db", "8M")
         v1 = os.urandom(8 * MiB)
         await lun.write(0, v1)
-        set_name, job = await a.snapshot(["db"], "s1")
+        set_name, job, _ = await a.snapshot(["db"], "s1")
         assert set_name == "s1" and job is None
         snap = a.shadow("s1/db")
         assert snap.root == lun.root and snap.readonly and snap.wwn != lun.wwn
@@ -1160,7 +1160,7 @@ async def test_copy_job_resumes_after_reopen(tmp_path):
         await a.add_pack("far", "single", [str(tmp_path / "far")])
         lun = await a.create_lun("db", "6M")
         await lun.write(0, data)
-        _, job = await a.snapshot(["db"], "p", context="plex", pack="far")
+        _, job, _ = await a.snapshot(["db"], "p", context="plex", pack="far")
         await a.control_job(str(job.id), "pause")
         return job.id
     jid = await with_array(tmp_path / "arr", start)

@@ -283,7 +283,7 @@ async def test_a_bug_in_a_job_fails_that_job_not_the_daemon(tmp_path, monkeypatc
         await a.add_pack("far", "single", [str(tmp_path / "far")])
         lun = await a.create_lun("db", "4M")
         await lun.write(0, os.urandom(4 * MiB))
-        _, job = await a.snapshot(["db"], "p", context="plex", pack="far")
+        _, job, _ = await a.snapshot(["db"], "p", context="plex", pack="far")
         with trio.fail_after(30):
             while job.active:
                 await trio.sleep(0.01)
