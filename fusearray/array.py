@@ -58,6 +58,7 @@ from .util import check_name, human_bytes, iso_time, parse_size
 from . import intentlog
 from .intentlog import Coverage, IntentLog
 from .jobs import JobRunner
+from .metrics import Metrics
 from .namespace import Namespace
 from .reader import BlockReader, NodeCache
 from .recovery import Recovery
@@ -254,6 +255,9 @@ class Array:
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
         self.mountpoint: str | None = None       # set by the daemon (disks must be outside)
         self.previous_session: list[str] = []    # how the last daemon ended, if badly
+        # I/O counters: each volume's own (Volume.stats), those of the
+        # volumes forgotten since the mount per pack (ctl/metrics: metrics.py)
+        self.metrics = Metrics()
         # ---- the collaborators (each given what it needs, none the Array) ----
         # (the runner and the namespace are made before the write-back whose
         # mark_job/mark_row they are given: the write-back takes the
@@ -264,7 +268,8 @@ class Array:
                             make_volume=self._make_volume,
                             changes=lambda: self.writeback.changes,
                             mark_row=lambda vol: self.writeback.mark_row(vol),
-                            volume_dropped=self.runner.volume_dropped)
+                            volume_dropped=self.runner.volume_dropped,
+                            volume_forgotten=self.metrics.retire)
         self.volumes = self.ns.volumes           # every live volume, also deleted-but-open
         self.writeback = WriteBack(self.packs, self.volumes, self.cache, self.nodes,
                                    self.hasher, self.verify, reader=self.reader,

@@ -82,14 +82,14 @@ def cmd_mount(args) -> int:
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
-                          args.log, args.fsync)
+                          args.log, args.fsync, args.metrics_port)
     return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log,
-                            args.fsync)
+                            args.fsync, args.metrics_port)
 
 
 def start_background(array: str, mnt: str, cache: int, debug: bool = False,
                      perms: dict | None = None, log_dir: str | None = None,
-                     fsync: str = "log") -> int:
+                     fsync: str = "log", metrics_port: int | None = None) -> int:
     from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
@@ -101,6 +101,8 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
         cmd += ["--log", os.path.abspath(log_dir)]
     if fsync != "log":
         cmd += ["--fsync", fsync]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -199,6 +201,69 @@ def cmd_events(args) -> int:
     evs = [e for e in read_events(mnt) if args.since is None or e["id"] > args.since]
     sys.stdout.write("".join(_event_line(e, as_json) for e in evs))
     return 0
+
+
+# ---- iostat -------------------------------------------------------------------------
+def read_metrics(mnt: str) -> dict:
+    """ctl/metrics's samples (metrics.parse)."""
+    from . import metrics
+    if not os.path.exists(os.path.join(mnt, "ctl", "metrics")):
+        raise UserError(f"{mnt} has no ctl/metrics (a daemon older than this fusearray: "
+                        "mount the array again)")
+    return metrics.parse(read_ctl(mnt, "metrics"))
+
+
+def cmd_iostat(args) -> int:
+    """As `zpool iostat -v`: without -w, one report of the totals since the
+    mount; with -w SECONDS, a report of the per-second rates since the
+    mount, then one every SECONDS of the rates over that interval, COUNT
+    reports in all (default: until Ctrl-C, which exits 0)."""
+    from . import metrics
+    mnt = mountpoint(args)
+    if args.interval is None:
+        sys.stdout.write(metrics.iostat(read_metrics(mnt), parsable=args.parsable))
+        return 0
+    prev = None
+    cur = read_metrics(mnt)
+    now = time.monotonic()
+    since = max(time.time() - cur.get(("fusearray_start_time_seconds", ()), 0.0), 1e-3)
+    try:
+        done = 0
+        while True:
+            if done:
+                sys.stdout.write("\n")
+            sys.stdout.write(metrics.iostat(cur, prev, since, args.parsable))
+            sys.stdout.flush()
+            done += 1
+            if args.count is not None and done >= args.count:
+                return 0
+            time.sleep(max(0.0, now + args.interval - time.monotonic()))
+            prev, cur = cur, read_metrics(mnt)
+            since, now = time.monotonic() - now, time.monotonic()
+    except KeyboardInterrupt:
+        return 0
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return v
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of reports (1 or more)")
+    return int(text)
 
 
 # ---- events --follow ---------------------------------------------------------------
@@ -741,6 +806,9 @@ def parse_args(argv):
     s.add_argument("--ctl-group", metavar="GROUP",
                    help="a group whose members may write ctl/ verbs (0660); default: "
                         "root only (0600)")
+    s.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="also serve ctl/metrics (Prometheus text) at "
+                        "http://127.0.0.1:PORT/metrics")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount (waits for the final commit; refuses "
@@ -779,6 +847,14 @@ def parse_args(argv):
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted import of this stream")
     s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("iostat", help="I/O per pack and LUN, as zpool iostat -v")
+    s.add_argument("-w", dest="interval", type=_positive, metavar="SECONDS",
+                   help="a report every SECONDS: per-second rates over the interval")
+    s.add_argument("-p", dest="parsable", action="store_true",
+                   help="exact numbers (bytes, nanoseconds) instead of human units")
+    s.add_argument("count", nargs="?", type=_count, metavar="COUNT",
+                   help="with -w: this many reports, then exit (default: until Ctrl-C)")
+    s.set_defaults(fn=cmd_iostat)
     s = sub.add_parser("wait", help="wait for a job, with a progress bar")
     s.add_argument("job")
     s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
@@ -791,7 +867,10 @@ def parse_args(argv):
         s = sub.add_parser(verb, help=f"ctl/{verb}")
         s.add_argument("words", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_verb, verb=verb)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fn is cmd_iostat and args.count is not None and args.interval is None:
+        p.error("iostat: COUNT needs -w SECONDS")
+    return args
 
 
 def main(argv=None) -> int:

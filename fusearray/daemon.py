@@ -2,6 +2,7 @@
 
     python -m fusearray.daemon ARRAY MOUNTPOINT [--cache-size N] [--ready-fd FD]
         [--owner USER] [--group GROUP] [--mode MODE] [--ctl-group GROUP]
+        [--metrics-port PORT]
 
 `fusearray mount` runs this in the foreground, or (--background) as a child
 that reports readiness through a pipe: `ok` once the mount serves requests,
@@ -118,10 +119,11 @@ def died(array_path: str, array, mnt: str | None, e: BaseException) -> str:
 
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         debug: bool = False, perms: dict | None = None, log_dir: str | None = None,
-        fsync: str = "log") -> int:
+        fsync: str = "log", metrics_port: int | None = None) -> int:
     """`perms`: the mount's --owner, --group, --mode, --ctl-group
     (fusearray.perms.resolve); `log_dir`: --log (the intent log's directory);
-    `fsync`: --fsync (log or commit)."""
+    `fsync`: --fsync (log or commit); `metrics_port`: --metrics-port (serve
+    ctl/metrics over HTTP on 127.0.0.1)."""
     from .perms import UMASK
     os.umask(UMASK)         # nothing the daemon creates is for other users (logs, data)
     from . import native
@@ -163,7 +165,7 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
     try:
-        return trio.run(_serve, array, mnt, shim, ready, debug, access)
+        return trio.run(_serve, array, mnt, shim, ready, debug, access, metrics_port)
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
@@ -178,11 +180,11 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         return 70           # EX_SOFTWARE
 
 
-async def _serve(array, mnt, shim, ready, debug, access) -> int:
+async def _serve(array, mnt, shim, ready, debug, access, metrics_port=None) -> int:
     import pyfuse3
     import trio
 
-    from . import native
+    from . import metrics, native
     from .fs import Operations, install_fallocate
     from .streamsock import StreamServer
 
@@ -196,6 +198,17 @@ async def _serve(array, mnt, shim, ready, debug, access) -> int:
             await array.close()
             nursery.cancel_scope.cancel()
             return 1
+        if metrics_port is not None:
+            try:
+                await nursery.start(metrics.serve_http, lambda: metrics.render(array),
+                                    metrics_port)
+            except OSError as e:
+                ready(f"error: cannot serve metrics on 127.0.0.1:{metrics_port}: "
+                      f"{e.strerror or e}")
+                await array.close()
+                nursery.cancel_scope.cancel()
+                return 1
+            array.event("info", f"metrics served at http://127.0.0.1:{metrics_port}/metrics")
         ops = Operations(array, access)
         array.mountpoint = mnt
         streams = StreamServer(array)
@@ -294,11 +307,13 @@ def main(argv=None) -> int:
     p.add_argument("--group", help="their group (default: disk)")
     p.add_argument("--mode", help="their mode (default: 0660; write bits off when read-only)")
     p.add_argument("--ctl-group", help="group that may write ctl/ verbs (default: none)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve ctl/metrics at http://127.0.0.1:PORT/metrics")
     a = p.parse_args(argv)
     from . import default_cache_size
     perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
     return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
-               a.debug, perms, a.log, a.fsync)
+               a.debug, perms, a.log, a.fsync, a.metrics_port)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 array, its volumes and the control protocol.
 
 Tree (DESIGN section 2): luns/NAME, snapshots/SET/NAME, ctl/VERB,
-ctl/status, ctl/status.json, ctl/events, ctl/events.json, ctl/jobs/ID.
+ctl/status, ctl/status.json, ctl/events, ctl/events.json, ctl/metrics,
+ctl/jobs/ID.
+
+The read, write, fsync and fallocate handlers of LUN and shadow copy files
+count each request in the volume's IoStats (fusearray.metrics): timed with
+perf_counter_ns around the array call, on the trio thread.
 
 Owners and modes come from fusearray.perms (LUN and shadow copy files 0660
 root:disk by default); the kernel checks them (default_permissions), with
@@ -19,11 +24,12 @@ import functools
 import logging
 import os
 import stat
+from time import perf_counter_ns
 
 import pyfuse3
 import trio
 
-from . import STREAM_SOCKET_XATTR, ctl, events, perms, transport
+from . import STREAM_SOCKET_XATTR, ctl, events, metrics, perms, transport
 from .errors import ArrayError, invalid
 
 log = logging.getLogger("fusearray")
@@ -37,13 +43,14 @@ ROOT = pyfuse3.ROOT_INODE
 LUNS, SNAPS, CTL, JOBS = 2, 3, 4, 5
 STATUS, STATUS_JSON, EVENTS = 10, 11, 12
 EVENTS_JSON = 13
+METRICS = 14
 VERB_BASE = 100
 VOL_BASE = 1 << 32
 SET_BASE = 1 << 40
 JOB_BASE = 1 << 48
 DIRS = {ROOT: None, LUNS: b"luns", SNAPS: b"snapshots", CTL: b"ctl", JOBS: b"jobs"}
 TEXT_FILES = {STATUS: b"status", STATUS_JSON: b"status.json", EVENTS: b"events",
-              EVENTS_JSON: b"events.json"}
+              EVENTS_JSON: b"events.json", METRICS: b"metrics"}
 XATTR = "user.fusearray."
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -362,14 +369,25 @@ class Operations(pyfuse3.Operations):
             return ctl.render_events(a.events)
         if inode == EVENTS_JSON:
             return events.render_json(a.events)
+        if inode == METRICS:
+            return metrics.render(a)
         return a.render_job(inode - JOB_BASE)
 
     @guarded
     async def read(self, fh, off, size):
         h = self.handles[fh]
         if type(h) is VolHandle:
-            data = h.vol.read_cached(off, size)
-            return data if data is not None else _reply(await h.vol.read_parts(off, size))
+            vol = h.vol
+            t0 = perf_counter_ns()
+            data = vol.read_cached(off, size)
+            if data is None:
+                try:
+                    data = _reply(await vol.read_parts(off, size))
+                except Exception:
+                    vol.stats.read_errors += 1
+                    raise
+            vol.stats.read(len(data), perf_counter_ns() - t0)
+            return data
         if type(h) is CtlHandle:
             return h.session.read(size)
         if type(h) is ExportHandle:
@@ -382,7 +400,15 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self.handles[fh]
         if type(h) is VolHandle:
-            return await h.vol.write(off, buf)
+            vol = h.vol
+            t0 = perf_counter_ns()
+            try:
+                n = await vol.write(off, buf)
+            except Exception:
+                vol.stats.write_errors += 1
+                raise
+            vol.stats.write(n, perf_counter_ns() - t0)
+            return n
         if type(h) is CtlHandle:          # a command runs once its line is complete
             async with h.lock:
                 await h.session.write(self.array, bytes(buf))
@@ -528,7 +554,14 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)
         if type(h) is VolHandle:
-            await self.array.sync(h.vol, log=True)
+            vol = h.vol
+            t0 = perf_counter_ns()
+            try:
+                await self.array.sync(vol, log=True)
+            except Exception:
+                vol.stats.fsync_errors += 1
+                raise
+            vol.stats.fsync(perf_counter_ns() - t0)
 
     @guarded
     async def release(self, fh):
@@ -558,6 +591,8 @@ class Operations(pyfuse3.Operations):
                     return errno.EOPNOTSUPP
                 if off < vol.size:
                     await vol.zero(off, length)
+                    vol.stats.discard_ops += 1
+                    vol.stats.discard_bytes += min(length, vol.size - off)
                 return 0
             if mode & ~FALLOC_FL_KEEP_SIZE:
                 return errno.EOPNOTSUPP

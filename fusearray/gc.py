@@ -92,6 +92,13 @@ class Collector:
         self.reclaiming = False
         self.last_gc = 0.0
         self.pins: list = []            # (vol, root, height) kept by exports
+        # statistics() (ctl/metrics): collections by kind, their time, when
+        # the last ended (Unix time), bytes freed and compacted per pack
+        self.runs = {"collect": 0, "reclaim": 0}
+        self.seconds = 0.0
+        self.last_run = 0.0
+        self.freed_bytes: dict = {}
+        self.compacted_bytes: dict = {}
 
     # ---- what tells it garbage is there ----------------------------------------
     def want(self) -> None:
@@ -152,6 +159,21 @@ class Collector:
         for r in roots:
             self.pins.remove(r)
 
+    def statistics(self) -> dict:
+        """Counters since the mount (ctl/metrics): `runs` per kind
+        (collect, reclaim), `seconds` spent, `last_run` (Unix time, 0: none),
+        `freed_bytes`, `compacted_bytes` and `garbage_bytes` (overwritten
+        since the pack's last collection) per pack name."""
+        return {"runs": dict(self.runs), "seconds": self.seconds,
+                "last_run": self.last_run, "freed_bytes": dict(self.freed_bytes),
+                "compacted_bytes": dict(self.compacted_bytes),
+                "garbage_bytes": dict(self.garbage)}
+
+    def _ran(self, kind: str, t0: float) -> None:
+        self.runs[kind] += 1
+        self.seconds += time.monotonic() - t0
+        self.last_run = time.time()
+
     # ---- collections -------------------------------------------------------------
     async def collect(self, only: list | None = None, flush: bool = True,
                       compact: float = 0.5) -> None:
@@ -162,6 +184,7 @@ class Collector:
         stay in the cache; see WriteBack.commit). Caller holds the commit
         lock."""
         store = self.store
+        t0 = time.monotonic()
         if only is None:
             self.wanted = False
             self.garbage.clear()
@@ -175,6 +198,7 @@ class Collector:
         plan.compact = compact
         freed = await self.execute(plan)
         await store.commit(flush)
+        self._ran("collect", t0)
         if freed:
             log.info("gc freed %s", human_bytes(freed))
         await store.retry_full_packs()
@@ -185,6 +209,7 @@ class Collector:
         live, in the reserve). Caller holds the commit lock."""
         store = self.store
         self.reclaiming = True
+        t0 = time.monotonic()
         try:
             try:
                 await store.merge()     # overwritten blocks become garbage (small writes)
@@ -195,6 +220,7 @@ class Collector:
             plan.seal, plan.compact = 1.0, RECLAIM_RATIO
             freed = await self.execute(plan)
             await store.commit(flush=False)
+            self._ran("reclaim", t0)
             log.info("reclaim on a full pack freed %s", human_bytes(freed))
         finally:
             self.reclaiming = False
@@ -233,7 +259,11 @@ class Collector:
     async def execute(self, plan: Plan) -> int:
         """Sweep every pack of `plan`, then seal and compact each; the
         caller commits. Returns the bytes freed."""
-        freed = sum(self.packs[name].sweep(live) for name, live in plan.live.items())
+        freed = 0
+        for name, live in plan.live.items():
+            n = self.packs[name].sweep(live)
+            self.freed_bytes[name] = self.freed_bytes.get(name, 0) + n
+            freed += n
         for name in plan.live:
             pack = self.packs[name]
             pack.seal_if_sparse(plan.seal)
@@ -255,3 +285,5 @@ class Collector:
                 return
             for b, loc in zip(bids, locs):
                 pack.add(b, loc)
+            self.compacted_bytes[pack.name] = (self.compacted_bytes.get(pack.name, 0)
+                                               + sum(loc[2] for _, loc in entries))

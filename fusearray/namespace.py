@@ -57,16 +57,19 @@ class Namespace:
     `make_volume(row, pack, source)` builds a Volume (the Array's wiring);
     `changes()` is the pending catalogue Changes of the next commit;
     `mark_row(vol)` has the next commit write a volume's row;
-    `volume_dropped(vol)` is told of every volume deleted (its copy job ends)."""
+    `volume_dropped(vol)` is told of every volume deleted (its copy job ends);
+    `volume_forgotten(vol)` when a deleted one leaves the volume table (its
+    I/O counters go to its pack's: metrics.Metrics.retire)."""
 
     def __init__(self, uuid: str, vendor: str, *, make_volume, changes, mark_row,
-                 volume_dropped):
+                 volume_dropped, volume_forgotten=lambda vol: None):
         self.uuid = uuid
         self.vendor = vendor
         self.make_volume = make_volume
         self.changes = changes
         self.mark_row = mark_row
         self.volume_dropped = volume_dropped
+        self.volume_forgotten = volume_forgotten
         self.volumes: dict = {}       # vid -> Volume: every live one, also deleted-but-open
         self.luns: dict = {}          # name -> Volume
         self.sets: dict[str, ShadowSet] = {}
@@ -212,13 +215,14 @@ class Namespace:
         vol.deleted = True
         vol.discard_cache()
         self.changes().volumes_del.append(vol.vid)
-        if not vol.open_count:
-            self.volumes.pop(vol.vid, None)
+        if not vol.open_count and self.volumes.pop(vol.vid, None) is not None:
+            self.volume_forgotten(vol)
         self.volume_dropped(vol)
 
     def released(self, vol) -> bool:
         """The last handle of a deleted volume closed: forget it. True if it was."""
         if vol.deleted and not vol.open_count and vol.vid in self.volumes:
             del self.volumes[vol.vid]
+            self.volume_forgotten(vol)
             return True
         return False

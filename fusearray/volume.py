@@ -47,6 +47,7 @@ import trio
 
 from . import ZERO_ID, maps
 from .errors import ArrayError
+from .metrics import IoStats
 
 
 def merge_range(ranges: list, lo: int, hi: int) -> list:
@@ -352,6 +353,9 @@ class Volume:
         self.durable_seq = 0      # every write up to this one is stored and committed
         self.deleted = False
         self.frozen: trio.Event | None = None   # set while a snapshot is taken
+        # its I/O counters (metrics.py): the fs layer counts requests, the
+        # read path below cache hits and misses, the write-back dedup hits
+        self.stats = IoStats()
         self._set_zeros()
 
     def _set_zeros(self) -> None:
@@ -456,6 +460,7 @@ class Volume:
         if e.valid is not None and not covers(e.valid, lo, lo + size):
             return None         # partly not written: read_parts completes it
         self.block_cache.touch(e)
+        self.stats.cache_hits += 1
         return self._zeros[:size] if e.buf is None else e.buf[lo:lo + size]
 
     async def read(self, off: int, size: int) -> bytes:
@@ -485,6 +490,7 @@ class Volume:
             if e is not None and e.valid is not None and \
                     covers(e.valid, off - first * bs, end - first * bs):
                 self.block_cache.touch(e)
+                self.stats.cache_hits += 1
                 return [bytes(e.buf[off - first * bs:end - first * bs])]
             blocks = await self._blocks((first,))
             return [bytes(blocks[0][off - first * bs:end - first * bs])]
@@ -505,6 +511,7 @@ class Volume:
                 continue
             if e is not None:
                 cache.touch(e)      # a copy: the entry may change at the next await
+                self.stats.cache_hits += 1
                 parts.append(self._zview[:hi - lo] if e.buf is None
                              else bytes(memoryview(e.buf)[lo - base:hi - base]))
                 continue
@@ -517,6 +524,7 @@ class Volume:
             else:
                 direct.append((len(parts), bid))
                 parts.append(None)
+        self.stats.cache_misses += len(direct)
         taken = []
         while direct:
             # A mapped block is checked where it lies, so no await may come
@@ -549,13 +557,20 @@ class Volume:
         cache = self.block_cache
         out: list = [None] * len(bnos)
         misses = []
+        stats = self.stats
         for i, bno in enumerate(bnos):
             e = self.cache.get(bno)
+            completed = False
             while e is not None and e.valid is not None:    # partial: complete it
                 await self.complete([e])
                 e = self.cache.get(bno)
+                completed = True
             if e is not None:
                 cache.touch(e)
+                if completed:       # its stored part was read from the pack
+                    stats.cache_misses += 1
+                else:
+                    stats.cache_hits += 1
                 out[i] = self._zeros if e.buf is None else e.buf
                 continue
             bid = self.current_id_nowait(bno)
@@ -566,6 +581,7 @@ class Volume:
             else:
                 misses.append((i, bno, bid))
         if misses:
+            stats.cache_misses += len(misses)
             gen = self.generation
             datas = await self.reader.read_blocks(self, [m[2] for m in misses])
             for (i, bno, bid), data in zip(misses, datas):

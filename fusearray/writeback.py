@@ -434,10 +434,19 @@ class WriteBack:
                    "caught it)")
             self.event("error", msg)
             raise ioerror(msg) from None
+        stored = set()
         for p, bid, loc in added:
             p.add(bid, loc)
+            stored.add(bid)
         for (e, gen, vgen, _), bid in zip(batch, ids):
             self._stored(e, gen, vgen, bid, snap)
+            if bid != ZERO_ID:      # (an all-zero block is never stored)
+                st = e.vol.stats
+                st.written_back += 1
+                if bid in stored:
+                    stored.discard(bid)     # the first of its content: appended
+                else:
+                    st.dedup_hits += 1      # the pack had it, or this batch did
 
     def _stored(self, e, gen: int, vgen: int, bid: bytes, snap: int) -> None:
         """Entry `e` as of generation `gen` is stored as `bid`: its id goes
