@@ -18,6 +18,7 @@ ids), text kept as text, so the committed docs/bench.svg diffs as text.
 import math
 import re
 import statistics
+import textwrap
 
 
 #: the peers, in the order of the bars of a cluster, and their colours
@@ -90,8 +91,27 @@ def panels(results, backing_of=None):
     return out
 
 
-def _short(title, width=95):
-    return title if len(title) <= width else title[:width - 1] + '…'
+def _wrap(text, width):
+    return '\n'.join(textwrap.wrap(text, width)) or text
+
+
+#: a workload's name is wrapped at this many characters
+LABEL_WIDTH = 48
+
+
+def _positions(bars):
+    """The y of each bar: one unit a bar, half a unit between workloads, a
+    unit more where a workload's name takes two lines or more."""
+    ys, y, last = [], 0.0, None
+    for label, *_ in bars:
+        if last is not None and label != last:
+            lines = max(len(textwrap.wrap(label, LABEL_WIDTH)),
+                        len(textwrap.wrap(last, LABEL_WIDTH)))
+            y += 0.5 if lines < 2 else 1.2
+        ys.append(y)
+        y += 1.0
+        last = label
+    return ys
 
 
 def write_chart(path, results, subtitle=''):
@@ -108,8 +128,10 @@ def write_chart(path, results, subtitle=''):
     ps = panels(results)
     if not ps:
         ps = [('no fusearray ratio in this run', [])]
-    heights = [max(len(b), 1) * 0.2 + 0.6 for _, b in ps]
-    fig, axes = plt.subplots(len(ps), 1, figsize=(11, sum(heights) + 1.2),
+    layouts = [_positions(bars) for _, bars in ps]
+    heights = [(max(ys) + 1 if ys else 1) * 0.2 + 0.6 + 0.15 * (len(t) > 110)
+               for (t, _), ys in zip(ps, layouts)]
+    fig, axes = plt.subplots(len(ps), 1, figsize=(12, sum(heights) + 1.2),
                              gridspec_kw={'height_ratios': heights}, squeeze=False,
                              layout='constrained')
     every = [r for _, bars in ps for _, _, r, _, _ in bars] + \
@@ -117,18 +139,10 @@ def write_chart(path, results, subtitle=''):
     lo = min(every + [0.5]) / 1.6
     hi = max(every + [2.0]) * 2.2
     drawn = 0
-    for ax, (title, bars) in zip(axes[:, 0], ps):
-        ys = []
-        y, last = 0.0, None
-        for label, key, ratio, goal, op in bars:
-            if last is not None and label != last:
-                y += 0.5                      # a gap between workloads
-            ys.append(y)
-            y += 1.0
-            last = label
+    for ax, (title, bars), ys in zip(axes[:, 0], ps, layouts):
         for (label, key, ratio, goal, op), yy in zip(bars, ys):
             ax.barh(yy, ratio - lo, height=0.8, color=COLOURS[key], left=lo)
-            text, colour = f'{ratio:.2f}x', 'black'
+            text, colour = (f'{ratio:.2f}x' if ratio >= 0.1 else f'{ratio:.3f}x'), 'black'
             if goal is not None:
                 ok = ratio >= goal if op == '>=' else ratio <= goal
                 text += f'  {op} {goal:g}: {"PASS" if ok else "FAIL"}'
@@ -143,12 +157,12 @@ def write_chart(path, results, subtitle=''):
             pos = [yy for b, yy in zip(bars, ys) if b[0] == label]
             ticks.append(sum(pos) / len(pos))
             names.append(label)
-        ax.set_yticks(ticks, names)
+        ax.set_yticks(ticks, [_wrap(n, LABEL_WIDTH) for n in names])
         ax.set_xscale('log')
         ax.set_xlim(lo, hi)
         ax.set_ylim((max(ys) + 0.7) if ys else 1, -0.7)
         ax.axvline(1.0, color='#333333', lw=0.8, ls='--')
-        ax.set_title(_short(title), loc='left', fontsize=9)
+        ax.set_title(_wrap(title, 110), loc='left', fontsize=9)
         ax.grid(axis='x', which='major', color='#dddddd', lw=0.6)
         ax.set_axisbelow(True)
         ax.set_xticks([t for t in TICKS if lo <= t <= hi])

@@ -391,7 +391,15 @@ def draw_chart(ctx, argv):
     import datetime
     from .chart import write_chart
     when = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
-    cmd = ' '.join(['tools/bench', *(a for a in argv if not a.startswith('--chart'))])
+    shown, skip = [], False
+    for a in argv:          # how to run it again, without where this run wrote
+        if skip or a == '--no-chart' or a.startswith(('--chart=', '--json=')):
+            skip = False
+        elif a in ('--chart', '--json'):
+            skip = True
+        else:
+            shown.append(a)
+    cmd = ' '.join(['tools/bench', *shown])
     note = (f'{cmd}  ({when}, {len(os.sched_getaffinity(0))} cores, '
             f'{ctx.elapsed / 60:.0f} min; one run: compare ratios within a workload)')
     try:
