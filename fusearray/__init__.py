@@ -6,6 +6,7 @@ and DESIGN.md. Layers, each object the one owner of its state, calls
 going down only:
 
     cli / ctlclient            (the command; talks to a mount's ctl/ files)
+    mounthelper, systemdunit   (mount(8)'s helper, the systemd unit: cli underneath)
     fs -> ctl                  (the pyfuse3 Operations; the control protocol)
     array                      (the coordinator: builds and delegates to)
       namespace, jobs, shadows, recovery, transport

@@ -8,8 +8,12 @@ the daemon their file's descriptor through its stream socket instead
 (fusearray/streamsock.py), so the stream does not cross FUSE; ctl/export
 and ctl/import are the fallback.
 
-Exit codes: 0 success, 1 the array refused or failed (message on stderr),
-2 usage error.
+Exit codes: 0 success; 1 the array refused or failed, or the command
+could not reach it (`fusearray: MESSAGE` on stderr; a ctl verb's message
+names the errno, e.g. EEXIST); 2 a usage error (argparse's message);
+130 interrupted (Ctrl-C), except `events --follow`, which ends with 0.
+`wait JOB` is 1 unless the job is done. The mount(8) helper has mount's
+codes instead (fusearray/mounthelper.py).
 """
 import argparse
 import errno
@@ -725,6 +729,33 @@ def cmd_detach(args) -> int:
     return 0
 
 
+def cmd_install_unit(args) -> int:
+    """Write the systemd unit template and this mount's environment file."""
+    from . import systemdunit
+    from .util import parse_bytes
+    array = os.path.abspath(args.array or DEFAULT_ARRAY)
+    mnt = os.path.abspath(args.mountpoint or DEFAULT_MOUNT)
+    if args.cache_size:
+        parse_bytes(args.cache_size, "cache size")
+    opts = []
+    for flag, val in (("--cache-size", args.cache_size), ("--owner", args.owner),
+                      ("--group", args.group), ("--mode", args.mode),
+                      ("--ctl-group", args.ctl_group), ("--log", args.log)):
+        if val:
+            opts += [flag, os.path.abspath(val) if flag == "--log" else val]
+    if args.fsync != "log":
+        opts += ["--fsync", args.fsync]
+    try:
+        unit, written = systemdunit.install(array, mnt, opts, args.root)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot install the unit: {e}") from None
+    for path in written:
+        print(f"wrote {path}")
+    print(f"to mount {array} on {mnt} at boot (and now, if it is not mounted yet):\n"
+          f"  systemctl daemon-reload && systemctl enable --now {unit}")
+    return 0
+
+
 def cmd_up(args) -> int:
     """The main job: bring up the embedded default array and show it."""
     array, mnt = args.array or DEFAULT_ARRAY, args.mountpoint or DEFAULT_MOUNT
@@ -749,6 +780,13 @@ Next steps (FUSEARRAY_MOUNT={mnt} lets you drop -m):
   getfattr -d {mnt}/luns/lun0                 # WWN, serial, tags
   cat {mnt}/ctl/status {mnt}/ctl/events
   umount /mnt/lun0; fusearray detach lun0; fusearray umount {mnt}""")
+    if args.install_unit:
+        print()
+        cmd_install_unit(argparse.Namespace(
+            array=array, mountpoint=mnt, root=args.root, cache_size=None, owner=None,
+            group=None, mode=None, ctl_group=None, log=None, fsync="log"))
+        print(f"  (it is mounted now: `fusearray umount {mnt}` first, or enable without "
+              "--now)")
     return 0
 
 
@@ -822,10 +860,32 @@ def parse_args(argv):
     s = sub.add_parser("up", help="init, mount and show the default array")
     s.add_argument("--array", default=None)
     s.add_argument("--mountpoint", default=None)
+    s.add_argument("--install-unit", action="store_true",
+                   help="also install the systemd unit that mounts it at boot "
+                        "(as install-unit)")
+    s.add_argument("--root", default="/", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_up)
 
-    for name, fn in (("status", cmd_status), ("events", cmd_events), ("jobs", cmd_jobs)):
-        s = sub.add_parser(name)
+    s = sub.add_parser("install-unit", help="install the systemd unit fusearray@.service "
+                       "for an array and its mountpoint (default: up's)")
+    s.add_argument("array", nargs="?", default=None)
+    s.add_argument("mountpoint", nargs="?", default=None)
+    s.add_argument("--root", default="/", metavar="DIR",
+                   help="write under DIR instead of / (DIR/etc/systemd/system, "
+                        "DIR/etc/fusearray)")
+    s.add_argument("--cache-size", default=None)
+    s.add_argument("--log", metavar="DIR")
+    s.add_argument("--fsync", choices=("log", "commit"), default="log")
+    s.add_argument("--owner", metavar="USER")
+    s.add_argument("--group", metavar="GROUP")
+    s.add_argument("--mode", metavar="MODE")
+    s.add_argument("--ctl-group", metavar="GROUP")
+    s.set_defaults(fn=cmd_install_unit)
+
+    for name, fn, what in (("status", cmd_status, "show ctl/status (--json: ctl/status.json)"),
+                           ("events", cmd_events, "show the events (ctl/events)"),
+                           ("jobs", cmd_jobs, "list the jobs: id, kind, state, percent")):
+        s = sub.add_parser(name, help=what)
         s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
         if name == "events":
@@ -859,8 +919,9 @@ def parse_args(argv):
     s.add_argument("job")
     s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_wait)
-    for name, fn in (("attach", cmd_attach), ("detach", cmd_detach)):
-        s = sub.add_parser(name, help=f"{name} a LUN to/from a loop device")
+    for name, fn, what in (("attach", cmd_attach, "attach a LUN to a loop device (prints it)"),
+                           ("detach", cmd_detach, "detach a LUN's loop devices")):
+        s = sub.add_parser(name, help=what)
         s.add_argument("lun")
         s.set_defaults(fn=fn)
     for verb in VERB_NAMES:
@@ -879,6 +940,10 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (UserError, ArrayError) as e:
         print(f"fusearray: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:        # a mount that went away under the command, a full disk
+        print(f"fusearray: {e.filename + ': ' if e.filename else ''}"
+              f"{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

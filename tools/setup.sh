@@ -39,9 +39,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'   # bench: matplotlib, tools/bench --chart
 .venv/bin/python -c 'import fusearray.native, pyfuse3, trio, xxhash' \
   || { echo "setup: the package did not install correctly" >&2; exit 1; }
+# `mount -t fuse.fusearray ARRAY MNT` and fstab lines: libmount runs
+# /sbin/mount.fuse.fusearray (it looks in /sbin, /sbin/fs.d, /sbin/fs only)
+ln -sfn "$PWD/.venv/bin/mount.fusearray" /sbin/mount.fuse.fusearray
 # what of the native layer is built and usable (a failed native build is not
 # fatal: the Python fallbacks run; the first CI leg's tests require it)
 .venv/bin/python -m fusearray.native --load

@@ -60,7 +60,8 @@ two arrays and its stream files. The report shows each one's limit and peak use.
 
 Prints one Markdown table per group (and backing) with the ratios
 fusearray/memfile, fusearray/file and fusearray/qcow2 and PASS/FAIL against the
-goals. Needs root, fio, losetup, mkfs.ext4, fusermount3, fallocate,
+goals, and draws every ratio against its goal and the peers into a chart
+(--chart, default docs/bench.svg, the README's; chart.py, with matplotlib). Needs root, fio, losetup, mkfs.ext4, fusermount3, fallocate,
 qemu-storage-daemon and qemu-img (tools/setup.sh installs them). Run it with
 a Python that has pyfuse3 and trio (the project venv): memfile and the
 fusearray CLI run as subprocesses of sys.executable (or --python). Everything
@@ -77,7 +78,7 @@ import traceback
 from pathlib import Path
 
 from .common import (
-    BACKINGS, DISK_DIR, Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail,
+    BACKINGS, DISK_DIR, REPO, Cleanup, SETUP, SpaceWatch, StepFailed, TARGETS, daemon_log_tail,
     fmt_bytes, log, make_tempdir, mem_available, mount_tmpfs, parse_size, run)
 from .fio import group_fio
 from .steady import group_steady
@@ -200,7 +201,17 @@ def parse_args(argv):
     ap.add_argument('--python', default=sys.executable,
                     help='interpreter for memfile and the fusearray CLI (default: this one)')
     ap.add_argument('--json', help='also save the raw numbers to this file')
+    ap.add_argument('--chart', metavar='PATH',
+                    help='draw every fusearray ratio against its goal and the peers into '
+                    'PATH (SVG; PNG if it ends in .png) with matplotlib (default: beside '
+                    '--json, with .svg for its suffix, else docs/bench.svg: the README\'s)')
+    ap.add_argument('--no-chart', action='store_true', help='draw no chart')
     args = ap.parse_args(argv)
+    if args.no_chart:
+        args.chart = None
+    elif not args.chart:
+        args.chart = (str(Path(args.json).with_suffix('.svg')) if args.json
+                      else str(REPO / 'docs' / 'bench.svg'))
     quick = args.quick
     args.size = args.size or (256 << 20 if quick else 1 << 30)
     args.runtime = args.runtime or (3 if quick else 10)
@@ -374,7 +385,36 @@ def run_bench(ctx):
             run_group(ctx, title, fn, name)
 
 
+def draw_chart(ctx, argv):
+    """The chart of the run (--chart); a chart that cannot be drawn is said
+    on stderr and leaves the report as it is."""
+    import datetime
+    from .chart import write_chart
+    when = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
+    shown, skip = [], False
+    for a in argv:          # how to run it again, without where this run wrote
+        if skip or a == '--no-chart' or a.startswith(('--chart=', '--json=')):
+            skip = False
+        elif a in ('--chart', '--json'):
+            skip = True
+        else:
+            shown.append(a)
+    cmd = ' '.join(['tools/bench', *shown])
+    note = (f'{cmd}  ({when}, {len(os.sched_getaffinity(0))} cores, '
+            f'{ctx.elapsed / 60:.0f} min; one run: compare ratios within a workload)')
+    try:
+        n = write_chart(ctx.args.chart, ctx.done, note)
+    except ImportError as e:
+        print(f'no chart: {e} (bash tools/setup.sh installs matplotlib)', file=sys.stderr)
+        return
+    except (OSError, ValueError) as e:
+        print(f'no chart: {ctx.args.chart}: {e}', file=sys.stderr)
+        return
+    log(f'chart: {n} ratios drawn into {ctx.args.chart}')
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     cl = Cleanup()
@@ -399,6 +439,8 @@ def main(argv=None):
     ctx.elapsed = time.monotonic() - start
     if ctx.done:
         report(ctx, ctx.done)   # what was measured, also after a failure or Ctrl-C
+        if args.chart:
+            draw_chart(ctx, argv)
     elif ctx.errors:
         for e in ctx.errors:
             print(f'FAILED: {e}', file=sys.stderr)
