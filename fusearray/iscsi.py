@@ -543,8 +543,8 @@ class Shares:
         self.tgtds[portal] = tgtd
         self.nursery.start_soon(self._watch, tgtd)
         try:
+            await self._save_pids()         # (first: a SIGKILL from now on leaves it known)
             await tgtd.wait_ready()
-            await self._save_pids()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._stop(tgtd, graceful=False)
