@@ -292,7 +292,10 @@ class Shares:
             except (KeyError, TypeError, ValueError):
                 continue
             if _is_tgtd(pid, start):
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:      # (it ended meanwhile)
+                    continue
                 deadline = time.monotonic() + STOP_WAIT
                 while proc_start_time(pid) == start and time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -475,9 +478,9 @@ class Shares:
         tgtd = await self._tgtd(share.portal)
         tid = tgtd.next_tid
         tgtd.next_tid += 1
-        await tgtd.adm("--mode", "target", "--op", "new", "--tid", str(tid),
-                       "--targetname", share.target)
         try:
+            await tgtd.adm("--mode", "target", "--op", "new", "--tid", str(tid),
+                           "--targetname", share.target)
             await self._add_lu(tgtd, tid, share, vol)
             if share.initiators:
                 for name in share.initiators:

@@ -276,6 +276,14 @@ def test_hidden_luns_and_shadow_copies_are_not_shared(shared):
     err, r = m.ctl("unshare", "lun0")
     assert r["errno"] == "ENOENT"
     assert lun_status(m, "lun0")["iscsi"] is None
+    # two LUNs whose names make the same target name: the second is refused
+    m.ok("create", "Data_1 1M")
+    m.ok("create", "data-1 1M")
+    portal = shared.portal()
+    shared.share("Data_1", portal=portal)
+    err, r = m.ctl("share", f"data-1 portal={portal}")
+    assert r["errno"] == "EEXIST" and "Data_1" in r["message"], r
+    assert lun_status(m, "data-1")["iscsi"] is None
 
 
 def test_only_the_initiators_given_may_log_in(shared):
