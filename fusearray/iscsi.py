@@ -341,6 +341,9 @@ class Shares:
         what was recorded, or take the defaults."""
         portal = parse_portal(portal) if portal is not None else None
         initiators = parse_initiators(initiators) if initiators is not None else None
+        if self.mountpoint() is None:
+            raise ArrayError(errno.EOPNOTSUPP, "the array is not mounted: tgtd serves a "
+                             "LUN's file through the mount")
         if vol.hidden:
             raise invalid(f"LUN {vol.name} is hidden: a hidden LUN is not offered to "
                           f"hosts (`hidden {vol.name} off` first)")
