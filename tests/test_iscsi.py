@@ -408,3 +408,23 @@ def test_the_cli_share_and_unshare(shared):
     assert lun_status(m, "lun0")["iscsi"] is None
     r = cli("share", "lun0", "--portal", "nowhere", mnt=m.mnt, check=False)
     assert r.returncode == 1 and "bad portal" in r.stderr
+
+
+def test_a_share_that_cannot_be_served_at_mount_is_a_warning(shared):
+    m = shared.m
+    reply = shared.share("lun0")
+    port = int(reply["portal"].rpartition(":")[2])
+    m.stop()
+    with socket.socket() as holder:         # someone took the portal meanwhile
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        m.start()
+        assert any("lun0 is not served over iSCSI" in w and "in use" in w
+                   for w in m.warnings), m.warnings
+        st = lun_status(m, "lun0")["iscsi"]
+        assert not st["serving"] and "in use" in st["error"]
+        assert not tgtd_pids(port) and lun_status(m, "lun0")["open"] == 0
+    m.ok("share", "lun0")                   # as recorded, now that the port is free
+    with initiator(reply) as s:
+        assert s.capacity() == 64 << 20
