@@ -57,6 +57,7 @@ from .store import Disk, Hasher, Pack, write_file_atomic
 from .util import check_name, human_bytes, iso_time, parse_size
 from . import intentlog
 from .intentlog import Coverage, IntentLog
+from .iscsi import Shares
 from .jobs import JobRunner
 from .metrics import Metrics
 from .namespace import Namespace
@@ -290,12 +291,16 @@ class Array:
                                loader=self.reader.loader, pack=self.pack, event=self.journal.event,
                                notify=lambda vol: self.notify(vol),
                                store_hashed=store_hashed, collision=Collision,
-                               hooks=self.hooks, attachments=self.attachments)
+                               hooks=self.hooks, attachments=self.attachments,
+                               shared=self.shared_as)
         self.recovery = Recovery(self.conf["uuid"], packs=self.packs, pack=self.pack,
                                  runner=self.runner, lock=self.writeback.lock,
                                  commit=self.writeback.commit, event=self.journal.event,
                                  drain_notes=self.drain_notes,
                                  check_new_disks=self.check_new_disks)
+        # iSCSI: the shares and the tgtds serving them (iscsi.py)
+        self.iscsi = Shares(self.path, self.conf["uuid"], lun=self.lun,
+                            mountpoint=lambda: self.mountpoint, event=self.journal.event)
 
     def _make_volume(self, row: dict, pack: Pack, source: Pack | None) -> Volume:
         """A Volume of catalogue row `row`, wired to the cache, the reader
@@ -484,6 +489,7 @@ class Array:
         nursery.start_soon(self.writeback.run_committer)
         nursery.start_soon(self.event_hooks.run)
         self.runner.resume_all(nursery)   # each worker says it resumes, and where
+        await self.iscsi.open(nursery)    # (the shares are served once the mount is up)
 
     async def _replay_log(self) -> None:
         """The intent log's records no commit covered (a daemon that did not
@@ -581,6 +587,7 @@ class Array:
             self.journal.close()
             self.runner.close()
             self.intent.close_blocking()
+            self.iscsi.close_fds()
             if self._lockfd is not None:
                 _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
             if self._lockfd is not None:
@@ -656,6 +663,11 @@ class Array:
 
     async def delete_lun(self, name: str, force: bool = False) -> None:
         vol = self.lun(name)
+        if self.shared_as(vol):
+            if not force:
+                raise busy(f"LUN {name} is {self.shared_as(vol)}: `unshare {name}` first, "
+                           "or use force=yes (which unshares it)")
+            await self.iscsi.unshare(name, vol=vol)
         if vol.open_count and not force:
             raise busy(f"LUN {name} is open ({vol.open_by()}; e.g. a loop "
                        "device): detach it first or use force=yes")
@@ -678,7 +690,7 @@ class Array:
         if vol.readonly:
             raise ArrayError(errno.EROFS, f"LUN {name} is read-only")
         if size < vol.size and vol.open_count and not force:
-            raise busy(f"LUN {name} is open ({vol.open_by()}): shrinking it under a "
+            raise busy(f"LUN {name} is {self._held(vol)}: shrinking it under a "
                        "user could cut off data in use; detach it first or use force=yes")
         async with self.writeback.lock:
             self.writeback.check_fits(vol.pack, size)
@@ -691,6 +703,7 @@ class Array:
                        f"{human_bytes(size)}")
             await self.writeback.commit()
         self.notify(vol)
+        await self.iscsi.refresh()          # the target sees the new capacity
         return vol
 
     async def _shrink(self, vol: Volume, size: int) -> None:
@@ -752,11 +765,37 @@ class Array:
         return pack
 
     async def set_flag(self, vol: Volume, flag: str, value: bool) -> None:
+        if flag == "hidden" and value and self.shared_as(vol):
+            raise busy(f"LUN {vol.name} is {self.shared_as(vol)}: a hidden LUN is not "
+                       f"offered to hosts; `unshare {vol.name}` first")
         async with self.writeback.lock:
             setattr(vol, flag, value)
             self.writeback.mark_row(vol)
             self.event("info", f"{vol.kind} {vol.path}: {flag} {'on' if value else 'off'}")
             await self.writeback.commit()
+        await self.iscsi.refresh()          # a read-only LUN is write-protected on the wire
+
+    # ---- iSCSI (iscsi.py) ------------------------------------------------------------
+    def shared_as(self, vol: Volume) -> str | None:
+        """`shared over iSCSI as target IQN on PORTAL` when LUN `vol` is, else None."""
+        if vol.kind != "lun" or self.luns.get(vol.name) is not vol:
+            return None
+        return self.iscsi.describe(vol.name)
+
+    def _held(self, vol: Volume) -> str:
+        """Who holds `vol`, for an EBUSY: its share and its open handles."""
+        return ", ".join(filter(None, (self.shared_as(vol), f"open ({vol.open_by()})")))
+
+    async def share(self, name: str, portal: str | None, initiators: str | None):
+        """ctl `share NAME [portal=ADDR:PORT] [initiator=IQN[,IQN...]]` (the
+        options as written, None when not given): Shares.share."""
+        if "/" in name:
+            raise invalid("only LUNs are shared over iSCSI, not shadow copies (resync or "
+                          "swap the shadow copy to a LUN)")
+        return await self.iscsi.share(self.lun(name), portal, initiators)
+
+    async def unshare(self, name: str, keep: bool = False) -> None:
+        await self.iscsi.unshare(name, keep, self.luns.get(name))
 
     def render_job(self, jid: int) -> bytes:
         return self.runner.render(jid)
@@ -766,10 +805,14 @@ class Array:
         return await self.shadows.snapshot(*args, **kw)
 
     async def resync(self, *args, **kw):
-        return await self.shadows.resync(*args, **kw)
+        out = await self.shadows.resync(*args, **kw)
+        await self.iscsi.refresh()      # (forced onto a shared LUN: its size may differ)
+        return out
 
     async def swap(self, *args, **kw) -> Volume:
-        return await self.shadows.swap(*args, **kw)
+        vol = await self.shadows.swap(*args, **kw)
+        await self.iscsi.refresh()      # (forced onto a shared LUN: the target serves it)
+        return vol
 
     async def delete_shadow(self, target: str, force: bool = False) -> dict:
         return await self.shadows.delete_shadow(target, force)
@@ -845,6 +888,7 @@ class Array:
              "serial": v.serial, "readonly": v.readonly, "hidden": v.hidden,
              "allocated_bytes": v.allocated_bytes(), "block_size": v.block_size,
              "open": v.open_count, "state": self.shadows.state(v),
+             "iscsi": self.iscsi.status(v.name) if self.shared_as(v) else None,
              "attached": [{"device": a.device, "mounts": a.mounts}
                           for a in self.host_view.get(volume_key(v), [])]}
         if v.kind == "shadow":

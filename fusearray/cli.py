@@ -138,7 +138,8 @@ def cmd_umount(args) -> int:
     mnt = os.path.abspath(args.mountpoint)
     pid = None
     try:
-        pid = status_json(mnt)["pid"]
+        st = status_json(mnt)
+        pid = st["pid"]
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
@@ -155,10 +156,25 @@ def cmd_umount(args) -> int:
     if dropped:
         print(f"fusearray: dropped {dropped} bytes of acknowledged writes that could "
               "not be stored (--discard; see the events)", file=sys.stderr)
-    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-    if r.returncode:
-        raise UserError(f"cannot unmount {mnt}: {r.stderr.strip()} (detach loop devices "
-                        "with `fusearray detach LUN` and close open files first)")
+    # tgtd holds the shared LUNs open: stop their targets (kept for the
+    # next mount), and serve them again if the unmount fails
+    stopped = []
+    try:
+        for v in st["luns"]:
+            if (v.get("iscsi") or {}).get("serving"):
+                ctl_call(mnt, "unshare", [v["name"], "keep=yes"])
+                stopped.append(v["name"])
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"cannot unmount {mnt}: {r.stderr.strip()} (detach loop "
+                            "devices with `fusearray detach LUN` and close open files first)")
+    except UserError:
+        for name in stopped:
+            try:
+                ctl_call(mnt, "share", [name])
+            except UserError as e:
+                print(f"fusearray: {e}", file=sys.stderr)
+        raise
     deadline = time.monotonic() + 120
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         try:
@@ -182,6 +198,18 @@ def cmd_verb(args) -> int:
             if k != "status":
                 print(f"{k}={v}")
     return 0
+
+
+def cmd_share(args) -> int:
+    words = [args.lun] + ([f"portal={args.portal}"] if args.portal else []) + (
+        [f"initiator={','.join(args.initiator)}"] if args.initiator else [])
+    args.verb, args.words = "share", words
+    return cmd_verb(args)
+
+
+def cmd_unshare(args) -> int:
+    args.verb, args.words = "unshare", [args.lun] + (["keep=yes"] if args.keep else [])
+    return cmd_verb(args)
 
 
 def cmd_status(args) -> int:
@@ -924,7 +952,22 @@ def parse_args(argv):
         s = sub.add_parser(name, help=what)
         s.add_argument("lun")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("share", help="serve a LUN over iSCSI (ctl/share)")
+    s.add_argument("lun")
+    s.add_argument("--portal", metavar="ADDR:PORT",
+                   help="where its target listens (default 127.0.0.1:3260)")
+    s.add_argument("--initiator", action="append", metavar="IQN",
+                   help="an initiator allowed to log in (repeat for more; default: any "
+                        "initiator that reaches the portal)")
+    s.set_defaults(fn=cmd_share)
+    s = sub.add_parser("unshare", help="stop serving a LUN over iSCSI (ctl/unshare)")
+    s.add_argument("lun")
+    s.add_argument("--keep", action="store_true",
+                   help="stop its target but keep the share for the next mount")
+    s.set_defaults(fn=cmd_unshare)
     for verb in VERB_NAMES:
+        if verb in ("share", "unshare"):        # (their own options above)
+            continue
         s = sub.add_parser(verb, help=f"ctl/{verb}")
         s.add_argument("words", nargs=argparse.REMAINDER)
         s.set_defaults(fn=cmd_verb, verb=verb)

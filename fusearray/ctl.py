@@ -190,6 +190,18 @@ async def _sync(array, args, opts):
     return await array.sync_all(parse_bool(opts.get("discard", "no"), "discard"))
 
 
+async def _share(array, args, opts):
+    share = await array.share(args[0], opts.get("portal"), opts.get("initiator"))
+    return {"lun": share.lun, "target": share.target, "portal": share.portal,
+            "initiators": ",".join(share.initiators) or "any"}
+
+
+async def _unshare(array, args, opts):
+    keep = parse_bool(opts.get("keep", "no"), "keep")
+    await array.unshare(args[0], keep)
+    return {"lun": args[0], "unshared": "kept for the next mount" if keep else "yes"}
+
+
 VERBS: dict[str, Verb] = {
     "create": Verb(_create, (2, 2), ("pack", "block"), "NAME SIZE [pack=P] [block=64K]"),
     "delete": Verb(_delete, (1, 1), ("force",), "NAME|SET|SET/NAME [force=yes]"),
@@ -209,6 +221,9 @@ VERBS: dict[str, Verb] = {
     "resume": Verb(_job_verb("resume"), (1, 1), (), "JOB"),
     "sync": Verb(_sync, (1, 1), ("discard",), "all [discard=yes]"),
     "throttle": Verb(_job_verb("throttle"), (2, 2), (), "JOB RATE (e.g. 50M per second, 0 for none)"),
+    "share": Verb(_share, (1, 1), ("portal", "initiator"),
+                  "LUN [portal=ADDR:PORT] [initiator=IQN[,IQN...]]"),
+    "unshare": Verb(_unshare, (1, 1), ("keep",), "LUN [keep=yes]"),
 }
 
 
@@ -426,6 +441,10 @@ def _vol_line(v: dict) -> str:
     att = "".join(f"\n      attached {a['device']}" + (f" mounted on {', '.join(a['mounts'])}"
                                                        if a["mounts"] else "")
                   for a in v.get("attached", ()))
+    if (sh := v.get("iscsi")):
+        att += (f"\n      iSCSI target {sh['target']} on {sh['portal']}, initiators "
+                f"{', '.join(sh['initiators']) or 'any'}"
+                + ("" if sh["serving"] else f" (not served: {sh['error']})"))
     return (f"{v['name']:16} {human_bytes(v['size']):>8}  alloc "
             f"{human_bytes(v['allocated_bytes']):>8}  pack {v['pack']}  {v['wwn']}"
             f"{'  open' if v['open'] else ''}{state}{extra}{att}")

@@ -238,13 +238,13 @@ async def _serve(array, mnt, shim, ready, debug, access, metrics_port=None) -> i
                         f"({native.why().get(native.INTERPOSER, 'not installed')}); "
                         "fallocate and a loop device's discard fail with EOPNOTSUPP. "
                         "Write zeros instead to free blocks: zero blocks are stored free")
-        nursery.start_soon(_on_signals, pyfuse3)
+        nursery.start_soon(_on_signals, pyfuse3, array)
         if os.environ.get(TEST_CRASH_ENV):
             nursery.start_soon(_test_crash, os.environ[TEST_CRASH_ENV])
         log.info("mounted %s on %s", array.path, mnt)
         for note in array.previous_session:
             ready(f"warning: {note}", final=False)
-        ready("ok")
+        nursery.start_soon(_restore_shares, array, ready, nursery)
         clean = False
         lost = 0
         try:
@@ -252,6 +252,7 @@ async def _serve(array, mnt, shim, ready, debug, access, metrics_port=None) -> i
             clean = True
         finally:
             try:
+                array.iscsi.kill_all()          # (left only if the mount went otherwise)
                 with trio.CancelScope(shield=True):
                     await streams.close()       # its sessions end before the array
                     lost = await array.close()  # > 0: acknowledged writes not stored
@@ -284,11 +285,42 @@ async def _test_crash(path: str) -> None:
     raise RuntimeError(f"test crash requested through {TEST_CRASH_ENV}")
 
 
-async def _on_signals(pyfuse3) -> None:
+async def _restore_shares(array, ready, nursery) -> None:
+    """The recorded iSCSI shares are served again, now that the mount
+    answers (tgtd opens the LUN files through it); then the mount says it
+    is ready, with a warning for each share not served (or after
+    iscsi.RESTORE_WAIT seconds, the restore going on)."""
     import trio
+
+    from .iscsi import RESTORE_WAIT
+    done = trio.Event()
+    notes: list = []
+
+    async def restore():
+        notes.extend(await array.iscsi.restore())
+        done.set()
+    nursery.start_soon(restore)
+    with trio.move_on_after(RESTORE_WAIT):
+        await done.wait()
+    if not done.is_set():
+        notes.append(f"the iSCSI shares are not all served after {RESTORE_WAIT:.0f} s: "
+                     "see ctl/status and the events")
+    for note in notes:
+        ready(f"warning: {note}", final=False)
+    ready("ok")
+
+
+async def _on_signals(pyfuse3, array) -> None:
+    import trio
+
+    from .iscsi import STOP_WAIT
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for _ in sigs:
             log.info("signal received: unmounting")
+            # tgtd first, while the mount still answers the requests its
+            # closes send (else the unmount is busy and tgtd hangs)
+            with trio.move_on_after(2 * STOP_WAIT):
+                await array.iscsi.close()
             pyfuse3.terminate()
             return
 

@@ -59,7 +59,7 @@ class Shadows:
 
     def __init__(self, ns: Namespace, runner: JobRunner, *, wb, collector, read_locs,
                  loader, pack, event, notify, store_hashed, collision, hooks, attachments,
-                 freeze=Freeze):
+                 shared=lambda vol: None, freeze=Freeze):
         self.ns = ns
         self.runner = runner
         self.wb = wb
@@ -74,6 +74,7 @@ class Shadows:
         self.hooks = hooks                  # hooks.HookRunner: writer hooks
         self.attachments = attachments      # async () -> host.attachments_blocking's dict
         self.freeze = freeze                # host.Freeze (a test may give another)
+        self.shared = shared                # (vol) -> how it is shared over iSCSI, or None
         self.quiesce_lock = trio.Lock()     # one set's freeze and hooks at a time
         self.restoring: set = set()         # LUN names a resync command works on
         runner.register(("plex", "resync"), self._run_copy_job, default=True)
@@ -305,12 +306,13 @@ class Shadows:
             return "resyncing"
         return "online"
 
-    @staticmethod
-    def _held(vol: Volume, att: dict) -> str:
-        """Who holds `vol`, for an EBUSY: its loop devices and mountpoints
-        on this host, and its open handles."""
+    def _held(self, vol: Volume, att: dict) -> str:
+        """Who holds `vol`, for an EBUSY: its iSCSI share, its loop devices
+        and mountpoints on this host, and its open handles."""
         where = [a.describe() for a in att.get(volume_key(vol), [])]
-        return ("attached to " + "; ".join(where) + ", " if where else "") + vol.open_by()
+        shared = self.shared(vol)
+        return ((shared + ", " if shared else "")
+                + ("attached to " + "; ".join(where) + ", " if where else "") + vol.open_by())
 
     async def _resync(self, pairs: list[str], pack: str | None, force: bool, undo: bool,
                       att: dict):

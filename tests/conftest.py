@@ -191,7 +191,9 @@ class Mount:
             run(["losetup", "-d", dev], check=False)
         self.loops.clear()
         if self.proc is not None:
-            run(["fusermount3", "-u", self.mnt], check=False)
+            if run(["fusermount3", "-u", self.mnt], check=False).returncode \
+                    and self.proc.poll() is None:
+                self.proc.terminate()       # busy (e.g. a share's tgtd): the daemon's own way
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

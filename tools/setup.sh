@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(libfuse3-dev libxxhash-dev fuse3 e2fsprogs util-linux pkg-config gcc python3-venv python3-dev attr fio)
+pkgs=(libfuse3-dev libxxhash-dev fuse3 e2fsprogs util-linux pkg-config gcc python3-venv python3-dev attr fio
+      tgt libiscsi-bin)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,6 +17,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+  # fusearray starts a tgtd of its own per portal (`fusearray share`); the
+  # tgt service the package starts would hold port 3260 on every address
+  if [[ " ${missing[*]} " == *" tgt "* ]] && command -v systemctl >/dev/null \
+      && systemctl is-active --quiet tgt 2>/dev/null; then
+    systemctl disable --now tgt >/dev/null 2>&1 \
+      && echo "setup: stopped and disabled the tgt service just installed (fusearray runs its own tgtd)"
+  fi
 fi
 # tools/bench compares with qemu-storage-daemon FUSE exports of raw and qcow2
 # images (bookworm: qemu-storage-daemon is in qemu-system-common, qemu-img in
