@@ -191,6 +191,9 @@ async def _serve(array, mnt, shim, ready, debug, access, metrics_port=None) -> i
     from .errors import ArrayError
 
     async with trio.open_nursery() as nursery:
+        # known before the open: the open's events reach event.d hooks with
+        # FUSEARRAY_MOUNT (nothing uses the mount before it is up)
+        array.mountpoint = mnt
         try:
             await array.open(nursery)
         except ArrayError as e:
@@ -210,7 +213,6 @@ async def _serve(array, mnt, shim, ready, debug, access, metrics_port=None) -> i
                 return 1
             array.event("info", f"metrics served at http://127.0.0.1:{metrics_port}/metrics")
         ops = Operations(array, access)
-        array.mountpoint = mnt
         streams = StreamServer(array)
         if await nursery.start(streams.serve):
             ops.stream_socket = streams.name
