@@ -72,6 +72,13 @@ class Shared:
         portal = portal or self.portal()
         return self.m.ok("share", " ".join([lun, f"portal={portal}", *opts]))
 
+    def share_one(self, lun: str = "lun0") -> tuple[dict, int, int]:
+        """Share `lun` on a portal of its own: (reply, port, pid of its tgtd)."""
+        reply = self.share(lun)
+        port = int(reply["portal"].rpartition(":")[2])
+        [pid] = tgtd_pids(port)
+        return reply, port, pid
+
     def close(self):
         for port in self.ports:
             for pid in tgtd_pids(port):
@@ -362,9 +369,7 @@ def test_a_failed_unmount_serves_the_shares_again(shared, tmp_path):
 
 def test_a_tgtd_left_by_a_killed_daemon_is_stopped_at_the_next_mount(shared):
     m = shared.m
-    reply = shared.share("lun0")
-    port = int(reply["portal"].rpartition(":")[2])
-    [old] = tgtd_pids(port)
+    reply, port, old = shared.share_one()
     with open(os.path.join(m.array, "run", "tgtd.json")) as f:
         assert json.load(f)[reply["portal"]]["pid"] == old
     m.kill9()
@@ -379,9 +384,7 @@ def test_a_tgtd_left_by_a_killed_daemon_is_stopped_at_the_next_mount(shared):
 
 def test_a_tgtd_that_dies_is_an_error_and_share_serves_again(shared):
     m = shared.m
-    reply = shared.share("lun0")
-    port = int(reply["portal"].rpartition(":")[2])
-    [pid] = tgtd_pids(port)
+    reply, port, pid = shared.share_one()
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not lun_status(m, "lun0")["iscsi"]["serving"], 10, "the share to drop")
     st = lun_status(m, "lun0")["iscsi"]

@@ -451,3 +451,50 @@ def test_a_child_forked_during_a_long_command_does_not_wait_for_it(mount, tmp_pa
         t.join(60)
     err, reply = result["r"]
     assert err == 0 and reply["set"] == "s1", reply
+
+
+def _stub_freezer(tmp_path, body: str) -> list:
+    """A stand-in for the freezer child (its protocol, no ioctl): the
+    command Freeze runs, its arguments being `--hold S MNT...`."""
+    stub = tmp_path / "stub-freezer"
+    stub.write_text("#!/bin/sh\nshift 2\n" + textwrap.dedent(body))
+    stub.chmod(0o755)
+    return [str(stub)]
+
+
+async def test_a_set_that_fails_while_frozen_still_thaws(tmp_path):
+    """An error inside the frozen block (the snapshot's flush failing on a
+    full or failing pack) ends it as any other end does: `thaw` is sent."""
+    told = tmp_path / "told"
+    cmd = _stub_freezer(tmp_path, f"""
+        echo "frozen $1"; echo ready
+        read line; echo "$line" > {told}; echo "thawed $1"
+    """)
+    fz = host.Freeze(["/mnt/a"], command=cmd)
+    with pytest.raises(ArrayError) as e:
+        async with fz:
+            assert fz.frozen == ["/mnt/a"] and fz.held()
+            raise ArrayError(errno.ENOSPC, "the pack is full")
+    assert e.value.errno == errno.ENOSPC
+    assert told.read_text() == "thaw\n" and not fz.thaw_errors
+
+
+async def test_a_freeze_refused_aborts_with_its_errno_and_a_failed_thaw_is_reported(tmp_path):
+    """A daemon without CAP_SYS_ADMIN: FIFREEZE is EPERM, the set is not
+    taken and the errno is the freezer's. A thaw that fails is reported
+    (the caller makes it an error event)."""
+    fz = host.Freeze(["/mnt/a"], command=_stub_freezer(tmp_path, """
+        echo "error $1 EPERM Operation not permitted"
+    """))
+    with pytest.raises(ArrayError) as e:
+        async with fz:
+            pass
+    assert e.value.errno == errno.EPERM and "/mnt/a" in e.value.message
+    assert "quiesce=no" in e.value.message
+    fz = host.Freeze(["/mnt/a"], command=_stub_freezer(tmp_path, """
+        echo "frozen $1"; echo ready
+        read line; echo "thaw-error $1 EINVAL Invalid argument"
+    """))
+    async with fz:
+        pass
+    assert fz.thaw_errors == ["/mnt/a: EINVAL Invalid argument"]
