@@ -54,7 +54,7 @@ from .hooks import HOOKS_DIR, HookRunner
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
 from .store import Disk, Hasher, Pack, write_file_atomic
-from .util import check_name, human_bytes, iso_time, parse_size
+from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
 from . import intentlog
 from .intentlog import Coverage, IntentLog
 from .iscsi import Shares
@@ -387,7 +387,7 @@ class Array:
             notes.append(f"the previous daemon died (its crash record {crash} is "
                          f"unreadable: {e}); see {os.path.join(self.path, 'daemon.log')}")
         write_file_atomic(running, f"{os.getpid()} {time.time()}\n".encode())
-        _unlink_quietly(crash)
+        unlink_quietly(crash)
         return notes
 
     def record_death(self, message: str) -> None:
@@ -589,7 +589,7 @@ class Array:
             self.intent.close_blocking()
             self.iscsi.close_fds()
             if self._lockfd is not None:
-                _unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
+                unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
             if self._lockfd is not None:
                 os.close(self._lockfd)
                 self._lockfd = None
@@ -895,13 +895,6 @@ class Array:
             d.update(origin=v.origin, context=v.context, set=v.set_name,
                      consistency=v.consistency)
         return d
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _make_disks(disks, array_uuid: str, pack: str) -> None:

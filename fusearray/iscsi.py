@@ -61,6 +61,7 @@ import trio
 from .errors import ArrayError, busy, exists, invalid, ioerror
 from .perms import open_private, private_dir
 from .store import write_file_atomic
+from .util import unlink_quietly
 
 SHARES_FILE = "shares.json"
 RUN_DIR = "run"                    # streamsock.SOCKET_DIR: the array's private sockets
@@ -316,10 +317,7 @@ class Shares:
         if data:
             await trio.to_thread.run_sync(write_file_atomic, path, json.dumps(data).encode())
         else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            await trio.to_thread.run_sync(unlink_quietly, path)
 
     # ---- views ------------------------------------------------------------------
     def describe(self, name: str) -> str | None:
@@ -580,10 +578,7 @@ class Shares:
                 del self.tgtds[tgtd.portal]
             await self._save_pids()
             for name in (f"{tgtd.socket}.0", f"{tgtd.socket}.0.lock"):    # (tgtd leaves them)
-                try:
-                    os.unlink(name, dir_fd=self.run_fd)
-                except FileNotFoundError:
-                    pass
+                await trio.to_thread.run_sync(unlink_quietly, name, self.run_fd)
 
     async def _watch(self, tgtd: Tgtd) -> None:
         """Wait for `tgtd` to exit; an exit nobody asked for is an error."""

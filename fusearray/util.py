@@ -1,6 +1,7 @@
 """Parsing of names and sizes, time formats (DESIGN section 2, 6), and a
 small pipeline for the trio thread."""
 import collections
+import os
 import re
 import time
 
@@ -130,3 +131,12 @@ class InFlight:
         err, self._error = self._error, None
         if err is not None and raise_error:
             raise err
+
+
+def unlink_quietly(path: str, dir_fd: int | None = None) -> None:
+    """Unlink `path` (relative to `dir_fd` if given); gone already is fine.
+    Blocking: a worker thread's, or the opening's."""
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
