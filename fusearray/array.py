@@ -53,7 +53,8 @@ from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .hooks import HOOKS_DIR, HookRunner
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
-from .store import Disk, Hasher, Pack, write_file_atomic
+from .store import (DEFAULT_INDEX_CACHE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
+                    write_file_atomic)
 from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
 from . import intentlog
 from .intentlog import Coverage, IntentLog
@@ -227,8 +228,12 @@ def check_log_dir(log_dir: str) -> str:
 
 class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE,
-                 log_dir: str | None = None, fsync: str = "log"):
+                 log_dir: str | None = None, fsync: str = "log", *,
+                 index_cache: int | None = None):
         self.path = os.path.abspath(path)
+        # --index-cache: RAM for the block index (on disk, in the catalogue):
+        # a share for SQLite's pages, the rest split among the packs' caches
+        self.index_cache = index_cache or DEFAULT_INDEX_CACHE
         self.conf = read_config(self.path)
         self.hasher = Hasher(self.conf["seed"])
         self.verify = bool(self.conf.get("verify"))
@@ -400,7 +405,7 @@ class Array:
         self._take_lock()
         self.previous_session = self._previous_session_blocking()
         cat = self.catalogue = self.writeback.catalogue = Catalogue(
-            os.path.join(self.path, CATALOGUE_FILE))
+            os.path.join(self.path, CATALOGUE_FILE), record_header=HDR.size)
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.path} belongs to another array")
@@ -409,10 +414,12 @@ class Array:
         self._journaled_jobs = self.runner.load_blocking(self._job_rows,
                                                          int(meta.get("next_job", 1)))
         notes = []
-        for name, layout, _created in cat.packs():
+        pack_rows = cat.packs()
+        for name, layout, _created in pack_rows:
             disks = [Disk(i, p, s, since) for i, p, s, since in cat.disks(name)]
-            pack = Pack(name, layout, disks, self.hasher)
-            removed = pack.open_blocking(cat.block_rows(name), self.conf["uuid"])
+            pack = Pack(name, layout, disks, self.hasher,
+                        self._pack_index_cache(len(pack_rows)))
+            removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
             if removed:
                 notes.append(f"pack {name}: removed {len(removed)} segment file(s) "
                              "left unreferenced by an interrupted session")
@@ -436,6 +443,15 @@ class Array:
         self._set_rows = cat.sets()
         self._log_records = self._open_log_blocking(meta)
         return rows, notes
+
+    def _pack_index_cache(self, npacks: int) -> int:
+        """Each pack's index cache: its share of --index-cache after
+        SQLite's page cache."""
+        return (self.index_cache - self.index_cache // PAGE_CACHE_SHARE) // max(1, npacks)
+
+    def _pack_rows(self, name: str):
+        """Pack `name`'s committed index: the catalogue's blocks table."""
+        return self.catalogue.pack_rows(name, self.index_cache // PAGE_CACHE_SHARE)
 
     def _open_log_blocking(self, meta: dict) -> list:
         """Open the intent log; its records no commit covers (replayed by
@@ -756,8 +772,11 @@ class Array:
                 await trio.to_thread.run_sync(_make_disks, disks, self.conf["uuid"], name)
             except OSError as e:
                 raise ioerror(f"cannot prepare disk directories for pack {name}: {e}") from None
-            pack = Pack(name, layout, disks, self.hasher)
-            await trio.to_thread.run_sync(pack.open_blocking, [])
+            pack = Pack(name, layout, disks, self.hasher,
+                        self._pack_index_cache(len(self.packs) + 1))
+            await trio.to_thread.run_sync(pack.open_blocking, self._pack_rows(name))
+            for p in self.packs.values():       # the same --index-cache, shared by one more
+                p.blocks.cache.resize(self._pack_index_cache(len(self.packs) + 1))
             self.packs[name] = pack
             self.writeback.changes.packs_add.append((name, layout, time.time(), paths))
             self.event("info", f"added pack {name}: {layout} over {', '.join(paths)}")
@@ -857,7 +876,8 @@ class Array:
                           "capacity_bytes": p.capacity_bytes(),
                           "used_bytes": p.used_bytes(),
                           "free_bytes": p.free_bytes(),
-                          "blocks": len(p.index),
+                          "blocks": p.block_count(),
+                          "index_cache": p.index_status(),
                           "mapped_reads": p.mapped_reads,
                           "disks": [{"id": d.idx, "path": d.path, "state": d.state}
                                     for d in p.disks]})
@@ -881,7 +901,12 @@ class Array:
                           "log_records_limit_bytes": self.intent.buffer_limit,
                           "bytes": self.cache.bytes,
                           "dirty_bytes": self.cache.dirty_bytes, **self.cache.stats()},
-                "intent_log": self.intent.status()}
+                "intent_log": self.intent.status(),
+                # --index-cache: SQLite's pages and each pack's cache of the index
+                "index": {"limit_bytes": self.index_cache,
+                          "page_cache_bytes": self.index_cache // PAGE_CACHE_SHARE,
+                          "bytes": sum(p.index_status()["bytes"]
+                                       for p in self.packs.values())}}
 
     def _vol_status(self, v: Volume) -> dict:
         d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,

@@ -12,6 +12,7 @@ serialised by one CapacityLimiter (check_same_thread is off for that).
 import dataclasses
 import os
 import sqlite3
+import threading
 
 from .events import EVENTS_KEPT, NOISE_KEPT
 from .perms import FILE_MODE
@@ -50,6 +51,17 @@ def create_tables(conn: sqlite3.Connection) -> None:
         off  INTEGER NOT NULL,      -- offset of the data (after the header)
         len  INTEGER NOT NULL,      -- data length
         PRIMARY KEY (pack, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX blocks_seg ON blocks (pack, seg);
+    -- each segment's accounting, kept with the blocks rows of the same
+    -- commit so that opening reads one row a segment, not one a block
+    CREATE TABLE segments (
+        pack  TEXT NOT NULL,
+        seg   INTEGER NOT NULL,
+        live  INTEGER NOT NULL,     -- live record bytes (data + headers)
+        size  INTEGER NOT NULL,     -- logical end of the records
+        count INTEGER NOT NULL,     -- index entries (0: nothing live)
+        PRIMARY KEY (pack, seg)
     ) WITHOUT ROWID;
     -- LUNs and shadow copies
     CREATE TABLE volumes (
@@ -107,8 +119,21 @@ def create_tables(conn: sqlite3.Connection) -> None:
     """)
 
 
-def upgrade_tables(conn: sqlite3.Connection) -> None:
-    """Catalogues made before a column existed get it."""
+def upgrade_tables(conn: sqlite3.Connection, record_header: int) -> None:
+    """Catalogues made before a column or table existed get it. The
+    segments table of an older catalogue is made from its blocks rows
+    (once: one pass over them); `record_header` is a record's header
+    bytes (store.records.HDR), counted in a segment's live bytes."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    if "segments" not in tables and "blocks" in tables:
+        with _Txn(conn):
+            conn.execute("CREATE TABLE segments (pack TEXT NOT NULL, seg INTEGER NOT NULL, "
+                         "live INTEGER NOT NULL, size INTEGER NOT NULL, "
+                         "count INTEGER NOT NULL, PRIMARY KEY (pack, seg)) WITHOUT ROWID")
+            conn.execute("CREATE INDEX IF NOT EXISTS blocks_seg ON blocks (pack, seg)")
+            conn.execute("INSERT INTO segments SELECT pack, seg, SUM(len) + COUNT(*) * ?, "
+                         "MAX(off + len), COUNT(*) FROM blocks GROUP BY pack, seg",
+                         (record_header,))
     cols = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
     if "noise" not in cols:
         conn.execute("ALTER TABLE events ADD COLUMN noise INTEGER NOT NULL DEFAULT 0")
@@ -129,6 +154,7 @@ class Changes:
     """Everything one commit writes."""
     blocks_add: dict = dataclasses.field(default_factory=dict)  # pack -> {id: loc}
     blocks_del: dict = dataclasses.field(default_factory=dict)  # pack -> {id}
+    segments: dict = dataclasses.field(default_factory=dict)    # pack -> {seg: (live, size, count) | None}
     volumes: list = dataclasses.field(default_factory=list)     # rows (dict)
     volumes_del: list = dataclasses.field(default_factory=list) # vids
     sets_add: list = dataclasses.field(default_factory=list)    # (name, created)
@@ -141,13 +167,15 @@ class Changes:
 
     def empty(self) -> bool:
         return not (any(self.blocks_add.values()) or any(self.blocks_del.values())
+                    or any(self.segments.values())
                     or self.volumes or self.volumes_del or self.sets_add
                     or self.sets_del or self.packs_add or self.events or self.meta
                     or self.jobs)
 
 
 class Catalogue:
-    def __init__(self, path: str, create: bool = False):
+    def __init__(self, path: str, create: bool = False, record_header: int = 0):
+        self.path = path
         if create:   # 0600 before SQLite opens it: its -wal and -shm take the same mode
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
         self.conn = sqlite3.connect(path, check_same_thread=False,
@@ -160,13 +188,23 @@ class Catalogue:
         if create:   # array.json, written after this, marks a finished init
             create_tables(self.conn)
         else:
-            upgrade_tables(self.conn)
+            upgrade_tables(self.conn, record_header)
+        self._reads = None          # the committed views' connection (pack_rows)
+
+    def pack_rows(self, pack: str, cache_bytes: int) -> "PackRows":
+        """The committed view of pack `pack`'s block index (one read
+        connection shared by the packs, `cache_bytes` of SQLite pages)."""
+        if self._reads is None:
+            self._reads = _Reads(self.path, cache_bytes)
+        return PackRows(self._reads, self.path, pack)
 
     def transaction(self):
         return _Txn(self.conn)
 
     def close(self) -> None:
         self.conn.close()
+        if self._reads is not None:
+            self._reads.close()
 
     # ---- reads (at open) ----------------------------------------------------
     def meta(self) -> dict:
@@ -220,6 +258,12 @@ class Catalogue:
             for pack, adds in ch.blocks_add.items():
                 c.executemany("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
                               [(pack, b, s, o, n) for b, (s, o, n) in adds.items()])
+            for pack, segs in ch.segments.items():
+                c.executemany("DELETE FROM segments WHERE pack=? AND seg=?",
+                              [(pack, s) for s, row in segs.items() if row is None])
+                c.executemany("INSERT OR REPLACE INTO segments VALUES (?,?,?,?,?)",
+                              [(pack, s) + row for s, row in segs.items()
+                               if row is not None])
             c.executemany("DELETE FROM volumes WHERE vid=?", [(v,) for v in ch.volumes_del])
             if ch.volumes:
                 cols = ", ".join(VOLUME_COLUMNS)
@@ -242,6 +286,76 @@ class Catalogue:
                 prune_events(c)
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
                           [(k, str(v)) for k, v in ch.meta.items()])
+
+
+#: Rows a scan reads at a time (its memory: one batch).
+SCAN_BATCH = 4096
+
+
+class _Reads:
+    """The read connection the committed views share: WAL readers see the
+    last committed transaction, beside the committer's writes. Used from
+    the trio thread and worker threads, one statement at a time (lock)."""
+
+    def __init__(self, path: str, cache_bytes: int):
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA query_only=1")
+        self.conn.execute(f"PRAGMA cache_size={-max(256, cache_bytes >> 10)}")
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+class PackRows:
+    """One pack's committed block index (the blocks and segments tables):
+    what store.index.BlockIndex reads below its cache."""
+
+    def __init__(self, reads: _Reads, path: str, pack: str):
+        self.reads, self.path, self.pack = reads, path, pack
+
+    def get(self, bid: bytes):
+        with self.reads.lock:
+            row = self.reads.conn.execute("SELECT seg, off, len FROM blocks WHERE pack=? "
+                                          "AND id=?", (self.pack, bid)).fetchone()
+        return row
+
+    def segments(self) -> dict:
+        with self.reads.lock:
+            rows = self.reads.conn.execute("SELECT seg, live, size, count FROM segments "
+                                           "WHERE pack=?", (self.pack,)).fetchall()
+        return {seg: (live, size, count) for seg, live, size, count in rows}
+
+    def entries_in(self, seq: int) -> list:
+        with self.reads.lock:
+            rows = self.reads.conn.execute("SELECT id, seg, off, len FROM blocks WHERE "
+                                           "pack=? AND seg=?", (self.pack, seq)).fetchall()
+        return [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+
+    def scan(self):
+        """Every row in id order, in batches of SCAN_BATCH, on a
+        connection of its own (one read snapshot: a commit meanwhile is
+        not seen)."""
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only=1")
+            conn.execute("PRAGMA cache_size=-2048")
+            cur = conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=? "
+                               "ORDER BY id", (self.pack,))
+            while True:
+                rows = cur.fetchmany(SCAN_BATCH)
+                if not rows:
+                    break
+                yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+        finally:
+            conn.close()
+
+    def apply(self, adds: dict, dels: set) -> None:
+        """(the catalogue's commit wrote them)"""
+
+    def close(self) -> None:
+        pass
 
 
 def prune_events(c, kept: int = EVENTS_KEPT, noise_kept: int = NOISE_KEPT) -> None:

@@ -82,18 +82,21 @@ def cmd_mount(args) -> int:
     cache = parse_bytes(args.cache_size, "cache size") if args.cache_size else default_cache_size()
     perms = {"owner": args.owner, "group": args.group, "mode": args.mode,
              "ctl_group": args.ctl_group}
+    index_cache = (parse_bytes(args.index_cache, "index cache size")
+                   if args.index_cache else None)
     resolve(**perms)        # a bad user, group or mode is refused here, before forking
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
-                          args.log, args.fsync, args.metrics_port)
+                          args.log, args.fsync, args.metrics_port, index_cache)
     return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log,
-                            args.fsync, args.metrics_port)
+                            args.fsync, args.metrics_port, index_cache)
 
 
 def start_background(array: str, mnt: str, cache: int, debug: bool = False,
                      perms: dict | None = None, log_dir: str | None = None,
-                     fsync: str = "log", metrics_port: int | None = None) -> int:
+                     fsync: str = "log", metrics_port: int | None = None,
+                     index_cache: int | None = None) -> int:
     from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
@@ -107,6 +110,8 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
         cmd += ["--fsync", fsync]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
+    if index_cache is not None:
+        cmd += ["--index-cache", str(index_cache)]
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -765,8 +770,11 @@ def cmd_install_unit(args) -> int:
     mnt = os.path.abspath(args.mountpoint or DEFAULT_MOUNT)
     if args.cache_size:
         parse_bytes(args.cache_size, "cache size")
+    if args.index_cache:
+        parse_bytes(args.index_cache, "index cache size")
     opts = []
-    for flag, val in (("--cache-size", args.cache_size), ("--owner", args.owner),
+    for flag, val in (("--cache-size", args.cache_size),
+                      ("--index-cache", args.index_cache), ("--owner", args.owner),
                       ("--group", args.group), ("--mode", args.mode),
                       ("--ctl-group", args.ctl_group), ("--log", args.log)):
         if val:
@@ -811,7 +819,8 @@ Next steps (FUSEARRAY_MOUNT={mnt} lets you drop -m):
     if args.install_unit:
         print()
         cmd_install_unit(argparse.Namespace(
-            array=array, mountpoint=mnt, root=args.root, cache_size=None, owner=None,
+            array=array, mountpoint=mnt, root=args.root, cache_size=None, index_cache=None,
+            owner=None,
             group=None, mode=None, ctl_group=None, log=None, fsync="log"))
         print(f"  (it is mounted now: `fusearray umount {mnt}` first, or enable without "
               "--now)")
@@ -856,6 +865,9 @@ def parse_args(argv):
     s.add_argument("mountpoint")
     s.add_argument("--background", action="store_true")
     s.add_argument("--cache-size", default=None)
+    s.add_argument("--index-cache", default=None, metavar="SIZE",
+                   help="RAM for the block index's cache (default 64M; the index "
+                        "itself is on disk, in the catalogue)")
     s.add_argument("--debug", action="store_true")
     s.add_argument("--log", metavar="DIR",
                    help="move the intent log to DIR (replayed from where it was first)")
@@ -902,6 +914,7 @@ def parse_args(argv):
                    help="write under DIR instead of / (DIR/etc/systemd/system, "
                         "DIR/etc/fusearray)")
     s.add_argument("--cache-size", default=None)
+    s.add_argument("--index-cache", default=None, metavar="SIZE")
     s.add_argument("--log", metavar="DIR")
     s.add_argument("--fsync", choices=("log", "commit"), default="log")
     s.add_argument("--owner", metavar="USER")

@@ -119,11 +119,13 @@ def died(array_path: str, array, mnt: str | None, e: BaseException) -> str:
 
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         debug: bool = False, perms: dict | None = None, log_dir: str | None = None,
-        fsync: str = "log", metrics_port: int | None = None) -> int:
+        fsync: str = "log", metrics_port: int | None = None,
+        index_cache: int | None = None) -> int:
     """`perms`: the mount's --owner, --group, --mode, --ctl-group
     (fusearray.perms.resolve); `log_dir`: --log (the intent log's directory);
     `fsync`: --fsync (log or commit); `metrics_port`: --metrics-port (serve
-    ctl/metrics over HTTP on 127.0.0.1)."""
+    ctl/metrics over HTTP on 127.0.0.1); `index_cache`: --index-cache
+    (bytes of RAM for the block index's cache)."""
     from .perms import UMASK
     os.umask(UMASK)         # nothing the daemon creates is for other users (logs, data)
     from . import native
@@ -159,7 +161,7 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
             raise ArrayError(errno.EBUSY, f"{mnt} is already a mountpoint: unmount it "
                              "first (fusearray umount)")
         access = access_mod.resolve(**(perms or {}))
-        array = Array(array_path, cache_size, log_dir, fsync)
+        array = Array(array_path, cache_size, log_dir, fsync, index_cache=index_cache)
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
@@ -327,11 +329,22 @@ async def _on_signals(pyfuse3, array) -> None:
             return
 
 
+def _size(text: str) -> int:
+    from .errors import ArrayError
+    from .util import parse_bytes
+    try:
+        return parse_bytes(text, "index cache size")
+    except ArrayError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fusearray-daemon")
     p.add_argument("array")
     p.add_argument("mountpoint")
     p.add_argument("--cache-size", type=int, default=None)
+    p.add_argument("--index-cache", type=_size, default=None,
+                   help="RAM for the block index's cache (bytes, or 64M)")
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", default=None, help="the intent log's directory")
@@ -347,7 +360,7 @@ def main(argv=None) -> int:
     from . import default_cache_size
     perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
     return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
-               a.debug, perms, a.log, a.fsync, a.metrics_port)
+               a.debug, perms, a.log, a.fsync, a.metrics_port, a.index_cache)
 
 
 if __name__ == "__main__":

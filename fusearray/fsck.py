@@ -9,50 +9,190 @@ Invariants:
 4. every indexed segment file exists and is long enough;
 5. (`verify_data`) every reachable block reads back matching its hash;
 6. each volume's `allocated` equals its non-zero map entries.
+
+Memory is bounded whatever the array holds: the maps are walked node by
+node, and what they reach goes into a table on disk (`Reach`, a SQLite
+file in a temporary directory, removed at the end), not into RAM; the
+index is streamed in batches (Pack.scan_blocking) and checked against it.
+`packs` limits the check to some packs: their index, and the volumes whose
+blocks lie in them.
 """
+import os
+import sqlite3
+import tempfile
+
+import trio
+
 from . import ZERO_ID, maps
 
+#: ids handed to the Reach table (and read back) at a time
+BATCH = 8192
 
-async def check(array, strict: bool = False, verify_data: bool = False) -> dict:
+
+class Reach:
+    """What the maps reach, per pack, on disk (worker threads: one at a
+    time, the caller awaits each call)."""
+
+    def __init__(self, tmpdir: str | None = None):
+        self.dir = tempfile.mkdtemp(prefix="fusearray-fsck.", dir=tmpdir)
+        self.conn = sqlite3.connect(os.path.join(self.dir, "reach.db"),
+                                    check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=OFF")
+        self.conn.execute("PRAGMA synchronous=OFF")
+        self.conn.execute("PRAGMA cache_size=-8192")
+        self.conn.execute("CREATE TABLE reach (pack TEXT NOT NULL, id BLOB NOT NULL, "
+                          "PRIMARY KEY (pack, id)) WITHOUT ROWID")
+
+    def add_blocking(self, packs, ids) -> list:
+        """Record `ids` as reached in each of `packs`; returns those that
+        were new in the first pack (a node seen before is not walked
+        again)."""
+        new = []
+        with self.conn:
+            for i, p in enumerate(packs):
+                for b in ids:
+                    cur = self.conn.execute("INSERT OR IGNORE INTO reach VALUES (?, ?)", (p, b))
+                    if i == 0 and cur.rowcount:
+                        new.append(b)
+        return new
+
+    def present_blocking(self, pack: str, ids) -> set:
+        """Which of `ids` were reached in `pack`."""
+        out = set()
+        ids = list(ids)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            out.update(bytes(r[0]) for r in self.conn.execute(
+                f"SELECT id FROM reach WHERE pack=? AND id IN ({','.join('?' * len(part))})",
+                (pack, *part)))
+        return out
+
+    def batches_blocking(self, pack: str):
+        cur = self.conn.cursor()
+        cur.execute("SELECT id FROM reach WHERE pack=? ORDER BY id", (pack,))
+        while True:
+            rows = cur.fetchmany(BATCH)
+            if not rows:
+                return
+            yield [bytes(r[0]) for r in rows]
+
+    def count_blocking(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM reach").fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+        for fn in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, fn))
+        os.rmdir(self.dir)
+
+
+async def _walk(vol, load, reach: Reach, packs: list) -> None:
+    """Put every node and block id `vol`'s map reaches into `reach` for
+    each of `packs`, node by node (a node already reached is not walked
+    again: shared subtrees cost once)."""
+    todo = [(vol.root, vol.height - 1)]
+    while todo:
+        level_ids = {}
+        while todo and sum(len(v) for v in level_ids.values()) < BATCH:
+            nid, level = todo.pop()
+            if nid != ZERO_ID:
+                level_ids.setdefault(level, []).append(nid)
+        for level, nids in level_ids.items():
+            fresh = await trio.to_thread.run_sync(reach.add_blocking, packs, nids)
+            for nid in fresh:
+                node = await load(nid)
+                ids = [bytes(node[i:i + maps.ENTRY]) for i in range(0, maps.NODE_SIZE,
+                                                                    maps.ENTRY)]
+                ids = [b for b in ids if b != ZERO_ID]
+                if level == 0:
+                    await trio.to_thread.run_sync(reach.add_blocking, packs, ids)
+                else:
+                    todo.extend((b, level - 1) for b in ids)
+
+
+def _leaks_and_count(pack, reach: Reach) -> tuple[int, int]:
+    """Worker thread: (entries not reached, entries), streaming the index."""
+    leaked = n = 0
+    for batch in pack.scan_blocking():
+        n += len(batch)
+        found = reach.present_blocking(pack.name, [b for b, _ in batch])
+        leaked += sum(1 for b, _ in batch if b not in found)
+    return leaked, n
+
+
+async def check(array, strict: bool = False, verify_data: bool = False,
+                packs: list | None = None, tmpdir: str | None = None) -> dict:
+    """The invariants (see the module docstring) of `packs` (default all),
+    with the array's commit lock held: the index and the maps stand still
+    while they are streamed (the committer and GC wait)."""
+    async with array.writeback.lock:
+        return await _check(array, strict, verify_data, packs, tmpdir)
+
+
+async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
     problems: list[str] = []
-    live = {name: set() for name in array.packs}
-    for vol in list(array.volumes.values()):
-        load = array.reader.loader(vol)
-        mine: set = set()
-        try:
-            await maps.mark(vol.root, vol.height, load, mine, set())
-        except Exception as e:   # a missing node
-            problems.append(f"{vol.path}: map cannot be walked: {e}")
-            continue
-        mine.update(b for b in vol.overlay.values() if b != ZERO_ID)
-        n = await maps.count(vol.root, vol.height - 1, load)
-        if n != vol.allocated:
-            problems.append(f"{vol.path}: allocated={vol.allocated} but the map has "
-                            f"{n} non-zero entries")
-        for bid in mine:
-            if vol.pack.lookup(bid) is None and (vol.source is None
-                                                 or vol.source.lookup(bid) is None):
-                problems.append(f"{vol.path}: block {bid.hex()} is referenced but in "
-                                "no pack's index")
-        live[vol.pack.name] |= mine
-        if vol.source is not None:
-            live[vol.source.name] |= mine
-    blocks = 0
-    for name, pack in array.packs.items():
-        if strict:
-            leaked = [b for b in pack.block_ids() if b not in live[name]]
-            if leaked:
-                problems.append(f"pack {name}: {len(leaked)} index entries are not "
+    names = list(array.packs) if packs is None else packs
+    for name in names:
+        if name not in array.packs:
+            problems.append(f"pack {name}: no such pack")
+    names = [n for n in names if n in array.packs]
+    reach = await trio.to_thread.run_sync(Reach, tmpdir)
+    try:
+        for vol in list(array.volumes.values()):
+            mine = [p.name for p in (vol.pack, vol.source) if p is not None]
+            if not set(mine) & set(names):
+                continue
+            load = array.reader.loader(vol)
+            try:
+                await _walk(vol, load, reach, mine)
+                n = await maps.count(vol.root, vol.height - 1, load)
+            except Exception as e:   # a missing node
+                problems.append(f"{vol.path}: map cannot be walked: {e}")
+                continue
+            over = [b for b in vol.overlay.values() if b != ZERO_ID]
+            await trio.to_thread.run_sync(reach.add_blocking, mine, over)
+            if n != vol.allocated:
+                problems.append(f"{vol.path}: allocated={vol.allocated} but the map has "
+                                f"{n} non-zero entries")
+        live = 0
+        for name in names:
+            pack = array.packs[name]
+            # every reached id in the pack's index, or (a copy in progress)
+            # in the other pack of a volume that reaches it
+            batches = reach.batches_blocking(name)
+            while (batch := await trio.to_thread.run_sync(next, batches, None)) is not None:
+                live += len(batch)
+                for bid in batch:
+                    if pack.lookup(bid) is None and not _in_other_pack(array, pack, bid):
+                        problems.append(f"pack {name}: block {bid.hex()} is referenced but "
+                                        "in no pack's index")
+                if verify_data:
+                    for bid in batch:
+                        loc = pack.lookup(bid)
+                        if loc is not None:
+                            try:
+                                await array.reader.read_locs(pack, [bid], [loc])
+                            except Exception as e:
+                                problems.append(f"pack {name}: {e}")
+        blocks = 0
+        for name in names:
+            pack = array.packs[name]
+            leaked, n = await trio.to_thread.run_sync(_leaks_and_count, pack, reach)
+            blocks += n
+            if strict and leaked:
+                problems.append(f"pack {name}: {leaked} index entries are not "
                                 "referenced by any volume")
-        problems += pack.index_problems()
-        if verify_data:
-            for bid in live[name]:
-                loc = pack.lookup(bid)
-                if loc is not None:
-                    try:
-                        await array.reader.read_locs(pack, [bid], [loc])
-                    except Exception as e:
-                        problems.append(f"pack {name}: {e}")
-        blocks += len(pack.block_ids())
-    return {"problems": problems, "blocks": blocks,
-            "live": sum(len(s) for s in live.values())}
+            problems += await trio.to_thread.run_sync(pack.index_problems_blocking)
+    finally:
+        await trio.to_thread.run_sync(reach.close)
+    return {"problems": problems, "blocks": blocks, "live": live}
+
+
+def _in_other_pack(array, pack, bid: bytes) -> bool:
+    """A block a copying volume reaches may lie in its other pack only."""
+    for vol in array.volumes.values():
+        if vol.source is not None and pack in (vol.pack, vol.source):
+            other = vol.source if pack is vol.pack else vol.pack
+            if other.lookup(bid) is not None:
+                return True
+    return False

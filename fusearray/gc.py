@@ -261,7 +261,11 @@ class Collector:
         caller commits. Returns the bytes freed."""
         freed = 0
         for name, live in plan.live.items():
-            n = self.packs[name].sweep(live)
+            pack = self.packs[name]
+            # the index is on disk: the scan for what is not live runs in a
+            # worker thread (the commit lock keeps the index still), the
+            # drop on the trio thread
+            n = pack.drop(await trio.to_thread.run_sync(pack.dead_blocking, live))
             self.freed_bytes[name] = self.freed_bytes.get(name, 0) + n
             freed += n
         for name in plan.live:
@@ -274,7 +278,7 @@ class Collector:
         """Move the live blocks out of segments less than `ratio` live
         (they die at the next commit). May use the pack's reserve."""
         for seg in pack.sparse_segments(ratio):
-            entries = pack.entries_in(seg)
+            entries = await trio.to_thread.run_sync(pack.entries_in, seg)
             bids = [b for b, _ in entries]
             datas = await self.read_locs(pack, bids, [loc for _, loc in entries])
             try:

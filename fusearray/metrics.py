@@ -281,7 +281,7 @@ def render(array) -> bytes:
         ex.gauge(f"fusearray_pack_{what}_bytes", f"the pack's {what} bytes",
                  [(l, getattr(p, fn)()) for (l, _), p in zip(prow, packs)])
     ex.gauge("fusearray_pack_blocks", "blocks the pack stores (after dedup)",
-             [(l, len(p.index)) for (l, _), p in zip(prow, packs)])
+             [(l, p.block_count()) for (l, _), p in zip(prow, packs)])
     ex.counter("fusearray_pack_mapped_reads_total",
                "blocks read straight from the pack's mapped segment files",
                [(l, p.mapped_reads) for (l, _), p in zip(prow, packs)])

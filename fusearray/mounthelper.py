@@ -17,7 +17,7 @@ a fixed PATH through /bin/sh with `ARRAY MOUNTPOINT -o OPTIONS`: the venv's
 command is not on that PATH and takes other arguments, hence the helper.)
 
 Options of the array map onto `fusearray mount --background`:
-cache_size=SIZE, owner=USER, group=GROUP, mode=MODE, ctl_group=GROUP,
+cache_size=SIZE, index_cache=SIZE, owner=USER, group=GROUP, mode=MODE, ctl_group=GROUP,
 log=DIR, fsync=log|commit, debug. The generic ones that say when or how
 mount(8) and systemd act, or what every fusearray mount already is, are
 ignored (GENERIC); any other is refused (exit 32, as mount(8) refuses a
@@ -36,7 +36,7 @@ import sys
 EX_USAGE, EX_FAIL = 1, 32
 
 #: -o options of fusearray itself -> `fusearray mount` option (None: a flag)
-ARRAY_OPTIONS = {"cache_size": "--cache-size", "owner": "--owner", "group": "--group",
+ARRAY_OPTIONS = {"cache_size": "--cache-size", "index_cache": "--index-cache", "owner": "--owner", "group": "--group",
                  "mode": "--mode", "ctl_group": "--ctl-group", "log": "--log",
                  "fsync": "--fsync", "debug": None}
 
@@ -60,7 +60,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="mount.fusearray", add_help=True,
         description="mount(8) helper: mount -t fuse.fusearray ARRAY MOUNTPOINT [-o OPTIONS]",
-        epilog="options: cache_size=SIZE owner=USER group=GROUP mode=MODE "
+        epilog="options: cache_size=SIZE index_cache=SIZE owner=USER group=GROUP mode=MODE "
                "ctl_group=GROUP log=DIR fsync=log|commit debug; ignored: "
                + ",".join(sorted(GENERIC)) + ",x-*,comment=*")
     p.add_argument("array")

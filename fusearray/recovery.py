@@ -290,7 +290,7 @@ class Recovery:
             for seq in segs:
                 await job.checkpoint()
                 async with self.lock:
-                    entries = pack.entries_in(seq)
+                    entries = await trio.to_thread.run_sync(pack.entries_in, seq)
                     fixed, lost = await trio.to_thread.run_sync(
                         pack.scrub_segment_blocking, seq, entries)
                 self.drain_notes()

@@ -134,7 +134,7 @@ def store_hashed(items, ids, verify: bool) -> list:
         recs = new.setdefault(pack, {})
         if bid in recs:
             continue
-        loc = pack.index.get(bid)
+        loc = pack.lookup(bid)
         if loc is None:
             recs[bid] = data
         elif verify:
@@ -308,7 +308,7 @@ class WriteBack:
                     or self.uncommitted()
                     or self._jobs or self._meta_changed
                     or any(v.overlay for v in self.volumes.values())
-                    or any(p.pending_add or p.pending_del for p in self.packs.values()))
+                    or any(p.has_pending() for p in self.packs.values()))
 
     # ---- write-back ------------------------------------------------------------
     async def flush(self, max_bytes: int | None = None) -> None:
@@ -581,11 +581,13 @@ class WriteBack:
         ch, self.changes = self.changes, Changes()
         token = self.prepare_commit(ch)   # events, counters, the job journal's mark
         for pack in self.packs.values():
-            adds, dels = pack.take_pending()
+            adds, dels, segs = pack.take_pending()
             if adds:
                 ch.blocks_add[pack.name] = adds
             if dels:
                 ch.blocks_del[pack.name] = dels
+            if segs:
+                ch.segments[pack.name] = segs
         coverage = None
         if flush and cover and self.intent is not None:
             coverage = self._coverage(seq)
@@ -604,6 +606,8 @@ class WriteBack:
             log.exception("catalogue commit failed")
             raise ioerror(f"catalogue commit failed: {e}; the array stopped "
                           "accepting changes, remount it") from None
+        for pack in self.packs.values():
+            pack.committed()        # the catalogue answers for the index changes now
         await self.committed(token)
         if flush:       # every overlay was merged: what is not dirty is committed
             self._mark_durable(seq)

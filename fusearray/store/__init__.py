@@ -11,7 +11,9 @@ Modules (each docstring is that module's contract):
             disks, and the layout's own I/O (write, read, reconstruct,
             repair, rebuild, scrub);
 - files:    the fd table, the read-only mappings, one disk's bytes;
-- index:    the block index and each segment's live and logical bytes;
+- index:    the block index (committed rows on disk, read through the
+            catalogue's view, behind a bounded cache) and each segment's
+            live bytes, logical size and entry count;
 - segments: the active segment, appends, sync (and the write-again after
             a failed fsync), spares, retirement, the reading guard;
 - reads:    verified reads with healing, page-cache and mapped reads;
@@ -21,8 +23,8 @@ Modules (each docstring is that module's contract):
 Concurrency contract (what the code does; the array keeps to it):
 - Trio thread: every change to the index (add, sweep, take_pending,
   drop_dead_segment, seal_if_sparse), by holders of the array's commit
-  lock; lookups and the segment lists (segments(), sealed(), entries_in)
-  without it; the reading guard (`reading`, entered and left there);
+  lock; lookups (from any thread: see index.py) and the segment lists
+  (segments(), sealed()) without it; the reading guard (`reading`, entered and left there);
   mapped_blocks and the no-wait reads (read_nowait, read_into_nowait,
   read_many_into_nowait), which only take what the page cache holds.
 - Worker threads (trio.to_thread), every method named `*_blocking`, plus
@@ -70,6 +72,7 @@ fsync did not last is done again then.
 """
 from .disks import LABEL, Disk
 from .hasher import Hasher
+from .index import DEFAULT_INDEX_CACHE, PAGE_CACHE_SHARE
 from .layouts import CHUNK, Mirror, Raid5, Single
 from .pack import Pack
 from .records import HDR, MAGIC, fsync_dir, write_file_atomic
@@ -82,7 +85,7 @@ from .records import xor as _xor
 from .records import xor_into as _xor_into
 from .segments import SEGMENT_LIMIT, SEGMENT_MIN, SPARE_IDLE, SPARES
 
-__all__ = ["CHUNK", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
+__all__ = ["CHUNK", "DEFAULT_INDEX_CACHE", "PAGE_CACHE_SHARE", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
            "SPARE_IDLE", "Disk", "Hasher", "Mirror", "Pack", "Raid5", "Single",
            "fsync_dir", "write_file_atomic",
            "_hash128_many", "_in_memory", "_verify_mapped", "_xor", "_xor_into"]

@@ -41,7 +41,7 @@ from . import repair
 from .disks import Disk, DiskHealth
 from .files import SegmentFiles
 from .hasher import Hasher
-from .index import BlockIndex
+from .index import DEFAULT_INDEX_CACHE, BlockIndex
 from .layouts import layout_for
 from .reads import Reads
 from .records import NOWAIT, fsync_dir
@@ -64,7 +64,8 @@ class Pack:
     docstring). Messages for the event log are queued in `notes` (threads
     append, the array drains them on the trio thread)."""
 
-    def __init__(self, name: str, layout: str, disks: list[Disk], hasher: Hasher):
+    def __init__(self, name: str, layout: str, disks: list[Disk], hasher: Hasher,
+                 index_cache: int = DEFAULT_INDEX_CACHE):
         self.name = name
         self.layout = layout
         self.disks = disks
@@ -73,7 +74,7 @@ class Pack:
         self.strategy = layout_for(layout, len(disks))
         self.health = DiskHealth(self)
         self.files = SegmentFiles(disks, self.health, NOWAIT)
-        self.blocks = BlockIndex()
+        self.blocks = BlockIndex(index_cache)
         self.segs = Segments(self)
         self.reads = Reads(self)
         self._space = None        # (capacity, available) from the last statvfs
@@ -85,11 +86,8 @@ class Pack:
         self.admit_refused = False           # the array logged a refused write
 
     # what the array, recovery, fsck and the tests read of the collaborators
-    index = _passed_on("blocks", "index")
     seg_live = _passed_on("blocks", "seg_live")
     seg_size = _passed_on("blocks", "seg_size")
-    pending_add = _passed_on("blocks", "pending_add")
-    pending_del = _passed_on("blocks", "pending_del")
     active_seq = _passed_on("segs", "active_seq")
     active_tail = _passed_on("segs", "active_tail")
     active_open = _passed_on("segs", "active_open", settable=True)
@@ -136,10 +134,11 @@ class Pack:
 
     # ---- open / close (blocking) -------------------------------------
     def open_blocking(self, rows, array_uuid: str | None = None) -> list[int]:
-        """Load the committed index `rows` (id, seg, off, len) and open the
-        segments. Segment files nothing points into are crash garbage and
-        are deleted. Returns the deleted segment numbers."""
-        ends = self.blocks.load(rows)
+        """Take the committed index `rows` (the catalogue's PackRows, or a
+        list of (id, seg, off, len) held in RAM) and open the segments: one
+        step a segment, none a block. Segment files nothing points into are
+        crash garbage and are deleted. Returns the deleted segment numbers."""
+        ends = self.blocks.open(rows)
         removed: set = set()
         top = 0
         for d in self.disks:
@@ -203,6 +202,7 @@ class Pack:
 
     def close_blocking(self) -> None:
         self.files.close_all()
+        self.blocks.close()
 
     # ---- segments (segments.py) ------------------------------------------
     def append_blocking(self, records, reserve_ok: bool = False) -> list[tuple[int, int, int]]:
@@ -254,8 +254,26 @@ class Pack:
     def sweep(self, live: set) -> int:
         return self.blocks.sweep(live)
 
+    def dead_blocking(self, live: set) -> list:
+        return self.blocks.dead_blocking(live)
+
+    def drop(self, dead) -> int:
+        return self.blocks.drop(dead)
+
     def take_pending(self):
         return self.blocks.take_pending()
+
+    def committed(self) -> None:
+        self.blocks.committed()
+
+    def has_pending(self) -> bool:
+        return self.blocks.has_pending()
+
+    def block_count(self) -> int:
+        return self.blocks.count()
+
+    def index_status(self) -> dict:
+        return self.blocks.cache.status()
 
     def dead_segments(self) -> list[int]:
         return self.blocks.dead_segments(self.segs.is_active)
@@ -269,12 +287,12 @@ class Pack:
     def forget_segment(self, seq: int) -> None:
         self.blocks.forget_segment(seq)
 
-    def block_ids(self):
-        """The ids in the index (trio thread; a live view)."""
-        return self.blocks.index.keys()
+    def scan_blocking(self):
+        """Every index entry (id, loc), in batches (worker thread)."""
+        return self.blocks.scan_blocking()
 
-    def index_problems(self) -> list[str]:
-        return self.blocks.problems(self.name, self.disks)
+    def index_problems_blocking(self) -> list[str]:
+        return self.blocks.problems_blocking(self.name, self.disks)
 
     # ---- reads (reads.py) -----------------------------------------------------
     def read_blocking(self, bid: bytes, loc) -> bytes:

@@ -265,7 +265,7 @@ class Segments:
         seen = set()
         for bid, loc in list(self.unsynced_recs):
             if loc[0] not in self.suspect or bid in seen \
-                    or moved.get(bid, pack.blocks.index.get(bid)) != loc:
+                    or moved.get(bid, pack.blocks.lookup(bid)) != loc:
                 continue          # written again already, or dropped by GC
             seen.add(bid)
             data = pack.strategy.read(pack.files, *loc)

@@ -43,6 +43,11 @@ Groups (each a function returning rows, see GROUPS):
              a tmpfs of its own: seq write/read 1M of a LUN on each as a ratio
              to a LUN on a single-disk pack; rebuild MB/s of one removed disk
              (mirror, raid5) as a ratio to `cp -a` of a surviving disk
+  scale      (only when named in --groups) RAM and time against stored data
+             (issue 16): arrays of --scale-blocks unique 4 KiB blocks built by
+             tools/scalegen.py; RSS after mount and after cold 4k random
+             reads, mount time, delete of 1 shadow copy of 100 and its
+             collection, writes during it, fsck time and RSS
   transport  export and import of a shadow copy set between two arrays mounted
              at once (issue 5): MB/s as a ratio to the LUN's seq read 1M, and
              the incremental stream after rewriting 1 % of the blocks as a
@@ -86,11 +91,14 @@ from .ext4 import group_ext4
 from .snap import group_snap
 from .packs import group_packs
 from .transport import group_transport
+from .scale import group_scale
 from .report import report
 
 
 #: groups that make arrays of their own (no targets needed)
-OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport'}
+OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport', 'scale'}
+#: groups a run leaves out unless --groups names them (minutes and tens of GiB)
+NOT_BY_DEFAULT = {'scale'}
 
 # title, function; later issues add groups here (snapshot, resync, rebuild, ...)
 GROUPS = [
@@ -105,6 +113,8 @@ GROUPS = [
      '(fusearray only, an array of its own)', group_packs),
     ('transport: export and import of a set, full and incremental (fusearray only, two '
      'arrays of their own)', group_transport),
+    ('scale: RAM and time against stored blocks (fusearray only, arrays built by '
+     'tools/scalegen.py on the disk backing)', group_scale),
 ]
 
 
@@ -195,9 +205,15 @@ def parse_args(argv):
     ap.add_argument('--array-dir', help='put the fusearray arrays under this directory '
                     '(default: on tmpfs mounts of their own)')
     ap.add_argument('--cache-size', help='pass --cache-size to fusearray mount')
-    ap.add_argument('--groups', default=','.join(f.__name__.removeprefix('group_')
-                                                 for _, f in GROUPS),
-                    help='comma-separated groups to run (default: all)')
+    ap.add_argument('--groups', default=','.join(
+        f.__name__.removeprefix('group_') for _, f in GROUPS
+        if f.__name__.removeprefix('group_') not in NOT_BY_DEFAULT),
+        help='comma-separated groups to run (default: all but scale)')
+    ap.add_argument('--scale-blocks', default='1M,10M',
+                    help='scale group: stored 4 KiB blocks of each array built '
+                         '(default 1M,10M; K, M, G suffixes are powers of ten here)')
+    ap.add_argument('--scale-dir', help='scale group: where the arrays are built '
+                    '(default: --disk-dir)')
     ap.add_argument('--python', default=sys.executable,
                     help='interpreter for memfile and the fusearray CLI (default: this one)')
     ap.add_argument('--json', help='also save the raw numbers to this file')
@@ -232,6 +248,12 @@ def parse_args(argv):
     if set(args.backing) - set(BACKINGS) or not args.backing:
         ap.error(f'--backing: choose from {",".join(BACKINGS)}')
     args.groups = [g.strip() for g in args.groups.split(',') if g.strip()]
+    try:
+        args.scale_blocks = [int(float(x.strip()[:-1]) * {'K': 1e3, 'M': 1e6, 'G': 1e9}[
+            x.strip()[-1].upper()]) if x.strip()[-1:].isalpha() else int(x)
+            for x in args.scale_blocks.split(',') if x.strip()]
+    except (ValueError, KeyError):
+        ap.error('--scale-blocks: counts like 1M,10M or 200000')
     bad = set(args.only) - set(TARGETS)
     if bad:
         ap.error(f'unknown target(s) {",".join(sorted(bad))}; choose from {",".join(TARGETS)}')

@@ -1,0 +1,254 @@
+"""The block index on disk (issue 16 points 1 and 3): the committed index
+is the catalogue's blocks table read through a bounded cache, opening reads
+one row a segment and none a block, and an old catalogue is upgraded."""
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+
+import trio
+
+from fusearray.array import Array, init_array
+from fusearray.catalogue import Catalogue, Changes
+from fusearray.store import HDR
+from fusearray.store.index import CACHE_ENTRY_BYTES, BlockIndex
+
+from conftest import cli, drop_caches, sha
+from test_core import assert_clean
+
+MiB = 1 << 20
+
+
+async def with_array(path, fn, index_cache=None):
+    async with trio.open_nursery() as n:
+        a = Array(str(path), 8 * MiB, index_cache=index_cache)
+        await a.open(n)
+        try:
+            return await fn(a)
+        finally:
+            await a.close()
+            n.cancel_scope.cancel()
+
+
+# ---- the index alone --------------------------------------------------------------
+def test_changes_stay_visible_while_their_commit_runs(tmp_path):
+    """take_pending hands the changes to a commit; until committed() they
+    answer lookups (the table does not have them yet), a change made
+    meanwhile wins over them, and after committed() the view answers."""
+    idx = BlockIndex(1 << 20)
+    idx.open([(b"a" * 16, 1, 0, 100)])
+    idx.add(b"b" * 16, (1, 132, 100))
+    idx.drop([(b"a" * 16, (1, 0, 100))])
+    adds, dels, segs = idx.take_pending()
+    assert adds == {b"b" * 16: (1, 132, 100)} and dels == {b"a" * 16}
+    assert segs == {1: (100 + HDR.size, 232, 1)}
+    assert idx.lookup(b"a" * 16) is None              # the view still has it
+    assert idx.lookup(b"b" * 16) == (1, 132, 100)     # the view lacks it
+    idx.add(b"a" * 16, (2, 0, 100))                   # stored again meanwhile
+    assert idx.lookup(b"a" * 16) == (2, 0, 100)
+    idx.committed()
+    assert idx.rows.get(b"b" * 16) == (1, 132, 100) and idx.rows.get(b"a" * 16) is None
+    assert idx.lookup(b"a" * 16) == (2, 0, 100) and idx.lookup(b"b" * 16) == (1, 132, 100)
+    assert idx.count() == 2
+
+
+def test_cache_is_bounded_and_misses_go_to_the_table(tmp_path):
+    """More blocks than the cache holds: every lookup is right, the cache
+    never holds more than its limit, and a dropped block is not answered
+    from a stale cache entry."""
+    path = str(tmp_path / "cat.db")
+    cat = Catalogue(path, create=True)
+    cat.commit_blocking(Changes(packs_add=[("p", "single", 0.0, ["/nonexistent"])]))
+    idx = BlockIndex(1024 * CACHE_ENTRY_BYTES)
+    idx.open(cat.pack_rows("p", 1 << 20))
+    rng = random.Random(1)
+    ids = [rng.randbytes(16) for _ in range(5000)]
+    for i, b in enumerate(ids):
+        idx.add(b, (i // 1000, (i % 1000) * 200, 100))
+    adds, dels, segs = idx.take_pending()
+    cat.commit_blocking(Changes(blocks_add={"p": adds}, blocks_del={"p": dels},
+                                segments={"p": segs}))
+    idx.committed()
+    for _ in range(3):
+        for i in rng.sample(range(5000), 3000):
+            assert idx.lookup(ids[i]) == (i // 1000, (i % 1000) * 200, 100)
+            assert len(idx.cache.map) <= 1024
+    assert idx.lookup(rng.randbytes(16)) is None
+    gone = ids[:10]
+    assert all(idx.lookup(b) for b in gone)           # cached now
+    idx.drop([(b, idx.lookup(b)) for b in gone])
+    assert all(idx.lookup(b) is None for b in gone)
+    adds, dels, segs = idx.take_pending()
+    cat.commit_blocking(Changes(blocks_del={"p": dels}, segments={"p": segs}))
+    idx.committed()
+    assert all(idx.lookup(b) is None for b in gone)
+    assert idx.problems_blocking("p", []) == []
+    # a new view (the next open) sees the same
+    idx2 = BlockIndex(1 << 20)
+    ends = idx2.open(cat.pack_rows("p", 1 << 20))
+    assert sorted(ends) == [0, 1, 2, 3, 4] and idx2.count() == 4990
+    assert idx2.seg_count == idx.seg_count and idx2.seg_live == idx.seg_live
+    cat.close()
+
+
+# ---- the array --------------------------------------------------------------------
+def _traced(statements):
+    """sqlite3.connect that records every statement its connections run."""
+    real = sqlite3.connect
+
+    def connect(*a, **kw):
+        conn = real(*a, **kw)
+        conn.set_trace_callback(statements.append)
+        return conn
+    return connect
+
+
+async def test_open_reads_no_block_rows_and_lookups_stay_in_the_cache(tmp_path, monkeypatch):
+    """Opening an array with thousands of blocks reads the segments table
+    and not one row of the blocks table as a whole; after reads of every
+    block the index's RAM is within --index-cache; fsck is clean."""
+    init_array(str(tmp_path / "arr"), block_size=4096)
+    data = os.urandom(8 * MiB)
+
+    async def write(a):
+        vol = await a.create_lun("l", "8M", block_size=4096)
+        await vol.write(0, data)
+        await a.sync()
+    await with_array(tmp_path / "arr", write)
+
+    statements: list = []
+    monkeypatch.setattr(sqlite3, "connect", _traced(statements))
+    cache = 256 * 1024        # 1024 entries of the 2048+ blocks
+
+    async def read(a):
+        scans = [s for s in statements if "FROM blocks" in s and "id=" not in s
+                 and "seg=" not in s]
+        assert scans == [], scans
+        pack = a.packs["main"]
+        assert len(pack.blocks.cache.map) == 0 and pack.block_count() > 2048
+        assert a.status()["index"]["limit_bytes"] == cache
+        vol = a.luns["l"]
+        got = bytearray()
+        for off in range(0, len(data), 64 * 1024):
+            got += await vol.read(off, 64 * 1024)
+        assert got == data
+        assert len(pack.blocks.cache.map) <= pack.blocks.cache.limit
+        assert pack.blocks.cache.limit * CACHE_ENTRY_BYTES <= cache
+        assert a.status()["index"]["bytes"] <= cache
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", read, index_cache=cache)
+
+
+async def test_an_older_catalogue_gets_its_segments_table(tmp_path):
+    """A catalogue made before the segments table: opening makes it from
+    the blocks rows (once), and the accounting matches what was there."""
+    init_array(str(tmp_path / "arr"))
+
+    async def write(a):
+        vol = await a.create_lun("l", "16M")
+        await vol.write(0, os.urandom(6 * MiB))
+        await vol.write(MiB, os.urandom(MiB))          # some garbage
+        await a.sync()
+        p = a.packs["main"]
+        return dict(p.seg_live), dict(p.seg_size), p.block_count()
+    live, size, count = await with_array(tmp_path / "arr", write)
+    db = sqlite3.connect(str(tmp_path / "arr" / "catalogue.db"))
+    db.execute("DROP TABLE segments")
+    db.execute("DROP INDEX blocks_seg")
+    db.commit()
+    db.close()
+
+    async def check(a):
+        p = a.packs["main"]
+        assert p.block_count() == count and p.seg_live == live
+        assert all(p.seg_size[s] <= size[s] for s in size)
+        await assert_clean(a)
+        assert len(await a.luns["l"].read(0, 6 * MiB)) == 6 * MiB
+    await with_array(tmp_path / "arr", check)
+
+
+# ---- on a real mount --------------------------------------------------------------
+def test_index_cache_option_on_a_mount(make_mount):
+    """`mount --index-cache 1M` with more blocks than that holds: status
+    shows the limit and the cache within it, the data reads back after a
+    remount and after a SIGKILL, and fsck is clean."""
+    m = make_mount().init("--block-size", "4K")
+    m.start("--index-cache", "1M")
+    try:
+        cli("create", "l", "48M", mnt=m.mnt)
+        lun = os.path.join(m.mnt, "luns", "l")
+        data = os.urandom(40 * MiB)     # 10240 blocks: more than 1M of cache holds
+        with open(lun, "r+b") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        st = m.status()
+        assert st["index"]["limit_bytes"] == MiB
+        assert st["index"]["bytes"] <= MiB
+        assert st["packs"][0]["blocks"] >= 10240
+        m.kill9()
+        m.start("--index-cache", "1M")
+        drop_caches()
+        with open(lun, "rb") as f:
+            assert sha(f.read(len(data))) == sha(data)
+        st = m.status()
+        assert st["index"]["bytes"] <= MiB
+        assert st["packs"][0]["index_cache"]["misses"] > 0
+    finally:
+        m.stop()
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
+    out = subprocess.run([sys.executable, tools, m.array], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- fsck ---------------------------------------------------------------------------
+def _fsck(array, *args):
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
+    return subprocess.run([sys.executable, tools, array, *args], capture_output=True,
+                          text=True)
+
+
+def test_fsck_finds_a_dangling_block_a_leak_and_bad_accounting_per_pack(tmp_path):
+    """tools/fsck (streaming: the reached ids go to a table on disk) reports
+    a reached block missing from the index, an index entry nothing reaches
+    (--strict) and a segment whose accounting is off, in the pack that has
+    them; --pack checks one pack alone."""
+    arr = str(tmp_path / "arr")
+    init_array(arr)
+    (tmp_path / "b").mkdir()
+
+    async def write(a):
+        await a.add_pack("b", "single", [str(tmp_path / "b")])
+        for pack in ("main", "b"):
+            vol = await a.create_lun(f"l{pack}", "8M", pack=pack)
+            await vol.write(0, os.urandom(4 * MiB))
+        await a.sync()
+        await a.collect_garbage()
+    trio.run(with_array, tmp_path / "arr", write)
+    r = _fsck(arr, "--strict")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 problem(s)" in r.stdout
+    db = sqlite3.connect(os.path.join(arr, "catalogue.db"))
+    # a data block of pack b gone from its index; an entry nothing reaches in it
+    (gone,) = db.execute("SELECT id FROM blocks WHERE pack='b' AND len=65536 "
+                         "LIMIT 1").fetchone()
+    seg, off = db.execute("SELECT seg, off FROM blocks WHERE id=?", (gone,)).fetchone()
+    db.execute("DELETE FROM blocks WHERE pack='b' AND id=?", (gone,))
+    db.execute("INSERT INTO blocks VALUES ('b', ?, ?, ?, 10)", (b"\x01" * 16, seg, off))
+    db.execute("UPDATE segments SET live = live + 1 WHERE pack='b' AND seg=?", (seg,))
+    db.commit()
+    db.close()
+    r = _fsck(arr, "--strict", "--no-data")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"pack b: block {bytes(gone).hex()} is referenced but in no pack's index" \
+        in r.stdout
+    assert "pack b: 1 index entries are not referenced by any volume" in r.stdout
+    assert f"pack b: segment {seg} live bytes" in r.stdout
+    assert "pack main" not in r.stdout
+    r = _fsck(arr, "--strict", "--pack", "main")
+    assert r.returncode == 0 and "0 problem(s)" in r.stdout, r.stdout + r.stderr
+    r = _fsck(arr, "--pack", "b", "--no-data")
+    assert r.returncode == 1 and "pack b: 1 index entries" not in r.stdout, r.stdout
+    r = _fsck(arr, "--pack", "nosuch")
+    assert r.returncode == 1 and "pack nosuch: no such pack" in r.stdout, r.stdout
