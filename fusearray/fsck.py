@@ -33,26 +33,32 @@ class Reach:
     """What the maps reach, per pack, on disk (worker threads: one at a
     time, the caller awaits each call)."""
 
-    def __init__(self, tmpdir: str | None = None):
+    def __init__(self, catalogue: str, tmpdir: str | None = None):
         self.dir = tempfile.mkdtemp(prefix="fusearray-fsck.", dir=tmpdir)
-        self.conn = sqlite3.connect(os.path.join(self.dir, "reach.db"),
-                                    check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=OFF")
-        self.conn.execute("PRAGMA synchronous=OFF")
-        self.conn.execute("PRAGMA cache_size=-8192")
+        self.conn = sqlite3.connect(f"file:{os.path.join(self.dir, 'reach.db')}",
+                                    uri=True, check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA main.journal_mode=OFF")
+        self.conn.execute("PRAGMA main.synchronous=OFF")
+        self.conn.execute("PRAGMA main.cache_size=-8192")
+        # the committed index, read only, to join with what the maps reach
+        self.conn.execute("ATTACH DATABASE ? AS cat", (f"file:{catalogue}?mode=ro",))
         self.conn.execute("CREATE TABLE reach (pack TEXT NOT NULL, id BLOB NOT NULL, "
                           "PRIMARY KEY (pack, id)) WITHOUT ROWID")
 
-    def add_blocking(self, packs, ids) -> list:
-        """Record `ids` as reached in each of `packs`; returns those that
-        were new in the first pack (a node seen before is not walked
-        again)."""
+    def add_blocking(self, packs, ids, want_new: bool = False) -> list:
+        """Record `ids` as reached in each of `packs`; with `want_new`,
+        returns those that were new in the first pack (a node seen before
+        is not walked again)."""
         new = []
         with self.conn:
             for i, p in enumerate(packs):
+                if i or not want_new:
+                    self.conn.executemany("INSERT OR IGNORE INTO reach VALUES (?, ?)",
+                                          [(p, b) for b in ids])
+                    continue
                 for b in ids:
                     cur = self.conn.execute("INSERT OR IGNORE INTO reach VALUES (?, ?)", (p, b))
-                    if i == 0 and cur.rowcount:
+                    if cur.rowcount:
                         new.append(b)
         return new
 
@@ -67,17 +73,34 @@ class Reach:
                 (pack, *part)))
         return out
 
-    def batches_blocking(self, pack: str):
+    def _batches(self, sql: str, args):
         cur = self.conn.cursor()
-        cur.execute("SELECT id FROM reach WHERE pack=? ORDER BY id", (pack,))
+        cur.execute(sql, args)
         while True:
             rows = cur.fetchmany(BATCH)
             if not rows:
                 return
             yield [bytes(r[0]) for r in rows]
 
-    def count_blocking(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM reach").fetchone()[0]
+    def batches_blocking(self, pack: str):
+        """What the maps reach in `pack`, in batches."""
+        return self._batches("SELECT id FROM reach WHERE pack=? ORDER BY id", (pack,))
+
+    def unindexed_blocking(self, pack: str):
+        """Reached ids the committed index of `pack` lacks, in batches."""
+        return self._batches("SELECT r.id FROM reach r WHERE r.pack=? AND NOT EXISTS "
+                             "(SELECT 1 FROM cat.blocks b WHERE b.pack=r.pack AND b.id=r.id)",
+                             (pack,))
+
+    def unreached_blocking(self, pack: str):
+        """Ids of the committed index of `pack` nothing reaches, in batches."""
+        return self._batches("SELECT b.id FROM cat.blocks b WHERE b.pack=? AND NOT EXISTS "
+                             "(SELECT 1 FROM reach r WHERE r.pack=b.pack AND r.id=b.id)",
+                             (pack,))
+
+    def count_blocking(self, pack: str) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM reach WHERE pack=?",
+                                 (pack,)).fetchone()[0]
 
     def close(self) -> None:
         self.conn.close()
@@ -98,7 +121,7 @@ async def _walk(vol, load, reach: Reach, packs: list) -> None:
             if nid != ZERO_ID:
                 level_ids.setdefault(level, []).append(nid)
         for level, nids in level_ids.items():
-            fresh = await trio.to_thread.run_sync(reach.add_blocking, packs, nids)
+            fresh = await trio.to_thread.run_sync(reach.add_blocking, packs, nids, True)
             for nid in fresh:
                 node = await load(nid)
                 ids = [bytes(node[i:i + maps.ENTRY]) for i in range(0, maps.NODE_SIZE,
@@ -110,14 +133,10 @@ async def _walk(vol, load, reach: Reach, packs: list) -> None:
                     todo.extend((b, level - 1) for b in ids)
 
 
-def _leaks_and_count(pack, reach: Reach) -> tuple[int, int]:
-    """Worker thread: (entries not reached, entries), streaming the index."""
-    leaked = n = 0
-    for batch in pack.scan_blocking():
-        n += len(batch)
-        found = reach.present_blocking(pack.name, [b for b, _ in batch])
-        leaked += sum(1 for b, _ in batch if b not in found)
-    return leaked, n
+async def _stream(it):
+    """The batches of a Reach query, each fetched in a worker thread."""
+    while (batch := await trio.to_thread.run_sync(next, it, None)) is not None:
+        yield batch
 
 
 async def check(array, strict: bool = False, verify_data: bool = False,
@@ -136,7 +155,7 @@ async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
         if name not in array.packs:
             problems.append(f"pack {name}: no such pack")
     names = [n for n in names if n in array.packs]
-    reach = await trio.to_thread.run_sync(Reach, tmpdir)
+    reach = await trio.to_thread.run_sync(Reach, array.catalogue.path, tmpdir)
     try:
         for vol in list(array.volumes.values()):
             mine = [p.name for p in (vol.pack, vol.source) if p is not None]
@@ -154,19 +173,22 @@ async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
             if n != vol.allocated:
                 problems.append(f"{vol.path}: allocated={vol.allocated} but the map has "
                                 f"{n} non-zero entries")
-        live = 0
+        live = blocks = 0
         for name in names:
             pack = array.packs[name]
-            # every reached id in the pack's index, or (a copy in progress)
-            # in the other pack of a volume that reaches it
-            batches = reach.batches_blocking(name)
-            while (batch := await trio.to_thread.run_sync(next, batches, None)) is not None:
-                live += len(batch)
-                for bid in batch:
-                    if pack.lookup(bid) is None and not _in_other_pack(array, pack, bid):
-                        problems.append(f"pack {name}: block {bid.hex()} is referenced but "
-                                        "in no pack's index")
-                if verify_data:
+            # what the commit has not put in the catalogue yet is looked up
+            # in the pack's index itself; the rest is joined on disk
+            changed = pack.uncommitted_ids()
+            live += await trio.to_thread.run_sync(reach.count_blocking, name)
+            # 1. every reached id indexed (or, a copy in progress, in the
+            #    other pack of a volume that reaches it)
+            doubt = (set(await trio.to_thread.run_sync(reach.present_blocking, name, changed))
+                     if changed else set())
+            async for batch in _stream(reach.unindexed_blocking(name)):
+                problems += _dangling(array, pack, [b for b in batch if b not in doubt])
+            problems += _dangling(array, pack, doubt)
+            if verify_data:
+                async for batch in _stream(reach.batches_blocking(name)):
                     for bid in batch:
                         loc = pack.lookup(bid)
                         if loc is not None:
@@ -174,18 +196,34 @@ async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
                                 await array.reader.read_locs(pack, [bid], [loc])
                             except Exception as e:
                                 problems.append(f"pack {name}: {e}")
-        blocks = 0
-        for name in names:
-            pack = array.packs[name]
-            leaked, n = await trio.to_thread.run_sync(_leaks_and_count, pack, reach)
-            blocks += n
+            # 2. every index entry reached
+            leaked, counted = 0, set()
+            async for batch in _stream(reach.unreached_blocking(name)):
+                for bid in batch:
+                    if bid in changed:
+                        counted.add(bid)
+                        if pack.lookup(bid) is None:
+                            continue        # dropped since the commit
+                    leaked += 1
+            fresh = [b for b in changed - counted if pack.lookup(b) is not None]
+            found = await trio.to_thread.run_sync(reach.present_blocking, name, fresh)
+            leaked += sum(1 for b in fresh if b not in found)
+            blocks += pack.block_count()
             if strict and leaked:
                 problems.append(f"pack {name}: {leaked} index entries are not "
                                 "referenced by any volume")
+            # 3, 4: the accounting
             problems += await trio.to_thread.run_sync(pack.index_problems_blocking)
     finally:
         await trio.to_thread.run_sync(reach.close)
     return {"problems": problems, "blocks": blocks, "live": live}
+
+
+def _dangling(array, pack, ids) -> list:
+    """The problems of reached `ids` that `pack`'s index lacks now."""
+    return [f"pack {pack.name}: block {bid.hex()} is referenced but in no pack's index"
+            for bid in sorted(ids)
+            if pack.lookup(bid) is None and not _in_other_pack(array, pack, bid)]
 
 
 def _in_other_pack(array, pack, bid: bytes) -> bool:

@@ -261,6 +261,12 @@ class BlockIndex:
         self.rows.apply(adds, dels)
         self.committing = ({}, set())
 
+    def uncommitted(self) -> set:
+        """The ids whose entry the committed view does not hold as it is
+        now (added, moved or dropped since the last commit)."""
+        adds, dels = self.committing
+        return set(self.pending_add) | self.pending_del | set(adds) | dels
+
     def has_pending(self) -> bool:
         return bool(self.pending_add or self.pending_del or self.dirty_segs)
 

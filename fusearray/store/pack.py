@@ -269,6 +269,9 @@ class Pack:
     def has_pending(self) -> bool:
         return self.blocks.has_pending()
 
+    def uncommitted_ids(self) -> set:
+        return self.blocks.uncommitted()
+
     def block_count(self) -> int:
         return self.blocks.count()
 
