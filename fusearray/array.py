@@ -63,6 +63,7 @@ from .jobs import JobRunner
 from .metrics import Metrics
 from .namespace import Namespace
 from .reader import BlockReader, NodeCache
+from . import reach
 from .recovery import Recovery
 from .shadows import Shadows
 from .volume import BlockCache, Volume
@@ -410,6 +411,7 @@ class Array:
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.path} belongs to another array")
         self._meta = meta
+        reach.remove_stale(self.path)       # a collection's or fsck's table a crash left
         self._job_rows = cat.jobs()
         self._journaled_jobs = self.runner.load_blocking(self._job_rows,
                                                          int(meta.get("next_job", 1)))

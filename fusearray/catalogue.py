@@ -327,6 +327,15 @@ class PackRows:
                                            "WHERE pack=?", (self.pack,)).fetchall()
         return {seg: (live, size, count) for seg, live, size, count in rows}
 
+    def segment_sums(self) -> dict:
+        """{seg: (sum of lengths, entries, largest end)} of the committed
+        rows (a pass over the pack's rows inside SQLite; fsck)."""
+        with self.reads.lock:
+            rows = self.reads.conn.execute("SELECT seg, SUM(len), COUNT(*), MAX(off + len) "
+                                           "FROM blocks WHERE pack=? GROUP BY seg",
+                                           (self.pack,)).fetchall()
+        return {seg: (total, n, end) for seg, total, n, end in rows}
+
     def entries_in(self, seq: int) -> list:
         with self.reads.lock:
             rows = self.reads.conn.execute("SELECT id, seg, off, len FROM blocks WHERE "

@@ -43,8 +43,9 @@ import time
 
 import trio
 
-from . import maps
+from . import ZERO_ID, maps
 from .errors import ArrayError
+from .reach import Reach, unreached, walk
 from .util import human_bytes
 
 log = logging.getLogger("fusearray")
@@ -68,14 +69,34 @@ AS_WE_GO_COMPACT = 0.25
 RECLAIM_RATIO = 0.95
 
 
+#: Stored blocks (all packs a collection looks at) up to which the marking
+#: keeps the live ids in a set in RAM (about 100 bytes each); above, in a
+#: table on disk (reach.py: bounded RAM, slower)
+LIVE_IN_RAM = 1 << 20
+
+
 @dataclasses.dataclass
 class Plan:
     """What a collection does: in each pack of `live`, drop every block
-    not in its set; then seal the active segment if less than `seal` of it
-    is live, and compact sealed segments less than `compact` live."""
-    live: dict               # pack name -> set of live ids
+    not in its set (or, `reach` given, not reached in that table on disk);
+    then seal the active segment if less than `seal` of it is live, and
+    compact sealed segments less than `compact` live."""
+    live: dict               # pack name -> set of live ids (None: see reach)
     seal: float = 0.5
     compact: float = 0.5
+    reach: Reach | None = None
+
+    def close(self) -> None:
+        """Worker thread: remove the table on disk."""
+        if self.reach is not None:
+            self.reach.close()
+
+
+async def _closed(plan: Plan) -> None:
+    """Remove a plan's table on disk, even when cancelled."""
+    if plan.reach is not None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(plan.close)
 
 
 class Collector:
@@ -195,8 +216,11 @@ class Collector:
             await store.flush()
         await store.merge()
         plan = await self.plan(only)
-        plan.compact = compact
-        freed = await self.execute(plan)
+        try:
+            plan.compact = compact
+            freed = await self.execute(plan)
+        finally:
+            await _closed(plan)
         await store.commit(flush)
         self._ran("collect", t0)
         if freed:
@@ -217,8 +241,11 @@ class Collector:
                 pass
             self.wanted = False         # this is a collection: set again by what frees
             plan = await self.plan(None)
-            plan.seal, plan.compact = 1.0, RECLAIM_RATIO
-            freed = await self.execute(plan)
+            try:
+                plan.seal, plan.compact = 1.0, RECLAIM_RATIO
+                freed = await self.execute(plan)
+            finally:
+                await _closed(plan)
             await store.commit(flush=False)
             self._ran("reclaim", t0)
             log.info("reclaim on a full pack freed %s", human_bytes(freed))
@@ -229,6 +256,8 @@ class Collector:
         """Every id reachable from a volume, an overlay or a pinned root,
         per pack (of the packs in `only`, default all). Changes nothing."""
         names = list(self.packs) if only is None else [n for n in only if n in self.packs]
+        if sum(self.packs[n].block_count() for n in names) > LIVE_IN_RAM:
+            return await self._plan_on_disk(names)
         live: dict = {name: set() for name in names}
         seen: dict = {name: set() for name in names}   # per pack: a node shared
         for vol in list(self.volumes.values()):        # across packs counts in each
@@ -256,16 +285,40 @@ class Collector:
                                 seen[vol.pack.name])
         return Plan(live)
 
+    async def _plan_on_disk(self, names: list) -> Plan:
+        """`plan` for a big array: the same marking into a table on disk."""
+        reach = await trio.to_thread.run_sync(Reach, self.store.catalogue.path)
+        try:
+            roots = [(vol, vol.root, vol.height) for vol in list(self.volumes.values())]
+            for vol, root, height in roots + list(self.pins):
+                mine = [p.name for p in (vol.pack, vol.source)     # a copy: in both
+                        if p is not None and p.name in names]
+                if not mine:
+                    continue
+                await walk(root, height, self.loader(vol), reach, mine)
+                if root is vol.root:
+                    over = [b for b in vol.overlay.values() if b != ZERO_ID]
+                    await trio.to_thread.run_sync(reach.add_blocking, mine, over)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(reach.close)
+            raise
+        return Plan({name: None for name in names}, reach=reach)
+
     async def execute(self, plan: Plan) -> int:
         """Sweep every pack of `plan`, then seal and compact each; the
         caller commits. Returns the bytes freed."""
         freed = 0
         for name, live in plan.live.items():
             pack = self.packs[name]
-            # the index is on disk: the scan for what is not live runs in a
-            # worker thread (the commit lock keeps the index still), the
-            # drop on the trio thread
-            n = pack.drop(await trio.to_thread.run_sync(pack.dead_blocking, live))
+            # the index is on disk: the scan (or the join) for what is not
+            # live runs in worker threads (the commit lock keeps the index
+            # still), the drop on the trio thread
+            if plan.reach is not None:
+                dead = await unreached(pack, plan.reach)
+            else:
+                dead = await trio.to_thread.run_sync(pack.dead_blocking, live)
+            n = pack.drop(dead)
             self.freed_bytes[name] = self.freed_bytes.get(name, 0) + n
             freed += n
         for name in plan.live:

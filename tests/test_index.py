@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
 import trio
 
 from fusearray.array import Array, init_array
@@ -252,3 +254,84 @@ def test_fsck_finds_a_dangling_block_a_leak_and_bad_accounting_per_pack(tmp_path
     assert r.returncode == 1 and "pack b: 1 index entries" not in r.stdout, r.stdout
     r = _fsck(arr, "--pack", "nosuch")
     assert r.returncode == 1 and "pack nosuch: no such pack" in r.stdout, r.stdout
+
+
+# ---- garbage collection with its live set on disk ------------------------------------
+@pytest.mark.parametrize("on_disk", [False, True])
+async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, monkeypatch,
+                                                                  on_disk):
+    """Overwrites, shadow copies, a deleted set, a punched range and a copy
+    to another pack in progress: a collection with the live ids in RAM and
+    one with them in a table on disk (a big array's: gc.LIVE_IN_RAM) free
+    exactly what nothing reaches, the data reads back, fsck --strict is
+    clean, and the table is gone afterwards."""
+    from fusearray import gc
+    tables = []
+    if on_disk:
+        monkeypatch.setattr(gc, "LIVE_IN_RAM", 0)
+
+        class Counted(gc.Reach):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                tables.append(self.dir)
+        monkeypatch.setattr(gc, "Reach", Counted)
+    init_array(str(tmp_path / "arr"))
+    (tmp_path / "far").mkdir()
+    rng = random.Random(7)
+
+    async def body(a):
+        await a.add_pack("far", "single", [str(tmp_path / "far")])
+        vol = await a.create_lun("l", "16M")
+        model = bytearray(16 * MiB)
+        for _ in range(3):
+            for _ in range(40):
+                off = rng.randrange(0, 16 * MiB - 65536)
+                data = rng.randbytes(rng.choice([4096, 65536]))
+                await vol.write(off, data)
+                model[off:off + len(data)] = data
+            await a.sync()
+            await a.snapshot(["l"], set_name=f"s{rng.randrange(10**6)}", quiesce=False)
+        await a.snapshot(["l"], set_name="plex", context="plex", pack="far",
+                         quiesce=False)                      # a copy job, maybe running
+        await a.delete_shadow(sorted(a.sets)[0])
+        await vol.zero(MiB, 2 * MiB)
+        model[MiB:3 * MiB] = bytes(2 * MiB)
+        await a.sync()
+        runs = a.collector.runs["collect"]
+        await a.collect_garbage()
+        assert a.collector.runs["collect"] == runs + 1
+        assert bool(tables) == on_disk
+        assert not [f for f in os.listdir(a.path) if f.startswith(".reach.")]
+        assert bytes(await vol.read(0, 16 * MiB)) == model
+        await assert_clean(a, strict=True)
+        return a.packs["main"].block_count()
+    await with_array(tmp_path / "arr", body)
+
+
+async def test_walk_records_a_shared_subtree_in_each_pack_that_reaches_it(tmp_path):
+    """A subtree already walked for pack A is walked again for a copying
+    volume that reaches it in A and B: B's blocks must all be recorded
+    (else a collection of B drops what the copy still reads)."""
+    from fusearray import maps
+    from fusearray.reach import Reach, walk
+    ids = [bytes([i]) * 16 for i in range(1, 4)]
+    leaf = bytearray(maps.NODE_SIZE)
+    for i, b in enumerate(ids):
+        leaf[i * 16:(i + 1) * 16] = b
+    root = bytearray(maps.NODE_SIZE)
+    root[0:16] = b"L" * 16
+    nodes = {b"L" * 16: bytes(leaf), b"R" * 16: bytes(root)}
+
+    async def load(nid):
+        return nodes[nid]
+    path = str(tmp_path / "cat.db")
+    Catalogue(path, create=True).close()
+    reach = Reach(path)
+    try:
+        await walk(b"R" * 16, 2, load, reach, ["A"])
+        await walk(b"R" * 16, 2, load, reach, ["A", "B"])
+        assert reach.count_blocking("A") == 5 and reach.count_blocking("B") == 5
+        assert reach.present_blocking("B", ids) == set(ids)
+    finally:
+        reach.close()
+    assert not os.path.exists(reach.dir)

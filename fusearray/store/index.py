@@ -116,6 +116,13 @@ class MemRows:
     def entries_in(self, seq: int) -> list:
         return [(b, loc) for b, loc in self.rows.items() if loc[0] == seq]
 
+    def segment_sums(self) -> dict:
+        sums: dict = {}
+        for s, o, n in self.rows.values():
+            total, count, end = sums.get(s, (0, 0, 0))
+            sums[s] = (total + n, count + 1, max(end, o + n))
+        return sums
+
     def scan(self):
         yield list(self.rows.items())
 
@@ -348,20 +355,30 @@ class BlockIndex:
 
     def problems_blocking(self, name: str, disks) -> list[str]:
         """Check the index against the accounting (fsck's invariants 3 and
-        4), streaming: each segment's live-byte count and entry count are
-        the sums over its entries, no entry lies past its segment's end,
-        every online disk has the file of each indexed segment."""
+        4): each segment's live-byte count and entry count are the sums
+        over its entries, no entry lies past its segment's end, every
+        online disk has the file of each indexed segment. The committed
+        rows are summed by the committed view (in SQLite), the changes not
+        committed applied to the sums here."""
         problems = []
-        sums: dict = {}
-        for batch in self.scan_blocking():
-            for bid, (seg, off, length) in batch:
-                live, n = sums.get(seg, (0, 0))
-                sums[seg] = (live + length + HDR.size, n + 1)
-                size = self.seg_size.get(seg)
-                if size is None or off + length > size:
-                    problems.append(f"pack {name}: block {bid.hex()} lies past the end "
-                                    f"of segment {seg}")
-        for seg, (total, n) in sums.items():
+        sums = {seg: [total + n * HDR.size, n, end]
+                for seg, (total, n, end) in self.rows.segment_sums().items()}
+        for bid in self.uncommitted():
+            for loc, sign in ((self.rows.get(bid), -1), (self.lookup(bid), 1)):
+                if loc is None:
+                    continue
+                row = sums.setdefault(loc[0], [0, 0, 0])
+                row[0] += sign * (loc[2] + HDR.size)
+                row[1] += sign
+                if sign > 0:
+                    row[2] = max(row[2], loc[1] + loc[2])
+        for seg, (total, n, end) in sums.items():
+            if not n:
+                continue
+            size = self.seg_size.get(seg)
+            if size is None or end > size:
+                problems.append(f"pack {name}: an entry lies past the end of segment {seg} "
+                                f"({end} > {size})")
             if self.seg_live.get(seg, 0) != total or self.seg_count.get(seg, 0) != n:
                 problems.append(f"pack {name}: segment {seg} live bytes "
                                 f"{self.seg_live.get(seg)} != {total} or entries "
@@ -371,7 +388,7 @@ class BlockIndex:
                     problems.append(f"pack {name}: segment file {seg} is missing on "
                                     f"disk {d.idx}")
         for seg, n in self.seg_count.items():
-            if n and seg not in sums:
+            if n and not sums.get(seg, (0, 0))[1]:
                 problems.append(f"pack {name}: segment {seg} counts {n} entries "
                                 "but has none")
         return problems
