@@ -72,22 +72,27 @@ class Reach:
         nodes; returns those not recorded before in one of the packs (to
         walk: what they reach must be recorded in that pack too)."""
         new = []
-        with self.conn:
+        self.conn.execute("BEGIN")      # one transaction a batch (autocommit: one a row)
+        try:
             if not nodes:
                 for p in packs:
                     self.conn.executemany("INSERT INTO reach VALUES (?, ?)",
                                           [(p, b) for b in ids])
-                return new
-            for b in ids:
-                fresh = False
-                for p in packs:
-                    cur = self.conn.execute("INSERT OR IGNORE INTO nodes VALUES (?, ?)",
-                                            (p, b))
-                    if cur.rowcount:
-                        self.conn.execute("INSERT INTO reach VALUES (?, ?)", (p, b))
-                        fresh = True
-                if fresh:
-                    new.append(b)
+            else:
+                for b in ids:
+                    fresh = False
+                    for p in packs:
+                        cur = self.conn.execute("INSERT OR IGNORE INTO nodes VALUES (?, ?)",
+                                                (p, b))
+                        if cur.rowcount:
+                            self.conn.execute("INSERT INTO reach VALUES (?, ?)", (p, b))
+                            fresh = True
+                    if fresh:
+                        new.append(b)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
         return new
 
     def _index(self) -> None:
