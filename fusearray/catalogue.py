@@ -316,10 +316,13 @@ class PackRows:
         self.reads, self.path, self.pack = reads, path, pack
 
     def get(self, bid: bytes):
+        # fetchall: the statement runs to its end, so the connection holds no
+        # read snapshot between lookups (one would keep the WAL from being
+        # checkpointed)
         with self.reads.lock:
-            row = self.reads.conn.execute("SELECT seg, off, len FROM blocks WHERE pack=? "
-                                          "AND id=?", (self.pack, bid)).fetchone()
-        return row
+            rows = self.reads.conn.execute("SELECT seg, off, len FROM blocks WHERE pack=? "
+                                           "AND id=?", (self.pack, bid)).fetchall()
+        return rows[0] if rows else None
 
     def segments(self) -> dict:
         with self.reads.lock:
