@@ -39,6 +39,7 @@ compaction, appends) runs in worker threads through the reader and Pack
 """
 import dataclasses
 import logging
+import sqlite3
 import time
 
 import trio
@@ -256,8 +257,13 @@ class Collector:
         """Every id reachable from a volume, an overlay or a pinned root,
         per pack (of the packs in `only`, default all). Changes nothing."""
         names = list(self.packs) if only is None else [n for n in only if n in self.packs]
-        if sum(self.packs[n].block_count() for n in names) > LIVE_IN_RAM:
-            return await self._plan_on_disk(names)
+        # (not on a full pack: the table needs space on the array's file system)
+        if not self.reclaiming and sum(self.packs[n].block_count() for n in names) > LIVE_IN_RAM:
+            try:
+                return await self._plan_on_disk(names)
+            except (sqlite3.Error, OSError) as e:
+                log.warning("collection: the live set cannot go to disk (%s): marked in RAM",
+                            e)
         live: dict = {name: set() for name in names}
         seen: dict = {name: set() for name in names}   # per pack: a node shared
         for vol in list(self.volumes.values()):        # across packs counts in each
@@ -299,6 +305,8 @@ class Collector:
                 if root is vol.root:
                     over = [b for b in vol.overlay.values() if b != ZERO_ID]
                     await trio.to_thread.run_sync(reach.add_blocking, mine, over)
+            # the sort into an index: the last step that needs space
+            await trio.to_thread.run_sync(reach.index_blocking)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reach.close)

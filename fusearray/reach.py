@@ -95,7 +95,7 @@ class Reach:
         self.conn.execute("COMMIT")
         return new
 
-    def _index(self) -> None:
+    def index_blocking(self) -> None:
         """Before the first query: sort what was reached into an index."""
         if not self.indexed:
             self.conn.execute("PRAGMA main.cache_size=-32768")
@@ -105,7 +105,7 @@ class Reach:
 
     def present_blocking(self, pack: str, ids) -> set:
         """Which of `ids` were reached in `pack`."""
-        self._index()
+        self.index_blocking()
         out = set()
         ids = list(ids)
         for i in range(0, len(ids), 500):
@@ -116,7 +116,7 @@ class Reach:
         return out
 
     def _batches(self, sql: str, args, row=lambda r: bytes(r[0])):
-        self._index()
+        self.index_blocking()
         cur = self.conn.cursor()
         cur.execute(sql, args)
         while True:
@@ -146,7 +146,7 @@ class Reach:
 
     def count_blocking(self, pack: str) -> int:
         """Distinct ids reached in `pack`."""
-        self._index()
+        self.index_blocking()
         return self.conn.execute("SELECT COUNT(DISTINCT id) FROM reach WHERE pack=?",
                                  (pack,)).fetchone()[0]
 

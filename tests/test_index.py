@@ -257,14 +257,15 @@ def test_fsck_finds_a_dangling_block_a_leak_and_bad_accounting_per_pack(tmp_path
 
 
 # ---- garbage collection with its live set on disk ------------------------------------
-@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("on_disk", [False, True, "no space"])
 async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, monkeypatch,
-                                                                  on_disk):
+                                                                  caplog, on_disk):
     """Overwrites, shadow copies, a deleted set, a punched range and a copy
     to another pack in progress: a collection with the live ids in RAM and
     one with them in a table on disk (a big array's: gc.LIVE_IN_RAM) free
     exactly what nothing reaches, the data reads back, fsck --strict is
-    clean, and the table is gone afterwards."""
+    clean, and the table is gone afterwards. A table that cannot be made
+    (no space) falls back to RAM, with a warning."""
     from fusearray import gc
     tables = []
     if on_disk:
@@ -274,6 +275,11 @@ async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, mon
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 tables.append(self.dir)
+
+            def index_blocking(self):
+                if on_disk == "no space":
+                    raise OSError(28, "No space left on device")
+                super().index_blocking()
         monkeypatch.setattr(gc, "Reach", Counted)
     init_array(str(tmp_path / "arr"))
     (tmp_path / "far").mkdir()
@@ -300,7 +306,9 @@ async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, mon
         runs = a.collector.runs["collect"]
         await a.collect_garbage()
         assert a.collector.runs["collect"] == runs + 1
-        assert bool(tables) == on_disk
+        assert bool(tables) == bool(on_disk)
+        warned = [r for r in caplog.records if "cannot go to disk" in r.getMessage()]
+        assert bool(warned) == (on_disk == "no space")
         assert not [f for f in os.listdir(a.path) if f.startswith(".reach.")]
         assert bytes(await vol.read(0, 16 * MiB)) == model
         await assert_clean(a, strict=True)
