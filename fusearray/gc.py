@@ -4,18 +4,25 @@ A collection (`collect`): write back and merge first (so every overlay is
 in a map), then
 - PLAN (`plan`): mark every block id reachable from a volume, an overlay
   or a pinned root, per pack (a copied volume's blocks count in both its
-  packs); nothing is changed;
+  packs); nothing is changed. The live ids go into a set in RAM, or when
+  the packs store more than LIVE_IN_RAM blocks into a table on disk
+  (reach.py: bounded RAM; not on a full pack, and in RAM after all when
+  the table cannot be made);
 - EXECUTE (`execute`): drop the index entries of every other block
-  (sweep), close a mostly-dead active segment to appends, move the live
+  (a scan of the index against the set, or a join with the table), close a mostly-dead active segment to appends, move the live
   blocks out of sparse segments (compaction, may use the pack's reserve);
 then commit (the write-back's `commit`): the segments left with nothing
 live are recycled as spares or deleted after the commit that dropped
 their entries. A pack that refused writes for being full is retried.
 
-What a crash leaves: before that commit, the old index (the sweep was in
+What a crash leaves: before that commit, the old index (the drop was in
 memory only; the compacted copies are unreferenced segment bytes, removed
-at the next open); after it, dead segment files not yet removed, found
-unreferenced and removed at the next open. Never a reachable block lost.
+at the next open; a table on disk, ARRAY/.reach.*, removed at the next
+open); after it, dead segment files not yet removed, found unreferenced
+and removed at the next open. Never a reachable block lost.
+
+The cost of a collection follows what is stored, not what changed: every
+map root is walked, with the commit lock held (issue 16 point 4).
 
 `reclaim` is the collection a full pack runs in the middle of a write-back
 (WriteBack._flush_pack): no flush, no new data, compaction up to
