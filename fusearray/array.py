@@ -778,7 +778,7 @@ class Array:
                         self._pack_index_cache(len(self.packs) + 1))
             await trio.to_thread.run_sync(pack.open_blocking, self._pack_rows(name))
             for p in self.packs.values():       # the same --index-cache, shared by one more
-                p.blocks.cache.resize(self._pack_index_cache(len(self.packs) + 1))
+                p.resize_index_cache(self._pack_index_cache(len(self.packs) + 1))
             self.packs[name] = pack
             self.writeback.changes.packs_add.append((name, layout, time.time(), paths))
             self.event("info", f"added pack {name}: {layout} over {', '.join(paths)}")

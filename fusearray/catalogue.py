@@ -217,10 +217,6 @@ class Catalogue:
         return self.conn.execute("SELECT idx, path, state, since FROM disks WHERE pack=? "
                                  "ORDER BY idx", (pack,)).fetchall()
 
-    def block_rows(self, pack: str):
-        return self.conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=?",
-                                 (pack,))
-
     def volumes(self) -> list[dict]:
         cur = self.conn.execute(f"SELECT {', '.join(VOLUME_COLUMNS)} FROM volumes "
                                 "ORDER BY vid")

@@ -11,9 +11,10 @@ Invariants:
 6. each volume's `allocated` equals its non-zero map entries.
 
 Memory is bounded whatever the array holds: the maps are walked node by
-node, and what they reach goes into a table on disk (`Reach`, a SQLite
-file in a temporary directory, removed at the end), not into RAM; the
-index is streamed in batches (Pack.scan_blocking) and checked against it.
+node, and what they reach goes into a table on disk (reach.py: a SQLite
+file in ARRAY/.reach.*, removed at the end), not into RAM; leaks and
+dangling references are joins of it with the catalogue's index, the
+accounting a GROUP BY (the changes not committed looked up in the pack).
 `packs` limits the check to some packs: their index, and the volumes whose
 blocks lie in them.
 """

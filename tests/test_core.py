@@ -464,9 +464,10 @@ async def open_array(path, cache=8 * MiB):
     return a
 
 
-async def with_array(path, fn, cache=8 * MiB):
+async def with_array(path, fn, cache=8 * MiB, **kw):
+    """Open the array at `path` (Array keywords `kw`), run `fn(array)`, close it."""
     async with trio.open_nursery() as n:
-        a = Array(str(path), cache)
+        a = Array(str(path), cache, **kw)
         await a.open(n)
         try:
             return await fn(a)

@@ -11,26 +11,15 @@ import pytest
 
 import trio
 
-from fusearray.array import Array, init_array
+from fusearray.array import init_array
 from fusearray.catalogue import Catalogue, Changes
-from fusearray.store import HDR
+from fusearray.store import DEFAULT_INDEX_CACHE, HDR
 from fusearray.store.index import CACHE_ENTRY_BYTES, BlockIndex
 
 from conftest import cli, drop_caches, sha
-from test_core import assert_clean
+from test_core import assert_clean, with_array
 
 MiB = 1 << 20
-
-
-async def with_array(path, fn, index_cache=None):
-    async with trio.open_nursery() as n:
-        a = Array(str(path), 8 * MiB, index_cache=index_cache)
-        await a.open(n)
-        try:
-            return await fn(a)
-        finally:
-            await a.close()
-            n.cancel_scope.cancel()
 
 
 # ---- the index alone --------------------------------------------------------------
@@ -287,6 +276,9 @@ async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, mon
 
     async def body(a):
         await a.add_pack("far", "single", [str(tmp_path / "far")])
+        # the two packs share --index-cache (after SQLite's quarter)
+        share = (DEFAULT_INDEX_CACHE - DEFAULT_INDEX_CACHE // 4) // 2
+        assert [p.index_status()["limit_bytes"] for p in a.packs.values()] == [share] * 2
         vol = await a.create_lun("l", "16M")
         model = bytearray(16 * MiB)
         for _ in range(3):
@@ -343,3 +335,17 @@ async def test_walk_records_a_shared_subtree_in_each_pack_that_reaches_it(tmp_pa
     finally:
         reach.close()
     assert not os.path.exists(reach.dir)
+
+
+async def test_a_table_a_crash_left_is_removed_at_open(tmp_path):
+    """A collection's or fsck's table on disk (ARRAY/.reach.*) that a
+    SIGKILL left behind is removed when the array opens."""
+    init_array(str(tmp_path / "arr"))
+    left = tmp_path / "arr" / ".reach.abc123"
+    left.mkdir()
+    (left / "reach.db").write_bytes(b"x" * 4096)
+
+    async def body(a):
+        assert not left.exists()
+        assert not [f for f in os.listdir(a.path) if f.startswith(".reach.")]
+    await with_array(tmp_path / "arr", body)

@@ -251,9 +251,6 @@ class Pack:
     def add(self, bid: bytes, loc) -> None:
         self.blocks.add(bid, loc)
 
-    def sweep(self, live: set) -> int:
-        return self.blocks.sweep(live)
-
     def dead_blocking(self, live: set) -> list:
         return self.blocks.dead_blocking(live)
 
@@ -277,6 +274,10 @@ class Pack:
 
     def index_status(self) -> dict:
         return self.blocks.cache.status()
+
+    def resize_index_cache(self, limit_bytes: int) -> None:
+        """The pack's share of --index-cache changed (a pack was added)."""
+        self.blocks.cache.resize(limit_bytes)
 
     def dead_segments(self) -> list[int]:
         return self.blocks.dead_segments(self.segs.is_active)
