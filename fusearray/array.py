@@ -191,7 +191,7 @@ def init_array(path: str, packs: list[str] | None = None,
     try:
         now = time.time()
         ch = Changes(meta={"format": FORMAT_VERSION, "uuid": array_id,
-                           "next_serial": 1, "next_vid": 1},
+                           "next_serial": 1, "next_vid": 1, "refs": 1},
                      packs_add=[(n, l, now, p) for n, l, p in checked],
                      events=[(now, "info", f"array created at {path}")])
         for name, _, paths in checked:
@@ -501,6 +501,7 @@ class Array:
             self.event(level, n)
         self.event("info", f"array opened: {len(self.luns)} LUN(s), "
                    f"{len(self.packs)} pack(s)")
+        await self.writeback.open_refs(self._meta)
         await self._replay_log()
         self.intent.start()
         self.writeback.last_commit = time.monotonic()
@@ -740,7 +741,7 @@ class Array:
             new_nodes.append((nid, data))
         root, delta = await maps.trim(vol.root, vol.height, keep, self.reader.loader(vol),
                                       emit, self.hasher)
-        await self.writeback.store_new([(vol.pack, nid, d) for nid, d in new_nodes])
+        await self.writeback.store_nodes(vol, new_nodes)
         vol.root = root
         vol.allocated += delta
         self.collector.want()

@@ -50,9 +50,14 @@ def create_tables(conn: sqlite3.Connection) -> None:
         seg  INTEGER NOT NULL,      -- segment file number
         off  INTEGER NOT NULL,      -- offset of the data (after the header)
         len  INTEGER NOT NULL,      -- data length
+        refs INTEGER NOT NULL DEFAULT 0,    -- references (refs.py): map roots
+                                    -- of the pack's volumes + entries of counted nodes
+        counted INTEGER NOT NULL DEFAULT 0, -- 1: a map node whose entries are counted
         PRIMARY KEY (pack, id)
     ) WITHOUT ROWID;
     CREATE INDEX blocks_seg ON blocks (pack, seg);
+    -- what a collection looks at: the rows nothing references
+    CREATE INDEX blocks_unref ON blocks (pack, id) WHERE refs = 0;
     -- each segment's accounting, kept with the blocks rows of the same
     -- commit so that opening reads one row a segment, not one a block
     CREATE TABLE segments (
@@ -134,6 +139,16 @@ def upgrade_tables(conn: sqlite3.Connection, record_header: int) -> None:
             conn.execute("INSERT INTO segments SELECT pack, seg, SUM(len) + COUNT(*) * ?, "
                          "MAX(off + len), COUNT(*) FROM blocks GROUP BY pack, seg",
                          (record_header,))
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(blocks)")}
+    if cols and "refs" not in cols:
+        # the counts themselves are made at the next open (meta refs absent:
+        # refs.recount, one walk of every map)
+        with _Txn(conn):
+            conn.execute("ALTER TABLE blocks ADD COLUMN refs INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE blocks ADD COLUMN counted INTEGER NOT NULL DEFAULT 0")
+            conn.execute("CREATE INDEX IF NOT EXISTS blocks_unref ON blocks (pack, id) "
+                         "WHERE refs = 0")
+            conn.execute("DELETE FROM meta WHERE key='refs'")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
     if "noise" not in cols:
         conn.execute("ALTER TABLE events ADD COLUMN noise INTEGER NOT NULL DEFAULT 0")
@@ -155,6 +170,9 @@ class Changes:
     blocks_add: dict = dataclasses.field(default_factory=dict)  # pack -> {id: loc}
     blocks_del: dict = dataclasses.field(default_factory=dict)  # pack -> {id}
     segments: dict = dataclasses.field(default_factory=dict)    # pack -> {seg: (live, size, count) | None}
+    refs: dict = dataclasses.field(default_factory=dict)        # pack -> {id: change of refs}
+    counted: dict = dataclasses.field(default_factory=dict)     # pack -> {id} now counted nodes
+    recount: dict = dataclasses.field(default_factory=dict)     # pack -> [(refs, counted, id)]: absolute
     volumes: list = dataclasses.field(default_factory=list)     # rows (dict)
     volumes_del: list = dataclasses.field(default_factory=list) # vids
     sets_add: list = dataclasses.field(default_factory=list)    # (name, created)
@@ -167,7 +185,8 @@ class Changes:
 
     def empty(self) -> bool:
         return not (any(self.blocks_add.values()) or any(self.blocks_del.values())
-                    or any(self.segments.values())
+                    or any(self.segments.values()) or any(self.refs.values())
+                    or any(self.counted.values()) or self.recount
                     or self.volumes or self.volumes_del or self.sets_add
                     or self.sets_del or self.packs_add or self.events or self.meta
                     or self.jobs)
@@ -248,12 +267,27 @@ class Catalogue:
                 c.executemany("INSERT INTO disks VALUES (?,?,?,?,?)",
                               [(name, i, p, "online", None) for i, p in enumerate(paths)])
             c.executemany("INSERT OR REPLACE INTO disks VALUES (?,?,?,?,?)", ch.disks)
+            # a row dropped and added again in one commit (freed, then
+            # written anew) is deleted first: it starts with no references
             for pack, ids in ch.blocks_del.items():
                 c.executemany("DELETE FROM blocks WHERE pack=? AND id=?",
                               [(pack, b) for b in ids])
+            # a row that moves (compaction) keeps its references
             for pack, adds in ch.blocks_add.items():
-                c.executemany("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
+                c.executemany("INSERT INTO blocks (pack, id, seg, off, len) VALUES (?,?,?,?,?) "
+                              "ON CONFLICT (pack, id) DO UPDATE SET seg=excluded.seg, "
+                              "off=excluded.off, len=excluded.len",
                               [(pack, b, s, o, n) for b, (s, o, n) in adds.items()])
+            for pack, rows in ch.recount.items():
+                c.execute("UPDATE blocks SET refs=0, counted=0 WHERE pack=?", (pack,))
+                c.executemany("UPDATE blocks SET refs=?, counted=? WHERE pack=? AND id=?",
+                              [(r, k, pack, b) for r, k, b in rows])
+            for pack, deltas in ch.refs.items():
+                c.executemany("UPDATE blocks SET refs=refs+? WHERE pack=? AND id=?",
+                              [(d, pack, b) for b, d in deltas.items() if d])
+            for pack, ids in ch.counted.items():
+                c.executemany("UPDATE blocks SET counted=1 WHERE pack=? AND id=?",
+                              [(pack, b) for b in ids])
             for pack, segs in ch.segments.items():
                 c.executemany("DELETE FROM segments WHERE pack=? AND seg=?",
                               [(pack, s) for s, row in segs.items() if row is None])
@@ -341,6 +375,27 @@ class PackRows:
                                            "pack=? AND seg=?", (self.pack, seq)).fetchall()
         return [(bytes(b), (s, o, n)) for b, s, o, n in rows]
 
+    def refs(self, ids) -> dict:
+        """{id: (refs, counted)} of the committed rows among `ids`."""
+        out = {}
+        ids = list(ids)
+        with self.reads.lock:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                for b, r, k in self.reads.conn.execute(
+                        f"SELECT id, refs, counted FROM blocks WHERE pack=? AND id IN ({marks})",
+                        [self.pack] + part).fetchall():
+                    out[bytes(b)] = (r, k)
+        return out
+
+    def unreferenced(self) -> list:
+        """The committed rows with no reference: [(id, loc)]."""
+        with self.reads.lock:
+            rows = self.reads.conn.execute("SELECT id, seg, off, len FROM blocks WHERE "
+                                           "pack=? AND refs=0", (self.pack,)).fetchall()
+        return [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+
     def scan(self):
         """Every row in id order, in batches of SCAN_BATCH, on a
         connection of its own (one read snapshot: a commit meanwhile is
@@ -359,7 +414,8 @@ class PackRows:
         finally:
             conn.close()
 
-    def apply(self, adds: dict, dels: set) -> None:
+    def apply(self, adds: dict, dels: set, refs: dict | None = None,
+              counted=()) -> None:
         """(the catalogue's commit wrote them)"""
 
     def close(self) -> None:

@@ -8,7 +8,12 @@ Invariants:
 3. each segment's live-byte count equals the sum over its index entries;
 4. every indexed segment file exists and is long enough;
 5. (`verify_data`) every reachable block reads back matching its hash;
-6. each volume's `allocated` equals its non-zero map entries.
+6. each volume's `allocated` equals its non-zero map entries;
+7. each index entry's reference count (refs.py) is the number of roots of
+   the pack's volumes (not being copied) equal to it plus its occurrences
+   in the pack's counted nodes, and every entry of a counted node is
+   indexed (a count too low would let a collection free live data, one too
+   high leaks space).
 
 Memory is bounded whatever the array holds: the maps are walked node by
 node, and what they reach goes into a table on disk (reach.py: a SQLite
@@ -20,7 +25,7 @@ blocks lie in them.
 """
 import trio
 
-from . import ZERO_ID, maps
+from . import ZERO_ID, maps, refs
 from .reach import Reach, stream, unindexed, unreached, walk
 
 
@@ -30,6 +35,9 @@ async def check(array, strict: bool = False, verify_data: bool = False,
     with the array's commit lock held: the index and the maps stand still
     while they are streamed (the committer and GC wait)."""
     async with array.writeback.lock:
+        # counts owed until the commit are made whole first (refs.py: the
+        # next commit would write them so)
+        await array.writeback.refs.settle()
         return await _check(array, strict, verify_data, packs, tmpdir)
 
 
@@ -87,9 +95,56 @@ async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
                                 "referenced by any volume")
             # 3, 4: the accounting
             problems += await trio.to_thread.run_sync(pack.index_problems_blocking)
+            # 7: the reference counts
+            problems += await _check_refs(array, pack, reach)
     finally:
         await trio.to_thread.run_sync(reach.close)
     return {"problems": problems, "blocks": blocks, "live": live}
+
+
+async def _check_refs(array, pack, reach) -> list[str]:
+    """Invariant 7 for `pack`: the expected references go into a table on
+    disk (each counted node read once), then every entry's count is
+    compared with it, batch by batch."""
+    problems = []
+    name = pack.name
+    roots = [root for (p, root), n in refs.counted_roots(array.volumes.values()).items()
+             for _ in range(n) if p == name]
+    await trio.to_thread.run_sync(reach.add_refs_blocking, name, roots)
+    it = pack.scan_blocking()
+    async for batch in stream(it):
+        now = await trio.to_thread.run_sync(pack.refs_blocking, [b for b, _ in batch])
+        for bid, loc in batch:
+            if not now.get(bid, (0, False))[1]:
+                continue
+            try:
+                node = array.reader.nodes.get(bid) or bytes(
+                    (await array.reader.read_locs(pack, [bid], [loc]))[0])
+            except Exception as e:
+                problems.append(f"pack {name}: counted map node {bid.hex()} unreadable: {e}")
+                continue
+            kids = [k for k, n in refs.entries(node).items() for _ in range(n)]
+            await trio.to_thread.run_sync(reach.add_refs_blocking, name, kids)
+    wrong = 0
+    async for batch in stream(pack.scan_blocking()):
+        ids = [b for b, _ in batch]
+        now = await trio.to_thread.run_sync(pack.refs_blocking, ids)
+        want = await trio.to_thread.run_sync(reach.expected_refs_blocking, name, ids)
+        for bid in ids:
+            have = now.get(bid, (0, False))[0]
+            if have != want.get(bid, 0):
+                wrong += 1
+                if wrong <= 10:
+                    problems.append(f"pack {name}: block {bid.hex()} counts {have} "
+                                    f"reference(s), {want.get(bid, 0)} expected")
+    if wrong > 10:
+        problems.append(f"pack {name}: {wrong - 10} more wrong reference counts")
+    async for batch in stream(reach.referenced_blocking(name)):
+        for bid in batch:
+            if pack.lookup(bid) is None:
+                problems.append(f"pack {name}: {bid.hex()} is referenced by a counted "
+                                "node or root but not indexed")
+    return problems
 
 
 def _in_other_pack(array, pack, bid: bytes) -> bool:

@@ -2,27 +2,28 @@
 
 A collection (`collect`): write back and merge first (so every overlay is
 in a map), then
-- PLAN (`plan`): mark every block id reachable from a volume, an overlay
-  or a pinned root, per pack (a copied volume's blocks count in both its
-  packs); nothing is changed. The live ids go into a set in RAM, or when
-  the packs store more than LIVE_IN_RAM blocks into a table on disk
-  (reach.py: bounded RAM; not on a full pack, and in RAM after all when
-  the table cannot be made);
-- EXECUTE (`execute`): drop the index entries of every other block
-  (a scan of the index against the set, or a join with the table), close a mostly-dead active segment to appends, move the live
-  blocks out of sparse segments (compaction, may use the pack's reserve);
+- PLAN (`plan`): bring the counts of the volumes' map roots up to date,
+  and gather per pack what must stay although nothing counts a reference
+  to it (overlays, pinned roots, the maps of volumes being copied or
+  deleted while open); nothing is changed;
+- EXECUTE (`execute`): free every block and map node with no reference
+  (refs.py: the index's rows with refs = 0, and through each freed node
+  the entries it no longer holds), close a mostly-dead active segment to
+  appends, move the live blocks out of sparse segments (compaction, may
+  use the pack's reserve);
 then commit (the write-back's `commit`): the segments left with nothing
 live are recycled as spares or deleted after the commit that dropped
 their entries. A pack that refused writes for being full is retried.
 
 What a crash leaves: before that commit, the old index (the drop was in
 memory only; the compacted copies are unreferenced segment bytes, removed
-at the next open; a table on disk, ARRAY/.reach.*, removed at the next
-open); after it, dead segment files not yet removed, found unreferenced
-and removed at the next open. Never a reachable block lost.
+at the next open); after it, dead segment files not yet removed, found
+unreferenced and removed at the next open. Never a reachable block lost. The counts
+change in the same transaction as the rows and roots (refs.py).
 
-The cost of a collection follows what is stored, not what changed: every
-map root is walked, with the commit lock held (issue 16 point 4).
+The cost of a collection follows what it frees (and the size of the
+volumes being copied or deleted while open), not what is stored: no map
+root is walked otherwise.
 
 `reclaim` is the collection a full pack runs in the middle of a write-back
 (WriteBack._flush_pack): no flush, no new data, compaction up to
@@ -46,14 +47,12 @@ compaction, appends) runs in worker threads through the reader and Pack
 """
 import dataclasses
 import logging
-import sqlite3
 import time
 
 import trio
 
 from . import ZERO_ID, maps
 from .errors import ArrayError
-from .reach import Reach, unreached, walk
 from .util import human_bytes
 
 log = logging.getLogger("fusearray")
@@ -77,41 +76,23 @@ AS_WE_GO_COMPACT = 0.25
 RECLAIM_RATIO = 0.95
 
 
-#: Stored blocks (all packs a collection looks at) up to which the marking
-#: keeps the live ids in a set in RAM (about 100 bytes each); above, in a
-#: table on disk (reach.py: bounded RAM, slower)
-LIVE_IN_RAM = 1 << 20
-
-
 @dataclasses.dataclass
 class Plan:
-    """What a collection does: in each pack of `live`, drop every block
-    not in its set (or, `reach` given, not reached in that table on disk);
+    """What a collection does: in each pack of `protect`, free every
+    block and node with no reference (refs.py) except those in its set;
     then seal the active segment if less than `seal` of it is live, and
     compact sealed segments less than `compact` live."""
-    live: dict               # pack name -> set of live ids (None: see reach)
+    protect: dict            # pack name -> ids kept although unreferenced
     seal: float = 0.5
     compact: float = 0.5
-    reach: Reach | None = None
-
-    def close(self) -> None:
-        """Worker thread: remove the table on disk."""
-        if self.reach is not None:
-            self.reach.close()
-
-
-async def _closed(plan: Plan) -> None:
-    """Remove a plan's table on disk, even when cancelled."""
-    if plan.reach is not None:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(plan.close)
 
 
 class Collector:
     """The garbage collector (see the module docstring)."""
 
-    def __init__(self, store, packs: dict, volumes: dict, *, read_locs, loader):
+    def __init__(self, store, packs: dict, volumes: dict, *, read_locs, loader, refs):
         self.store = store              # the write-back: flush, merge, commit, retry_full_packs
+        self.refs = refs                # the reference counts (refs.RefCounts)
         self.packs = packs
         self.volumes = volumes
         self.read_locs = read_locs
@@ -185,8 +166,11 @@ class Collector:
         self.pins.extend(roots)
 
     def unpin(self, roots) -> None:
+        """(what they kept may be unreferenced now: the next collection
+        frees it)"""
         for r in roots:
             self.pins.remove(r)
+        self.want()
 
     def statistics(self) -> dict:
         """Counters since the mount (ctl/metrics): `runs` per kind
@@ -206,7 +190,7 @@ class Collector:
     # ---- collections -------------------------------------------------------------
     async def collect(self, only: list | None = None, flush: bool = True,
                       compact: float = 0.5) -> None:
-        """Mark every block reachable from a volume, sweep the rest, compact
+        """Free every block no map references (refs.py), compact
         segments less than `compact` live, commit, delete emptied segments;
         with `only`, in those packs alone (their volumes' maps are all it
         walks); with flush=False, what is already stored only (dirty blocks
@@ -224,12 +208,9 @@ class Collector:
             await store.flush()
         await store.merge()
         plan = await self.plan(only)
-        try:
-            plan.compact = compact
-            freed = await self.execute(plan)
-        finally:
-            await _closed(plan)
-        await store.commit(flush)
+        plan.compact = compact
+        freed = await self.execute(plan)
+        await store.commit(flush, freed=set(plan.protect))
         self._ran("collect", t0)
         if freed:
             log.info("gc freed %s", human_bytes(freed))
@@ -249,94 +230,89 @@ class Collector:
                 pass
             self.wanted = False         # this is a collection: set again by what frees
             plan = await self.plan(None)
-            try:
-                plan.seal, plan.compact = 1.0, RECLAIM_RATIO
-                freed = await self.execute(plan)
-            finally:
-                await _closed(plan)
-            await store.commit(flush=False)
+            plan.seal, plan.compact = 1.0, RECLAIM_RATIO
+            freed = await self.execute(plan)
+            await store.commit(flush=False, freed=set(plan.protect))
             self._ran("reclaim", t0)
             log.info("reclaim on a full pack freed %s", human_bytes(freed))
         finally:
             self.reclaiming = False
 
     async def plan(self, only: list | None = None) -> Plan:
-        """Every id reachable from a volume, an overlay or a pinned root,
-        per pack (of the packs in `only`, default all). Changes nothing."""
+        """What a collection of the packs in `only` (default all) may not
+        free although nothing counts a reference to it (refs.py): the
+        volumes' overlays, the roots pinned by exports, and what a volume
+        being copied or deleted-but-open reaches (a walk of that volume's
+        map only). Brings the counts of the volumes' roots up to date
+        first. Changes nothing else."""
         names = list(self.packs) if only is None else [n for n in only if n in self.packs]
-        # (not on a full pack: the table needs space on the array's file system)
-        if not self.reclaiming and sum(self.packs[n].block_count() for n in names) > LIVE_IN_RAM:
-            try:
-                return await self._plan_on_disk(names)
-            except (sqlite3.Error, OSError) as e:
-                log.warning("collection: the live set cannot go to disk (%s): marked in RAM",
-                            e)
-        live: dict = {name: set() for name in names}
-        seen: dict = {name: set() for name in names}   # per pack: a node shared
-        for vol in list(self.volumes.values()):        # across packs counts in each
-            if vol.source is not None:     # its blocks must stay in both packs
-                if vol.source.name not in live and vol.pack.name not in live:
-                    continue
-                mine: set = set(vol.overlay.values())
-                await maps.mark(vol.root, vol.height, self.loader(vol), mine, set())
-                for name in (vol.source.name, vol.pack.name):
-                    if name in live:
-                        live[name] |= mine
-            elif vol.pack.name in live:
-                await maps.mark(vol.root, vol.height, self.loader(vol),
-                                live[vol.pack.name], seen[vol.pack.name])
-                live[vol.pack.name].update(vol.overlay.values())
-        for vol, root, height in list(self.pins):
-            if vol.source is not None:     # still copied: in both packs, as above
-                mine = set()
-                await maps.mark(root, height, self.loader(vol), mine, set())
-                for name in (vol.source.name, vol.pack.name):
-                    if name in live:
-                        live[name] |= mine
-            elif vol.pack.name in live:
-                await maps.mark(root, height, self.loader(vol), live[vol.pack.name],
-                                seen[vol.pack.name])
-        return Plan(live)
+        self.refs.update_roots()
+        protect: dict = {name: set() for name in names}
 
-    async def _plan_on_disk(self, names: list) -> Plan:
-        """`plan` for a big array: the same marking into a table on disk."""
-        reach = await trio.to_thread.run_sync(Reach, self.store.catalogue.path)
-        try:
-            roots = [(vol, vol.root, vol.height) for vol in list(self.volumes.values())]
-            for vol, root, height in roots + list(self.pins):
-                mine = [p.name for p in (vol.pack, vol.source)     # a copy: in both
-                        if p is not None and p.name in names]
-                if not mine:
-                    continue
-                await walk(root, height, self.loader(vol), reach, mine)
-                if root is vol.root:
-                    over = [b for b in vol.overlay.values() if b != ZERO_ID]
-                    await trio.to_thread.run_sync(reach.add_blocking, mine, over)
-            # the sort into an index: the last step that needs space
-            await trio.to_thread.run_sync(reach.index_blocking)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(reach.close)
-            raise
-        return Plan({name: None for name in names}, reach=reach)
+        async def reaches(vol, root, height):
+            if vol.source is None:          # a counted root: its subtree is counted
+                ids = {root} - {ZERO_ID}
+            else:                           # being copied: nothing of it is counted
+                ids = set()
+                await maps.mark(root, height, self.loader(vol), ids, set())
+            for p in (vol.pack, vol.source):
+                if p is not None and p.name in protect:
+                    protect[p.name] |= ids
+        for vol in list(self.volumes.values()):
+            if vol.pack.name in protect:
+                protect[vol.pack.name].update(vol.overlay.values())
+            if vol.source is not None or vol.deleted:
+                await reaches(vol, vol.root, vol.height)
+        for vol, root, height in list(self.pins):
+            await reaches(vol, root, height)
+        return Plan(protect)
+
+    async def release(self, done=()) -> int:
+        """In each commit, before its transaction: free what the changes
+        since the last commit left without a reference (the nodes a merge
+        replaced and the blocks only they held, a deleted volume's map),
+        so that the counts written are the net change (refs.RefCounts.free,
+        eager). Not in a pack a volume being copied or deleted-but-open
+        touches (what it reaches would need a walk): the next collection
+        frees those. `done`: the packs a collection freed just before
+        (nothing more to find there). Returns the bytes freed. Caller holds
+        the commit lock."""
+        skip = set(done)
+        for vol, _, _ in [(v, None, None) for v in self.volumes.values()] + list(self.pins):
+            if vol.source is not None or vol.deleted:
+                skip |= {p.name for p in (vol.pack, vol.source) if p is not None}
+        protect: dict = {n: set() for n, p in self.packs.items()
+                         if n not in skip and p.has_pending()}
+        if not protect:
+            return 0
+        for vol in self.volumes.values():
+            if vol.pack.name in protect:
+                protect[vol.pack.name].update(vol.overlay.values())
+        for vol, root, _ in self.pins:
+            if vol.pack.name in protect:
+                protect[vol.pack.name].add(root)
+        freed = 0
+        for name, keep in protect.items():
+            pack = self.packs[name]
+            dead = await self.refs.free(pack, keep, eager=True)
+            if dead:
+                n = pack.drop(dead)
+                self.freed_bytes[name] = self.freed_bytes.get(name, 0) + n
+                freed += n
+        return freed
 
     async def execute(self, plan: Plan) -> int:
-        """Sweep every pack of `plan`, then seal and compact each; the
-        caller commits. Returns the bytes freed."""
+        """Free what nothing references in every pack of `plan` (the
+        cascade through freed nodes, refs.RefCounts.free), then seal and
+        compact each; the caller commits. Returns the bytes freed."""
         freed = 0
-        for name, live in plan.live.items():
+        for name, protect in plan.protect.items():
             pack = self.packs[name]
-            # the index is on disk: the scan (or the join) for what is not
-            # live runs in worker threads (the commit lock keeps the index
-            # still), the drop on the trio thread
-            if plan.reach is not None:
-                dead = await unreached(pack, plan.reach)
-            else:
-                dead = await trio.to_thread.run_sync(pack.dead_blocking, live)
+            dead = await self.refs.free(pack, protect)
             n = pack.drop(dead)
             self.freed_bytes[name] = self.freed_bytes.get(name, 0) + n
             freed += n
-        for name in plan.live:
+        for name in plan.protect:
             pack = self.packs[name]
             pack.seal_if_sparse(plan.seal)
             await self.compact(pack, plan.compact)

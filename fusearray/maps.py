@@ -104,12 +104,15 @@ def _seal(node: bytearray, hasher, emit) -> bytes:
 
 
 async def apply(root: bytes, height: int, updates: dict, load, emit, hasher,
-                stats: dict | None = None):
+                stats: dict | None = None, pairs: list | None = None):
     """Write `updates` {bno: id} into the map. Returns (new root, change in
     the number of non-zero entries). `stats["replaced"]` counts non-zero
-    entries that were overwritten (what may have become garbage)."""
+    entries that were overwritten (what may have become garbage). `pairs`
+    (a list) receives (old node id, new node id, [slots written]) for each
+    node rewritten into another (refs.py counts the new one from the old)."""
     st = stats if stats is not None else {}
     st.setdefault("replaced", 0)
+    st["pairs"] = pairs
     if not updates:
         return root, 0
     items = sorted(updates.items())
@@ -119,8 +122,10 @@ async def apply(root: bytes, height: int, updates: dict, load, emit, hasher,
 async def _apply(nid, level, base, items, load, emit, hasher, st):
     node = bytearray(ZERO_NODE) if nid == ZERO_ID else bytearray(await load(nid))
     delta = 0
+    slots = []
     if level == 0:
         for bno, bid in items:
+            slots.append(bno - base)
             i = (bno - base) * ENTRY
             old = node[i:i + ENTRY]
             was_zero = old == ZERO_ID
@@ -139,9 +144,13 @@ async def _apply(nid, level, base, items, load, emit, hasher, st):
             new, d = await _apply(child(node, ci), level - 1, base + ci * span,
                                   items[start:end], load, emit, hasher, st)
             node[ci * ENTRY:(ci + 1) * ENTRY] = new
+            slots.append(ci)
             delta += d
             start = end
-    return _seal(node, hasher, emit), delta
+    new = _seal(node, hasher, emit)
+    if st.get("pairs") is not None and nid != ZERO_ID and new not in (nid, ZERO_ID):
+        st["pairs"].append((bytes(nid), new, slots))
+    return new, delta
 
 
 def grow(root: bytes, height: int, new_height: int, emit, hasher) -> bytes:

@@ -62,10 +62,46 @@ class Reach:
             self.conn.execute("CREATE TABLE reach (pack TEXT NOT NULL, id BLOB NOT NULL)")
             self.conn.execute("CREATE TABLE nodes (pack TEXT NOT NULL, id BLOB NOT NULL, "
                               "PRIMARY KEY (pack, id)) WITHOUT ROWID")
+            # fsck: one row per reference the counts should hold (refs.py)
+            self.conn.execute("CREATE TABLE refs (pack TEXT NOT NULL, id BLOB NOT NULL)")
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         self.indexed = False
+        self.refs_indexed = False
+
+    def add_refs_blocking(self, pack: str, ids) -> None:
+        """Record one expected reference in `pack` to each of `ids` (an id
+        given n times: n references)."""
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.executemany("INSERT INTO refs VALUES (?, ?)", [(pack, b) for b in ids])
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def expected_refs_blocking(self, pack: str, ids) -> dict:
+        """{id: expected references} for those of `ids` with any."""
+        if not self.refs_indexed:
+            self.conn.execute("CREATE INDEX refs_id ON refs (pack, id)")
+            self.refs_indexed = True
+        out = {}
+        ids = list(ids)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            for b, n in self.conn.execute(
+                    f"SELECT id, COUNT(*) FROM refs WHERE pack=? AND id IN "
+                    f"({','.join('?' * len(part))}) GROUP BY id", (pack, *part)):
+                out[bytes(b)] = n
+        return out
+
+    def referenced_blocking(self, pack: str):
+        """Every id with an expected reference in `pack`, in batches."""
+        if not self.refs_indexed:
+            self.conn.execute("CREATE INDEX refs_id ON refs (pack, id)")
+            self.refs_indexed = True
+        return self._batches("SELECT DISTINCT id FROM refs WHERE pack=? ORDER BY id", (pack,))
 
     def add_blocking(self, packs, ids, nodes: bool = False) -> list:
         """Record `ids` as reached in each of `packs`. `nodes`: they are map

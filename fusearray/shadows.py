@@ -542,8 +542,7 @@ class Shadows:
             async with wb.lock:
                 for vol in vols:
                     if vol.vid in self.ns.volumes:
-                        vol.source = None
-                        wb.mark_row(vol)
+                        await wb.end_copy(vol)
                 job.state, job.finished = "done", time.time()
                 job.done_bytes = job.total_bytes
                 wb.mark_job(job)

@@ -80,6 +80,7 @@ from .catalogue import Changes
 from .errors import ArrayError, ChecksumError, ioerror, nospace
 from .gc import AS_WE_GO_COMPACT, Collector
 from .intentlog import Coverage
+from .refs import RefCounts
 from .store import SPARE_IDLE, SPARES
 from .util import human_bytes
 
@@ -194,8 +195,11 @@ class WriteBack:
         self._jobs: set = set()         # jobs whose row the next commit writes
         self._meta_changed = False      # disk states changed
         self._last_disk_check = 0.0
+        # the reference counts of the packs' blocks (their changes go with the
+        # index's), and the collector that frees what they say is unreferenced
+        self.refs = RefCounts(packs, volumes, read_locs=reader.read_locs, nodes=nodes)
         self.collector = Collector(self, packs, volumes, read_locs=reader.read_locs,
-                                   loader=reader.loader)
+                                   loader=reader.loader, refs=self.refs)
 
     # ---- what the next commit writes ---------------------------------------
     def mark_row(self, vol) -> None:
@@ -520,6 +524,37 @@ class WriteBack:
             for (bid, _), loc in zip(records, locs):
                 pack.add(bid, loc)
 
+    async def store_nodes(self, vol, nodes, pairs=()) -> None:
+        """Store map nodes [(id, bytes)] just made for `vol`'s map (in the
+        pack's reserve if need be) and count their entries as references
+        (refs.py; `pairs` from maps.apply: which node each replaced).
+        Caller holds `lock`."""
+        await self.store_new([(vol.pack, nid, data) for nid, data in nodes], True)
+        await self.refs.count_nodes(vol, nodes, pairs)
+
+    async def end_copy(self, vol) -> None:
+        """`vol`'s copy into its own pack is complete: its map is counted
+        there, and it no longer reads from its source. Caller holds `lock`
+        (and commits)."""
+        await self.refs.adopt(vol, self.reader.loader)
+        vol.source = None
+        self.mark_row(vol)
+
+    async def open_refs(self, meta: dict) -> None:
+        """At open: the roots the committed counts include; an array made
+        before the counts has them made now, in one walk and one commit."""
+        if meta.get("refs") == "1":
+            self.refs.load()
+            return
+        async with self.lock:
+            rows = await self.refs.recount(self.reader.loader)
+            self.changes.recount.update(rows)
+            self.changes.meta["refs"] = 1
+            await self.commit(flush=False)
+        self.event("info", "reference counts made for the blocks stored "
+                   f"({sum(len(r) for r in rows.values())} rows): collections no "
+                   "longer walk every map")
+
     async def merge(self) -> None:
         """Fold every overlay into its map; store the new nodes. Caller
         holds `lock`."""
@@ -538,9 +573,10 @@ class WriteBack:
                 root = maps.grow(root, height, need, emit, self.hasher)
                 height = need
             stats: dict = {}
+            pairs: list = []
             root, delta = await maps.apply(root, height, merged, self.reader.loader(vol),
-                                           emit, self.hasher, stats)
-            await self.store_new([(vol.pack, nid, data) for nid, data in new_nodes], True)
+                                           emit, self.hasher, stats, pairs)
+            await self.store_nodes(vol, new_nodes, pairs)
             vol.root, vol.height = root, height
             vol.allocated += delta
             for bno, bid in merged.items():
@@ -552,13 +588,14 @@ class WriteBack:
                 self.collector.add_garbage(vol, stats["replaced"])
 
     # ---- the commit point --------------------------------------------------------
-    async def commit(self, flush: bool = True, cover: bool = True) -> None:
+    async def commit(self, flush: bool = True, cover: bool = True, freed=()) -> None:
         """The commit point (steps in the module docstring). Caller holds
         `lock`. flush=False commits only what is already stored (the index
         and catalogue changes). A commit that flushed records how far it
         covers the intent log unless `cover` is False (the log's replay at
         open commits as it goes without: until it is over, a crash must
-        replay every record again)."""
+        replay every record again). `freed`: the packs a collection freed
+        just before (the commit's own freeing skips them)."""
         if self.fatal is not None:
             raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
         seq = self.cache.seq
@@ -578,16 +615,25 @@ class WriteBack:
                 raise self.append_error(pack, e, quiet=lost_before is not None) from None
             for bid, loc in moved:    # written again after a failed fsync
                 pack.add(bid, loc)
+        # the volume rows below say which roots count; then what this
+        # commit's changes left unreferenced is freed (net counts written)
+        self.refs.update_roots()
+        await self.collector.release(freed)
+        await self.refs.settle()
         ch, self.changes = self.changes, Changes()
         token = self.prepare_commit(ch)   # events, counters, the job journal's mark
         for pack in self.packs.values():
-            adds, dels, segs = pack.take_pending()
+            adds, dels, segs, refs, counted = pack.take_pending()
             if adds:
                 ch.blocks_add[pack.name] = adds
             if dels:
                 ch.blocks_del[pack.name] = dels
             if segs:
                 ch.segments[pack.name] = segs
+            if refs:
+                ch.refs[pack.name] = refs
+            if counted:
+                ch.counted[pack.name] = counted
         coverage = None
         if flush and cover and self.intent is not None:
             coverage = self._coverage(seq)

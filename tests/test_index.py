@@ -31,7 +31,7 @@ def test_changes_stay_visible_while_their_commit_runs(tmp_path):
     idx.open([(b"a" * 16, 1, 0, 100)])
     idx.add(b"b" * 16, (1, 132, 100))
     idx.drop([(b"a" * 16, (1, 0, 100))])
-    adds, dels, segs = idx.take_pending()
+    adds, dels, segs, _, _ = idx.take_pending()
     assert adds == {b"b" * 16: (1, 132, 100)} and dels == {b"a" * 16}
     assert segs == {1: (100 + HDR.size, 232, 1)}
     assert idx.lookup(b"a" * 16) is None              # the view still has it
@@ -57,7 +57,7 @@ def test_cache_is_bounded_and_misses_go_to_the_table(tmp_path):
     ids = [rng.randbytes(16) for _ in range(5000)]
     for i, b in enumerate(ids):
         idx.add(b, (i // 1000, (i % 1000) * 200, 100))
-    adds, dels, segs = idx.take_pending()
+    adds, dels, segs, _, _ = idx.take_pending()
     cat.commit_blocking(Changes(blocks_add={"p": adds}, blocks_del={"p": dels},
                                 segments={"p": segs}))
     idx.committed()
@@ -70,7 +70,7 @@ def test_cache_is_bounded_and_misses_go_to_the_table(tmp_path):
     assert all(idx.lookup(b) for b in gone)           # cached now
     idx.drop([(b, idx.lookup(b)) for b in gone])
     assert all(idx.lookup(b) is None for b in gone)
-    adds, dels, segs = idx.take_pending()
+    adds, dels, segs, _, _ = idx.take_pending()
     cat.commit_blocking(Changes(blocks_del={"p": dels}, segments={"p": segs}))
     idx.committed()
     assert all(idx.lookup(b) is None for b in gone)
@@ -226,7 +226,7 @@ def test_fsck_finds_a_dangling_block_a_leak_and_bad_accounting_per_pack(tmp_path
                          "LIMIT 1").fetchone()
     seg, off = db.execute("SELECT seg, off FROM blocks WHERE id=?", (gone,)).fetchone()
     db.execute("DELETE FROM blocks WHERE pack='b' AND id=?", (gone,))
-    db.execute("INSERT INTO blocks VALUES ('b', ?, ?, ?, 10)", (b"\x01" * 16, seg, off))
+    db.execute("INSERT INTO blocks (pack, id, seg, off, len) VALUES ('b', ?, ?, ?, 10)", (b"\x01" * 16, seg, off))
     db.execute("UPDATE segments SET live = live + 1 WHERE pack='b' AND seg=?", (seg,))
     db.commit()
     db.close()
@@ -245,31 +245,12 @@ def test_fsck_finds_a_dangling_block_a_leak_and_bad_accounting_per_pack(tmp_path
     assert r.returncode == 1 and "pack nosuch: no such pack" in r.stdout, r.stdout
 
 
-# ---- garbage collection with its live set on disk ------------------------------------
-@pytest.mark.parametrize("on_disk", [False, True, "no space"])
-async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, monkeypatch,
-                                                                  caplog, on_disk):
+# ---- garbage collection by reference counts -------------------------------------------
+async def test_collection_frees_exactly_what_nothing_reaches(tmp_path):
     """Overwrites, shadow copies, a deleted set, a punched range and a copy
-    to another pack in progress: a collection with the live ids in RAM and
-    one with them in a table on disk (a big array's: gc.LIVE_IN_RAM) free
-    exactly what nothing reaches, the data reads back, fsck --strict is
-    clean, and the table is gone afterwards. A table that cannot be made
-    (no space) falls back to RAM, with a warning."""
-    from fusearray import gc
-    tables = []
-    if on_disk:
-        monkeypatch.setattr(gc, "LIVE_IN_RAM", 0)
-
-        class Counted(gc.Reach):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **kw)
-                tables.append(self.dir)
-
-            def index_blocking(self):
-                if on_disk == "no space":
-                    raise OSError(28, "No space left on device")
-                super().index_blocking()
-        monkeypatch.setattr(gc, "Reach", Counted)
+    to another pack in progress: a collection by reference counts frees
+    exactly what nothing reaches (fsck --strict: no leak, every count
+    right), the data reads back."""
     init_array(str(tmp_path / "arr"))
     (tmp_path / "far").mkdir()
     rng = random.Random(7)
@@ -298,10 +279,6 @@ async def test_collection_frees_the_same_with_the_live_set_on_disk(tmp_path, mon
         runs = a.collector.runs["collect"]
         await a.collect_garbage()
         assert a.collector.runs["collect"] == runs + 1
-        assert bool(tables) == bool(on_disk)
-        warned = [r for r in caplog.records if "cannot go to disk" in r.getMessage()]
-        assert bool(warned) == (on_disk == "no space")
-        assert not [f for f in os.listdir(a.path) if f.startswith(".reach.")]
         assert bytes(await vol.read(0, 16 * MiB)) == model
         await assert_clean(a, strict=True)
         return a.packs["main"].block_count()

@@ -6,8 +6,10 @@ What is committed lives on disk, not in RAM: `rows`, a committed view
 through their own connection; `MemRows` for a pack with no catalogue, as
 in unit tests) answers point lookups, a segment's entries and a streaming
 scan. In RAM are only
-- the changes not committed yet: `pending_add` / `pending_del`, and while
-  a commit's transaction runs, the ones it writes (`committing`);
+- the changes not committed yet: `pending_add` / `pending_del`, the
+  reference counts' changes (`pending_refs`, `pending_counted`: refs.py
+  decides them, `ref` / `mark_counted` record them), and while a commit's
+  transaction runs, the ones it writes (`committing`);
 - a bounded LRU cache of looked-up locations (and of misses), whose size
   is set by the mount's `--index-cache` (`IndexCache`);
 - the per-segment accounting (`seg_live`, `seg_size`, `seg_count`): one
@@ -18,15 +20,17 @@ A lookup looks in that order: pending, committing, cache, committed rows.
 Threads: every change (add, drop, take_pending, committed, forget_segment)
 on the trio thread by holders of the array's commit lock; lookups from any
 thread (the cache has its own lock; the overlays are read by single dict
-operations; `rows` serialises its connection); scans (`dead_blocking`,
-`scan_blocking`, `problems_blocking`, `entries_in`) in worker threads under the commit
+operations; `rows` serialises its connection); scans (`refs_blocking`,
+`unreferenced_blocking`, `scan_blocking`, `problems_blocking`, `entries_in`) in worker threads under the commit
 lock (so the overlays do not change meanwhile), each on a connection of
 its own.
 
 The index is persisted by the catalogue in the same SQLite transaction as
 the map roots, after the segments' sync_blocking(): the rows of
-`take_pending()` (adds, deletions, changed segments), after which the
-writer calls `committed()`.
+`take_pending()` (adds, deletions, changed segments, count changes, nodes
+counted), after which the writer calls `committed()`. A row dropped and
+added again before the commit is deleted and inserted (it starts with no
+references); a row that moves (compaction) keeps its counts.
 """
 import collections
 import os
@@ -100,6 +104,7 @@ class MemRows:
 
     def __init__(self, rows=()):
         self.rows: dict = {bytes(b): (s, o, n) for b, s, o, n in rows}
+        self.counts: dict = {}      # id -> [refs, counted] (absent: [0, 0])
 
     def get(self, bid: bytes):
         return self.rows.get(bid)
@@ -122,10 +127,25 @@ class MemRows:
     def scan(self):
         yield list(self.rows.items())
 
-    def apply(self, adds: dict, dels: set) -> None:
+    def refs(self, ids) -> dict:
+        return {b: tuple(self.counts.get(b, (0, 0))) for b in ids if b in self.rows}
+
+    def unreferenced(self) -> list:
+        return [(b, loc) for b, loc in self.rows.items()
+                if not self.counts.get(b, (0, 0))[0]]
+
+    def apply(self, adds: dict, dels: set, refs: dict | None = None,
+              counted=()) -> None:
         for b in dels:
             self.rows.pop(b, None)
+            self.counts.pop(b, None)
         self.rows.update(adds)
+        for b, d in (refs or {}).items():
+            if b in self.rows:
+                self.counts.setdefault(b, [0, 0])[0] += d
+        for b in counted:
+            if b in self.rows:
+                self.counts.setdefault(b, [0, 0])[1] = 1
 
     def close(self) -> None:
         pass
@@ -142,8 +162,13 @@ class BlockIndex:
         self.seg_size: dict[int, int] = {}                   # seg -> logical bytes
         self.seg_count: dict[int, int] = {}                  # seg -> index entries
         self.pending_add: dict[bytes, tuple[int, int, int]] = {}
+        # dropped since the last commit (also those added again after: their
+        # committed row, and its references, go first)
         self.pending_del: set[bytes] = set()
-        self.committing: tuple[dict, set] = ({}, set())      # taken, not yet committed
+        # reference counts (refs.py): changes, nodes now counted
+        self.pending_refs: dict[bytes, int] = {}
+        self.pending_counted: set[bytes] = set()
+        self.committing: tuple = ({}, set(), {}, set())      # taken, not yet committed
         self.dirty_segs: set[int] = set()                    # accounting changed
 
     def open(self, rows) -> dict[int, int]:
@@ -171,7 +196,7 @@ class BlockIndex:
             return loc
         if bid in self.pending_del:
             return _GONE
-        adds, dels = self.committing
+        adds, dels = self.committing[:2]
         loc = adds.get(bid)
         if loc is not None:
             return loc
@@ -204,7 +229,6 @@ class BlockIndex:
         if old is not None:
             self._unlive(old)
         self.pending_add[bid] = loc
-        self.pending_del.discard(bid)
         self.cache.put_if_cached(bid, loc)
         s = loc[0]
         self.seg_live[s] = self.seg_live.get(s, 0) + loc[2] + HDR.size
@@ -219,7 +243,7 @@ class BlockIndex:
         self.dirty_segs.add(s)
 
     def drop(self, dead) -> int:
-        """Drop the entries [(id, loc)] `dead_blocking` found. Returns
+        """Drop the entries [(id, loc)] a collection freed. Returns
         bytes freed."""
         freed = 0
         for bid, loc in dead:
@@ -229,41 +253,92 @@ class BlockIndex:
             freed += loc[2]
             self.pending_add.pop(bid, None)
             self.pending_del.add(bid)
+            self.pending_refs.pop(bid, None)
+            self.pending_counted.discard(bid)
             self.cache.put_if_cached(bid, None)
         return freed
 
+    # ---- reference counts (trio thread, commit lock; refs.py) ---------------------
+    def ref(self, bid: bytes, delta: int) -> None:
+        """`bid` gains (or loses) `delta` references at the next commit."""
+        n = self.pending_refs.get(bid, 0) + delta
+        if n:
+            self.pending_refs[bid] = n
+        else:
+            self.pending_refs.pop(bid, None)
+
+    def mark_counted(self, bid: bytes) -> None:
+        """Node `bid`'s entries are counted as references from now on."""
+        self.pending_counted.add(bid)
+
+    def refs_blocking(self, ids) -> dict:
+        """{id: (refs, counted)} as of now for the stored ids among `ids`
+        (the committed rows with the changes not committed; a row dropped
+        since counts from nothing). Worker thread, commit lock."""
+        fresh = self.pending_del | self.committing[1]
+        old = self.rows.refs([b for b in ids if b not in fresh])
+        out = {}
+        for b in ids:
+            now = self._overlay(b)
+            if now is _GONE or (now is _UNKNOWN and b not in old):
+                continue            # not stored
+            r, k = old.get(b, (0, 0))
+            r += self.committing[2].get(b, 0) + self.pending_refs.get(b, 0)
+            k = k or b in self.committing[3] or b in self.pending_counted
+            out[b] = (r, bool(k))
+        return out
+
+    def unreferenced_blocking(self) -> list:
+        """The ids that may have no reference now: the committed rows
+        with none, those added or dropped and added since, and those that
+        lost references since (refs_blocking tells which really have
+        none). Worker thread, commit lock."""
+        out = {b for b, _ in self.rows.unreferenced()}
+        out |= set(self.pending_add) | set(self.committing[0])
+        out |= {b for b, d in self.pending_refs.items() if d < 0}
+        return [b for b in out if self.lookup(b) is not None]
+
     def take_pending(self):
-        """The changes for the next commit: (adds, dels, segments) where
-        segments is {seg: (live, size, count)}, with None for a segment
-        forgotten. They stay visible to lookups until `committed()`."""
+        """The changes for the next commit: (adds, dels, segments, refs,
+        counted) where segments is {seg: (live, size, count)}, with None
+        for a segment forgotten, refs {id: change}, counted {id}. They stay
+        visible to lookups until `committed()`."""
         adds, dels = self.pending_add, self.pending_del
+        refs, counted = self.pending_refs, self.pending_counted
         self.pending_add, self.pending_del = {}, set()
-        cadds, cdels = self.committing
-        if cadds or cdels:          # a commit that failed: the array stopped
+        self.pending_refs, self.pending_counted = {}, set()
+        cadds, cdels, crefs, ccounted = self.committing
+        if cadds or cdels or crefs or ccounted:   # a commit that failed: the array stopped
             cadds = {b: l for b, l in cadds.items() if b not in dels}
             cadds.update(adds)
-            adds, dels = cadds, (cdels - set(adds)) | dels
-        self.committing = (adds, dels)
+            for b in dels:
+                crefs.pop(b, None)
+                ccounted.discard(b)
+            for b, d in refs.items():
+                crefs[b] = crefs.get(b, 0) + d
+            adds, dels, refs, counted = cadds, cdels | dels, crefs, ccounted | counted
+        self.committing = (adds, dels, refs, counted)
         segs = {s: ((self.seg_live[s], self.seg_size[s], self.seg_count[s])
                     if s in self.seg_size else None) for s in self.dirty_segs}
         self.dirty_segs = set()
-        return adds, dels, segs
+        return adds, dels, segs, refs, counted
 
     def committed(self) -> None:
         """The transaction holding take_pending()'s changes committed:
         the committed view answers for them now."""
-        adds, dels = self.committing
-        self.rows.apply(adds, dels)
-        self.committing = ({}, set())
+        adds, dels, refs, counted = self.committing
+        self.rows.apply(adds, dels, refs, counted)
+        self.committing = ({}, set(), {}, set())
 
     def uncommitted(self) -> set:
         """The ids whose entry the committed view does not hold as it is
         now (added, moved or dropped since the last commit)."""
-        adds, dels = self.committing
+        adds, dels = self.committing[:2]
         return set(self.pending_add) | self.pending_del | set(adds) | dels
 
     def has_pending(self) -> bool:
-        return bool(self.pending_add or self.pending_del or self.dirty_segs)
+        return bool(self.pending_add or self.pending_del or self.dirty_segs
+                    or self.pending_refs or self.pending_counted)
 
     # ---- segments ---------------------------------------------------------------
     def dead_segments(self, is_active) -> list[int]:
@@ -335,11 +410,6 @@ class BlockIndex:
                     seen_overlay.add(bid)
                     rest.append((bid, loc))
         yield rest
-
-    def dead_blocking(self, live: set) -> list:
-        """The entries [(id, loc)] whose id is not in `live`."""
-        return [(b, loc) for batch in self.scan_blocking() for b, loc in batch
-                if b not in live]
 
     def problems_blocking(self, name: str, disks) -> list[str]:
         """Check the index against the accounting (fsck's invariants 3 and

@@ -251,14 +251,34 @@ class Pack:
     def add(self, bid: bytes, loc) -> None:
         self.blocks.add(bid, loc)
 
-    def dead_blocking(self, live: set) -> list:
-        return self.blocks.dead_blocking(live)
-
     def drop(self, dead) -> int:
         return self.blocks.drop(dead)
 
     def take_pending(self):
         return self.blocks.take_pending()
+
+    # ---- reference counts (index.py records them; refs.py decides them) ---------
+    def ref(self, bid: bytes, delta: int) -> None:
+        self.blocks.ref(bid, delta)
+
+    def mark_counted(self, bid: bytes) -> None:
+        self.blocks.mark_counted(bid)
+
+    def refs_blocking(self, ids) -> dict:
+        return self.blocks.refs_blocking(ids)
+
+    def unreferenced_blocking(self) -> list:
+        return self.blocks.unreferenced_blocking()
+
+    def count_change(self, bid: bytes) -> int:
+        """The change of `bid`'s count since the last commit."""
+        return self.blocks.pending_refs.get(bid, 0)
+
+    def changed_since_commit(self) -> set:
+        """The ids that may have lost their last reference since the last
+        commit: those added, and those whose count went down."""
+        return set(self.blocks.pending_add) | {b for b, d in self.blocks.pending_refs.items()
+                                               if d < 0}
 
     def committed(self) -> None:
         self.blocks.committed()
