@@ -909,7 +909,9 @@ class Array:
                 "index": {"limit_bytes": self.index_cache,
                           "page_cache_bytes": self.index_cache // PAGE_CACHE_SHARE,
                           "bytes": sum(p.index_status()["bytes"]
-                                       for p in self.packs.values())}}
+                                       for p in self.packs.values())},
+                # a quarter of --cache-size (64 MiB to 512 MiB): map nodes
+                "node_cache": self.nodes.status()}
 
     def _vol_status(self, v: Volume) -> dict:
         d = {"name": v.name, "size": v.size, "pack": v.pack.name, "wwn": v.wwn,

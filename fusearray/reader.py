@@ -53,6 +53,12 @@ class NodeCache(collections.OrderedDict):
         if len(self) > self.limit:
             self.popitem(last=False)
 
+    def status(self) -> dict:
+        """ctl/status: the limit and what is held (nodes of NODE_SIZE
+        bytes, their Python objects' overhead not counted)."""
+        return {"limit_bytes": self.limit * maps.NODE_SIZE, "nodes": len(self),
+                "bytes": len(self) * maps.NODE_SIZE}
+
 
 def _read_many(pack, bids, locs) -> list:
     """Worker thread: read and verify each block."""

@@ -11,6 +11,7 @@ import pytest
 
 import trio
 
+from fusearray import maps
 from fusearray.array import init_array
 from fusearray.catalogue import Catalogue, Changes
 from fusearray.store import DEFAULT_INDEX_CACHE, HDR
@@ -163,6 +164,9 @@ async def test_open_reads_no_block_rows_and_lookups_stay_in_the_cache(tmp_path, 
         assert len(pack.blocks.cache.map) <= pack.blocks.cache.limit
         assert pack.blocks.cache.limit * CACHE_ENTRY_BYTES <= cache
         assert a.status()["index"]["bytes"] <= cache
+        nodes = a.status()["node_cache"]
+        assert 0 < nodes["bytes"] <= nodes["limit_bytes"]
+        assert nodes["bytes"] == nodes["nodes"] * maps.NODE_SIZE == len(a.nodes) * maps.NODE_SIZE
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", read, index_cache=cache)
 
