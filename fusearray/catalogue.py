@@ -365,6 +365,19 @@ class PackRows:
                                            "AND id=?", (self.pack, bid)).fetchall()
         return rows[0] if rows else None
 
+    def get_many(self, ids) -> dict:
+        """{id: (seg, off, len)} of the committed rows among `ids`."""
+        out = {}
+        with self.reads.lock:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                for b, s, o, n in self.reads.conn.execute(
+                        f"SELECT id, seg, off, len FROM blocks WHERE pack=? AND id IN ({marks})",
+                        [self.pack] + part).fetchall():
+                    out[bytes(b)] = (s, o, n)
+        return out
+
     def segments(self) -> dict:
         with self.reads.lock:
             rows = self.reads.conn.execute("SELECT seg, live, size, count FROM segments "

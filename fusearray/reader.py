@@ -36,6 +36,7 @@ import trio
 
 from . import maps
 from .errors import ArrayError, ChecksumError, ioerror
+from .store import UNCACHED
 
 #: Reads up to this size try the page cache on the loop before a thread.
 NOWAIT_MAX = 1 << 20
@@ -79,7 +80,10 @@ class BlockReader:
         node = self.nodes.get(nid)
         if node is not None:
             return node
-        pack, loc = self.locate(vol, nid)
+        if vol.source is None:
+            pack, loc = vol.pack, (await self.lookups(vol.pack, [nid]))[0]
+        else:
+            pack, loc = self.locate(vol, nid)
         if loc is None:
             raise self.lost(vol.pack, f"map node {nid.hex()} of {vol.path} is not in "
                             f"pack {vol.pack.name}")
@@ -95,6 +99,20 @@ class BlockReader:
 
     # ---- blocks ------------------------------------------------------------
     @staticmethod
+    async def lookups(pack, bids: list) -> list:
+        """pack.lookup of each of `bids`, without reading the committed
+        index on the trio thread: the ids its cache does not know are
+        read in a worker thread first (Pack.read_rows_blocking, one
+        statement per 500) and learnt on return. The answers hold until
+        the caller's next await."""
+        missing = [b for b in bids if pack.lookup_cached(b) is UNCACHED]
+        known = {}
+        if missing:
+            gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing)
+            known = pack.learn(gen, missing, found)
+        return [known[b] if b in known else pack.lookup(b) for b in bids]
+
+    @staticmethod
     def locate(vol, bid: bytes):
         """(pack, location) of a block of `vol`: its own pack, or while a
         copy is in progress, the source pack."""
@@ -108,8 +126,7 @@ class BlockReader:
         if vol.source is None:
             pack = vol.pack
             locs = []
-            for b in bids:
-                loc = pack.lookup(b)
+            for b, loc in zip(bids, await self.lookups(pack, bids)):
                 if loc is None:
                     raise self.lost(pack, f"block {b.hex()} of {vol.path} is not in "
                                     f"pack {pack.name}")
@@ -132,7 +149,9 @@ class BlockReader:
         if vol.source is not None:
             return [None] * len(bids)
         pack = vol.pack
-        return pack.mapped_blocks(bids, [pack.lookup(b) for b in bids])
+        # an id the index cache does not know: None here, read_into looks it up
+        locs = [pack.lookup_cached(b) for b in bids]
+        return pack.mapped_blocks(bids, [None if loc is UNCACHED else loc for loc in locs])
 
     async def read_into(self, vol, items, in_thread: bool = False) -> None:
         """Fill each (dst, id) of `items`, dst a memoryview of the block's
@@ -143,7 +162,8 @@ class BlockReader:
         rest = items
         if vol.source is None:
             pack = vol.pack
-            todo = [(bid, pack.lookup(bid), dst) for dst, bid in items]
+            locs = await self.lookups(pack, [bid for _, bid in items])
+            todo = [(bid, loc, dst) for (dst, bid), loc in zip(items, locs)]
             if in_thread:
                 with pack.reading([loc[0] for _, loc, _ in todo if loc is not None]):
                     missed = await trio.to_thread.run_sync(pack.read_many_into_nowait, todo)

@@ -118,10 +118,11 @@ class Debts:
 class RefCounts:
     """The reference counts' bookkeeping (see the module docstring)."""
 
-    def __init__(self, packs: dict, volumes: dict, *, read_locs, nodes):
+    def __init__(self, packs: dict, volumes: dict, *, read_locs, lookups, nodes):
         self.packs = packs            # the coordinator's: name -> Pack
         self.volumes = volumes        # the coordinator's: vid -> Volume
         self.read_locs = read_locs    # reader.read_locs(pack, ids, locs)
+        self.lookups = lookups        # reader.lookups(pack, ids): locations, off the loop
         self.nodes = nodes            # the map node cache (reader.NodeCache)
         self.roots: collections.Counter = collections.Counter()
         self.books: dict = {}         # pack name -> Debts (count_nodes, settle)
@@ -226,7 +227,7 @@ class RefCounts:
             for nid, (old, slots) in list(book.debt.items()):
                 data = self.nodes.get(old)
                 if data is None:
-                    loc = pack.lookup(old)
+                    loc = (await self.lookups(pack, [old]))[0]
                     if loc is None:
                         raise ioerror(f"map node {old.hex()} of pack {name} is gone before "
                                       "its entries were counted for the node that replaced it")
@@ -305,11 +306,10 @@ class RefCounts:
             batch, queue = queue[:FREE_BATCH * 16], queue[FREE_BATCH * 16:]
             batch = [b for b in dict.fromkeys(batch) if b not in freed and b not in protect]
             now = await trio.to_thread.run_sync(pack.refs_blocking, batch)
+            zero = [bid for bid, (r, _) in now.items() if r == 0]
             nodes = []
-            for bid, (r, k) in now.items():
-                if r != 0:
-                    continue
-                loc = pack.lookup(bid)
+            for bid, loc in zip(zero, await self.lookups(pack, zero)):
+                k = now[bid][1]
                 if loc is None:
                     continue
                 if k:

@@ -197,7 +197,8 @@ class WriteBack:
         self._last_disk_check = 0.0
         # the reference counts of the packs' blocks (their changes go with the
         # index's), and the collector that frees what they say is unreferenced
-        self.refs = RefCounts(packs, volumes, read_locs=reader.read_locs, nodes=nodes)
+        self.refs = RefCounts(packs, volumes, read_locs=reader.read_locs,
+                              lookups=reader.lookups, nodes=nodes)
         self.collector = Collector(self, packs, volumes, read_locs=reader.read_locs,
                                    loader=reader.loader, refs=self.refs)
 
@@ -492,13 +493,20 @@ class WriteBack:
         Caller holds `lock`."""
         new: dict = {}
         check = []
+        asked: dict = {}
+        for pack, bid, _ in items:
+            if bid != ZERO_ID:
+                asked.setdefault(pack, {})[bid] = None
+        locs = {}
+        for pack, ids in asked.items():     # (no SQL on the trio thread)
+            locs[pack] = dict(zip(ids, await self.reader.lookups(pack, list(ids))))
         for pack, bid, data in items:
             if bid == ZERO_ID:
                 continue
             recs = new.setdefault(pack, {})
             if bid in recs:
                 continue
-            loc = pack.lookup(bid)
+            loc = locs[pack][bid]
             if loc is None:
                 recs[bid] = data
             elif self.verify:

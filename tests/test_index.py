@@ -6,6 +6,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -13,9 +14,9 @@ import trio
 
 from fusearray import maps
 from fusearray.array import init_array
-from fusearray.catalogue import Catalogue, Changes
+from fusearray.catalogue import Catalogue, Changes, PackRows
 from fusearray.store import DEFAULT_INDEX_CACHE, HDR
-from fusearray.store.index import CACHE_ENTRY_BYTES, BlockIndex
+from fusearray.store.index import CACHE_ENTRY_BYTES, UNCACHED, BlockIndex
 
 from conftest import cli, drop_caches, sha
 from test_core import assert_clean, with_array
@@ -118,6 +119,94 @@ def test_segment_rows_and_unreferenced_rows_are_found_without_a_scan(tmp_path):
     rows.reads.conn.execute("SELECT COUNT(len) FROM blocks WHERE pack='p'").fetchall()
     assert len(steps) * 100 > 60000         # what a scan costs
     cat.close()
+
+
+def test_a_lookup_read_in_a_thread_is_learnt_only_if_no_commit_ended_meanwhile(tmp_path):
+    """read_rows_blocking reads the committed view in a worker thread and
+    caches nothing; `learn` back on the trio thread caches its answers
+    only if no commit ended since (a block dropped and committed in
+    between must not come back from a stale read as stored: a dedup hit
+    on freed space) and not for an id a change since speaks of."""
+    path = str(tmp_path / "cat.db")
+    cat = Catalogue(path, create=True)
+    cat.commit_blocking(Changes(packs_add=[("p", "single", 0.0, ["/nonexistent"])]))
+    idx = BlockIndex(1 << 20)
+    idx.open(cat.pack_rows("p", 1 << 20))
+
+    def commit():
+        adds, dels, segs, refs, counted = idx.take_pending()
+        cat.commit_blocking(Changes(blocks_add={"p": adds}, blocks_del={"p": dels},
+                                    segments={"p": segs}, refs={"p": refs},
+                                    counted={"p": counted}))
+        idx.committed()
+    a, b, c = (bytes([i]) * 16 for i in (1, 2, 3))
+    idx.add(a, (1, 0, 100))
+    idx.add(b, (1, 200, 100))
+    commit()
+    idx.cache.map.clear()
+    assert idx.lookup_cached(a) is UNCACHED
+    gen, found = idx.read_rows_blocking([a, b, c])
+    assert found == {a: (1, 0, 100), b: (1, 200, 100)}
+    assert len(idx.cache.map) == 0                       # nothing cached by the read
+    # a commit ends meanwhile, dropping a: the read is not learnt
+    idx.drop([(a, (1, 0, 100))])
+    commit()
+    idx.cache.map.clear()
+    assert idx.learn(gen, [a, b, c], found) == {}
+    assert idx.lookup_cached(a) is UNCACHED and idx.lookup(a) is None
+    # no commit meanwhile: learnt, misses too; an id changed since is left out
+    idx.cache.map.clear()
+    gen, found = idx.read_rows_blocking([b, c])
+    idx.add(c, (1, 400, 100))
+    assert idx.learn(gen, [b, c], found) == {b: (1, 200, 100)}
+    assert idx.lookup_cached(b) == (1, 200, 100) and idx.lookup(c) == (1, 400, 100)
+    cat.close()
+
+
+async def test_reads_and_writes_never_read_the_index_table_on_the_trio_thread(
+        tmp_path, monkeypatch):
+    """With an index cache far smaller than the blocks stored, reading a
+    LUN end to end, loading its map nodes and writing new and repeated
+    content (dedup checks) look up what the cache misses in worker
+    threads: no point read of the blocks table runs on the trio thread
+    (at 10M blocks each is a disk read that would stall every request)."""
+    init_array(str(tmp_path / "arr"), block_size=4096)
+    data = os.urandom(8 * MiB)
+
+    async def write(a):
+        vol = await a.create_lun("l", "16M", block_size=4096)
+        await vol.write(0, data)
+        await a.sync()
+    await with_array(tmp_path / "arr", write)
+    on_loop = []
+    rows_get, rows_get_many = PackRows.get, PackRows.get_many
+
+    def get(self, bid):
+        if threading.current_thread() is threading.main_thread():
+            on_loop.append(bid)
+        return rows_get(self, bid)
+
+    def get_many(self, ids):
+        off_loop.append(len(ids))
+        return rows_get_many(self, ids)
+    off_loop = []
+    monkeypatch.setattr(PackRows, "get", get)
+    monkeypatch.setattr(PackRows, "get_many", get_many)
+
+    async def body(a):
+        vol = a.luns["l"]
+        a.nodes.clear()
+        got = bytearray()
+        for off in range(0, len(data), 64 * 1024):
+            got += await vol.read(off, 64 * 1024)
+        assert got == data
+        # new content and content stored already (a dedup hit)
+        await vol.write(8 * MiB, os.urandom(2 * MiB) + data[:2 * MiB])
+        await a.sync()
+        assert bytes(await vol.read(10 * MiB, 2 * MiB)) == data[:2 * MiB]
+        assert on_loop == []
+        assert sum(off_loop) >= 2048            # the misses went to worker threads
+    await with_array(tmp_path / "arr", body, index_cache=256 * 1024)
 
 
 # ---- the array --------------------------------------------------------------------

@@ -72,7 +72,7 @@ fsync did not last is done again then.
 """
 from .disks import LABEL, Disk
 from .hasher import Hasher
-from .index import DEFAULT_INDEX_CACHE, PAGE_CACHE_SHARE
+from .index import DEFAULT_INDEX_CACHE, PAGE_CACHE_SHARE, UNCACHED
 from .layouts import CHUNK, Mirror, Raid5, Single
 from .pack import Pack
 from .records import HDR, MAGIC, fsync_dir, write_file_atomic
@@ -86,6 +86,6 @@ from .records import xor_into as _xor_into
 from .segments import SEGMENT_LIMIT, SEGMENT_MIN, SPARE_IDLE, SPARES
 
 __all__ = ["CHUNK", "DEFAULT_INDEX_CACHE", "PAGE_CACHE_SHARE", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
-           "SPARE_IDLE", "Disk", "Hasher", "Mirror", "Pack", "Raid5", "Single",
+           "SPARE_IDLE", "UNCACHED", "Disk", "Hasher", "Mirror", "Pack", "Raid5", "Single",
            "fsync_dir", "write_file_atomic",
            "_hash128_many", "_in_memory", "_verify_mapped", "_xor", "_xor_into"]

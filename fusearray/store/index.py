@@ -48,7 +48,9 @@ PAGE_CACHE_SHARE = 4
 DEFAULT_INDEX_CACHE = 64 << 20
 
 _GONE = object()          # an overlay's answer: deleted
-_UNKNOWN = object()       # the overlays say nothing of this id
+_UNKNOWN = object()       # the overlays (or the cache) say nothing of this id
+#: lookup_cached's answer when only the committed view knows (a read of it)
+UNCACHED = _UNKNOWN
 
 
 class IndexCache:
@@ -86,6 +88,17 @@ class IndexCache:
             while len(self.map) > self.limit:
                 self.map.popitem(last=False)
 
+    def put_if_absent(self, bid: bytes, loc):
+        """Cache `loc` unless an entry is there already; returns the entry."""
+        with self.lock:
+            old = self.map.get(bid, _UNKNOWN)
+            if old is not _UNKNOWN:
+                return old
+            self.map[bid] = loc
+            while len(self.map) > self.limit:
+                self.map.popitem(last=False)
+            return loc
+
     def put_if_cached(self, bid: bytes, loc) -> None:
         """Correct an entry the cache holds (an add or a move)."""
         with self.lock:
@@ -108,6 +121,9 @@ class MemRows:
 
     def get(self, bid: bytes):
         return self.rows.get(bid)
+
+    def get_many(self, ids) -> dict:
+        return {b: self.rows[b] for b in ids if b in self.rows}
 
     def segments(self) -> dict:
         """{seg: (live, size, count)}, as the catalogue's segments table."""
@@ -170,6 +186,7 @@ class BlockIndex:
         self.pending_counted: set[bytes] = set()
         self.committing: tuple = ({}, set(), {}, set())      # taken, not yet committed
         self.dirty_segs: set[int] = set()                    # accounting changed
+        self.generation = 0                                  # commits ended (learn)
 
     def open(self, rows) -> dict[int, int]:
         """Take the committed view `rows` (PackRows or MemRows; a list of
@@ -204,13 +221,20 @@ class BlockIndex:
             return _GONE
         return _UNKNOWN
 
-    def lookup(self, bid: bytes):
-        """The location of `bid`, or None. A miss in the cache is a point
-        read of the committed view (an indexed B-tree)."""
+    def lookup_cached(self, bid: bytes):
+        """The location of `bid`, None (not stored), or UNCACHED: only the
+        committed view knows (no I/O here)."""
         loc = self._overlay(bid)
         if loc is not _UNKNOWN:
             return None if loc is _GONE else loc
-        loc = self.cache.get(bid)
+        return self.cache.get(bid)
+
+    def lookup(self, bid: bytes):
+        """The location of `bid`, or None. A miss in the cache is a point
+        read of the committed view (an indexed B-tree): on the trio thread
+        only where lookup_cached answered first or a miss is rare (see
+        read_rows_blocking)."""
+        loc = self.lookup_cached(bid)
         if loc is not _UNKNOWN:
             return loc
         loc = self.rows.get(bid)
@@ -222,6 +246,30 @@ class BlockIndex:
             return None if again is _GONE else again
         self.cache.put(bid, loc)
         return loc
+
+    def read_rows_blocking(self, ids) -> tuple:
+        """(generation, {id: location}) of the committed rows among `ids`:
+        one statement per 500 ids, in a worker thread, nothing cached (a
+        commit may end meanwhile: `learn` on the trio thread decides).
+        So a cache miss of a read or a dedup check does not stall the
+        trio loop on a B-tree leaf read (a disk read at 10M blocks)."""
+        gen = self.generation
+        return gen, self.rows.get_many(list(ids))
+
+    def learn(self, gen: int, ids, found: dict) -> dict:
+        """Trio thread: read_rows_blocking's answers for `ids`, cached and
+        returned {id: location or None} where they are still true: if no
+        commit ended since it started (`generation`; one that ended before
+        its read is in what it read, one still running is in the
+        overlays, which lookups consult first), for the ids no change
+        since speaks of. Else {}: a later lookup reads again."""
+        if gen != self.generation:
+            return {}
+        out = {}
+        for b in ids:
+            if self._overlay(b) is _UNKNOWN:
+                out[b] = self.cache.put_if_absent(b, found.get(b))
+        return out
 
     # ---- changes (trio thread, commit lock) -------------------------------------
     def add(self, bid: bytes, loc) -> None:
@@ -329,6 +377,7 @@ class BlockIndex:
         adds, dels, refs, counted = self.committing
         self.rows.apply(adds, dels, refs, counted)
         self.committing = ({}, set(), {}, set())
+        self.generation += 1
 
     def uncommitted(self) -> set:
         """The ids whose entry the committed view does not hold as it is

@@ -248,6 +248,17 @@ class Pack:
     def lookup(self, bid: bytes):
         return self.blocks.lookup(bid)
 
+    def lookup_cached(self, bid: bytes):
+        """lookup without I/O: index.UNCACHED if only the committed view
+        knows (then read_rows_blocking in a worker thread, and learn)."""
+        return self.blocks.lookup_cached(bid)
+
+    def read_rows_blocking(self, ids) -> tuple:
+        return self.blocks.read_rows_blocking(ids)
+
+    def learn(self, gen: int, ids, found: dict) -> dict:
+        return self.blocks.learn(gen, ids, found)
+
     def add(self, bid: bytes, loc) -> None:
         self.blocks.add(bid, loc)
 
