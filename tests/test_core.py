@@ -702,6 +702,47 @@ async def test_committer_trims_extra_spares_once_no_segment_was_started_for_a_wh
     await with_array(tmp_path / "arr", body)
 
 
+@pytest.mark.parametrize("layout", ["single", "mirror"])
+async def test_open_cuts_segment_files_back_to_what_was_committed(tmp_path, layout):
+    """A crash after appends (or a spare file's recycling) and before
+    their commit leaves segment files longer than the catalogue says, and
+    files it does not know: the next open cuts every file back to its
+    committed end on each disk and removes the unknown ones, so the space
+    comes back and a mirror's copies stay the same size; the data reads
+    back and fsck is clean. (RAID-5 keeps tails: its parity covers them.)"""
+    disks = [str(tmp_path / f"d{i}") for i in range(2 if layout == "mirror" else 1)]
+    init_array(str(tmp_path / "arr"), packs=[f"m={layout}:" + ",".join(disks)])
+    data = os.urandom(3 * MiB)
+    sizes = {}
+
+    async def write(a):
+        pack = a.packs["m"]
+        vol = await a.create_lun("l", "8M", pack="m")
+        await vol.write(0, data)
+        await a.sync()
+        for d in pack.disks:
+            for f in os.listdir(d.segdir):
+                sizes[os.path.join(d.segdir, f)] = os.path.getsize(os.path.join(d.segdir, f))
+    await with_array(tmp_path / "arr", write)
+    assert sizes
+    top = max(sizes)
+    for path in sizes:                  # what the crash left
+        with open(path, "ab") as f:
+            f.write(os.urandom(256 * 1024))
+    stray = {os.path.join(os.path.dirname(p), "99999999.seg") for p in sizes}
+    for path in stray:
+        with open(path, "wb") as f:
+            f.write(os.urandom(4096))
+
+    async def check(a):
+        for path, size in sizes.items():
+            assert os.path.getsize(path) == size, (path, top)
+        assert not any(os.path.exists(p) for p in stray)
+        assert bytes(await a.luns["l"].read(0, len(data))) == data
+        await assert_clean(a, strict=True)
+    await with_array(tmp_path / "arr", check)
+
+
 @pytest.mark.parametrize("layout", ["single", "mirror", "raid5"])
 async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path, monkeypatch,
                                                                        layout):
