@@ -22,6 +22,7 @@ from conftest import cli, drop_caches, sha
 from test_core import assert_clean, with_array
 
 MiB = 1 << 20
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 
 
 # ---- the index alone --------------------------------------------------------------
@@ -207,6 +208,37 @@ async def test_reads_and_writes_never_read_the_index_table_on_the_trio_thread(
         assert on_loop == []
         assert sum(off_loop) >= 2048            # the misses went to worker threads
     await with_array(tmp_path / "arr", body, index_cache=256 * 1024)
+
+
+def test_fsck_on_a_full_file_system_says_so_and_exits_2(tmp_path):
+    """tools/fsck makes its table of what the maps reach in the array's
+    directory: on a full file system it prints one line naming the cause
+    and exits 2 (a usage error), no traceback, and leaves no table."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        arr = str(small / "arr")
+        init_array(arr, block_size=4096)
+
+        async def write(a):
+            vol = await a.create_lun("l", "12M", block_size=4096)
+            await vol.write(0, os.urandom(12 * MiB))
+            await a.sync()
+        trio.run(with_array, arr, write)
+        st = os.statvfs(small)
+        with open(small / "filler", "wb") as f:        # leave 32 KiB
+            f.write(bytes(st.f_bavail * st.f_frsize - 32 * 1024))
+        r = subprocess.run([sys.executable, os.path.join(TOOLS, "fsck"), arr, "--no-data"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert r.stderr.startswith("fsck: cannot check") and "full" in r.stderr, r.stderr
+        assert not [f for f in os.listdir(arr) if f.startswith(".reach.")]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 # ---- the array --------------------------------------------------------------------
