@@ -322,8 +322,8 @@ class Catalogue:
 #: collection), through their indexes by name: without statistics (no
 #: ANALYZE) SQLite's planner prefers the primary key's `pack=?` prefix,
 #: a scan of every row of the pack, to a secondary index on the same
-#: prefix; at 10M blocks that made a collection cost 1.4 s whatever it
-#: freed (issue 16). INDEXED BY fails loudly if the index is missing.
+#: prefix; at 1M blocks that made a cold snapshot delete's collection
+#: cost 1.1 s whatever it freed (issue 16). INDEXED BY fails loudly if the index is missing.
 ENTRIES_IN_SQL = ("SELECT id, seg, off, len FROM blocks INDEXED BY blocks_seg "
                   "WHERE pack=? AND seg=?")
 UNREFERENCED_SQL = ("SELECT id, seg, off, len FROM blocks INDEXED BY blocks_unref "
