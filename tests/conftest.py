@@ -4,6 +4,11 @@ cost tiers and the daemon-log check.
 `require_fuse()` is the one gate: it skips when the machine cannot mount
 FUSE, unless FUSEARRAY_REQUIRE_FUSE=1 (CI), where it fails instead.
 
+`ceph` (session scope) is one throw-away Ceph cluster for the tests of a
+RADOS backend, started by the first test that asks for it; its gate,
+`cephcluster.require_ceph()`, skips unless FUSEARRAY_REQUIRE_CEPH=1
+(tests/cephcluster.py, docs/ceph.md).
+
 `Mount` starts `python -m fusearray.daemon` as a child, waits for its
 readiness line, and in `close()` (always run, from `finally`) unmounts every
 filesystem and detaches every loop device it recorded, unmounts the FUSE
@@ -488,3 +493,22 @@ def _daemon_logs(request):
                     "an internal error); if the test provokes it, mark it "
                     "@pytest.mark.daemon_errors(PATTERN):\n"
                     + "\n\n".join(b[-4000:] for b in bad[:5]), pytrace=False)
+
+
+# ---- Ceph ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """One throw-away Ceph cluster (a mon, a memstore OSD, no mgr, auth none)
+    for the whole session, started by the first test that asks for it (a
+    session that never does starts none): a tests/cephcluster.CephCluster
+    with `.conf` (ceph.conf's path), `.new_pool()` (a fresh pool of its own:
+    its name), `.pids`, `.health()`. Skipped where Ceph cannot run, unless
+    FUSEARRAY_REQUIRE_CEPH=1. Stopped by PID (tools/ceph-down) at the end."""
+    from cephcluster import CephCluster, require_ceph
+    require_ceph()
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

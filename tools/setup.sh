@@ -41,6 +41,26 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null \
   || { echo "setup: qemu-storage-daemon or qemu-img missing after install" >&2; exit 1; }
+# The tests' throw-away Ceph cluster (tools/ceph-up, tests/cephcluster.py,
+# docs/ceph.md): a mon and a memstore OSD (they pull in ceph-base and
+# uuid-runtime), ceph-common for the `ceph`/`rados` clients, ceph-authtool and
+# monmaptool, python3-rados for librados in Python (made importable from the
+# venv below); ceph-mgr only for `MGR=1 tools/ceph-up`. No daemon starts by
+# itself on install.
+ceph_pkgs=(ceph-mon ceph-osd ceph-mgr ceph-common python3-rados)
+missing=()
+for p in "${ceph_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} (for the tests' Ceph cluster)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rados; do
+  command -v "$b" >/dev/null || { echo "setup: $b missing after install" >&2; exit 1; }
+done
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -50,6 +70,22 @@ fi
 .venv/bin/python -m pip install -q -e '.[test,bench]'   # bench: matplotlib, tools/bench --chart
 .venv/bin/python -c 'import fusearray.native, pyfuse3, trio, xxhash' \
   || { echo "setup: the package did not install correctly" >&2; exit 1; }
+# Debian's librados binding (python3-rados) is one extension module in
+# /usr/lib/python3/dist-packages, built for CPython 3.11; no binding on PyPI
+# builds for 3.11. The venv gets it through a .pth file naming a directory
+# that holds only a symlink to that module (putting all of dist-packages on
+# the path would bring Debian's other packages in too).
+ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+so=/usr/lib/python3/dist-packages/rados$ext
+[ -f "$so" ] || { echo "setup: $so missing (python3-rados is built for Debian's" \
+                       "python3; is the venv's Python another version?)" >&2; exit 1; }
+binding=$PWD/.venv/ceph-binding
+mkdir -p "$binding"
+ln -sfn "$so" "$binding/rados$ext"
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+echo "$binding" >"$site/fusearray-ceph-binding.pth"
+.venv/bin/python -c 'import rados' \
+  || { echo "setup: the venv cannot import rados (through $site/fusearray-ceph-binding.pth)" >&2; exit 1; }
 # `mount -t fuse.fusearray ARRAY MNT` and fstab lines: libmount runs
 # /sbin/mount.fuse.fusearray (it looks in /sbin, /sbin/fs.d, /sbin/fs only)
 ln -sfn "$PWD/.venv/bin/mount.fusearray" /sbin/mount.fuse.fusearray
