@@ -25,13 +25,13 @@ until then, so a crash mid-rebuild leaves the pack usable (degraded) and
 the resumed job, or a second `recover`, does the work again.
 """
 import errno
-import os
 import time
 
 import trio
 
 from .errors import ArrayError, busy, ioerror, notfound
 from .jobs import Job, JobCancelled, JobRunner
+from .store import seg_name
 from .util import human_bytes
 
 PIECE = 4 << 20
@@ -75,7 +75,7 @@ def _drop_rebuilt(pack, d, plan, below: int, sealed: set, upto: dict) -> list:
     for seq, size in plan:
         if seq < below and seq in sealed:
             try:
-                have = os.stat(d.seg_path(seq)).st_size
+                have = d.medium.file_size(seg_name(seq))
             except OSError:
                 have = -1
             if have == size == pack.disk_file_size(seq):
@@ -121,7 +121,7 @@ class Recovery:
         for d in pack.disks:
             if d.state == "online":
                 continue
-            if not os.path.isdir(d.path):
+            if not d.present():
                 absent.append(d)
             else:
                 targets.append(d)
@@ -172,7 +172,7 @@ class Recovery:
             old_path = d.path
             pack.close_disk_files(d)
             d.path, d.state, d.since, d.errors = path, "stale", 0, 0
-            await trio.to_thread.run_sync(os.makedirs, os.path.join(path, "segments"))
+            await trio.to_thread.run_sync(d.medium.prepare)
             job = self.runner.new("replace", [])
             job.params.update(pack=name, disks=[d.idx])
             self.event("info", f"replace (job {job.id}): disk {d.idx} of pack {name} "

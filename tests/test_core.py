@@ -12,6 +12,7 @@ from fusearray import ZERO_ID, fsck, maps, native
 from fusearray.array import Array, init_array
 from fusearray.errors import ArrayError, ChecksumError
 from fusearray.store import Disk, Hasher, Pack
+from fusearray.store.media import DirMedium
 
 MiB = 1 << 20
 
@@ -759,15 +760,12 @@ async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path,
     init_array(str(tmp_path / "arr"), packs=[spec])
     cap = 400 * MiB
 
-    def fake_statvfs(self, field):
-        per_disk = []
-        for d in self.disks:
-            used = 0
-            for root, _, files in os.walk(d.path):
-                used += sum(os.stat(os.path.join(root, f)).st_blocks * 512 for f in files)
-            per_disk.append(cap if field == "f_blocks" else cap - used)
-        return min(per_disk) * self.k if self.layout == "raid5" else min(per_disk)
-    monkeypatch.setattr(Pack, "_statvfs", fake_statvfs)
+    def fake_space(self):         # a disk of `cap` bytes: (capacity, available)
+        used = 0
+        for root, _, files in os.walk(self.path):
+            used += sum(os.stat(os.path.join(root, f)).st_blocks * 512 for f in files)
+        return cap, cap - used
+    monkeypatch.setattr(DirMedium, "space", fake_space)
 
     async def body(a):
         pack = a.packs["m"]
@@ -779,7 +777,8 @@ async def test_overwrites_reuse_dead_segment_files_whatever_the_layout(tmp_path,
             await a.sync()
             await a.collect_garbage()
         assert pack.spares, "the overwritten segments were deleted, not kept for reuse"
-        spare_inodes = {os.stat(p).st_ino for g, _ in pack.spares for p in g.values()}
+        spare_inodes = {os.stat(os.path.join(pack.disks[di].segdir, n)).st_ino
+                        for g, _ in pack.spares for di, n in g.items()}
         before = pack.active_seq
         await vol.write(0, rng.randbytes(24 * MiB))
         await a.sync()

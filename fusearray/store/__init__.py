@@ -5,7 +5,9 @@ Modules (each docstring is that module's contract):
 - records:  the on-disk record (`MAGIC | id | length`, then the data) and
             the byte helpers (XOR, gather, atomic file write, fsync_dir);
 - hasher:   block ids (keyed xxh3-128; ZERO_ID for all-zero blocks);
-- disks:    a disk directory and its label; DiskHealth, the rules by
+- media:    where a disk's files live: a host directory or a RADOS pool
+            namespace (rados.py); every file operation goes through it;
+- disks:    a disk (a medium) and its label; DiskHealth, the rules by
             which a disk leaves its pack;
 - layouts:  Single, Mirror, Raid5: where a segment's bytes lie on the
             disks, and the layout's own I/O (write, read, reconstruct,
@@ -70,10 +72,11 @@ at the next open (files nothing points into deleted, tails cut back);
 spares are deleted at open; a retirement or deletion whose directory
 fsync did not last is done again then.
 """
-from .disks import LABEL, Disk
+from .disks import Disk
 from .hasher import Hasher
 from .index import DEFAULT_INDEX_CACHE, PAGE_CACHE_SHARE, UNCACHED
 from .layouts import CHUNK, Mirror, Raid5, Single
+from .media import LABEL, is_rados, seg_name
 from .pack import Pack
 from .records import HDR, MAGIC, fsync_dir, write_file_atomic
 # the accelerators as the store uses them (None when not built, see
@@ -86,6 +89,6 @@ from .records import xor_into as _xor_into
 from .segments import SEGMENT_LIMIT, SEGMENT_MIN, SPARE_IDLE, SPARES
 
 __all__ = ["CHUNK", "DEFAULT_INDEX_CACHE", "PAGE_CACHE_SHARE", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
-           "SPARE_IDLE", "UNCACHED", "Disk", "Hasher", "Mirror", "Pack", "Raid5", "Single",
+           "SPARE_IDLE", "UNCACHED", "Disk", "Hasher", "is_rados", "seg_name", "Mirror", "Pack", "Raid5", "Single",
            "fsync_dir", "write_file_atomic",
            "_hash128_many", "_in_memory", "_verify_mapped", "_xor", "_xor_into"]

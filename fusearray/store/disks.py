@@ -26,24 +26,34 @@ import errno
 import json
 import os
 
-from ..perms import private_dir
-from .records import write_file_atomic
-
-LABEL = "fusearray-disk.json"
+from .media import medium_for, seg_name
 ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
 
 
 class Disk:
-    """A host directory holding a pack's segment files (and its label).
+    """A medium (media.py: a host directory, or a RADOS pool namespace)
+    holding a pack's segment files and its label.
     state: online | missing | failed | stale | invalid. `since`: the first
     segment it may lack (set when it leaves; a rebuild starts there)."""
 
-    def __init__(self, idx: int, path: str, state: str = "online", since=None):
+    def __init__(self, idx: int, path: str, state: str = "online", since=None,
+                 ceph_conf: str | None = None):
         self.idx = idx
-        self.path = path
+        self.ceph_conf = ceph_conf
+        self.path = path             # and its medium
         self.state = state
         self.since = since
         self.errors = 0
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, path: str) -> None:
+        """A disk given a new place (replace) gets that place's medium."""
+        self._path = path
+        self.medium = medium_for(path, self.ceph_conf)
 
     @property
     def segdir(self) -> str:
@@ -53,14 +63,12 @@ class Disk:
         return os.path.join(self.segdir, f"{seq:08d}.seg")
 
     def write_label(self, array_uuid: str, pack: str) -> None:
-        private_dir(self.path)           # raw data: the owner's alone (0700)
-        private_dir(self.segdir)
-        write_file_atomic(os.path.join(self.path, LABEL), json.dumps(
+        self.medium.prepare()            # raw data: the owner's alone (0700)
+        self.medium.write_label(json.dumps(
             {"array": array_uuid, "pack": pack, "disk": self.idx}).encode())
 
     def read_label(self) -> dict:
-        with open(os.path.join(self.path, LABEL), "rb") as f:
-            return json.loads(f.read())
+        return json.loads(self.medium.read_label())
 
     def label_state(self, pack: str, array_uuid: str | None) -> str:
         """ok | missing (no directory or no label) | invalid (a label that is
@@ -71,16 +79,24 @@ class Disk:
         except FileNotFoundError:
             return "missing"
         except OSError as e:
-            if e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM) and \
-                    os.path.isdir(self.path):
+            present = self.present()
+            if e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM,
+                           errno.ETIMEDOUT) and present:
                 return "error"          # the disk failed a read: not a wrong label
-            return "invalid" if os.path.isdir(self.path) else "missing"
+            return "invalid" if present else "missing"
         except ValueError:
-            return "invalid" if os.path.isdir(self.path) else "missing"
+            return "invalid" if self.present() else "missing"
         if lab.get("pack") == pack and lab.get("disk") == self.idx and \
                 (array_uuid is None or lab.get("array") == array_uuid):
             return "ok"
         return "invalid"
+
+    def present(self) -> bool:
+        """Is its directory (its pool) there?"""
+        try:
+            return self.medium.present()
+        except OSError:
+            return False
 
 
 class DiskHealth:
@@ -146,7 +162,7 @@ class DiskHealth:
         """Notice disks that vanished or came back (a worker thread, every
         few seconds). `segs`: the segments every online disk must hold."""
         pack = self.pack
-        expected = {f"{seq:08d}.seg" for seq in segs or ()}
+        expected = {seg_name(seq) for seq in segs or ()}
         for d in self.disks:
             label = d.label_state(pack.name, array_uuid)
             ok = label == "ok"
@@ -157,7 +173,7 @@ class DiskHealth:
                           else "its label is unreadable or belongs elsewhere")
             elif d.state == "online":
                 try:
-                    gone = expected - set(os.listdir(d.segdir))
+                    gone = expected - set(d.medium.names())
                 except OSError:
                     gone = expected
                 if gone:

@@ -1,8 +1,9 @@
 """The fd table: a pack's open segment files, their read-only mappings,
 and reads and writes of one disk's bytes.
 
-`fds` maps (disk idx, seg) to an fd, `maps` the same key to a mapping of
-that file (mapped reads, see reads.py). `lock` guards both tables: every
+`fds` maps (disk idx, seg) to a handle of the disk's medium (media.py: an
+fd for a directory), `maps` the same key to a mapping of that file
+(mapped reads, see reads.py; only media whose handles are fds). `lock` guards both tables: every
 insertion and removal holds it, and a mapping is published only if its
 fd is still the table's (a closer may have taken it meanwhile). Lookups
 (`fds.get`) are single dict reads, done without the lock by the appender
@@ -26,7 +27,7 @@ import mmap
 import os
 import threading
 
-from .records import NOT_THE_DISK, in_memory, pwritev_all
+from .records import NOT_THE_DISK
 
 MAPS_MAX = 64             # segment files kept mapped for reads, per disk
 
@@ -55,6 +56,9 @@ class SegmentFiles:
         online or the file not open."""
         return self.fds.get((di, seq)) if self.disks[di].state == "online" else None
 
+    def _close(self, key, h) -> None:
+        self.disks[key[0]].medium.close(h)
+
     def pop(self, key, *default):
         """Take `key`'s fd out of the table (to close it), with its mapping.
         Caller holds `lock`."""
@@ -69,23 +73,23 @@ class SegmentFiles:
     def close_disk(self, d) -> None:
         """Close disk `d`'s files (and drop their mappings). Any thread."""
         with self.lock:
-            fds = [self.pop(key) for key in [k for k in self.fds if k[0] == d.idx]]
-        for fd in fds:
+            fds = [(key, self.pop(key)) for key in [k for k in self.fds if k[0] == d.idx]]
+        for key, fd in fds:
             try:
-                os.close(fd)
+                self._close(key, fd)
             except OSError:
                 pass
 
     def close_segment(self, seq: int) -> None:
         with self.lock:
-            fds = [self.pop(k) for k in [k for k in self.fds if k[1] == seq]]
-        for fd in fds:
-            os.close(fd)
+            fds = [(k, self.pop(k)) for k in [k for k in self.fds if k[1] == seq]]
+        for key, fd in fds:
+            self._close(key, fd)
 
     def close_all(self) -> None:
         with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
+            for key, fd in self.fds.items():
+                self._close(key, fd)
             self.fds.clear()
             self.maps.clear()
 
@@ -96,7 +100,7 @@ class SegmentFiles:
         fd = self.fd(di, seq)
         if fd is None:
             return False
-        pwritev_all(fd, iov, off)
+        self.disks[di].medium.pwritev(fd, iov, off)
         self.unsynced.add((di, seq))
         return True
 
@@ -131,7 +135,7 @@ class SegmentFiles:
         if fd is None:
             return False
         try:
-            got = os.preadv(fd, [dst], off)
+            got = self.disks[di].medium.preadv(fd, [dst], off)
         except OSError as e:
             self.health.disk_error(self.disks[di], f"read failed: {e.strerror}")
             return False
@@ -155,7 +159,7 @@ class SegmentFiles:
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP:
                 # tmpfs has no RWF_NOWAIT, but its reads never wait for a device
-                self.nowait = 0 if all(in_memory(d.path) for d in self.disks) else None
+                self.nowait = 0 if all(d.medium.in_memory() for d in self.disks) else None
             return -1
 
     def mapping(self, di: int, seq: int, end: int):
@@ -166,7 +170,7 @@ class SegmentFiles:
         fd."""
         key = (di, seq)
         fd = self.fd(di, seq)
-        if fd is None:
+        if fd is None or not self.disks[di].medium.fds:
             return None
         m = self.maps.get(key)
         if m is not None and m[0] == fd and len(m[1]) >= end:
@@ -178,10 +182,10 @@ class SegmentFiles:
             mv = memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
         except (OSError, ValueError):
             return None
-        path = self.disks[di].path
-        mem = self._mem_paths.get(path)
+        d = self.disks[di]
+        mem = self._mem_paths.get(d.path)
         if mem is None:
-            mem = self._mem_paths[path] = in_memory(path)
+            mem = self._mem_paths[d.path] = d.medium.in_memory()
         with self.lock:                 # closers hold it
             if self.fds.get(key) != fd:     # closed (and maybe reused) meanwhile
                 return None

@@ -33,9 +33,9 @@ added again before the commit is deleted and inserted (it starts with no
 references); a row that moves (compaction) keeps its counts.
 """
 import collections
-import os
 import threading
 
+from .media import seg_name
 from .records import HDR
 
 #: What one cached location costs in RAM, rounded up: tracemalloc on
@@ -491,7 +491,7 @@ class BlockIndex:
                                 f"{self.seg_live.get(seg)} != {total} or entries "
                                 f"{self.seg_count.get(seg)} != {n}")
             for d in disks:
-                if d.state == "online" and not os.path.exists(d.seg_path(seg)):
+                if d.state == "online" and not d.medium.exists(seg_name(seg)):
                     problems.append(f"pack {name}: segment file {seg} is missing on "
                                     f"disk {d.idx}")
         for seg, n in self.seg_count.items():

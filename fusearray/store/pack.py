@@ -35,8 +35,6 @@ against their ids and written again to a new segment; any that no longer
 read back right are lost, and from then on every sync fails (nothing more
 is committed, so a restart returns to the last durable state).
 """
-import os
-
 from . import repair
 from .disks import Disk, DiskHealth
 from .files import SegmentFiles
@@ -44,7 +42,7 @@ from .hasher import Hasher
 from .index import DEFAULT_INDEX_CACHE, BlockIndex
 from .layouts import layout_for
 from .reads import Reads
-from .records import NOWAIT, fsync_dir
+from .records import NOWAIT
 from .segments import SEGMENT_LIMIT, SEGMENT_MIN, SPARES, Segments
 
 
@@ -73,7 +71,9 @@ class Pack:
         self.notes: list[tuple[str, str]] = []   # (level, message) for the event log
         self.strategy = layout_for(layout, len(disks))
         self.health = DiskHealth(self)
-        self.files = SegmentFiles(disks, self.health, NOWAIT)
+        # no-wait reads on the loop need fds (a RADOS pack's reads go to threads)
+        self.files = SegmentFiles(disks, self.health,
+                                  NOWAIT if all(d.medium.fds for d in disks) else None)
         self.blocks = BlockIndex(index_cache)
         self.segs = Segments(self)
         self.reads = Reads(self)
@@ -155,13 +155,17 @@ class Pack:
             elif d.state in ("missing", "failed") and \
                     d.label_state(self.name, array_uuid) == "ok":
                 d.state = "stale"
-            if d.state in ("missing", "invalid") or not os.path.isdir(d.segdir):
+            if d.state in ("missing", "invalid"):
+                continue
+            m = d.medium
+            try:
+                names = sorted(m.names())
+            except FileNotFoundError:
                 continue
             present: set = set()
-            for fn in sorted(os.listdir(d.segdir)):
-                path = os.path.join(d.segdir, fn)
+            for fn in names:
                 if fn.endswith(".spare") or (fn.endswith(".seg") and int(fn[:-4]) not in ends):
-                    os.unlink(path)
+                    m.unlink(fn)
                     if fn.endswith(".seg"):
                         removed.add(int(fn[:-4]))
                     continue
@@ -171,13 +175,13 @@ class Pack:
                 top = max(top, seq)
                 if d.state != "online":
                     continue
-                fd = os.open(path, os.O_RDWR)
+                fd = m.open(fn)
                 self.files.add((d.idx, seq), fd)
                 present.add(seq)
-                if self.strategy.trims_tails and os.fstat(fd).st_size > ends[seq]:
-                    os.ftruncate(fd, ends[seq])   # uncommitted or recycled tail
+                if self.strategy.trims_tails and m.size(fd) > ends[seq]:
+                    m.truncate(fd, ends[seq])   # uncommitted or recycled tail
             if removed:
-                fsync_dir(d.segdir)
+                m.sync_dir()
             lacking = set(ends) - present
             if d.state == "online" and lacking:
                 d.state, d.since = "stale", min(lacking)
@@ -367,23 +371,21 @@ class Pack:
         """Physical: every disk's share, redundancy included."""
         return self.strategy.physical(self.data_bytes())
 
-    def _statvfs(self, field: str) -> int:
-        sizes = []
-        for d in self.disks:
-            try:
-                st = os.statvfs(d.path)
-            except OSError:
-                continue
-            sizes.append(getattr(st, field) * st.f_frsize)
-        if not sizes:
-            return 0
-        return min(sizes) * self.k
-
     def refresh_space_blocking(self) -> None:
         """statvfs the disks (a worker thread: a hung disk must not stall
-        the trio thread) for capacity_bytes and free_bytes. Called after
-        every append, segment retirement and disk check, and at open."""
-        self._space = (self._statvfs("f_blocks"), self._statvfs("f_bavail"))
+        the trio thread) for capacity_bytes and free_bytes: the least of
+        the disks times the data disks. Called after every append, segment
+        retirement and disk check, and at open."""
+        spaces = []
+        for d in self.disks:
+            try:
+                spaces.append(d.medium.space())
+            except OSError:
+                continue
+        if not spaces:
+            self._space = (0, 0)
+            return
+        self._space = (min(c for c, _ in spaces) * self.k, min(f for _, f in spaces) * self.k)
 
     def _space_now(self) -> tuple[int, int]:
         if self._space is None:        # not opened through open_blocking

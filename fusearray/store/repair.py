@@ -14,10 +14,9 @@ piece of work in a worker thread:
 The segment lists (`segs`) are taken on the trio thread (Pack.segments()).
 """
 import errno
-import os
 
-from ..perms import FILE_MODE, private_dir
-from .records import fsync_dir, pwritev_all, scratch
+from .media import seg_name
+from .records import scratch
 
 
 def rebuild_plan(pack, d, segs: list) -> list[tuple[int, int]]:
@@ -29,7 +28,7 @@ def rebuild_plan(pack, d, segs: list) -> list[tuple[int, int]]:
     for seq in segs:
         size = pack.segs.disk_file_size(seq)
         try:
-            have = os.stat(d.seg_path(seq)).st_size
+            have = d.medium.file_size(seg_name(seq))
         except OSError:
             have = -1
         if seq >= since or have != size:
@@ -50,26 +49,27 @@ def rebuild_piece_blocking(pack, d, seq: int, off: int, n: int) -> int:
     if not ok:
         raise OSError(errno.EIO, f"segment {seq} cannot be rebuilt: too many disks "
                       f"of pack {pack.name} are unavailable")
-    private_dir(d.segdir)
-    fd = os.open(d.seg_path(seq), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    m = d.medium
+    m.prepare()
+    fd = m.open_or_create(seg_name(seq))
     try:
-        pwritev_all(fd, [acc], off)
+        m.pwritev(fd, [acc], off)
         if off + n >= pack.segs.disk_file_size(seq):
-            os.ftruncate(fd, pack.segs.disk_file_size(seq))
-            os.fsync(fd)
+            m.truncate(fd, pack.segs.disk_file_size(seq))
+            m.fsync(fd)
     finally:
-        os.close(fd)
+        m.close(fd)
     return n
 
 
 def rejoin_blocking(pack, d, array_uuid: str, segs: list) -> None:
     """After its rebuild: the disk serves again."""
     d.write_label(array_uuid, pack.name)
-    fsync_dir(d.segdir)
+    m = d.medium
+    m.sync_dir()
     for seq in segs:
-        path = d.seg_path(seq)
-        if os.path.exists(path):
-            pack.files.add((d.idx, seq), os.open(path, os.O_RDWR))
+        if m.exists(seg_name(seq)):
+            pack.files.add((d.idx, seq), m.open(seg_name(seq)))
     d.state, d.since, d.errors = "online", None, 0
 
 

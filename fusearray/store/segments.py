@@ -26,11 +26,10 @@ garbage, removed at the next open (Pack.open_blocking).
 """
 import contextlib
 import errno
-import os
 import time
 
-from ..perms import FILE_MODE, private_dir
-from .records import HDR, IOV_MAX, MAGIC, fsync_dir
+from .media import seg_name, spare_name
+from .records import HDR, IOV_MAX, MAGIC
 
 SEGMENT_LIMIT = 64 << 20
 SEGMENT_MIN = 4 << 20
@@ -52,7 +51,7 @@ class Segments:
         self.new_segs: dict[int, set] = {}   # disk idx -> segments made since its dir's last fsync
         self.suspect: set = set()            # segments a failed fsync left in doubt
         self.lost_writes: str | None = None  # why every sync fails (see sync_blocking)
-        self.spares: list[tuple[dict, int]] = []  # ({disk idx: path}, free-space credit) of dead segments kept for reuse
+        self.spares: list[tuple[dict, int]] = []  # ({disk idx: file name}, free-space credit) of dead segments kept for reuse
         self.spare_bytes = 0
         self.spare_limit = SPARES            # spares kept (set at open, see retire_blocking)
         self.last_roll = 0.0                 # time.monotonic() of the last new segment
@@ -75,19 +74,19 @@ class Segments:
             group, credit = self.spares.pop()
             self.spare_bytes -= credit
         for d in pack.health.online():
-            path = d.seg_path(seq)
-            private_dir(d.segdir)
+            name, m = seg_name(seq), d.medium
+            m.prepare()
             spare = group.pop(d.idx, None)
             if spare is not None:
-                os.rename(spare, path)   # reuse its pages: no fresh allocation
-                fd = os.open(path, os.O_RDWR)
+                m.rename(spare, name)    # reuse its pages: no fresh allocation
+                fd = m.open(name)
             else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                fd = m.open(name, create=True)
             pack.files.add((d.idx, seq), fd)
             self.new_segs.setdefault(d.idx, set()).add(seq)
-        for spare in group.values():     # of a disk that is no longer online
+        for di, spare in group.items():  # of a disk that is no longer online
             try:
-                os.unlink(spare)
+                pack.disks[di].medium.unlink(spare)
             except OSError:
                 pass
         self.active_tail = 0
@@ -126,10 +125,10 @@ class Segments:
         for s in range(seq + 1, self.active_seq + 1):     # segments this call made
             for d in pack.disks:
                 fd = pack.files.take((d.idx, s))
-                if fd is not None:
-                    os.close(fd)
                 try:
-                    os.unlink(d.seg_path(s))
+                    if fd is not None:
+                        d.medium.close(fd)
+                    d.medium.unlink(seg_name(s))
                 except OSError:
                     pass
         if was_open:
@@ -138,7 +137,7 @@ class Segments:
                 fd = pack.files.fds.get((d.idx, seq))
                 if fd is not None:
                     try:
-                        os.ftruncate(fd, max(end, 0))
+                        d.medium.truncate(fd, max(end, 0))
                     except OSError:
                         pass
         self.active_seq, self.active_tail, self.active_open = seq, tail, was_open
@@ -222,7 +221,7 @@ class Segments:
             fd = files.fds.get(key)
             if fd is not None:
                 try:
-                    os.fsync(fd)
+                    pack.disks[key[0]].medium.fsync(fd)
                 except OSError as e:
                     bad.setdefault(key[0], [f"fsync of segment {key[1]} failed: "
                                             f"{e.strerror}", set()])[1].add(key[1])
@@ -232,7 +231,7 @@ class Segments:
             if not segs:
                 continue
             try:
-                fsync_dir(d.segdir)
+                d.medium.sync_dir()
                 self.new_segs.pop(d.idx, None)
             except OSError as e:
                 b = bad.setdefault(d.idx, [f"fsync of its segment directory failed: "
@@ -322,21 +321,22 @@ class Segments:
         segment's end: nothing reads there, and RAID-5 zeroes the rest of
         each row it starts (see Raid5.write) so parity stays exact."""
         pack = self.pack
-        keep = reuse and len(self.spares) < self.spare_limit
+        keep = reuse and len(self.spares) < self.spare_limit and \
+            all(d.medium.renames for d in pack.disks)
         group: dict = {}
         sizes = []
         for d in pack.disks:
             if d.state == "missing":
                 continue
-            path = d.seg_path(seq)
+            name, m = seg_name(seq), d.medium
             try:
                 if keep and d.state == "online":
-                    spare = os.path.join(d.segdir, f"{seq:08d}.spare")
-                    os.rename(path, spare)
+                    spare = spare_name(seq)
+                    m.rename(name, spare)
                     group[d.idx] = spare
-                    sizes.append(os.stat(spare).st_blocks * 512)
+                    sizes.append(m.allocated(spare))
                 else:
-                    os.unlink(path)
+                    m.unlink(name)
                 self.fsync_dir_quietly(d)
             except FileNotFoundError:
                 pass
@@ -355,9 +355,9 @@ class Segments:
         while len(self.spares) > keep:
             group, credit = self.spares.pop(0)
             self.spare_bytes -= credit
-            for spare in group.values():
+            for di, spare in group.items():
                 try:
-                    os.unlink(spare)
+                    self.pack.disks[di].medium.unlink(spare)
                 except OSError:
                     pass
             gone += 1
@@ -372,7 +372,7 @@ class Segments:
         not last (a failed directory fsync, then a crash), the next open
         deletes the file again (nothing points into it)."""
         try:
-            fsync_dir(d.segdir)
+            d.medium.sync_dir()
         except OSError as e:
             self.pack.health.disk_error(d, f"fsync of its segment directory failed: "
                                            f"{e.strerror}")
@@ -380,7 +380,7 @@ class Segments:
     def unlink_segment_blocking(self, seq: int) -> None:
         for d in self.pack.disks:
             try:
-                os.unlink(d.seg_path(seq))
+                d.medium.unlink(seg_name(seq))
             except OSError:
                 continue
             self.fsync_dir_quietly(d)
