@@ -1,0 +1,735 @@
+"""RadosMedium: a disk that is a namespace of a RADOS pool (`rados:POOL/NAMESPACE`).
+
+The same interface as media.DirMedium (read media.py first), over librados
+through Debian's `rados` binding (python3-rados, Ceph 16.2 Pacific).
+
+Layout: one disk is one *namespace* of a pool. Every segment file is one
+object of that namespace, named as in a directory (`00000001.seg`), and the
+label is the object `fusearray-disk.json` beside them. Several packs (or
+arrays) may share a pool, each in its own namespace: an I/O context set to a
+namespace sees and lists only that namespace's objects (`names()` walks the
+namespace alone, checked in tests/test_media.py). `rados:POOL` without a
+namespace is the pool's default namespace ("").
+
+Durability: RADOS acknowledges a write (and a create, trunc, remove,
+write_full) only once every OSD of the object's acting set has it on stable
+storage, so `fsync` and `sync_dir` are no-ops and `write_label` is one
+`write_full` (atomic: a reader sees the old label or the new one). The
+redundancy of a rados disk is the pool's (its size / erasure code), so a
+rados pack has one disk.
+
+No rename: RADOS has no rename of an object (only a copy). `renames` is
+False, so the store keeps no spare segment files for this medium; `rename`
+raises EOPNOTSUPP.
+
+Object size: segments are at most 64 MiB; the OSD refuses objects larger
+than `osd_max_object_size` (default 128 MiB) with EFBIG, and single writes
+larger than `osd_max_write_size` (default 90 MB); `pwritev` sends at most
+WRITE_CHUNK (4 MiB) per RADOS write, the pieces of a bigger one in flight at
+once, and `preadv` reads READ_CHUNK pieces the same way. Measured on the
+tests' cluster (loopback, one memstore OSD, 2 cores, medians of interleaved
+runs): 1 MiB pwritev/preadv ~1000/1200 MiB/s, as raw Ioctx.write/read
+(1040/1380); 16 MiB pwritev 855-945 MiB/s (one 16 MiB write: 770), preadv
+1020 (one read and the copy into the caller's buffer: 670; the raw read
+alone 1180). aio_write for a single write measured the same as write.
+
+Handles are object names (`fds` False: no mappings, no page-cache reads);
+`open`/`close` only check existence. Note RADOS semantics that differ from a
+file held open: a write to an object that was removed creates it again, and
+`trunc` of an object that is not there is a silent no-op in the OSD. The
+store closes a segment's handle before it unlinks it, so neither happens.
+
+Connections: one `rados.Rados` per conf file per process, shared by every
+medium of that cluster (`_clusters`, under `_lock`), connected lazily on
+first use with client timeouts (at most CLIENT_TIMEOUT s for an OSD op, a
+mon op, the connect), so a dead cluster fails an operation with ETIMEDOUT,
+never hangs it. After a failed connect, operations fail at once for
+RETRY_CONNECT s rather than each waiting for the timeout again. A process
+that forks gets a connection of its own (librados is not fork-safe). Each
+medium opens one I/O context, sets its namespace once and shares it between
+the worker threads: librados I/O on one context is thread-safe and the
+binding releases the GIL around it; what is not (opening the context,
+connecting) is under a lock. `shutdown()` (at unmount, once no I/O is in
+flight) closes every context and connection; a later use connects again.
+
+Errors: every method raises OSError only (the store relies on it): missing
+object -> FileNotFoundError, exists -> FileExistsError, timeout ->
+ETIMEDOUT, full -> ENOSPC, denied -> EACCES, other librados errors their own
+errno (EIO when they carry none), each message naming the medium and object.
+
+The binding (checked against Pacific 16.2.15): there is no Ioctx.create,
+so `open(create=True)` is a write op `new(LIBRADOS_CREATE_EXCLUSIVE)`;
+Ioctx.write takes `bytes` only (a bytearray or memoryview is refused, so
+an iov is joined: one copy); a zero-length write creates the object and
+extends it to its offset, unlike pwritev(2), so none is sent; a read of
+length 0 fails with ERANGE (librados reads to the object's end into no
+room), so none is sent either; an aio_read
+that read nothing hands its callback a buffer of the full length,
+uninitialised (only get_return_value() bytes count); mon_command ignores its
+timeout argument (the client's rados_mon_op_timeout applies), and commands
+a mgr serves (`osd df`) wait for it when there is none.
+
+Space: `space()` is the pool's usable bytes from the mon's `df` (max_avail:
+after replication and the full ratio; what `ceph df` shows), not the raw
+cluster total of `get_cluster_stats` (which counts every replica and
+ignores the full ratio, so a size-3 pool would look three times as big).
+Both come from the mgr: a cluster without a mgr (the tests') reports zeros
+there, and then the OSDs' own statfs is summed instead (up+in OSDs,
+divided by the pool's size, less the full ratio's reserve). Cached for
+SPACE_TTL s per pool.
+"""
+import errno
+import json
+import os
+import re
+import threading
+import time
+import weakref
+
+from .media import LABEL, RADOS_PREFIX
+
+try:
+    import rados
+except ImportError as _e:           # only rados packs need it
+    rados = None
+    _IMPORT_ERROR = str(_e)
+
+#: seconds after which a librados OSD op, mon op or the connect gives up
+#: (a smaller value in the conf file wins; 0 there means "never" and is replaced)
+CLIENT_TIMEOUT = 30
+_TIMEOUT_OPTIONS = ("rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout")
+#: after a failed connect, fail at once for this long instead of waiting again
+RETRY_CONNECT = 5.0
+#: status() waits at most this long for the cluster's health
+STATUS_TIMEOUT = 5.0
+#: space() answers from a cache this young
+SPACE_TTL = 2.0
+#: the most bytes one RADOS write carries: a bigger pwritev sends pieces of
+#: this size, all in flight at once (faster; and the OSD refuses writes over
+#: its osd_max_write_size, 90 MB by default)
+WRITE_CHUNK = 4 << 20
+#: the most bytes one RADOS read asks for: a bigger preadv reads pieces of
+#: this size, all in flight at once
+READ_CHUNK = 4 << 20
+
+
+def _errno_of(e: BaseException) -> int:
+    if rados is not None:
+        if isinstance(e, rados.ObjectNotFound):
+            return errno.ENOENT
+        if isinstance(e, rados.ObjectExists):
+            return errno.EEXIST
+        if isinstance(e, rados.TimedOut):
+            return errno.ETIMEDOUT
+        if isinstance(e, rados.NoSpace):
+            return errno.ENOSPC
+        if isinstance(e, (rados.PermissionError, rados.PermissionDeniedError)):
+            return errno.EACCES
+    code = getattr(e, "errno", None)
+    if isinstance(code, int) and code and abs(code) in errno.errorcode:
+        return abs(code)
+    return errno.EIO
+
+
+def _errno_of_ret(ret: int) -> int:
+    """The errno of a librados return value (< 0), as _errno_of maps them."""
+    code = -ret
+    if code == errno.EPERM:
+        return errno.EACCES
+    return code if code in errno.errorcode else errno.EIO
+
+
+def _chunks(iov, size: int) -> list[bytes]:
+    """The bytes of `iov` cut into pieces of `size` (the last shorter): one
+    copy (the binding takes only bytes)."""
+    out, cur, n = [], [], 0
+    for b in iov:
+        mv = memoryview(b)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        while len(mv):
+            take = min(size - n, len(mv))
+            cur.append(mv[:take])
+            n += take
+            mv = mv[take:]
+            if n == size:
+                out.append(b"".join(cur))
+                cur, n = [], 0
+    if n:
+        out.append(b"".join(cur))
+    return out
+
+
+def _scatter(views, pos: int, src) -> None:
+    """Copy `src` into the byte views `views` (one space, in order) at `pos`."""
+    src = memoryview(src)
+    for v in views:
+        if not len(src):
+            return
+        if pos >= len(v):
+            pos -= len(v)
+            continue
+        n = min(len(v) - pos, len(src))
+        v[pos:pos + n] = src[:n]
+        src = src[n:]
+        pos = 0
+
+
+def _oserror(e: BaseException, where: str) -> OSError:
+    """A librados error as an OSError (FileNotFoundError etc. by errno)."""
+    code = _errno_of(e)
+    text = re.sub(r"^\[errno -?\d+\] ", "", str(e)) or type(e).__name__
+    if not text.startswith("RADOS "):       # the binding's bare classes say only where
+        text = f"{os.strerror(code)} ({text})"
+    return OSError(code, f"{where}: {text}")
+
+
+class _Cluster:
+    """The one connection of this process to the cluster of `conf`."""
+
+    def __init__(self, conf: str):
+        self.conf = conf
+        self.pid = os.getpid()
+        self.closed = False
+        self._lock = threading.Lock()      # the state below (never held across I/O)
+        self._connecting = threading.Lock()   # one connect at a time
+        self._client = None
+        self._failed: tuple[float, OSError] | None = None
+        #: the media with an I/O context of this connection (closed before it)
+        self.media: "weakref.WeakSet[RadosMedium]" = weakref.WeakSet()
+        self._probe: "_Probe | None" = None
+        self.space_cache: dict[str, tuple[float, tuple[int, int]]] = {}
+
+    def client(self):
+        """The connected rados.Rados (connecting on first use: one connect
+        at a time, and not under `_lock`, so shutdown() never waits for it)."""
+        c = self._client
+        if c is not None:
+            return c
+        with self._connecting:
+            with self._lock:
+                if self._client is not None:
+                    return self._client
+                if self.closed:
+                    raise OSError(errno.ESHUTDOWN, f"the connection to {self.conf} is shut down")
+                failed = self._failed
+            if failed and time.monotonic() - failed[0] < RETRY_CONNECT:
+                e = failed[1]
+                raise OSError(e.errno, f"{e.strerror} (not tried again for {RETRY_CONNECT:g} s)")
+            if rados is None:
+                raise OSError(errno.ENOSYS, "the Python module `rados` (Debian's python3-rados) "
+                                            f"is missing: {_IMPORT_ERROR}")
+            c = None
+            try:
+                c = rados.Rados(conffile=self.conf)
+                for opt in _TIMEOUT_OPTIONS:
+                    try:
+                        v = float(c.conf_get(opt) or 0)
+                    except (ValueError, rados.Error):
+                        v = 0
+                    if not 0 < v <= CLIENT_TIMEOUT:
+                        c.conf_set(opt, str(CLIENT_TIMEOUT))
+                c.connect()
+            except rados.Error as e:
+                err = _oserror(e, f"connecting to the Ceph cluster of {self.conf}")
+                self._failed = (time.monotonic(), err)
+                _quietly(c)
+                raise err from None
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self._failed = None
+                    self._client = c
+            if closed:                  # shut down while it connected
+                _quietly(c)
+                raise OSError(errno.ESHUTDOWN, f"the connection to {self.conf} is shut down")
+            return c
+
+    def open_ioctx(self, medium: "RadosMedium"):
+        """An I/O context of `medium`'s pool, set to its namespace."""
+        pool, who = medium.pool, medium.path
+        c = self.client()
+        try:
+            io = c.open_ioctx(pool)
+        except rados.ObjectNotFound:
+            raise FileNotFoundError(errno.ENOENT, f"{who}: pool {pool} does not exist in the "
+                                                  f"Ceph cluster of {self.conf}") from None
+        except rados.Error as e:
+            raise _oserror(e, f"{who}: opening pool {pool} of {self.conf}") from None
+        io.set_namespace(medium.namespace)
+        with self._lock:
+            if self.closed:          # shut down meanwhile
+                io.close()
+                raise OSError(errno.ESHUTDOWN, f"the connection to {self.conf} is shut down")
+            self.media.add(medium)
+        return io
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self.closed = True
+            media, self.media = list(self.media), weakref.WeakSet()
+            c, self._client = self._client, None
+        # every I/O context before the connection (one destroyed after
+        # rados_shutdown would use freed memory)
+        for m in media:
+            m.drop_ioctx(self)
+        _quietly(c)
+
+    def health(self) -> str:
+        """The cluster's health status (HEALTH_OK, ...) or "unreachable: why",
+        within STATUS_TIMEOUT s: the mon command runs in a thread of its own
+        (the binding ignores mon_command's timeout; a hung one ends at the
+        client's mon op timeout), at most one at a time per cluster."""
+        with self._lock:
+            p = self._probe
+            if p is None or p.done.is_set():
+                p = self._probe = _Probe(self)
+        if not p.done.wait(STATUS_TIMEOUT):
+            return f"unreachable: no answer from the cluster of {self.conf} in {STATUS_TIMEOUT:g} s"
+        return p.result
+
+
+def _quietly(c) -> None:
+    """Shut the rados.Rados `c` down (if any), ignoring its errors."""
+    if c is not None:
+        try:
+            c.shutdown()
+        except Exception:          # noqa: BLE001  (closing: nothing to do about it)
+            pass
+
+
+class _Probe:
+    """One health query of a cluster, in a daemon thread."""
+
+    def __init__(self, cluster: _Cluster):
+        self.cluster = cluster
+        self.done = threading.Event()
+        self.result = ""
+        threading.Thread(target=self._run, name="rados-health", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            out = _mon(self.cluster, {"prefix": "health", "format": "json"})
+            self.result = str(json.loads(out)["status"])
+        except OSError as e:
+            self.result = f"unreachable: {e.strerror or e}"
+        except (ValueError, KeyError, TypeError) as e:
+            self.result = f"unreachable: unreadable health: {e}"
+        finally:
+            self.done.set()
+
+
+def _mon(cluster: _Cluster, cmd: dict) -> bytes:
+    """A mon command's output; OSError on failure."""
+    c = cluster.client()
+    try:
+        ret, out, errs = c.mon_command(json.dumps(cmd), b"")
+    except rados.Error as e:
+        raise _oserror(e, f"mon command {cmd['prefix']!r} to {cluster.conf}") from None
+    if ret:
+        code = abs(ret) if abs(ret) in errno.errorcode else errno.EIO
+        raise OSError(code, f"mon command {cmd['prefix']!r} to {cluster.conf}: "
+                            f"{errs or os.strerror(code)}")
+    return out
+
+
+_lock = threading.Lock()
+_clusters: dict[str, _Cluster] = {}
+#: I/O contexts a forked child inherited: its parent's, kept from being destroyed
+_PARENTS_IOCTXS: list = []
+
+
+def _cluster(conf: str) -> _Cluster:
+    """The connection of this process to the cluster of `conf`."""
+    key = os.path.abspath(conf)
+    with _lock:
+        cl = _clusters.get(key)
+        if cl is None or cl.closed or cl.pid != os.getpid():
+            # (a fork's child leaves the parent's connection alone: not its own)
+            cl = _clusters[key] = _Cluster(key)
+        return cl
+
+
+def shutdown() -> None:
+    """Close every I/O context and connection of this process (at unmount,
+    when no I/O is in flight: librados must not be used during its
+    shutdown). Media used later connect again."""
+    with _lock:
+        mine = [c for c in _clusters.values() if c.pid == os.getpid()]
+        _clusters.clear()
+    for c in mine:
+        c.shutdown()
+
+
+def parse_path(path: str) -> tuple[str, str]:
+    """`rados:POOL/NAMESPACE` -> (POOL, NAMESPACE); `rados:POOL` -> (POOL, "")."""
+    if not path.startswith(RADOS_PREFIX):
+        raise OSError(errno.EINVAL, f"{path!r} is not a rados disk (rados:POOL/NAMESPACE)")
+    pool, _, namespace = path[len(RADOS_PREFIX):].partition("/")
+    if not pool:
+        raise OSError(errno.EINVAL, f"{path!r}: no pool (rados:POOL/NAMESPACE)")
+    return pool, namespace
+
+
+class RadosMedium:
+    """A disk that is the namespace NAMESPACE of pool POOL of a Ceph cluster
+    (the module docstring has the design)."""
+
+    kind = "rados"
+    fds = False         # handles are object names: no mappings, no no-wait reads
+    renames = False     # RADOS cannot rename an object: no spare segment files
+
+    def __init__(self, path: str, ceph_conf: str | None = None):
+        self.path = path
+        self.pool, self.namespace = parse_path(path)
+        conf = ceph_conf or os.environ.get("CEPH_CONF")
+        if not conf:
+            raise OSError(errno.EINVAL, f"{path}: no Ceph cluster named: give its ceph.conf "
+                                        "(--ceph-conf) or set CEPH_CONF")
+        self.conf = os.path.abspath(conf)      # (a daemon may change directory)
+        self._lock = threading.Lock()
+        self._cl: _Cluster | None = None
+        self._io = None                 # the I/O context, opened on first use
+        self._io_of: _Cluster | None = None     # the connection it belongs to
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"RadosMedium({self.path!r}, {self.conf!r})"
+
+    # ---- plumbing ---------------------------------------------------------------
+    def _cluster(self) -> _Cluster:
+        cl = self._cl
+        if cl is None or cl.closed or cl.pid != os.getpid():
+            cl = self._cl = _cluster(self.conf)
+        return cl
+
+    def _ioctx(self):
+        """This medium's I/O context (opened on first use, or again after a
+        shutdown); OSError if the cluster or the pool is not there."""
+        io, cl = self._io, self._io_of
+        if io is not None and not cl.closed and cl.pid == os.getpid():
+            return io
+        with self._lock:
+            cl = self._cluster()
+            if self._io is None or self._io_of is not cl:
+                if self._io is not None and self._io_of.pid != os.getpid():
+                    # the parent's, in a forked child: never destroyed here
+                    _PARENTS_IOCTXS.append(self._io)
+                self._client()              # the connect's error, naming this medium
+                self._io = cl.open_ioctx(self)
+                self._io_of = cl
+            return self._io
+
+    def drop_ioctx(self, cl: _Cluster) -> None:
+        """Close the I/O context if it is of connection `cl` (being shut
+        down); the next use opens another."""
+        with self._lock:
+            if self._io is None or self._io_of is not cl:
+                return
+            io, self._io = self._io, None
+        try:
+            io.close()
+        except Exception:          # noqa: BLE001  (closing: nothing to do about it)
+            pass
+
+    def _client(self):
+        """The connected rados.Rados of this medium's cluster."""
+        try:
+            return self._cluster().client()
+        except OSError as e:
+            raise OSError(e.errno, f"{self.path}: {e.strerror}") from None
+
+    def _err(self, e: BaseException, what: str, name: str | None = None) -> OSError:
+        where = f"{self.path}: {what}" + (f" {name}" if name is not None else "")
+        return _oserror(e, where)
+
+    # ---- the disk as a whole ------------------------------------------------------
+    def present(self) -> bool:
+        """Does the pool exist? (OSError if the cluster does not answer.)"""
+        c = self._client()
+        try:
+            return c.pool_exists(self.pool)
+        except rados.Error as e:
+            raise self._err(e, "looking up the pool") from None
+
+    def prepare(self) -> None:
+        """Nothing to create (a namespace exists by its objects); the pool
+        must exist: FileNotFoundError otherwise."""
+        if not self.present():
+            raise FileNotFoundError(
+                errno.ENOENT, f"{self.path}: pool {self.pool} does not exist in the Ceph "
+                              f"cluster of {self.conf}: create it first "
+                              f"(ceph osd pool create {self.pool})")
+
+    def write_label(self, data: bytes) -> None:
+        """One write_full: atomic and durable once it returns."""
+        io = self._ioctx()
+        try:
+            io.write_full(LABEL, bytes(data))
+        except rados.Error as e:
+            raise self._err(e, "writing", LABEL) from None
+
+    def read_label(self) -> bytes:
+        return self._read_all(LABEL)
+
+    def _read_all(self, name: str) -> bytes:
+        io = self._ioctx()
+        chunk, parts, off = 1 << 20, [], 0
+        try:
+            while True:
+                b = io.read(name, chunk, off)
+                parts.append(b)
+                off += len(b)
+                if len(b) < chunk:
+                    return b"".join(parts)
+        except rados.Error as e:
+            raise self._err(e, "reading", name) from None
+
+    def names(self) -> list[str]:
+        """The objects of the namespace (the label left out)."""
+        io = self._ioctx()
+        try:
+            return [o.key for o in io.list_objects() if o.key != LABEL]
+        except rados.Error as e:
+            raise self._err(e, "listing the namespace") from None
+
+    def sync_dir(self) -> None:
+        """Nothing to do: a create or remove is durable once acknowledged."""
+
+    def space(self) -> tuple[int, int]:
+        """(capacity, available) in bytes that the pool can still take (see
+        the module docstring: the mon's df, else the OSDs' statfs)."""
+        cl = self._cluster()
+        got = cl.space_cache.get(self.pool)
+        now = time.monotonic()
+        if got is not None and now - got[0] < SPACE_TTL:
+            return got[1]
+        try:
+            self._client()
+            space = self._space_df(cl)
+            if space is None:
+                space = self._space_osds(cl)
+        except (ValueError, KeyError, TypeError) as e:
+            raise OSError(errno.EIO, f"{self.path}: unreadable space report: {e}") from None
+        except OSError as e:
+            if (e.strerror or "").startswith(self.path):
+                raise
+            raise OSError(e.errno, f"{self.path}: {e.strerror}") from None
+        cl.space_cache[self.pool] = (now, space)
+        return space
+
+    def _space_df(self, cl: _Cluster) -> tuple[int, int] | None:
+        df = json.loads(_mon(cl, {"prefix": "df", "format": "json"}))
+        if not df["stats"].get("total_bytes"):
+            return None                 # no mgr has reported: nothing known here
+        for p in df.get("pools", ()):
+            if p["name"] == self.pool:
+                st = p["stats"]
+                return int(st["stored"]) + int(st["max_avail"]), int(st["max_avail"])
+        # a pool too new for the mgr's report: the raw totals meanwhile
+        return int(df["stats"]["total_bytes"]), int(df["stats"]["total_avail_bytes"])
+
+    def _space_osds(self, cl: _Cluster) -> tuple[int, int]:
+        dump = json.loads(_mon(cl, {"prefix": "osd dump", "format": "json"}))
+        size = next((int(p["size"]) for p in dump["pools"] if p["pool_name"] == self.pool), None)
+        if size is None:
+            raise FileNotFoundError(errno.ENOENT, f"{self.path}: pool {self.pool} does not "
+                                                  f"exist in the Ceph cluster of {cl.conf}")
+        full = float(dump.get("full_ratio") or 0.95)
+        total = avail = 0
+        c = self._client()
+        for o in dump["osds"]:
+            if not (o["up"] and o["in"]):
+                continue
+            try:
+                ret, out, errs = c.osd_command(
+                    int(o["osd"]), json.dumps({"prefix": "perf dump", "logger": "osd"}), b"")
+            except rados.Error as e:
+                raise self._err(e, f"asking osd.{o['osd']} for its space") from None
+            if ret:
+                code = abs(ret) if abs(ret) in errno.errorcode else errno.EIO
+                raise OSError(code, f"{self.path}: osd.{o['osd']} gave no space report: "
+                                    f"{errs or os.strerror(code)}")
+            st = json.loads(out)["osd"]
+            total += int(st["stat_bytes"])
+            avail += int(st["stat_bytes_avail"])
+        usable = int(total * full)
+        return usable // size, max(0, avail - (total - usable)) // size
+
+    def in_memory(self) -> bool:
+        return False
+
+    def status(self) -> dict:
+        """{"pool", "namespace", "conf", "health"}: health is the cluster's
+        (HEALTH_OK, HEALTH_WARN, HEALTH_ERR) or "unreachable: why"; returns
+        within STATUS_TIMEOUT s."""
+        return {"pool": self.pool, "namespace": self.namespace, "conf": self.conf,
+                "health": self._cluster().health()}
+
+    # ---- files ----------------------------------------------------------------------
+    def open(self, name: str, create: bool = False):
+        """A handle (the object's name) on object `name`; `create`: a new
+        one (FileExistsError if it is there), else FileNotFoundError if it
+        is not."""
+        if create:
+            self._create(name, exclusive=True)
+        else:
+            self.size(name)
+        return name
+
+    def open_or_create(self, name: str):
+        """A handle on object `name`, made empty if it is not there."""
+        self._create(name, exclusive=False)
+        return name
+
+    def _create(self, name: str, exclusive: bool) -> None:
+        io = self._ioctx()
+        op = io.create_write_op()
+        try:
+            op.new(rados.LIBRADOS_CREATE_EXCLUSIVE if exclusive
+                   else rados.LIBRADOS_CREATE_IDEMPOTENT)
+            io.operate_write_op(op, name, int(time.time()))
+        except rados.Error as e:
+            raise self._err(e, "creating", name) from None
+        finally:
+            io.release_write_op(op)
+
+    def close(self, h) -> None:
+        """Nothing to do: a handle is a name."""
+
+    def pwritev(self, h, iov, off: int) -> None:
+        """Write all of `iov` (bytes-likes) at `off`: durable once it
+        returns; OSError on failure, never short. Up to WRITE_CHUNK bytes
+        go as one write; more as WRITE_CHUNK pieces in flight at once (see
+        the module docstring), all waited for before it returns or raises."""
+        total = sum(len(b) if type(b) is bytes else memoryview(b).nbytes for b in iov)
+        if not total:       # as pwritev(2): nothing written, the object unchanged
+            return
+        io = self._ioctx()
+        if total <= WRITE_CHUNK:
+            data = iov[0] if len(iov) == 1 and type(iov[0]) is bytes else b"".join(iov)
+            try:
+                io.write(h, data, off)
+            except rados.Error as e:
+                raise self._err(e, f"writing {total} bytes at {off} to", h) from None
+            return
+        comps, failed = [], None
+        try:
+            pos = off
+            for chunk in _chunks(iov, WRITE_CHUNK):
+                comps.append(io.aio_write(h, chunk, pos))
+                pos += len(chunk)
+        except rados.Error as e:
+            failed = self._err(e, f"writing {total} bytes at {off} to", h)
+        for c in comps:         # every write in flight ends before we return
+            c.wait_for_complete()
+            ret = c.get_return_value()
+            if ret < 0 and failed is None:
+                failed = OSError(_errno_of_ret(ret), f"{self.path}: writing {total} bytes at "
+                                                     f"{off} to {h}: {os.strerror(-ret)}")
+        if failed is not None:
+            raise failed
+
+    def preadv(self, h, bufs, off: int) -> int:
+        """Bytes read into `bufs` (writable buffers, filled in order) from
+        `off`: fewer at the end of the object, 0 past it;
+        FileNotFoundError if the object is not there. Up to READ_CHUNK
+        bytes as one read; more as READ_CHUNK pieces in flight at once."""
+        views = []
+        for b in bufs:
+            mv = memoryview(b)
+            views.append(mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B"))
+        want = sum(len(v) for v in views)
+        if want == 0:       # (a RADOS read of length 0 fails: ERANGE)
+            return 0
+        io = self._ioctx()
+        if want > READ_CHUNK:
+            return self._read_pieces(io, h, views, want, off)
+        try:
+            data = io.read(h, want, off)
+        except rados.Error as e:
+            raise self._err(e, f"reading {want} bytes at {off} of", h) from None
+        _scatter(views, 0, data)
+        return len(data)
+
+    def _read_pieces(self, io, h, views, want: int, off: int) -> int:
+        n = -(-want // READ_CHUNK)
+        got: list = [None] * n          # (return value, bytes) by piece
+        left, lock, done = [n], threading.Lock(), threading.Event()
+
+        def on_complete(i):             # (in a librados thread)
+            def cb(comp, data):
+                got[i] = (comp.get_return_value(), data)
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+            return cb
+        what = f"reading {want} bytes at {off} of"
+        try:
+            for i in range(n):
+                io.aio_read(h, min(READ_CHUNK, want - i * READ_CHUNK), off + i * READ_CHUNK,
+                            on_complete(i))
+        except rados.Error as e:
+            raise self._err(e, what, h) from None
+        # each piece ends by the client's OSD op timeout at the latest
+        if not done.wait(2 * CLIENT_TIMEOUT + 5):
+            raise OSError(errno.ETIMEDOUT, f"{self.path}: {what} {h}: no answer")
+        total = 0
+        for i, (ret, data) in enumerate(got):
+            if ret < 0:
+                raise OSError(_errno_of_ret(ret), f"{self.path}: {what} {h}: "
+                                                  f"{os.strerror(-ret)}")
+            # (the binding leaves a piece that read nothing at its full
+            # length, uninitialised: only `ret` bytes count)
+            _scatter(views, i * READ_CHUNK, memoryview(data)[:ret])
+            total += ret
+            if ret < min(READ_CHUNK, want - i * READ_CHUNK):
+                break                   # the object's end
+        return total
+
+    def fsync(self, h) -> None:
+        """Nothing to do: RADOS acknowledges a write only once it is durable
+        on every OSD of the object's acting set, so a write that returned
+        is already on stable storage."""
+
+    def truncate(self, h, size: int) -> None:
+        io = self._ioctx()
+        try:
+            io.trunc(h, size)
+        except rados.Error as e:
+            raise self._err(e, f"truncating to {size}", h) from None
+
+    def size(self, h) -> int:
+        return self.file_size(h)
+
+    def file_size(self, name: str) -> int:
+        io = self._ioctx()
+        try:
+            return io.stat(name)[0]
+        except rados.Error as e:
+            raise self._err(e, "stat of", name) from None
+
+    def allocated(self, name: str) -> int:
+        """Bytes the object takes: its size (RADOS does not say more)."""
+        return self.file_size(name)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.file_size(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def unlink(self, name: str) -> None:
+        io = self._ioctx()
+        try:
+            io.remove_object(name)
+        except rados.Error as e:
+            raise self._err(e, "removing", name) from None
+
+    def rename(self, old: str, new: str) -> None:
+        raise OSError(errno.EOPNOTSUPP, f"{self.path}: RADOS cannot rename an object "
+                                        f"({old} -> {new})")
