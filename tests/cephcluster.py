@@ -125,6 +125,10 @@ class CephCluster:
             io.remove_object("pool-ready-probe")
         return name
 
+    def drop_pool(self, name: str) -> None:
+        """Delete a pool new_pool made (memstore keeps its data in RAM)."""
+        self._admin.delete_pool(name)
+
     def health(self) -> dict:
         """The mon's health: {"status": "HEALTH_OK" | "HEALTH_WARN" |
         "HEALTH_ERR", "checks": {check name: its summary}}."""

@@ -34,25 +34,12 @@ def _shutdown_connections():
     rmod.shutdown()
 
 
-@pytest.fixture(scope="module")
-def admin(ceph):
-    """A client of our own to delete the tests' pools."""
-    import rados
-    c = rados.Rados(conffile=ceph.conf)
-    c.connect(timeout=30)
-    try:
-        yield c
-    finally:
-        c.shutdown()
-
-
 @pytest.fixture
-def pool(ceph, admin):
+def pool(ceph):
     """A fresh pool of the test's own, deleted after (memstore keeps data in RAM)."""
     name = ceph.new_pool()
     yield name
-    admin.wait_for_latest_osdmap()      # its map may not have the pool yet
-    admin.delete_pool(name)
+    ceph.drop_pool(name)
 
 
 def dir_medium(tmp_path, sub="disk") -> DirMedium:
@@ -585,7 +572,7 @@ def test_status_and_space(ceph, pool):
 
 
 @pytest.mark.array
-def test_space_from_a_mgr_report(ceph, pool, admin, monkeypatch):
+def test_space_from_a_mgr_report(ceph, pool, monkeypatch):
     """With a mgr, the mon's df has the pool's max_avail (replicas and the
     full ratio counted): capacity is what the pool stores plus that; a pool
     the report does not have yet gets the raw totals."""
@@ -598,8 +585,7 @@ def test_space_from_a_mgr_report(ceph, pool, admin, monkeypatch):
                         if cmd["prefix"] == "df" else real(cl, cmd))
     assert rados_medium(ceph, pool, "sp").space() == (1000, 900)
     assert rados_medium(ceph, other, "sp").space() == (3000, 2000)
-    admin.wait_for_latest_osdmap()
-    admin.delete_pool(other)
+    ceph.drop_pool(other)
 
 
 @pytest.mark.array

@@ -36,7 +36,7 @@ def io(ceph, client):
         yield ioctx
     finally:
         ioctx.close()
-        client.delete_pool(pool)
+        ceph.drop_pool(pool)
 
 
 def test_the_cluster_runs(ceph):
