@@ -54,7 +54,7 @@ from .hooks import HOOKS_DIR, HookRunner
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
 from .store import (DEFAULT_INDEX_CACHE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
-                    write_file_atomic)
+                    close_media, is_rados, write_file_atomic)
 from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
 from . import intentlog
 from .intentlog import Coverage, IntentLog
@@ -86,13 +86,56 @@ def _bs_ok(bs: int) -> bool:
 
 # ---- creating an array (blocking; used by `fusearray init`) ----------------
 def parse_pack_spec(spec: str) -> tuple[str, str, list[str]]:
-    """`NAME=LAYOUT:DIR[,DIR...]`."""
+    """`NAME=LAYOUT:DIR[,DIR...]`, or `NAME=rados:POOL[/NAMESPACE]` (a pack
+    whose one disk is a RADOS pool namespace: layout single, redundancy
+    the pool's)."""
     try:
         name, rest = spec.split("=", 1)
         layout, dirs = rest.split(":", 1)
     except ValueError:
-        raise invalid(f"bad pack {spec!r}: use NAME=LAYOUT:DIR[,DIR...]") from None
+        raise invalid(f"bad pack {spec!r}: use NAME=LAYOUT:DIR[,DIR...] or "
+                      "NAME=rados:POOL") from None
+    if layout == "rados":
+        return name, "single", [rest]
     return name, layout, [d for d in dirs.split(",") if d]
+
+
+def ceph_conf_now(conf: dict | None = None) -> str | None:
+    """The Ceph cluster's conf file: $CEPH_CONF, else the one array.json
+    recorded when a rados pack was made."""
+    env = os.environ.get("CEPH_CONF")
+    if env:
+        return os.path.abspath(env)
+    return (conf or {}).get("ceph_conf")
+
+
+def rados_disk_path(spec: str, array_uuid: str, pack: str) -> str:
+    """`rados:POOL` -> `rados:POOL/fusearray.UUID.PACK` (a namespace of the
+    pool for this pack alone); `rados:POOL/NAMESPACE` as given."""
+    pool, _, ns = spec[len("rados:"):].partition("/")
+    if not pool or not all(c.isalnum() or c in "._-" for c in pool + ns):
+        raise invalid(f"bad rados pack {spec!r}: use rados:POOL or rados:POOL/NAMESPACE "
+                      "(letters, digits, '.', '_', '-')")
+    return f"rados:{pool}/{ns or f'fusearray.{array_uuid}.{pack}'}"
+
+
+def _check_rados_disk(path: str, ceph_conf: str | None) -> None:
+    """A rados disk for a new pack: the cluster answers, the pool exists
+    and the namespace holds nothing yet. Blocking."""
+    if not ceph_conf:
+        raise invalid(f"{path}: no Ceph cluster named: set CEPH_CONF to its ceph.conf "
+                      "(or give --ceph-conf at init)")
+    d = Disk(0, path, ceph_conf=ceph_conf)
+    try:
+        if not d.medium.present():
+            raise notfound(f"{path}: pool {d.medium.pool} does not exist in the cluster "
+                           f"of {ceph_conf}: create it first (`ceph osd pool create`)")
+        names = d.medium.names()
+        if names or d.label_state("", None) != "missing":
+            raise busy(f"{path} is not empty: it already holds a pack's data")
+    except OSError as e:
+        raise ioerror(f"{path}: the Ceph cluster of {ceph_conf} does not answer: "
+                      f"{e.strerror or e}") from None
 
 
 #: ctl/status lists disks found invalid under a pack of this name.
@@ -102,13 +145,24 @@ RESERVED_PACK = "INVALID"
 DISK_CHECK_TIMEOUT = 60.0
 
 
-def check_pack(name: str, layout: str, dirs: list[str], used: set) -> list[str]:
-    """Validate a new pack; returns absolute disk paths. Blocking (it looks
-    at the directories): never on the trio thread of a mounted array."""
+def check_pack(name: str, layout: str, dirs: list[str], used: set,
+               array_uuid: str = "", ceph_conf: str | None = None) -> list[str]:
+    """Validate a new pack; returns absolute disk paths (a rados disk:
+    `rados:POOL/NAMESPACE`). Blocking (it looks at the directories, or
+    asks the cluster): never on the trio thread of a mounted array."""
     check_name(name, "pack name")
     if name == RESERVED_PACK:
         raise invalid(f"the pack name {RESERVED_PACK} is reserved (ctl/status lists "
                       "invalid disks under it): choose another name")
+    if any(is_rados(d) for d in dirs):
+        if len(dirs) != 1 or layout != "single":
+            raise invalid("a rados pack has one disk, its pool (redundancy is the "
+                          "pool's): use NAME=rados:POOL")
+        path = rados_disk_path(dirs[0], array_uuid, name)
+        if path in used:
+            raise busy(f"{path} is already a disk of this array")
+        _check_rados_disk(path, ceph_conf)
+        return [path]
     if layout not in LAYOUTS:
         raise invalid(f"unknown layout {layout!r}: use single, mirror or raid5")
     need = {"single": (1, 1), "mirror": (2, 3), "raid5": (3, 16)}[layout]
@@ -142,6 +196,8 @@ def check_outside_mount(paths: list[str], mountpoint: str | None) -> None:
     mnt = os.path.realpath(mountpoint)
     dev = os.stat(mnt).st_dev
     for p in paths:
+        if is_rados(p):
+            continue
         real = os.path.realpath(p)
         near = real
         while True:
@@ -157,9 +213,11 @@ def check_outside_mount(paths: list[str], mountpoint: str | None) -> None:
 
 def init_array(path: str, packs: list[str] | None = None,
                block_size: int = DEFAULT_BLOCK_SIZE, verify: bool = False,
-               log_dir: str | None = None) -> None:
+               log_dir: str | None = None, ceph_conf: str | None = None) -> None:
     """Create an array directory (`fusearray init`); `log_dir`: the intent
-    log's directory (`--log DIR`, default ARRAY/log)."""
+    log's directory (`--log DIR`, default ARRAY/log); `ceph_conf`: the
+    Ceph cluster of rados packs (default $CEPH_CONF), recorded."""
+    ceph_conf = os.path.abspath(ceph_conf) if ceph_conf else ceph_conf_now()
     path = os.path.abspath(path)
     if not _bs_ok(block_size):
         raise invalid("block size must be a power of two from 4K to 1M")
@@ -172,19 +230,21 @@ def init_array(path: str, packs: list[str] | None = None,
         specs = [("main", "single", [os.path.join(path, "disks", "main.0")])]
     used: set = set()
     checked = []
+    array_id = str(uuid.uuid4())
     for name, layout, dirs in specs:
         if name in {c[0] for c in checked}:
             raise exists(f"pack {name} given twice")
-        paths = check_pack(name, layout, dirs, used)
+        paths = check_pack(name, layout, dirs, used, array_id, ceph_conf)
         used.update(paths)
         checked.append((name, layout, paths))
     private_dir(path)       # the raw data, the catalogue and the secret: 0700
     if not packs:
         private_dir(os.path.join(path, "disks"))
-    array_id = str(uuid.uuid4())
     conf = {"format": FORMAT_VERSION, "uuid": array_id,
             "seed": secrets.randbits(64), "block_size": block_size,
             "verify": verify, "vendor": secrets.token_hex(5)[:9]}
+    if any(is_rados(p) for _, _, ps in checked for p in ps):
+        conf["ceph_conf"] = ceph_conf
     if log_dir is not None:
         conf["log_dir"] = check_log_dir(log_dir)
     cat = Catalogue(os.path.join(path, CATALOGUE_FILE), create=True)
@@ -196,7 +256,7 @@ def init_array(path: str, packs: list[str] | None = None,
                      events=[(now, "info", f"array created at {path}")])
         for name, _, paths in checked:
             for i, p in enumerate(paths):
-                Disk(i, p).write_label(array_id, name)
+                Disk(i, p, ceph_conf=ceph_conf).write_label(array_id, name)
         cat.commit_blocking(ch)
     finally:
         cat.close()
@@ -236,6 +296,7 @@ class Array:
         # a share for SQLite's pages, the rest split among the packs' caches
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
         self.conf = read_config(self.path)
+        self.ceph_conf = ceph_conf_now(self.conf)   # rados packs' cluster
         self.hasher = Hasher(self.conf["seed"])
         self.verify = bool(self.conf.get("verify"))
         self.default_block_size = self.conf["block_size"]
@@ -418,7 +479,8 @@ class Array:
         notes = []
         pack_rows = cat.packs()
         for name, layout, _created in pack_rows:
-            disks = [Disk(i, p, s, since) for i, p, s, since in cat.disks(name)]
+            disks = [Disk(i, p, s, since, ceph_conf=self.ceph_conf)
+                     for i, p, s, since in cat.disks(name)]
             pack = Pack(name, layout, disks, self.hasher,
                         self._pack_index_cache(len(pack_rows)))
             removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
@@ -472,7 +534,8 @@ class Array:
         """An array made by an older fusearray let other users read its
         data, catalogue and secret: take the group and world bits off
         (directories 0700, files 0600), and say so in an event."""
-        disks = [p for name, _, _ in cat.packs() for _, p, _, _ in cat.disks(name)]
+        disks = [p for name, _, _ in cat.packs() for _, p, _, _ in cat.disks(name)
+                 if not is_rados(p)]
         try:
             # (not hooks/: a hook another user could change must stay
             # refused by hooks.find, not be made trusted by a chmod here)
@@ -600,6 +663,7 @@ class Array:
         finally:
             for pack in self.packs.values():
                 pack.close_blocking()
+            close_media()               # a rados pack's cluster connection
             if self.catalogue is not None:
                 self.catalogue.close()
                 self.catalogue = self.writeback.catalogue = None
@@ -754,8 +818,9 @@ class Array:
         used = {d.path for p in self.packs.values() for d in p.disks}
 
         def work():
-            check_outside_mount([os.path.abspath(d) for d in dirs], self.mountpoint)
-            return check_pack(name, layout, dirs, used)
+            check_outside_mount([d if is_rados(d) else os.path.abspath(d) for d in dirs],
+                                self.mountpoint)
+            return check_pack(name, layout, dirs, used, self.conf["uuid"], self.ceph_conf)
         with trio.move_on_after(DISK_CHECK_TIMEOUT):
             try:
                 return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
@@ -770,7 +835,13 @@ class Array:
         async with self.writeback.lock:
             if name in self.packs:
                 raise exists(f"a pack named {name} already exists")
-            disks = [Disk(i, p) for i, p in enumerate(paths)]
+            disks = [Disk(i, p, ceph_conf=self.ceph_conf) for i, p in enumerate(paths)]
+            if any(is_rados(p) for p in paths) and self.conf.get("ceph_conf") != self.ceph_conf:
+                conf = dict(self.conf, ceph_conf=self.ceph_conf)   # a later mount finds it
+                await trio.to_thread.run_sync(write_file_atomic,
+                                              os.path.join(self.path, ARRAY_FILE),
+                                              json.dumps(conf, indent=1).encode())
+                self.conf = conf
             try:
                 await trio.to_thread.run_sync(_make_disks, disks, self.conf["uuid"], name)
             except OSError as e:
@@ -882,7 +953,8 @@ class Array:
                           "blocks": p.block_count(),
                           "index_cache": p.index_status(),
                           "mapped_reads": p.mapped_reads,
-                          "disks": [{"id": d.idx, "path": d.path, "state": d.state}
+                          "disks": [dict({"id": d.idx, "path": d.path, "state": d.state},
+                                         **({"rados": d.info} if d.info else {}))
                                     for d in p.disks]})
         luns = [self._vol_status(v) for v in sorted(self.luns.values(), key=lambda v: v.name)]
         sets = [{"name": s.name, "created": s.created,      # (an import in progress:
@@ -929,6 +1001,5 @@ class Array:
 
 def _make_disks(disks, array_uuid: str, pack: str) -> None:
     for d in disks:
-        private_dir(d.path)
-        d.write_label(array_uuid, pack)
+        d.write_label(array_uuid, pack)     # makes the directory (0700) first
 

@@ -71,7 +71,7 @@ def cmd_init(args) -> int:
     from .array import init_array
     from .util import parse_bytes
     init_array(args.array, args.pack, parse_bytes(args.block_size, "block size"),
-               args.verify, args.log)
+               args.verify, args.log, args.ceph_conf)
     print(f"initialised array {os.path.abspath(args.array)}")
     return 0
 
@@ -851,7 +851,12 @@ def parse_args(argv):
 
     s = sub.add_parser("init", help="create an array")
     s.add_argument("array")
-    s.add_argument("--pack", action="append", metavar="NAME=LAYOUT:DIR[,DIR...]")
+    s.add_argument("--pack", action="append", metavar="NAME=LAYOUT:DIR[,DIR...]",
+                   help="a pack: NAME=single:DIR, NAME=mirror:DIR,DIR[,DIR], "
+                        "NAME=raid5:DIR,DIR,DIR[,...] or NAME=rados:POOL (a RADOS pool)")
+    s.add_argument("--ceph-conf", metavar="FILE",
+                   help="the ceph.conf of the cluster rados packs live on "
+                        "(default: $CEPH_CONF); recorded in the array")
     s.add_argument("--block-size", default="64K")
     s.add_argument("--verify", action="store_true",
                    help="confirm dedup hits byte for byte")

@@ -125,6 +125,9 @@ def _host_dirs(text: str) -> list[str]:
 
 
 async def _addpack(array, args, opts):
+    if args[1] == "rados":       # addpack NAME rados POOL[/NAMESPACE]
+        pack = await array.add_pack(args[0], "single", [f"rados:{args[2]}"])
+        return {"pack": pack.name}
     pack = await array.add_pack(args[0], args[1], _host_dirs(args[2]))
     return {"pack": pack.name}
 
@@ -206,7 +209,7 @@ VERBS: dict[str, Verb] = {
     "create": Verb(_create, (2, 2), ("pack", "block"), "NAME SIZE [pack=P] [block=64K]"),
     "delete": Verb(_delete, (1, 1), ("force",), "NAME|SET|SET/NAME [force=yes]"),
     "resize": Verb(_resize, (2, 2), ("force",), "NAME SIZE [force=yes]"),
-    "addpack": Verb(_addpack, (3, 3), (), "NAME LAYOUT DIR[,DIR...]"),
+    "addpack": Verb(_addpack, (3, 3), (), "NAME LAYOUT DIR[,DIR...] | NAME rados POOL"),
     "snapshot": Verb(_snapshot, (1, 256), ("set", "context", "pack", "hidden", "quiesce"),
                      "LUN... [set=NAME] [context=differential|plex] [pack=P] [hidden=yes] "
                      "[quiesce=no]"),

@@ -44,6 +44,9 @@ class Disk:
         self.state = state
         self.since = since
         self.errors = 0
+        # what the medium says of itself beyond a directory (a RADOS pool:
+        # pool, namespace, cluster health), refreshed by the disk check
+        self.info: dict | None = None
 
     @property
     def path(self) -> str:
@@ -90,6 +93,12 @@ class Disk:
                 (array_uuid is None or lab.get("array") == array_uuid):
             return "ok"
         return "invalid"
+
+    def refresh_info(self) -> None:
+        """Blocking: ask the medium what it says of itself (`info`)."""
+        status = getattr(self.medium, "status", None)
+        if status is not None:
+            self.info = status()
 
     def present(self) -> bool:
         """Is its directory (its pool) there?"""
@@ -164,6 +173,7 @@ class DiskHealth:
         pack = self.pack
         expected = {seg_name(seq) for seq in segs or ()}
         for d in self.disks:
+            d.refresh_info()
             label = d.label_state(pack.name, array_uuid)
             ok = label == "ok"
             if d.state == "online" and label == "error":

@@ -24,6 +24,7 @@ Segments.retire_blocking) need rename; a medium without it keeps none.
 """
 import errno
 import os
+import sys
 
 from ..perms import FILE_MODE, private_dir
 from .records import fsync_dir, in_memory, pwritev_all, write_file_atomic
@@ -149,6 +150,15 @@ def medium_for(path: str, ceph_conf: str | None = None):
         from .rados import RadosMedium      # librados only for rados packs
         return RadosMedium(path, ceph_conf)
     return DirMedium(path)
+
+
+def close_media() -> None:
+    """Drop this process's connections to remote media (RADOS clusters), if
+    any was made: at the array's close, after its packs closed (no I/O in
+    flight). A medium used later connects again."""
+    rados = sys.modules.get(__package__ + ".rados")
+    if rados is not None:
+        rados.shutdown()
 
 
 def not_there(e: OSError) -> bool:

@@ -142,6 +142,7 @@ class Pack:
         removed: set = set()
         top = 0
         for d in self.disks:
+            d.refresh_info()
             label = d.label_state(self.name, array_uuid) if d.state == "online" else "ok"
             if label == "error":
                 label = "invalid"
