@@ -558,6 +558,7 @@ class Array:
         self.ns.load(self._meta, self._set_rows, rows, self.packs)
         self.nursery = nursery
         self.runner.load(self._job_rows, self._journaled_jobs)
+        self.drain_notes()              # what the packs found at open, in detail
         for n in notes:
             self.event("warning", n)
         for level, n in self._open_infos:
@@ -831,10 +832,17 @@ class Array:
                       f"{DISK_CHECK_TIMEOUT:.0f} s (a hung file system?): nothing was done")
 
     async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
+        if name in self.packs:          # before asking disks (or a cluster) anything
+            raise exists(f"a pack named {name} already exists")
         paths = await self.check_new_disks(name, layout, dirs)
         async with self.writeback.lock:
+            # (checked again: another addpack may have run while these were checked)
             if name in self.packs:
                 raise exists(f"a pack named {name} already exists")
+            taken = set(paths) & {d.path for p in self.packs.values() for d in p.disks}
+            if taken:
+                raise busy(f"{', '.join(sorted(taken))} became a disk of this array "
+                           "while it was checked")
             disks = [Disk(i, p, ceph_conf=self.ceph_conf) for i, p in enumerate(paths)]
             if any(is_rados(p) for p in paths) and self.conf.get("ceph_conf") != self.ceph_conf:
                 conf = dict(self.conf, ceph_conf=self.ceph_conf)   # a later mount finds it

@@ -130,6 +130,9 @@ class Recovery:
                           + ", ".join(f"{d.idx} ({d.path})" for d in absent)
                           + " are still missing: bring the directory back, or "
                           f"`replace {name} DISK NEW_DIR`")
+        if targets and not pack.online() and pack.layout == "single" and \
+                targets[0].state == "stale":
+            return await self._rejoin_only_disk(pack, targets[0])
         if targets and not pack.online():
             raise ioerror(f"pack {name} has no online disk to rebuild from: its data "
                           "is lost; restore it from a plex copy or an export")
@@ -147,6 +150,35 @@ class Recovery:
             await self.commit()
         if targets:
             self.runner.start(job)
+        return job
+
+    async def _rejoin_only_disk(self, pack, d) -> Job:
+        """A single pack's one disk is back (its label ours: `stale`): while
+        it was gone the pack took no write (there was nowhere to put one),
+        so it is whole if it holds every segment at its fsync'd length; it
+        serves again, with nothing to rebuild. (A cluster that did not
+        answer at mount, a directory that was unmounted for a while.)"""
+        def lacking() -> list[str]:
+            m = d.medium
+            names = set(m.names())
+            return [seg_name(seq) for seq in pack.segments()
+                    if seg_name(seq) not in names
+                    or m.file_size(seg_name(seq)) < pack.stable_size(seq)]
+        async with self.lock:
+            gone = await trio.to_thread.run_sync(lacking)
+            if gone:
+                raise ioerror(f"pack {pack.name}: its disk {d.idx} ({d.path}) is back "
+                              f"without {len(gone)} segment(s) it held ({', '.join(gone[:4])}"
+                              f"{'...' if len(gone) > 4 else ''}): there is no other copy to "
+                              "rebuild from; restore the data from a plex copy or an export")
+            await trio.to_thread.run_sync(pack.rejoin_blocking, d, self.uuid,
+                                          pack.segments())
+            job = self.runner.new("recover", [], done=True)
+            job.params.update(pack=pack.name, disks=[d.idx])
+            self.event("info", f"recover {pack.name} (job {job.id}): its only disk "
+                       f"{d.idx} ({d.path}) is back with every segment: serving again, "
+                       "nothing to rebuild")
+            await self.commit()
         return job
 
     async def replace(self, name: str, old: str, new_dir: str, force: bool = False) -> Job:

@@ -866,6 +866,59 @@ def test_invalid_label_disk_listed_under_INVALID_rejoins_via_recover(make_mount,
 
 
 # ---- 5. replace ---------------------------------------------------------------------
+def test_single_pack_disk_away_and_back_rejoins_with_recover(make_mount, tmp_path):
+    """A single pack's one directory goes away (an unmounted disk, a
+    cluster that stopped answering) and comes back whole: nothing could be
+    written meanwhile, so `recover` brings it online at once with nothing
+    lost, rather than calling its data lost for want of another copy; at
+    the next mount too. A directory that comes back without its segments
+    is refused with the names of what is missing."""
+    m, disks = new_mount(make_mount, tmp_path, ("one", "single", ["o1"]))
+    lun = Lun(m, "v", 8 * MiB, "one")
+    lun.fill(0, 6 * MiB)
+    m.ok("sync", "all")
+    away = disks["o1"] + ".away"
+    os.rename(disks["o1"], away)
+    wait_pack(m, "one", "failed", ["missing"])
+    drop_caches()
+    with pytest.raises(OSError) as e:
+        lun.read()
+    assert e.value.errno == errno.EIO
+    err, reply = m.ctl("recover", "one")
+    assert err == errno.EIO and "still missing" in reply["message"], reply
+    os.rename(away, disks["o1"])
+    wait_pack(m, "one", "failed", ["stale"])
+    job = m.ok("recover", "one")
+    assert job["state"] == "done", job
+    assert disk_states(m, "one") == ["online"] and status_pack(m, "one")["state"] == "healthy"
+    assert "is back with every segment" in m.events()
+    lun.check("after the disk came back")
+    lun.fill(MiB, MiB)
+    # gone at a mount: the pack opens failed; back: recover at once
+    m.stop()
+    os.rename(disks["o1"], away)
+    m.start()
+    assert disk_states(m, "one") == ["missing"]
+    m.stop()
+    os.rename(away, disks["o1"])
+    m.start()
+    m.ok("recover", "one")
+    assert status_pack(m, "one")["state"] == "healthy"
+    lun.check("after a mount without its disk")
+    # back without a segment it held: refused, named, nothing changed
+    segs = sorted(glob.glob(os.path.join(disks["o1"], "segments", "*.seg")))
+    m.stop()
+    os.rename(disks["o1"], away)
+    m.start()
+    m.stop()
+    shutil.copytree(away, disks["o1"])
+    os.unlink(os.path.join(disks["o1"], "segments", os.path.basename(segs[0])))
+    m.start()
+    err, reply = m.ctl("recover", "one")
+    assert err == errno.EIO and os.path.basename(segs[0]) in reply["message"], reply
+    assert disk_states(m, "one") != ["online"]
+
+
 def test_replace_missing_disk(make_mount, tmp_path):
     m, disks = new_mount(make_mount, tmp_path,
                          ("fast", "mirror", ["d1", "d2"]),

@@ -100,6 +100,14 @@ class Disk:
         if status is not None:
             self.info = status()
 
+    def why_missing(self) -> str:
+        """Why a disk found missing is (for its event): a remote medium's
+        cluster that does not answer is not a deleted directory."""
+        health = (self.info or {}).get("health", "")
+        if health.startswith("unreachable"):
+            return f"its cluster does not answer ({health})"
+        return "its directory (pool) or label is gone"
+
     def present(self) -> bool:
         """Is its directory (its pool) there?"""
         try:
@@ -179,7 +187,7 @@ class DiskHealth:
             if d.state == "online" and label == "error":
                 self.disk_error(d, "reading its label failed")
             elif d.state == "online" and not ok:
-                self.lose(d, label, "its directory or label is gone" if label == "missing"
+                self.lose(d, label, d.why_missing() if label == "missing"
                           else "its label is unreadable or belongs elsewhere")
             elif d.state == "online":
                 try:

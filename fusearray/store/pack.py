@@ -149,9 +149,8 @@ class Pack:
             if label != "ok":
                 d.state, d.since = label, 0
                 self.note("error", f"disk {d.idx} of pack {self.name} ({d.path}) is "
-                          f"{label}: " + ("its directory or label is gone" if
-                                          label == "missing" else "its label is "
-                                          "unreadable or belongs elsewhere")
+                          f"{label}: " + (d.why_missing() if label == "missing" else
+                                          "its label is unreadable or belongs elsewhere")
                           + f"; run `recover {self.name}`")
             elif d.state in ("missing", "failed") and \
                     d.label_state(self.name, array_uuid) == "ok":

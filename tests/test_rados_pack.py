@@ -1,0 +1,388 @@
+"""A pack on RADOS (#17): `--pack NAME=rados:POOL` at init and
+`addpack NAME rados POOL` on a mounted array put a pack's segments into a
+Ceph pool namespace (store/rados.py), on the suite's own throw-away cluster
+(the session fixture `ceph`). What users do, on real mounts: dd and cmp
+against LUN files, shadow copies, umount and mount, SIGKILL and restart,
+ext4 on a loop device, resync and plex copies between a local and a rados
+pack, export and import onto a rados pack, tools/fsck; and what goes wrong:
+a missing pool, a used namespace, no cluster named, a cluster that does not
+answer, the pool deleted under a mounted array.
+"""
+import errno
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import PY, Mount, cli, run, wait_for
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def client(ceph):
+    import rados
+    c = rados.Rados(conffile=ceph.conf)
+    c.connect(timeout=30)
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+@pytest.fixture
+def pool(ceph):
+    name = ceph.new_pool()
+    try:
+        yield name
+    finally:
+        ceph.drop_pool(name)
+
+
+def objects(client, pool: str) -> dict[str, set[str]]:
+    """{namespace: {object names}} of a pool."""
+    import rados
+    out: dict[str, set[str]] = {}
+    with client.open_ioctx(pool) as io:
+        io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
+        for o in io.list_objects():
+            out.setdefault(o.nspace, set()).add(o.key)
+    return out
+
+
+def fill(path: str, nbytes: int, off: int = 0) -> bytes:
+    """Random bytes written at `off` and fsync'd: what was written."""
+    data = os.urandom(nbytes)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return data
+
+
+def read(path: str, off: int = 0, n: int | None = None) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read() if n is None else f.read(n)
+
+
+def fsck(m: Mount) -> str:
+    r = run([PY, os.path.join(ROOT, "tools", "fsck"), m.array], check=False)
+    assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+    return r.stdout
+
+
+def array_conf(m: Mount) -> dict:
+    with open(os.path.join(m.array, "array.json")) as f:
+        return json.load(f)
+
+
+def disk_of(m: Mount, pack: str) -> dict:
+    p = next(p for p in m.status()["packs"] if p["name"] == pack)
+    assert len(p["disks"]) == 1, p
+    return p["disks"][0]
+
+
+def sh(script: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr + r.stdout
+    return r
+
+
+def test_a_lun_on_a_rados_pack_keeps_its_data_in_the_pool(make_mount, ceph, client, pool):
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    conf = array_conf(m)
+    assert conf["ceph_conf"] == ceph.conf
+    # the pack's disk: a namespace of the pool of this array and pack alone
+    d = disk_of(m, "main")
+    ns = f"fusearray.{conf['uuid']}.main"
+    assert d["path"] == f"rados:{pool}/{ns}" and d["state"] == "online"
+    assert d["rados"] == {"pool": pool, "namespace": ns, "conf": ceph.conf,
+                          "health": "HEALTH_OK"}, d
+    m.ok("create", "v 48M")
+    lun = m.path("luns", "v")
+    first = fill(lun, 40 * MiB)
+    assert read(lun, 0, len(first)) == first
+    m.ok("snapshot", "v set=s1")
+    # overwrite part of it: the shadow copy keeps the old blocks
+    second = fill(lun, 3 * MiB + 4096, off=5 * MiB + 512)
+    now = first[:5 * MiB + 512] + second + first[5 * MiB + 512 + len(second):]
+    assert read(lun, 0, len(now)) == now
+    assert read(m.path("snapshots", "s1", "v"), 0, len(first)) == first
+    # the data is in the pool's namespace, nothing of it on the host
+    objs = objects(client, pool)
+    assert set(objs) == {ns}, objs
+    segs = sorted(o for o in objs[ns] if o.endswith(".seg"))
+    assert segs and "fusearray-disk.json" in objs[ns], objs
+    with client.open_ioctx(pool) as io:
+        io.set_namespace(ns)
+        stored = sum(io.stat(o)[0] for o in segs)
+    assert stored >= 40 * MiB, stored
+    local = [os.path.join(dp, f) for dp, _, fs in os.walk(m.base) for f in fs
+             if f.endswith(".seg")]
+    assert local == []
+    m.stop()
+    fsck(m)
+    # a mount later finds the cluster in array.json (no CEPH_CONF needed)
+    env_conf = os.environ.pop("CEPH_CONF", None)
+    try:
+        m.start()
+    finally:
+        if env_conf is not None:
+            os.environ["CEPH_CONF"] = env_conf
+    assert read(lun, 0, len(now)) == now
+    assert read(m.path("snapshots", "s1", "v"), 0, len(first)) == first
+    # deleting the shadow copy gives back the blocks only it held
+    m.ok("delete", "s1")
+    m.ok("sync", "all")
+    assert read(lun, 0, len(now)) == now
+    m.stop()
+    fsck(m)
+
+
+def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, pool, tmp_path):
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "disk 96M")
+    dev = m.attach("disk")
+    run(["mkfs.ext4", "-q", "-F", dev])
+    fs = str(tmp_path / "fs")
+    m.mount_fs(dev, fs)
+    files = {}
+    for i in range(20):
+        data = os.urandom(64 * 1024 + i * 4099)
+        p = os.path.join(fs, f"f{i}")
+        with open(p, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        files[f"f{i}"] = data
+    m.kill9()                       # the daemon dies with the fs mounted on it
+    m.start()
+    assert any("did not end cleanly" in w for w in m.warnings) or \
+        "did not end cleanly" in m.events(), m.events()
+    dev = m.attach("disk")
+    r = run(["e2fsck", "-fy", dev], check=False)
+    assert r.returncode in (0, 1), r.stdout + r.stderr     # 1: the journal replayed
+    r = run(["e2fsck", "-fn", dev], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m.mount_fs(dev, fs)
+    for name, data in files.items():
+        assert read(os.path.join(fs, name)) == data, name
+    m.umount_fs(fs)
+    m.detach("disk", dev)
+    # a raw LUN too: fsync'd writes survive a SIGKILL right after the fsync
+    m.ok("create", "raw 16M")
+    data = fill(m.path("luns", "raw"), 9 * MiB + 100, off=4096)
+    m.kill9()
+    m.start()
+    assert read(m.path("luns", "raw"), 4096, len(data)) == data
+    m.stop()
+    fsck(m)
+
+
+def test_addpack_from_the_shell_and_copies_between_local_and_rados(make_mount, ceph, client,
+                                                                   pool, tmp_path):
+    m = make_mount().init().start()     # a local pack `main`; the cluster from CEPH_CONF
+    r = sh(f"CEPH_CONF={ceph.conf} && export CEPH_CONF && echo 'r rados {pool}' > "
+           f"{m.path('ctl', 'addpack')}", check=False)
+    # the daemon was started without CEPH_CONF and init named no cluster
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    assert "no Ceph cluster named" in m.events()
+    m.stop()
+    m.start(env={"CEPH_CONF": ceph.conf})
+    sh(f"echo 'r rados {pool}' > {m.path('ctl', 'addpack')}")
+    assert disk_of(m, "r")["rados"]["pool"] == pool
+    conf = array_conf(m)
+    assert conf["ceph_conf"] == ceph.conf          # recorded for later mounts
+    # a LUN on each pack; a plex shadow copy of each onto the other pack
+    m.ok("create", "loc 24M")
+    m.ok("create", "rem 24M pack=r")
+    a = fill(m.path("luns", "loc"), 24 * MiB)
+    b = fill(m.path("luns", "rem"), 24 * MiB)
+    m.ok("snapshot", "loc set=to_r pack=r context=plex")
+    m.ok("snapshot", "rem set=to_l pack=main context=plex")
+    for jid in [j["id"] for j in m.status()["jobs"]]:
+        m.wait_job(jid)
+    assert read(m.path("snapshots", "to_r", "loc")) == a
+    assert read(m.path("snapshots", "to_l", "rem")) == b
+    # overwrite both LUNs, then resync each from the copy on the other pack:
+    # reads are redirected at once, the background copy finishes
+    fill(m.path("luns", "loc"), 8 * MiB, off=MiB)
+    fill(m.path("luns", "rem"), 8 * MiB, off=2 * MiB)
+    m.ok("resync", "to_r/loc")
+    assert read(m.path("luns", "loc")) == a
+    m.ok("resync", "to_l/rem")
+    assert read(m.path("luns", "rem")) == b
+    wait_for(lambda: all(j["state"] == "done" for j in m.status()["jobs"]), 120,
+             "the resync copies")
+    m.stop()
+    m.start(env={"CEPH_CONF": ceph.conf})
+    assert read(m.path("luns", "loc")) == a and read(m.path("luns", "rem")) == b
+    # the rados pack's namespace holds segments; the local pack's disk too
+    ns = disk_of(m, "r")["rados"]["namespace"]
+    assert any(o.endswith(".seg") for o in objects(client, pool)[ns])
+    m.stop()
+    fsck(m)
+
+
+def test_export_import_onto_a_rados_pack(make_mount, ceph, pool, tmp_path):
+    src = make_mount("src").init().start()
+    src.ok("create", "v 20M")
+    data = fill(src.path("luns", "v"), 20 * MiB)
+    src.ok("snapshot", "v set=s")
+    stream = str(tmp_path / "s.fa")
+    cli("export", "s", stream, mnt=src.mnt)
+    dst = make_mount("dst").init("--pack", f"main=rados:{pool}",
+                                 "--ceph-conf", ceph.conf).start()
+    cli("import", stream, mnt=dst.mnt)
+    assert read(dst.path("snapshots", "s", "v")) == data
+    # incremental: the second import only adds what changed
+    fill(src.path("luns", "v"), MiB, off=3 * MiB)
+    src.ok("snapshot", "v set=s2")
+    cli("export", "s2", stream + "2", "--base", "s", mnt=src.mnt)
+    cli("import", stream + "2", mnt=dst.mnt)
+    assert read(dst.path("snapshots", "s2", "v")) == read(src.path("snapshots", "s2", "v"))
+    dst.stop()
+    fsck(dst)
+
+
+def test_bad_rados_packs_are_refused_with_an_errno_and_an_event(make_mount, ceph, client,
+                                                                pool, tmp_path):
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    ns = disk_of(m, "main")["rados"]["namespace"]
+    before = objects(client, pool)
+    cases = [
+        ("x rados no_such_pool", errno.ENOENT, "does not exist"),
+        (f"x rados {pool}/{ns}", errno.EBUSY, "already a disk of this array"),
+        ("x rados bad^pool", errno.EINVAL, "bad rados pack"),
+        (f"x rados {pool} extra", errno.EINVAL, None),
+        ("main rados " + pool, errno.EEXIST, "already exists"),
+    ]
+    for line, err, words in cases:
+        got, reply = m.ctl("addpack", line)
+        assert got == err, (line, got, reply)
+        if words:
+            assert words in reply.get("message", ""), (line, reply)
+    ev = m.events()
+    assert "does not exist" in ev and "bad rados pack" in ev
+    # a namespace another array uses (a pack's label there) is refused
+    with client.open_ioctx(pool) as io:
+        io.set_namespace("other")
+        io.write_full("fusearray-disk.json", b'{"array": "x", "pack": "p", "disk": 0}')
+    got, reply = m.ctl("addpack", f"x rados {pool}/other")
+    assert got == errno.EBUSY and "not empty" in reply["message"], reply
+    # nothing was half made: the packs and the pool's objects are as before
+    assert [p["name"] for p in m.status()["packs"]] == ["main"]
+    after = objects(client, pool)
+    after.pop("other")
+    assert after == before
+    m.stop()
+    # init: the same checks, a one-line error, exit 1, no array left behind
+    for spec, words in [(f"p=rados:no_such_pool", "does not exist"),
+                        (f"p=rados:{pool}/other", "not empty"),
+                        (f"p=rados:{pool},x", "bad rados pack")]:
+        where = str(tmp_path / "new")
+        r = cli("init", where, "--pack", spec, "--ceph-conf", ceph.conf, check=False)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, \
+            (spec, r.stderr)
+        assert not os.path.exists(where)
+    r = cli("init", str(tmp_path / "new"), "--pack", "p=rados:x", check=False) \
+        if not os.environ.get("CEPH_CONF") else None
+    if r is not None:
+        assert r.returncode == 1 and "no Ceph cluster named" in r.stderr, r.stderr
+
+
+def test_a_cluster_that_does_not_answer_leaves_its_pack_failed_not_the_array(
+        make_mount, ceph, pool, tmp_path):
+    """Like a disk that is gone at mount: the array comes up (its other
+    packs serve), the rados pack is failed with an event that says the
+    cluster does not answer, its LUNs fail reads with EIO (no hang); with
+    the cluster back, `recover` brings it back whole."""
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("addpack", f"loc single {tmp_path / 'locdisk'}")
+    m.ok("create", "v 8M")
+    m.ok("create", "w 8M pack=loc")
+    data = fill(m.path("luns", "v"), 8 * MiB)
+    other = fill(m.path("luns", "w"), 8 * MiB)
+    m.stop()
+    # the same cluster named by a conf whose monitors are on dead ports
+    dead = str(tmp_path / "dead.conf")
+    with open(ceph.conf) as f:
+        text = f.read()
+    for port in (ceph.mon_port, ceph.mon_v2_port):
+        text = text.replace(f":{port}", f":{_closed_port()}")
+    with open(dead, "w") as f:
+        f.write(text)
+    m.start(env={"CEPH_CONF": dead})
+    pack = next(p for p in m.status()["packs"] if p["name"] == "main")
+    assert pack["state"] == "failed" and pack["disks"][0]["state"] == "missing", pack
+    assert pack["disks"][0]["rados"]["health"].startswith("unreachable"), pack
+    assert "its cluster does not answer" in m.events()
+    with pytest.raises(OSError) as e:
+        read(m.path("luns", "v"), 0, 65536)
+    assert e.value.errno == errno.EIO
+    assert read(m.path("luns", "w")) == other       # the local pack serves
+    m.stop()
+    # the right cluster again: `recover` brings the pack back, nothing lost
+    m.start()
+    if next(p for p in m.status()["packs"] if p["name"] == "main")["state"] != "healthy":
+        jid = m.ok("recover", "main").get("job")
+        if jid:
+            m.wait_job(jid)
+    assert next(p for p in m.status()["packs"] if p["name"] == "main")["state"] == "healthy"
+    assert read(m.path("luns", "v")) == data
+    m.stop()
+    fsck(m)
+
+
+def _closed_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.daemon_errors(r"pool|ENOENT|No such file|I/O error|EIO|failed")
+def test_the_pool_deleted_under_a_mounted_array_is_an_io_error_not_a_crash(
+        make_mount, ceph, tmp_path):
+    """The worst a cluster admin can do to a mounted array: delete its
+    pool. The daemon stays up; the disk check finds the pack's disk gone;
+    what was acknowledged but not stored is kept (intent log) and named;
+    `sync all` and `umount` say so with EIO instead of pretending; `umount
+    --discard` is the way out, as for a dead local disk."""
+    pool = ceph.new_pool()
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "v 8M")
+    fill(m.path("luns", "v"), 4 * MiB)
+    m.ok("sync", "all")
+    ceph.drop_pool(pool)
+    fd = os.open(m.path("luns", "v"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(2 * MiB), 0)
+        os.fsync(fd)                # durable in the (local) intent log: no error
+    finally:
+        os.close(fd)
+    err, reply = m.ctl("sync", "all")
+    assert err == errno.EIO and "acknowledged writes are not stored" in reply["message"], reply
+    wait_for(lambda: m.status()["packs"][0]["state"] == "failed", 30, "the disk check")
+    assert "is missing" in m.events()
+    with pytest.raises(OSError) as e:     # stored blocks are gone with the pool
+        read(m.path("luns", "v"), 3 * MiB, 65536)
+    assert e.value.errno == errno.EIO
+    r = cli("umount", m.mnt, check=False)
+    assert r.returncode == 1 and "not stored" in r.stderr and "Traceback" not in r.stderr
+    assert m.proc.poll() is None and os.path.ismount(m.mnt)
+    r = cli("umount", "--discard", m.mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    m.proc.wait(timeout=60)
+    m.proc = None
