@@ -11,7 +11,6 @@ answer, the pool deleted under a mounted array.
 import errno
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -286,7 +285,7 @@ def test_bad_rados_packs_are_refused_with_an_errno_and_an_event(make_mount, ceph
     assert after == before
     m.stop()
     # init: the same checks, a one-line error, exit 1, no array left behind
-    for spec, words in [(f"p=rados:no_such_pool", "does not exist"),
+    for spec, words in [("p=rados:no_such_pool", "does not exist"),
                         (f"p=rados:{pool}/other", "not empty"),
                         (f"p=rados:{pool},x", "bad rados pack")]:
         where = str(tmp_path / "new")
@@ -294,10 +293,12 @@ def test_bad_rados_packs_are_refused_with_an_errno_and_an_event(make_mount, ceph
         assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, \
             (spec, r.stderr)
         assert not os.path.exists(where)
-    r = cli("init", str(tmp_path / "new"), "--pack", "p=rados:x", check=False) \
-        if not os.environ.get("CEPH_CONF") else None
-    if r is not None:
-        assert r.returncode == 1 and "no Ceph cluster named" in r.stderr, r.stderr
+    # no cluster named at all (no --ceph-conf, no CEPH_CONF)
+    env = {k: v for k, v in os.environ.items() if k != "CEPH_CONF"}
+    r = run([PY, "-m", "fusearray", "init", str(tmp_path / "new"), "--pack", f"p=rados:{pool}"],
+            check=False, env=env)
+    assert r.returncode == 1 and "no Ceph cluster named" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "new")
 
 
 def test_a_cluster_that_does_not_answer_leaves_its_pack_failed_not_the_array(
