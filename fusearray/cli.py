@@ -581,6 +581,10 @@ def _pump(read, write, on_chunk=None, depth: int = 4) -> None:
 
 def cmd_export(args) -> int:
     mnt = mountpoint(args)
+    if args.file.startswith("s3://"):
+        return _export_s3(args, mnt)
+    if args.bwlimit:
+        raise UserError("export: --bwlimit is for s3:// targets only")
     sock = stream_socket(mnt)
     if sock is not None:
         return _export_by_socket(args, mnt, sock)
@@ -673,6 +677,8 @@ def _import_by_socket(args, mnt: str, sock, opts: list, start: int) -> int:
 
 def cmd_import(args) -> int:
     mnt = mountpoint(args)
+    if args.bwlimit and not args.file.startswith("s3://"):
+        raise UserError("import: --bwlimit is for s3:// sources only")
     opts = []
     if args.as_name:
         opts.append(f"as={args.as_name}")
@@ -689,6 +695,8 @@ def cmd_import(args) -> int:
         jid = str(jobs[-1]["id"])
         start = int(read_job(mnt, jid)["stream_offset"])
         opts += ["resume=yes", f"job={jid}"]
+    if args.file.startswith("s3://"):
+        return _import_s3(args, mnt, opts, start)
     sock = stream_socket(mnt)
     if sock is not None:
         return _import_by_socket(args, mnt, sock, opts, start)
@@ -726,6 +734,199 @@ def cmd_import(args) -> int:
         raise UserError(pairs.get("message") or os.strerror(failed.errno))
     print(f"imported set {pairs['set']} ({pairs.get('blocks', '?')} blocks)")
     return 0
+
+
+# ---- S3 (fusearray/s3.py: the layout, the verification, resume) ----------------------
+def _s3_rate(args) -> int:
+    from .util import parse_bytes
+    return parse_bytes(args.bwlimit, "--bwlimit") if args.bwlimit else 0
+
+
+def _big_pipe() -> tuple[int, int]:
+    """A pipe of 1 MiB (fewer wake-ups than the default 64 KiB), if allowed."""
+    import fcntl
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    return r, w
+
+
+def _export_s3(args, mnt: str) -> int:
+    """The stream into s3://BUCKET/PREFIX: the daemon writes it into a pipe
+    (or ctl/export), a thread here cuts it into parts and uploads them; the
+    manifest only once the array said the stream ended well."""
+    from . import s3
+    rate = _s3_rate(args)
+    n = s3.concurrency_setting()
+    target = s3.Target(args.file, pool=n + 2)
+    up = s3.Uploader(target, args.set, args.base, s3.part_size_setting(), n, rate)
+    line = args.set + (f" base={args.base}" if args.base else "")
+    label = f"export {args.set}"
+    try:
+        sock = stream_socket(mnt)
+        if sock is not None:
+            r, w = _big_pipe()
+            failed: list = []
+
+            def drain():
+                try:
+                    while data := os.read(r, 1 << 20):
+                        up.write(data)
+                except BaseException as e:      # the S3 side failed: stop the array's writes
+                    failed.append(e)
+                finally:
+                    os.close(r)                 # the daemon's next write gets EPIPE
+            t = threading.Thread(target=drain, name="s3-export", daemon=True)
+            t.start()
+            try:
+                reply = stream_call(mnt, sock, "export " + line, w, label)
+            except UserError:
+                if failed:
+                    raise failed[0] from None
+                raise
+            finally:
+                os.close(w)
+                t.join()
+            if failed:
+                raise failed[0]
+            sent = int(reply.get("bytes", up.bytes))
+        else:
+            fd = os.open(os.path.join(mnt, "ctl", "export"), os.O_RDWR)
+            try:
+                try:
+                    os.write(fd, (line + "\n").encode())
+                except OSError as e:
+                    pairs = ctlclient.parse_reply(os.read(fd, 65536))
+                    raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
+                from .transport import header_total
+                bar = None
+
+                def progress(chunk):
+                    nonlocal bar
+                    if bar is None:
+                        bar = Progress(label, header_total(chunk))
+                    bar.add(len(chunk))
+                _pump(lambda: os.read(fd, 1 << 20), up.write, progress)
+                if bar:
+                    bar.close()
+            finally:
+                os.close(fd)
+            sent = up.bytes
+        m = up.finish(sent)
+    except BaseException:
+        up.abandon()
+        raise
+    print(f"exported set {args.set} to {target.url}: {m['bytes']} bytes in "
+          f"{len(m['parts'])} parts ({up.uploaded} uploaded, {up.kept} already there)")
+    return 0
+
+
+def _above(fd: int, low: int) -> int:
+    """`fd` moved above `low`. Killed, a process's descriptors are closed
+    in ascending order: with the stream socket below the pipe, the daemon
+    finds the client gone by the time it reads the pipe's end, and keeps the
+    import for --resume instead of refusing it as truncated."""
+    import fcntl
+    if fd > low:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low + 1)
+    os.close(fd)
+    return new
+
+
+def _import_s3(args, mnt: str, opts: list, start: int) -> int:
+    """The parts of s3://BUCKET/PREFIX, each verified, from stream offset
+    `start` into the array: through a pipe whose read end the daemon gets
+    (or ctl/import). A damaged part ends the stream (the array refuses it
+    as truncated and removes what it staged); any other S3 failure leaves
+    the import interrupted, for --resume."""
+    from . import s3
+    rate = _s3_rate(args)
+    n = s3.concurrency_setting()
+    target = s3.Target(args.file, pool=n + 2)
+    dl = s3.Downloader(target, n, rate)
+    chunks = dl.chunks(start)
+    line = " ".join(["import"] + opts)
+    failed: list = []
+
+    def damaged() -> bool:
+        return bool(failed) and isinstance(failed[0], s3.S3Error) and \
+            failed[0].errno == errno.EIO
+
+    sock = stream_socket(mnt)
+    if sock is not None:
+        r, w = _big_pipe()
+        w = _above(w, sock.fileno())
+
+        def feed():
+            try:
+                for mv in chunks:
+                    while mv:
+                        mv = mv[os.write(w, mv):]
+            except BaseException as e:
+                failed.append(e)
+                if not damaged():           # keep it: the daemon sees us gone first
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            finally:
+                os.close(w)
+        t = threading.Thread(target=feed, name="s3-import", daemon=True)
+        t.start()
+        try:
+            reply = stream_call(mnt, sock, line, r, "import", dl.total - start)
+        except UserError:
+            if failed and not isinstance(failed[0], BrokenPipeError):
+                raise _import_failure(failed[0], damaged()) from None
+            raise
+        finally:
+            os.close(r)
+            t.join()
+        if failed:
+            raise _import_failure(failed[0], damaged())
+    else:
+        fd = os.open(os.path.join(mnt, "ctl", "import"), os.O_RDWR)
+        try:
+            bar = Progress("import", dl.total - start)
+            try:
+                os.write(fd, (" ".join(opts) + "\n").encode())
+                for mv in chunks:
+                    while mv:
+                        k = os.write(fd, mv)
+                        if k <= 0:
+                            raise OSError(errno.EIO, "the array took no bytes of the stream")
+                        mv = mv[k:]
+                        bar.add(k)
+            except s3.S3Error as e:
+                failed.append(e)
+            except OSError:
+                pass                    # the array refused: its reply says why
+            bar.close()
+            if failed and not damaged():
+                raise _import_failure(failed[0], False)     # closed unasked: kept
+            reply = ctlclient.parse_reply(ctlclient.read_reply(fd))
+        finally:
+            os.close(fd)
+        if failed:
+            raise _import_failure(failed[0], True)
+        if reply.get("status") != "ok":
+            raise UserError(reply.get("message") or "the array refused the stream")
+    print(f"imported set {reply['set']} ({reply.get('blocks', '?')} blocks) from "
+          f"{target.url}: {dl.downloaded} of {dl.total} bytes read"
+          + (f" (resumed at {start})" if start else ""))
+    return 0
+
+
+def _import_failure(e: BaseException, removed: bool) -> BaseException:
+    from .s3 import S3Error
+    if not isinstance(e, S3Error):
+        return e
+    return S3Error(e.errno, e.message + ("; the import was refused and removed" if removed
+                                         else "; what arrived is kept: run the same "
+                                         "import with --resume to go on"))
 
 
 def loop_devices(path: str) -> list[str]:
@@ -941,11 +1142,15 @@ def parse_args(argv):
                            help="only events with an id above ID (ctl/events.json's ids)")
     s = sub.add_parser("export", help="write a shadow copy set as a stream")
     s.add_argument("set")
-    s.add_argument("file", help="a file, or - for standard output")
+    s.add_argument("file", help="a file, - for standard output, or s3://BUCKET/PREFIX")
     s.add_argument("--base", help="incremental against this set")
+    s.add_argument("--bwlimit", metavar="RATE",
+                   help="s3:// only: at most RATE bytes per second (e.g. 50M)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("import", help="bring a set exported elsewhere into this array")
-    s.add_argument("file", help="a file, or - for standard input")
+    s.add_argument("file", help="a file, - for standard input, or s3://BUCKET/PREFIX")
+    s.add_argument("--bwlimit", metavar="RATE",
+                   help="s3:// only: at most RATE bytes per second (e.g. 50M)")
     s.add_argument("--as", dest="as_name", help="the set's name here")
     s.add_argument("--pack", help="pack to store it on (default main)")
     s.add_argument("--remap", action="store_true",

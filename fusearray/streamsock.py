@@ -33,7 +33,11 @@ server answers with lines: `total=N` (an export's size estimate, when
 known), `progress=N` (stream bytes so far, at most five a second), then the
 reply of the ctl protocol (`status=ok|error` and its key=value lines), and
 closes. A client that goes away cancels: an export stops, an import is kept
-for `import --resume`, as when a ctl/import writer closes early.
+for `import --resume`, as when a ctl/import writer closes early; so is an
+import whose input ends when its client is already gone (a killed
+`fusearray import s3://...` writes its pipe itself, and its descriptors close
+together: the CLI keeps the socket below the pipe, so the socket is closed
+first).
 """
 import array as _array
 import collections
@@ -41,6 +45,7 @@ import errno
 import logging
 import os
 import secrets
+import select
 import socket
 import stat
 import struct
@@ -171,6 +176,14 @@ class ChunkPool:
     def _reuse(self, chunk: bytearray) -> None:
         if len(self.free) < self.KEEP:
             self.free.append(chunk)
+
+
+def _gone(conn) -> bool:
+    """Has the client closed its end (or sent something, which it never
+    does)? Asked without waiting, at the end of an import's input."""
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN | select.POLLRDHUP)
+    return bool(p.poll(0))
 
 
 def _sole(exc: BaseException) -> BaseException:
@@ -546,6 +559,12 @@ class StreamServer:
                                 "resume with `fusearray import FILE --resume`"))
                         chunk, n = item
                         if not n:
+                            if _gone(conn):
+                                # the writer and the client ended together (a killed
+                                # `fusearray import s3://...` feeding a pipe): an
+                                # interruption, kept for --resume, not a truncation
+                                left[0] = True
+                                return
                             break
                         with trio.CancelScope(shield=True):   # a chunk is parsed whole
                             await pool.feed(imp, chunk, n)
@@ -555,9 +574,10 @@ class StreamServer:
             activity[0] = float("inf")      # all read: the end is not idleness
             with trio.CancelScope(shield=True):
                 await imp.end_of_input()
+        left = [False]
         try:
             if await self._while_connected(conn, work, activity, (
-                    "import: no stream byte arrived")):
+                    "import: no stream byte arrived")) or left[0]:
                 return None
         finally:
             with trio.CancelScope(shield=True):

@@ -7,7 +7,8 @@ where it fails instead.
 
 `CephCluster(base).start()` runs tools/ceph-up in `base`: one mon and one
 memstore OSD on 127.0.0.1, ports picked free by ceph-up, auth none, pool
-size 1, no mgr. `stop()` runs tools/ceph-down (the daemons by their pid
+size 1, no mgr; `start_rgw()` adds radosgw (S3, tools/rgw-up) to it for the
+`s3` fixture, gated by `require_rgw()`. `stop()` runs tools/ceph-down (the daemons by their pid
 files) and checks that none of them still runs. docs/ceph.md has the facts
 (times, RAM, ports).
 """
@@ -27,6 +28,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CEPH_UP = ROOT / "tools" / "ceph-up"
 CEPH_DOWN = ROOT / "tools" / "ceph-down"
+RGW_UP = ROOT / "tools" / "rgw-up"
 #: what tools/ceph-up runs (ceph-mon, ceph-osd: the daemons; the rest: its clients)
 BINARIES = ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rados")
 #: ceph-up refuses a longer directory (the admin sockets' paths must fit sun_path)
@@ -68,12 +70,40 @@ def _alive(pid: int, conf: str) -> bool:
             args = f.read().split(b"\0")
     except (OSError, IndexError):
         return False
-    return os.path.basename(args[0]).startswith(b"ceph-") and conf.encode() in args
+    name = os.path.basename(args[0])
+    return (name.startswith(b"ceph-") or name == b"radosgw") and conf.encode() in args
+
+
+def rgw_available() -> str | None:
+    """None if radosgw can run here and boto3 is importable, else the reason."""
+    why = ceph_available()
+    if why is not None:
+        return why
+    for b in ("radosgw", "radosgw-admin", "curl"):
+        if not shutil.which(b):
+            return f"{b} is not installed (tools/setup.sh installs radosgw)"
+    try:
+        import boto3  # noqa: F401
+    except ImportError as e:
+        return f"`import boto3` fails ({e}); tools/setup.sh installs the package with it"
+    return None
+
+
+def require_rgw() -> None:
+    """The gate of the `s3` fixture: as require_ceph (FUSEARRAY_REQUIRE_CEPH=1
+    makes it fail instead of skipping)."""
+    why = rgw_available()
+    if why is None:
+        return
+    if os.environ.get("FUSEARRAY_REQUIRE_CEPH") == "1":
+        pytest.fail(f"radosgw is required (FUSEARRAY_REQUIRE_CEPH=1) but: {why}")
+    pytest.skip(f"radosgw unavailable: {why}")
 
 
 class CephCluster:
     """One running cluster. Public: `dir`, `conf`, `pids`, `mon_port`,
-    `mon_v2_port`, `new_pool()`, `health()`, `running()`, `stop()`."""
+    `mon_v2_port`, `new_pool()`, `health()`, `running()`, `start_rgw()`,
+    `stop()`."""
 
     def __init__(self, base: str | os.PathLike):
         base = pathlib.Path(base)
@@ -107,6 +137,31 @@ class CephCluster:
         self._admin = rados.Rados(conffile=self.conf)
         self._admin.connect(timeout=30)
         return self
+
+    def start_rgw(self, timeout: float = 180) -> dict:
+        """Start radosgw on this cluster (tools/rgw-up: a free port, one S3
+        user); returns the AWS_* variables of a client of it (DIR/s3.env).
+        Its pid joins `pids` ("client.rgw.a"); stop() stops it first."""
+        r = subprocess.run([str(RGW_UP), str(self.dir)], capture_output=True, text=True,
+                           timeout=timeout)
+        env_file = self.dir / "s3.env"
+        last = r.stdout.strip().splitlines()[-1:] or [""]
+        if r.returncode or last[0] != f"S3_ENV={env_file}":
+            raise AssertionError(f"tools/rgw-up failed ({r.returncode}):\n{r.stderr}{r.stdout}")
+        self.pids["client.rgw.a"] = int((self.dir / "run" / "client.rgw.a.pid").read_text())
+        return dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                    if "=" in line)
+
+    def stop_rgw(self, timeout: float = 60) -> None:
+        """Stop radosgw only (RGW_ONLY=1 tools/ceph-down); fails if it survives."""
+        pid = self.pids.pop("client.rgw.a", None)
+        if pid is None:
+            return
+        r = subprocess.run([str(CEPH_DOWN), str(self.dir)], capture_output=True, text=True,
+                           timeout=timeout, env={**os.environ, "RGW_ONLY": "1"})
+        if r.returncode or _alive(pid, self.conf):
+            raise AssertionError(f"radosgw (pid {pid}) not stopped ({r.returncode}):\n"
+                                 f"{r.stderr}{r.stdout}")
 
     def _mon(self, **cmd) -> bytes:
         ret, out, errs = self._admin.mon_command(json.dumps(cmd), b"", timeout=60)

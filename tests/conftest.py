@@ -43,6 +43,7 @@ import time
 import pytest
 
 from fusearray import ctlclient
+import packbackend
 
 PY = sys.executable
 
@@ -133,10 +134,13 @@ class Mount:
         self.loops: list[str] = []
         self.fs_mounts: list[str] = []
         self.warnings: list[str] = []
+        self.pools: list[str] = []      # made for a rados default pack (packbackend)
 
     # -- lifecycle --
     def init(self, *args):
-        cli("init", self.array, *args)
+        """`fusearray init`; with no arguments the default pack is where
+        FUSEARRAY_TEST_PACK says (tests/packbackend.py)."""
+        cli("init", self.array, *(args or packbackend.default_pack_args(self.pools)))
         return self
 
     def start(self, *opts, env=None):
@@ -211,6 +215,7 @@ class Mount:
             self.proc = None
         if os.path.ismount(self.mnt) or _stale(self.mnt):
             run(["fusermount3", "-u", "-z", self.mnt], check=False)
+        packbackend.drop_pools(self.pools)
 
     def output(self) -> str:
         try:
@@ -496,6 +501,15 @@ def _daemon_logs(request):
 
 
 # ---- Ceph ----------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _pack_backend(request):
+    """FUSEARRAY_TEST_PACK=rados: default arrays get a rados pack on the
+    session's cluster (tests/packbackend.py)."""
+    if packbackend.BACKEND == "rados":
+        packbackend.cluster = request.getfixturevalue("ceph")
+    yield
+
+
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory):
     """One throw-away Ceph cluster (a mon, a memstore OSD, no mgr, auth none)
@@ -512,3 +526,77 @@ def ceph(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+class S3Server:
+    """The `s3` fixture: radosgw on the session's cluster. `env`: the AWS_*
+    variables of a client (endpoint, keys, region), to pass to the CLI;
+    `client()`: a boto3 client; `new_bucket()`: a fresh bucket's name
+    (emptied and deleted at the end of the session, or by drop_bucket)."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.endpoint = env["AWS_ENDPOINT_URL"]
+        self._buckets: list[str] = []
+        self._n = 0
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+            self._client = boto3.session.Session(
+                aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                region_name=self.env["AWS_DEFAULT_REGION"]).client(
+                "s3", endpoint_url=self.endpoint,
+                config=Config(request_checksum_calculation="when_required",
+                              response_checksum_validation="when_required"))
+        return self._client
+
+    def new_bucket(self) -> str:
+        import uuid
+        self._n += 1
+        name = f"fa-t{self._n}-{uuid.uuid4().hex[:8]}"
+        self.client().create_bucket(Bucket=name)
+        self._buckets.append(name)
+        return name
+
+    def drop_bucket(self, name: str) -> None:
+        """Empty and delete a bucket (memstore keeps objects in RAM)."""
+        c = self.client()
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                c.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        c.delete_bucket(Bucket=name)
+        if name in self._buckets:
+            self._buckets.remove(name)
+
+    def close(self) -> None:
+        for name in list(self._buckets):
+            try:
+                self.drop_bucket(name)
+            except Exception:       # radosgw may be gone already: the cluster goes too
+                pass
+        self._client = None
+
+
+@pytest.fixture(scope="session")
+def s3(ceph):
+    """radosgw (S3) on the session's Ceph cluster (tools/rgw-up: a free port
+    on 127.0.0.1, one user), started by the first test that asks: an
+    S3Server with `.env` (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), `.client()`, `.new_bucket()`.
+    Skipped where radosgw or boto3 is missing, unless FUSEARRAY_REQUIRE_CEPH=1.
+    radosgw is stopped by PID at the end (before the cluster)."""
+    from cephcluster import require_rgw
+    require_rgw()
+    server = None
+    try:
+        server = S3Server(ceph.start_rgw())
+        yield server
+    finally:
+        if server is not None:
+            server.close()
+        ceph.stop_rgw()

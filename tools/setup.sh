@@ -45,9 +45,10 @@ command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null \
 # docs/ceph.md): a mon and a memstore OSD (they pull in ceph-base and
 # uuid-runtime), ceph-common for the `ceph`/`rados` clients, ceph-authtool and
 # monmaptool, python3-rados for librados in Python (made importable from the
-# venv below); ceph-mgr only for `MGR=1 tools/ceph-up`. No daemon starts by
-# itself on install.
-ceph_pkgs=(ceph-mon ceph-osd ceph-mgr ceph-common python3-rados)
+# venv below); ceph-mgr only for `MGR=1 tools/ceph-up`; radosgw (S3, with
+# radosgw-admin) and curl for tools/rgw-up (`RGW=1 tools/ceph-up`, the tests'
+# `s3` fixture). No daemon starts by itself on install.
+ceph_pkgs=(ceph-mon ceph-osd ceph-mgr ceph-common python3-rados radosgw curl)
 missing=()
 for p in "${ceph_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,7 +59,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rados; do
+for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rados radosgw radosgw-admin curl; do
   command -v "$b" >/dev/null || { echo "setup: $b missing after install" >&2; exit 1; }
 done
 
@@ -68,7 +69,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test,bench]'   # bench: matplotlib, tools/bench --chart
-.venv/bin/python -c 'import fusearray.native, pyfuse3, trio, xxhash' \
+.venv/bin/python -c 'import fusearray.native, pyfuse3, trio, xxhash, boto3' \
   || { echo "setup: the package did not install correctly" >&2; exit 1; }
 # Debian's librados binding (python3-rados) is one extension module in
 # /usr/lib/python3/dist-packages, built for CPython 3.11; no binding on PyPI
