@@ -502,15 +502,20 @@ def daemon_log_tail(array, lines=15):
     return f'{array}/daemon.log (tail):\n' + '\n'.join(f'    {l}' for l in shown)
 
 
-def start_array(ctx, name, base, init_args=()):
+def start_array(ctx, name, base, init_args=(), env=None):
     """`fusearray init` a new array under `base` (with `init_args`, e.g.
     --pack specs) and mount it at WORK/name (`mount --background`), every
-    step undone by ctx.cl: (cli, array, mnt)."""
+    step undone by ctx.cl: (cli, array, mnt). `env`: variables added to the
+    CLI's and so the daemon's environment (PYTHONPATH is put before the
+    repository's)."""
     args, cl = ctx.args, ctx.cl
     array = make_tempdir(cl, parent=base, prefix=f'{name}.') / 'array'
     mnt = ctx.work / name
     mnt.mkdir()
     fa = FusearrayCLI(args.python, ctx.work / f'{name}.log')
+    for key, value in (env or {}).items():
+        fa.env[key] = (os.pathsep.join((value, fa.env[key])) if key == 'PYTHONPATH'
+                       else value)
     try:
         fa('init', array, *init_args)
         extra = ['--cache-size', args.cache_size] if args.cache_size else []

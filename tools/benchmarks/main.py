@@ -92,13 +92,14 @@ from .snap import group_snap
 from .packs import group_packs
 from .transport import group_transport
 from .scale import group_scale
+from .radospack import group_rados
 from .report import report
 
 
 #: groups that make arrays of their own (no targets needed)
-OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport', 'scale'}
+OWN_ARRAY_GROUPS = {'snap', 'packs', 'transport', 'scale', 'rados'}
 #: groups a run leaves out unless --groups names them (minutes and tens of GiB)
-NOT_BY_DEFAULT = {'scale'}
+NOT_BY_DEFAULT = {'scale', 'rados'}
 
 # title, function; later issues add groups here (snapshot, resync, rebuild, ...)
 GROUPS = [
@@ -115,6 +116,9 @@ GROUPS = [
      'arrays of their own)', group_transport),
     ('scale: RAM and time against stored blocks (fusearray only, arrays built by '
      'tools/scalegen.py on the disk backing)', group_scale),
+    ('rados: a LUN on a rados pack against raw librados (same cluster, same object size, '
+     'op sizes and concurrency) and against a LUN on a local pack (fusearray, an array of '
+     'its own, a Ceph cluster of its own)', group_rados),
 ]
 
 
@@ -202,13 +206,18 @@ def parse_args(argv):
     ap.add_argument('--read-repeat', type=int,
                     help='packs and transport groups: seq read passes per LUN, the median '
                     'is shown (default 3, quick 1)')
+    ap.add_argument('--rados-lun', type=parse_size,
+                    help='rados group: the LUN on each pack (default 512M, quick 256M)')
+    ap.add_argument('--rados-passes', type=int,
+                    help='rados group: seq write and read passes of each LUN and of raw '
+                    'librados, the median is shown (default 3, quick 1)')
     ap.add_argument('--array-dir', help='put the fusearray arrays under this directory '
                     '(default: on tmpfs mounts of their own)')
     ap.add_argument('--cache-size', help='pass --cache-size to fusearray mount')
     ap.add_argument('--groups', default=','.join(
         f.__name__.removeprefix('group_') for _, f in GROUPS
         if f.__name__.removeprefix('group_') not in NOT_BY_DEFAULT),
-        help='comma-separated groups to run (default: all but scale)')
+        help='comma-separated groups to run (default: all but scale and rados)')
     ap.add_argument('--scale-blocks', default='1M,10M',
                     help='scale group: stored 4 KiB blocks of each array built '
                          '(default 1M,10M; K, M, G suffixes are powers of ten here)')
@@ -240,6 +249,8 @@ def parse_args(argv):
     args.pack_lun = args.pack_lun or (256 << 20 if quick else 512 << 20)
     args.transport_lun = args.transport_lun or (256 << 20 if quick else 512 << 20)
     args.read_repeat = args.read_repeat or (1 if quick else 3)
+    args.rados_lun = args.rados_lun or (256 << 20 if quick else 512 << 20)
+    args.rados_passes = args.rados_passes or (1 if quick else 3)
     args.pack_writes = args.pack_writes or (2 if quick else 5)
     args.steady_passes = args.steady_passes or (2 if quick else 3)
     args.only = [{'tmpfs': 'file'}.get(t.strip(), t.strip())   # the old name of 'file'
@@ -268,8 +279,9 @@ def parse_args(argv):
             or not 0 < args.snap_written <= args.snap_big):
         ap.error('--snap-small, --snap-big, --snap-written: multiples of 1M, '
                  'with --snap-written at most --snap-big')
-    if args.pack_lun % (1 << 20) or args.transport_lun % (1 << 20):
-        ap.error('--pack-lun and --transport-lun must be multiples of 1M')
+    if args.pack_lun % (1 << 20) or args.transport_lun % (1 << 20) \
+            or args.rados_lun % (1 << 20):
+        ap.error('--pack-lun, --transport-lun and --rados-lun must be multiples of 1M')
     return args
 
 

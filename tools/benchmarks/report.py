@@ -134,6 +134,7 @@ def report(ctx, results):
           f'cop{"y" if a.copy_repeat == 1 else "ies"}; '
           f'packs: {fmt_size(a.pack_lun)} LUNs; transport: {fmt_size(a.transport_lun)} LUN; '
           f'packs/transport seq reads: median of {a.read_repeat}; '
+          f'rados: {fmt_size(a.rados_lun)} LUNs, {a.rados_passes} pass(es); '
           f'MB/s are 10^6 bytes/s; run took {ctx.elapsed / 60:.1f} min.')
     print(f'Backings: {", ".join(f"{b} ({d})" for b, d in ctx.backing_dirs.items())}: '
           'the fio and ext4 groups run once per backing, every target\'s data on it '
@@ -170,6 +171,8 @@ def report(ctx, results):
                                            'read_repeat': a.read_repeat,
                                            'pack_writes': a.pack_writes,
                                            'steady_passes': a.steady_passes,
+                                           'rados_lun': a.rados_lun,
+                                           'rados_passes': a.rados_passes,
                                            'array_dir': a.array_dir,
                                            'backing': a.backing, 'disk_dir': a.disk_dir,
                                            'cache_size': a.cache_size},
