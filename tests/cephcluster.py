@@ -31,6 +31,10 @@ CEPH_DOWN = ROOT / "tools" / "ceph-down"
 RGW_UP = ROOT / "tools" / "rgw-up"
 #: what tools/ceph-up runs (ceph-mon, ceph-osd: the daemons; the rest: its clients)
 BINARIES = ("ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rados")
+#: memstore's nominal capacity: RAM is taken only as objects are written; big
+#: enough that a rados pack takes a thin 1 TiB LUN (at most 16x a pack's
+#: capacity), as the shadow copy and transport tests make (FUSEARRAY_TEST_PACK=rados)
+OSD_BYTES = 128 << 30
 #: ceph-up refuses a longer directory (the admin sockets' paths must fit sun_path)
 MAX_DIR = 80
 
@@ -123,6 +127,7 @@ class CephCluster:
     def start(self, timeout: float = 180) -> "CephCluster":
         env = {k: v for k, v in os.environ.items()
                if k not in ("MGR", "MON_PORT", "MON_V2_PORT", "POOL", "OSD_BYTES")}
+        env["OSD_BYTES"] = str(OSD_BYTES)
         r = subprocess.run([str(CEPH_UP), str(self.dir)], capture_output=True, text=True,
                            env=env, timeout=timeout)
         last = r.stdout.strip().splitlines()[-1:] or [""]
