@@ -185,6 +185,11 @@ class CephCluster:
             io.remove_object("pool-ready-probe")
         return name
 
+    def client(self):
+        """The cluster's own connected rados.Rados (the tests' admin client:
+        use it, do not shut it down)."""
+        return self._admin
+
     def drop_pool(self, name: str) -> None:
         """Delete a pool new_pool made (memstore keeps its data in RAM)."""
         self._admin.delete_pool(name)

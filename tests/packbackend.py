@@ -33,3 +33,22 @@ def default_pack_args(pools: list) -> list[str]:
 def drop_pools(pools: list) -> None:
     while pools:
         cluster.drop_pool(pools.pop())
+
+
+def remove_segments(disk_path: str) -> int:
+    """Delete the segment files of a pack's disk (`ctl/status`'s disk path:
+    a host directory, or `rados:POOL/NAMESPACE`): the pack's data lost, as a
+    test of what survives it does. Returns how many were deleted."""
+    if not disk_path.startswith("rados:"):
+        segdir = os.path.join(disk_path, "segments")
+        names = [n for n in os.listdir(segdir) if n.endswith(".seg")]
+        for n in names:
+            os.unlink(os.path.join(segdir, n))
+        return len(names)
+    pool, ns = disk_path[len("rados:"):].split("/", 1)
+    with cluster.client().open_ioctx(pool) as io:
+        io.set_namespace(ns)
+        names = [o.key for o in io.list_objects() if o.key.endswith(".seg")]
+        for n in names:
+            io.remove_object(n)
+    return len(names)
