@@ -367,7 +367,9 @@ def group_rados(ctx):
         'RadosMedium.pwritev/preadv and their RADOS ops, radostrace/sitecustomize.py '
         'loaded by this daemon only), into new objects of the segment size for writes '
         '(the pack writes every segment anew: RADOS has no rename, no spare files), '
-        'reading back what its last write pass wrote')
+        'reading back what its last write pass wrote. The trace costs the rados LUN '
+        '6-9 us per call (2-4 % of a read pass of 64 KiB calls, nothing measurable on '
+        'writes)')
     table.notes.append(
         'CPU: utime + stime in /proc/PID/stat of the daemon (every thread: the FUSE loop, '
         'the workers, librados\'s) and of the OSD over each LUN pass; the raw process\'s '
