@@ -219,7 +219,10 @@ def group_rados(ctx):
     bound_w = Metric('seq write: the ratio the CPU allows, (raw process + OSD) / (daemon '
                      '+ OSD) CPU seconds per GiB, pass by pass', 'x')
     bound_r = Metric('seq read: the ratio the CPU allows, the same for reads', 'x')
-    table = MetricTable(cols, [write, read, w_raw, r_raw, w_loc, r_loc,
+    read_1m = Metric('seq read, raw librados reading 1 MiB at a time instead of the pack\'s '
+                     'shape (what one RADOS read per 1M request would ask; not the target\'s '
+                     'baseline), median', 'MB/s')
+    table = MetricTable(cols, [write, read, w_raw, r_raw, w_loc, r_loc, read_1m,
                                cpu_w, cpu_r, osd_w, osd_r, bound_w, bound_r])
     if 'fusearray' not in a.only:
         table.notes.append('not run: fusearray is not among the targets (--only)')
@@ -338,11 +341,18 @@ def group_rados(ctx):
                 read.cols.setdefault('raw', []).append(got['bytes'] / got['seconds'] / MB)
                 cpu_r.cols.setdefault('raw', []).append(got['cpu'] / gib)
                 osd_r.cols.setdefault('raw', []).append(got['osd_cpu'] / gib)
+                # for comparison, not the target: the same objects read 1 MiB at a
+                # time, what one read per 1M request would ask of RADOS
+                got = raw(ctx, cluster.conf, {
+                    'op': 'read', 'bytes': size, 'object': read_trace(trace)['segment'],
+                    'pieces': [1 << 20], 'threads': threads, 'prefix': raw_prefix,
+                    'objects': raw_objects})
+                read_1m.cols.setdefault('raw', []).append(got['bytes'] / got['seconds'] / MB)
             table.notes += [f'the last {notes["write"]}', f'the last {notes["read"]}']
         except (StepFailed, OSError) as e:
             ctx.fail(f'rados: seq I/O: {e}' + ('' if isinstance(e, StepFailed)
                                                 else f'\n{sa.log_tail()}'))
-            for metric in (write, read, cpu_w, cpu_r, osd_w, osd_r):
+            for metric in (write, read, read_1m, cpu_w, cpu_r, osd_w, osd_r):
                 metric.fail(tuple(cols))
         try:
             log('rados: small ops, omap, cls_lock renewal, mon commands (raw librados)')
@@ -390,7 +400,7 @@ def rados_verdicts(table):
             out.cols['rados'] = [x / y for x, y in zip(mine, base)]
         elif mine == 'failed' or base == 'failed':
             out.cols['rados'] = 'failed'
-    cpu_w, cpu_r, osd_w, osd_r, bound_w, bound_r = table.rows[6:12]
+    cpu_w, cpu_r, osd_w, osd_r, bound_w, bound_r = table.rows[7:13]
     for cpu, osd, out in ((cpu_w, osd_w, bound_w), (cpu_r, osd_r, bound_r)):
         d, o = cpu.cols.get('rados'), osd.cols.get('rados')
         rd, ro = cpu.cols.get('raw'), osd.cols.get('raw')
