@@ -40,6 +40,7 @@ import json
 import math
 import os
 import secrets
+import socket
 import time
 import uuid
 
@@ -53,7 +54,7 @@ from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .hooks import HOOKS_DIR, HookRunner
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
-from .store import (DEFAULT_INDEX_CACHE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
+from .store import (DEFAULT_INDEX_CACHE, DEFAULT_LEASE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
                     close_media, is_rados, write_file_atomic)
 from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
 from . import intentlog
@@ -290,8 +291,13 @@ def check_log_dir(log_dir: str) -> str:
 class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE,
                  log_dir: str | None = None, fsync: str = "log", *,
-                 index_cache: int | None = None):
+                 index_cache: int | None = None, lease: float = DEFAULT_LEASE,
+                 break_lock: bool = False):
         self.path = os.path.abspath(path)
+        # rados packs: the mount's exclusive lease on each (rados.Lease):
+        # its length (--lease) and whether to fence a live holder (--break-lock)
+        self.lease = lease
+        self.break_lock = break_lock
         # --index-cache: RAM for the block index (on disk, in the catalogue):
         # a share for SQLite's pages, the rest split among the packs' caches
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
@@ -421,6 +427,32 @@ class Array:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lockfd = fd
 
+    def _take_leases_blocking(self, pack: Pack) -> list[str]:
+        """Take the exclusive lease of each of `pack`'s rados disks (one
+        mount at a time; rados.Lease): ArrayError EBUSY naming the holder
+        if another mount has it (unless --break-lock). A cluster that does
+        not answer leaves the lease to be taken before the first write.
+        Returns notes (the earlier holders fenced)."""
+        notes = []
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "array": self.path}
+
+        def lost(why, pack=pack):
+            pack.note("error", f"pack {pack.name}: this daemon lost its lease on the "
+                      f"cluster: {why}; writes to the pack fail with EIO from now on "
+                      "(another mount serves the array): unmount this one")
+        for d in pack.disks:
+            try:
+                fenced = d.take_lease(self.lease, holder, self.break_lock, lost)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise busy(f"pack {pack.name}: {e.strerror}") from None
+                continue        # not answering: the disk check says so
+            if fenced:
+                notes.append(f"pack {pack.name}: fenced the earlier holder(s) of "
+                             f"{d.path} off the cluster (blocklisted: {', '.join(fenced)}) "
+                             "before taking it over")
+        return notes
+
     def _previous_session_blocking(self) -> list[str]:
         """How the last daemon ended, if not cleanly: its crash record (it
         died of an error and wrote one), or its running marker alone (it
@@ -483,6 +515,7 @@ class Array:
                      for i, p, s, since in cat.disks(name)]
             pack = Pack(name, layout, disks, self.hasher,
                         self._pack_index_cache(len(pack_rows)))
+            notes += self._take_leases_blocking(pack)   # before anything is written
             removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
             if removed:
                 notes.append(f"pack {name}: removed {len(removed)} segment file(s) "
@@ -856,6 +889,8 @@ class Array:
                 raise ioerror(f"cannot prepare disk directories for pack {name}: {e}") from None
             pack = Pack(name, layout, disks, self.hasher,
                         self._pack_index_cache(len(self.packs) + 1))
+            for n in await trio.to_thread.run_sync(self._take_leases_blocking, pack):
+                self.event("warning", n)
             await trio.to_thread.run_sync(pack.open_blocking, self._pack_rows(name))
             for p in self.packs.values():       # the same --index-cache, shared by one more
                 p.resize_index_cache(self._pack_index_cache(len(self.packs) + 1))

@@ -85,18 +85,22 @@ def cmd_mount(args) -> int:
     index_cache = (parse_bytes(args.index_cache, "index cache size")
                    if args.index_cache else None)
     resolve(**perms)        # a bad user, group or mode is refused here, before forking
+    if args.lease is not None and not 2 <= args.lease <= 3600:
+        raise UserError("--lease: give 2 to 3600 seconds")
+    from .daemon import rados_options
+    rados = rados_options(args.lease, args.break_lock)
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
-                          args.log, args.fsync, args.metrics_port, index_cache)
+                          args.log, args.fsync, args.metrics_port, index_cache, rados)
     return start_background(args.array, args.mountpoint, cache, args.debug, perms, args.log,
-                            args.fsync, args.metrics_port, index_cache)
+                            args.fsync, args.metrics_port, index_cache, rados)
 
 
 def start_background(array: str, mnt: str, cache: int, debug: bool = False,
                      perms: dict | None = None, log_dir: str | None = None,
                      fsync: str = "log", metrics_port: int | None = None,
-                     index_cache: int | None = None) -> int:
+                     index_cache: int | None = None, rados: dict | None = None) -> int:
     from .perms import mount_args
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fusearray.daemon", os.path.abspath(array),
@@ -112,6 +116,10 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
         cmd += ["--metrics-port", str(metrics_port)]
     if index_cache is not None:
         cmd += ["--index-cache", str(index_cache)]
+    if (rados or {}).get("lease") is not None:
+        cmd += ["--lease", str(rados["lease"])]
+    if (rados or {}).get("break_lock"):
+        cmd.append("--break-lock")
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -1093,6 +1101,12 @@ def parse_args(argv):
     s.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="also serve ctl/metrics (Prometheus text) at "
                         "http://127.0.0.1:PORT/metrics")
+    s.add_argument("--lease", type=float, metavar="SECONDS",
+                   help="rados packs: this mount's lease on each (default 30): another "
+                        "host may take them over this long after this daemon ends")
+    s.add_argument("--break-lock", action="store_true",
+                   help="rados packs: take them over from a mount that still holds "
+                        "them, fencing it off the cluster first (its writes then fail)")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount (waits for the final commit; refuses "

@@ -120,7 +120,7 @@ def died(array_path: str, array, mnt: str | None, e: BaseException) -> str:
 def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         debug: bool = False, perms: dict | None = None, log_dir: str | None = None,
         fsync: str = "log", metrics_port: int | None = None,
-        index_cache: int | None = None) -> int:
+        index_cache: int | None = None, rados: dict | None = None) -> int:
     """`perms`: the mount's --owner, --group, --mode, --ctl-group
     (fusearray.perms.resolve); `log_dir`: --log (the intent log's directory);
     `fsync`: --fsync (log or commit); `metrics_port`: --metrics-port (serve
@@ -161,7 +161,8 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
             raise ArrayError(errno.EBUSY, f"{mnt} is already a mountpoint: unmount it "
                              "first (fusearray umount)")
         access = access_mod.resolve(**(perms or {}))
-        array = Array(array_path, cache_size, log_dir, fsync, index_cache=index_cache)
+        array = Array(array_path, cache_size, log_dir, fsync, index_cache=index_cache,
+                      **(rados or {}))
     except ArrayError as e:
         ready(f"error: {e.message}")
         print(f"fusearray: {e.message}", file=sys.stderr)
@@ -356,11 +357,24 @@ def main(argv=None) -> int:
     p.add_argument("--ctl-group", help="group that may write ctl/ verbs (default: none)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve ctl/metrics at http://127.0.0.1:PORT/metrics")
+    p.add_argument("--lease", type=float, default=None,
+                   help="rados packs: the mount's lease in seconds (default 30)")
+    p.add_argument("--break-lock", action="store_true",
+                   help="rados packs: take them over from a live holder, fencing it")
     a = p.parse_args(argv)
     from . import default_cache_size
     perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
     return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
-               a.debug, perms, a.log, a.fsync, a.metrics_port, a.index_cache)
+               a.debug, perms, a.log, a.fsync, a.metrics_port, a.index_cache,
+               rados_options(a.lease, a.break_lock))
+
+
+def rados_options(lease: float | None, break_lock: bool) -> dict:
+    """--lease and --break-lock as Array's keywords."""
+    out: dict = {"break_lock": break_lock}
+    if lease is not None:
+        out["lease"] = lease
+    return out
 
 
 if __name__ == "__main__":

@@ -76,12 +76,15 @@ class Disk:
     def label_state(self, pack: str, array_uuid: str | None) -> str:
         """ok | missing (no directory or no label) | invalid (a label that is
         unreadable or from another pack or array) | error (reading it
-        failed: the disk, not a wrong label)."""
+        failed: the disk, not a wrong label) | fenced (a rados disk: another
+        mount took it over and blocklisted this client)."""
         try:
             lab = self.read_label()
         except FileNotFoundError:
             return "missing"
         except OSError as e:
+            if e.errno == errno.ESHUTDOWN:
+                return "fenced"         # this client was blocklisted: nothing answers it
             present = self.present()
             if e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM,
                            errno.ETIMEDOUT) and present:
@@ -99,6 +102,18 @@ class Disk:
         status = getattr(self.medium, "status", None)
         if status is not None:
             self.info = status()
+
+    def take_lease(self, seconds: float, holder: dict, break_lock: bool = False,
+                   on_lost=None) -> list[str]:
+        """A medium with a lease (a RADOS namespace: one mount at a time)
+        takes it: rados.RadosMedium.take_lease. Others have none: []."""
+        take = getattr(self.medium, "take_lease", None)
+        return take(seconds, holder, break_lock, on_lost) if take is not None else []
+
+    def release_lease(self) -> None:
+        release = getattr(self.medium, "release_lease", None)
+        if release is not None:
+            release()
 
     def why_missing(self) -> str:
         """Why a disk found missing is (for its event): a remote medium's
@@ -184,6 +199,12 @@ class DiskHealth:
             d.refresh_info()
             label = d.label_state(pack.name, array_uuid)
             ok = label == "ok"
+            if label == "fenced":
+                if d.state == "online":
+                    self.lose(d, "failed", "another mount took it over and fenced this "
+                              "daemon off the cluster (its client is blocklisted): unmount "
+                              "this one")
+                continue
             if d.state == "online" and label == "error":
                 self.disk_error(d, "reading its label failed")
             elif d.state == "online" and not ok:

@@ -140,6 +140,11 @@ class DirMedium:
 RADOS_PREFIX = "rados:"
 
 
+#: a rados disk's lease (s): how long after its holder ends another mount
+#: may take it over without --break-lock (rados.Lease)
+DEFAULT_LEASE = 30
+
+
 def is_rados(path: str) -> bool:
     return path.startswith(RADOS_PREFIX)
 

@@ -144,7 +144,7 @@ class Pack:
         for d in self.disks:
             d.refresh_info()
             label = d.label_state(self.name, array_uuid) if d.state == "online" else "ok"
-            if label == "error":
+            if label in ("error", "fenced"):
                 label = "invalid"
             if label != "ok":
                 d.state, d.since = label, 0
@@ -207,6 +207,8 @@ class Pack:
     def close_blocking(self) -> None:
         self.files.close_all()
         self.blocks.close()
+        for d in self.disks:
+            d.release_lease()           # a rados disk: the next mount may take it at once
 
     # ---- segments (segments.py) ------------------------------------------
     def append_blocking(self, records, reserve_ok: bool = False) -> list[tuple[int, int, int]]:

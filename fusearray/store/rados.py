@@ -89,6 +89,7 @@ import errno
 import json
 import os
 import re
+import struct
 import threading
 import time
 import weakref
@@ -404,6 +405,9 @@ class RadosMedium:
         self._cl: _Cluster | None = None
         self._io = None                 # the I/O context, opened on first use
         self._io_of: _Cluster | None = None     # the connection it belongs to
+        #: the mount's exclusive lease on this namespace (take_lease); once
+        #: wanted, nothing is written without it
+        self.lease: "Lease | None" = None
 
     def __str__(self) -> str:
         return self.path
@@ -478,6 +482,7 @@ class RadosMedium:
 
     def write_label(self, data: bytes) -> None:
         """One write_full: atomic and durable once it returns."""
+        self._may_write()
         io = self._ioctx()
         try:
             io.write_full(LABEL, bytes(data))
@@ -501,10 +506,10 @@ class RadosMedium:
             raise self._err(e, "reading", name) from None
 
     def names(self) -> list[str]:
-        """The objects of the namespace (the label left out)."""
+        """The objects of the namespace (the label and the lease left out)."""
         io = self._ioctx()
         try:
-            return [o.key for o in io.list_objects() if o.key != LABEL]
+            return [o.key for o in io.list_objects() if o.key not in (LABEL, LEASE_OBJECT)]
         except rados.Error as e:
             raise self._err(e, "listing the namespace") from None
 
@@ -598,6 +603,7 @@ class RadosMedium:
         return name
 
     def _create(self, name: str, exclusive: bool) -> None:
+        self._may_write()
         io = self._ioctx()
         op = io.create_write_op()
         try:
@@ -620,6 +626,7 @@ class RadosMedium:
         total = sum(len(b) if type(b) is bytes else memoryview(b).nbytes for b in iov)
         if not total:       # as pwritev(2): nothing written, the object unchanged
             return
+        self._may_write()
         io = self._ioctx()
         if total <= WRITE_CHUNK:
             data = iov[0] if len(iov) == 1 and type(iov[0]) is bytes else b"".join(iov)
@@ -710,6 +717,7 @@ class RadosMedium:
         is already on stable storage."""
 
     def truncate(self, h, size: int) -> None:
+        self._may_write()
         io = self._ioctx()
         try:
             io.trunc(h, size)
@@ -738,6 +746,7 @@ class RadosMedium:
         return True
 
     def unlink(self, name: str) -> None:
+        self._may_write()
         io = self._ioctx()
         try:
             io.remove_object(name)
@@ -747,3 +756,292 @@ class RadosMedium:
     def rename(self, old: str, new: str) -> None:
         raise OSError(errno.EOPNOTSUPP, f"{self.path}: RADOS cannot rename an object "
                                         f"({old} -> {new})")
+
+    # ---- the lease: one mount at a time, fencing ------------------------------------
+    def take_lease(self, seconds: float, holder: dict, break_lock: bool = False,
+                   on_lost=None) -> list[str]:
+        """Take this namespace's exclusive lease for this process (Lease);
+        from then on every write checks it. Returns the addresses of
+        earlier holders it fenced. OSError EBUSY naming the holder when
+        another mount has it (unless `break_lock`); other OSErrors when the
+        cluster does not answer: the lease is then taken before the first
+        write, which fails if it cannot be."""
+        if self.lease is not None and self.lease.held():
+            return []
+        lease = self.lease = Lease(self, seconds, holder, on_lost)
+        return lease.take(break_lock)
+
+    def release_lease(self) -> None:
+        """At a clean close: give the lease back (another mount may take it
+        at once)."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+
+    def _may_write(self) -> None:
+        lease = self.lease
+        if lease is not None:
+            lease.check()
+
+    def lease_io(self):
+        """(the connected rados.Rados, this medium's I/O context): for Lease."""
+        return self._client(), self._ioctx()
+
+
+#: the object of a namespace that carries its lease (a cls_lock exclusive
+#: lock with a duration) and the records of the clients that took it
+LEASE_OBJECT = "fusearray-lease"
+LEASE_LOCK = "fusearray"
+#: lock_exclusive flag: renew our own lock (LIBRADOS_LOCK_FLAG_MAY_RENEW)
+_LOCK_RENEW = 1
+#: entity_name_t's type of a client (CEPH_ENTITY_TYPE_CLIENT)
+_ENTITY_CLIENT = 0x08
+#: a lease counts as ours until this share of it after the renewal was sent
+_LEASE_TRUST = 0.8
+#: how long a fenced client stays blocklisted (s): longer than any stall
+#: a daemon could wake from and still act (its lease check refuses too)
+BLOCKLIST_SECONDS = 7 * 24 * 3600
+
+
+class Lease:
+    """One mount's exclusive lease on a rados disk: the mechanism RBD uses
+    for its exclusive lock, made of cls_lock and the OSD blocklist.
+
+    Taking it: the client first records itself on the lease object (an
+    xattr `c.<instance id>` = its address, host, pid, array), then takes
+    the exclusive lock with a duration of `seconds`. Whoever takes the lock
+    next, after the duration ran out (the holder died or stalled) or at
+    once with `break_lock`, blocklists every recorded client but itself
+    before it writes anything: a stalled holder that wakes up can never
+    write again (its every operation fails with ESHUTDOWN), whatever it was
+    doing when it stopped. Recording before locking closes the gap: a
+    client that stalls between the two is recorded, so fenced.
+
+    Holding it: a thread renews the lock every `seconds`/4; every write
+    of the medium first checks that the last renewal was sent less than
+    _LEASE_TRUST x `seconds` ago (a monotonic clock, which a SIGSTOP does
+    not stop), so a daemon that wakes after its lease ran out refuses to
+    write even before it learns it was fenced. A renewal that fails
+    because another client holds the lock, or because this one was
+    blocklisted, ends the lease for good: `on_lost(why)` is called once and
+    every write fails with EIO from then on.
+    """
+
+    def __init__(self, medium: RadosMedium, seconds: float, holder: dict, on_lost=None):
+        self.medium = medium
+        self.seconds = max(2, int(round(seconds)))
+        self.holder = holder
+        self.on_lost = on_lost
+        self.lost: str | None = None
+        self.until = 0.0            # monotonic time the lease is trusted until
+        self.cookie = ""
+        self.client_id = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._taking = threading.Lock()
+        self.taken = False          # taken once (and then renewed) by take()
+
+    def _lock(self, io, renew: bool) -> None:
+        sent = time.monotonic()
+        io.lock_exclusive(LEASE_OBJECT, LEASE_LOCK, self.cookie,
+                          json.dumps(self.holder)[:200], self.seconds,
+                          _LOCK_RENEW if renew else 0)
+        self.until = sent + _LEASE_TRUST * self.seconds
+
+    def take(self, break_lock: bool) -> list[str]:
+        c, io = self.medium.lease_io()
+        where = self.medium.path
+        try:
+            me = f"c.{c.get_instance_id()}"
+            addr = c.get_addrs()
+            self.client_id = f"client.{c.get_instance_id()}"
+            self.cookie = f"{self.client_id}.{os.getpid()}"
+            rec = dict(self.holder, client=self.client_id, cookie=self.cookie, addr=addr,
+                       since=time.time())
+            self.holder = rec
+            io.set_xattr(LEASE_OBJECT, me, json.dumps(rec).encode())
+        except rados.Error as e:
+            raise _oserror(e, f"{where}: recording this mount on {LEASE_OBJECT}") from None
+        fenced: list[str] = []
+        deadline = None
+        while True:
+            try:
+                self._lock(io, renew=False)
+                break
+            except rados.ObjectBusy:
+                holder = self._holder(io, me)
+                # a holder that was this array on this host is a dead daemon
+                # of it: the array directory's lock, which this one holds, says so
+                ours = bool(holder) and all(holder.get(k) == self.holder.get(k)
+                                            for k in ("host", "array"))
+                if not (break_lock or ours):
+                    self._forget(io, me)
+                    raise OSError(errno.EBUSY, f"{where} is in use by {_describe(holder)}: "
+                                  f"its lease runs out {self.seconds} s after that daemon "
+                                  "ends; to take it over at once (fencing that daemon off "
+                                  "the cluster), mount with --break-lock") from None
+                if deadline is None:      # fence first, then break its lock
+                    fenced += self._fence(c, io, me)
+                    deadline = time.monotonic() + self.seconds + 5
+                    if self._break(io, holder):
+                        continue
+                    # (no record of its cookie: wait until its lease runs out)
+                if time.monotonic() > deadline:
+                    self._forget(io, me)
+                    raise OSError(errno.EBUSY, f"{where}: the lease of {_describe(holder)} "
+                                  f"did not run out in {self.seconds + 5} s") from None
+                time.sleep(0.25)
+            except rados.Error as e:
+                raise _oserror(e, f"{where}: taking the lease") from None
+        # ours: every other client recorded here is fenced before we write
+        fenced += self._fence(c, io, me)
+        try:
+            io.set_xattr(LEASE_OBJECT, "holder", json.dumps(self.holder).encode())
+        except rados.Error as e:
+            raise _oserror(e, f"{where}: recording the holder") from None
+        self.taken = True
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True,
+                                        name=f"lease {where}")
+        self._thread.start()
+        return sorted(set(fenced))
+
+    def _break(self, io, holder: dict) -> bool:
+        """Break the lock of `holder` (cls_lock's break_lock; the binding has
+        no call for it: its input encoded here as Ceph does,
+        cls_lock_break_op v1: name, locker entity (type, number), cookie).
+        False if the holder's record does not say enough."""
+        try:
+            num = int(str(holder["client"]).removeprefix("client."))
+            cookie = str(holder["cookie"])
+        except (KeyError, ValueError):
+            return False
+
+        def text(x: str) -> bytes:
+            b = x.encode()
+            return struct.pack("<I", len(b)) + b
+        body = text(LEASE_LOCK) + struct.pack("<Bq", _ENTITY_CLIENT, num) + text(cookie)
+        try:
+            io.execute(LEASE_OBJECT, "lock", "break_lock",
+                       struct.pack("<BBI", 1, 1, len(body)) + body)
+        except rados.ObjectNotFound:
+            pass                    # not locked by it any more
+        except rados.Error as e:
+            raise _oserror(e, f"{self.medium.path}: breaking the lease of "
+                              f"{_describe(holder)}") from None
+        return True
+
+    def _forget(self, io, me: str) -> None:
+        """Take this client's record off the lease object (it did not get
+        the lease: nobody need fence it)."""
+        try:
+            io.rm_xattr(LEASE_OBJECT, me)
+        except rados.Error:
+            pass                    # a later holder fences it: harmless
+
+    def _holder(self, io, me: str) -> dict:
+        try:
+            return json.loads(io.get_xattr(LEASE_OBJECT, "holder"))
+        except (rados.Error, ValueError):
+            return {}
+
+    def _fence(self, c, io, me: str) -> list[str]:
+        """Blocklist every client recorded on the lease object but this
+        one, and forget them. Returns their addresses."""
+        out = []
+        try:
+            recs = [(k, v) for k, v in io.get_xattrs(LEASE_OBJECT)
+                    if k.startswith("c.") and k != me]
+        except rados.Error as e:
+            raise _oserror(e, f"{self.medium.path}: reading {LEASE_OBJECT}") from None
+        for k, v in recs:
+            try:
+                addr = json.loads(v)["addr"]
+            except (ValueError, KeyError, TypeError):
+                addr = None
+            try:
+                if addr:
+                    c.blocklist_add(addr, BLOCKLIST_SECONDS)
+                    out.append(addr)
+                io.rm_xattr(LEASE_OBJECT, k)
+            except rados.Error as e:
+                raise _oserror(e, f"{self.medium.path}: fencing {addr or k}") from None
+        return out
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            try:
+                _, io = self.medium.lease_io()
+                self._lock(io, renew=True)
+            except (rados.Error, OSError) as e:
+                code = _errno_of(e) if isinstance(e, rados.Error) else e.errno
+                if code in (errno.EBUSY, errno.ESHUTDOWN, errno.EEXIST, errno.ENOENT):
+                    why = ("another mount took it over and fenced this daemon off the "
+                           "cluster" if code == errno.ESHUTDOWN else
+                           "another mount holds it now")
+                    self._lose(f"{why} ({os.strerror(code)})")
+                    return
+                # (a cluster that does not answer: try again; writes stop
+                # by themselves once the lease is no longer trusted)
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            self._stop.set()
+            if self.on_lost is not None:
+                self.on_lost(why)
+
+    def held(self) -> bool:
+        return self.lost is None and time.monotonic() < self.until
+
+    def check(self) -> None:
+        """Before a write: OSError EIO unless the lease is surely ours."""
+        if not self.taken and self.lost is None:
+            # not taken at mount (the cluster did not answer): take it now
+            with self._taking:
+                if not self.taken:
+                    try:
+                        self.take(break_lock=False)
+                    except OSError as e:
+                        raise OSError(errno.EIO, f"{self.medium.path}: not written: no "
+                                                 f"lease ({e.strerror})") from None
+        if self.lost is not None:
+            raise OSError(errno.EIO, f"{self.medium.path}: this daemon lost its lease: "
+                                     f"{self.lost}; nothing more is written there")
+        if time.monotonic() >= self.until:
+            # stalled past it (SIGSTOP, a frozen VM) or the cluster did not
+            # answer the renewals: try once, as the renewal would
+            try:
+                _, io = self.medium.lease_io()
+                self._lock(io, renew=True)
+            except (rados.Error, OSError) as e:
+                code = _errno_of(e) if isinstance(e, rados.Error) else e.errno
+                if code in (errno.EBUSY, errno.ESHUTDOWN, errno.EEXIST, errno.ENOENT):
+                    self._lose(f"it ran out and another mount holds it "
+                               f"({os.strerror(code)})")
+                raise OSError(errno.EIO, f"{self.medium.path}: the lease ran out and could "
+                                         f"not be renewed ({os.strerror(code)}): not "
+                                         "written") from None
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.lost is not None:
+            return
+        try:
+            c, io = self.medium.lease_io()
+            io.unlock(LEASE_OBJECT, LEASE_LOCK, self.cookie)
+            io.rm_xattr(LEASE_OBJECT, f"c.{c.get_instance_id()}")
+            io.rm_xattr(LEASE_OBJECT, "holder")
+        except (rados.Error, OSError):
+            pass                    # it runs out by itself
+        self.lost = "released"
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another mount"
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "?"
+    return (f"{holder.get('client', '?')} (host {holder.get('host', '?')}, pid "
+            f"{holder.get('pid', '?')}, array {holder.get('array', '?')}, since {when})")

@@ -1,0 +1,201 @@
+"""One mount at a time on a rados pack, with fencing (#17 point 3, for
+packs): the mount takes the namespace's exclusive lease (store/rados.Lease:
+a cls_lock lock with a duration, renewed; the clients recorded on the lease
+object are blocklisted by whoever takes it next). Two daemons stand for two
+hosts: each its own Ceph client (its own address and instance id) and its
+own array directory, a copy of one array, both naming one pool namespace.
+"""
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import time
+
+import pytest
+
+from conftest import Mount, cli, run, wait_for
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+LEASE = "4"                          # seconds: the tests' short lease
+
+
+@pytest.fixture
+def pool(ceph):
+    name = ceph.new_pool()
+    try:
+        yield name
+    finally:
+        ceph.drop_pool(name)
+
+
+def fill(path: str, nbytes: int, off: int = 0) -> bytes:
+    data = os.urandom(nbytes)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return data
+
+
+def read(path: str, off: int = 0, n: int = -1) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def pool_digest(ceph, pool: str) -> dict:
+    """{object: sha256 of its content} of the whole pool (every namespace)."""
+    import rados
+    out = {}
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
+        keys = [(o.nspace, o.key) for o in io.list_objects()]
+        for ns, key in keys:
+            io.set_namespace(ns)
+            size = io.stat(key)[0]
+            out[(ns, key)] = hashlib.sha256(io.read(key, size) if size else b"").hexdigest()
+    return out
+
+
+def two_hosts(make_mount, ceph, pool) -> tuple[Mount, Mount]:
+    """Array `a` on a rados pack with a LUN, and `b`, a copy of its
+    directory (the same pack: the other host's view of it)."""
+    a = make_mount("a").init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf)
+    a.start("--lease", LEASE)
+    a.ok("create", "v 16M")
+    a.first = fill(a.path("luns", "v"), 8 * MiB)
+    a.stop()
+    b = make_mount("b")
+    shutil.copytree(a.array, b.array, symlinks=True)
+    os.unlink(os.path.join(b.array, "daemon.log"))
+    return a, b
+
+
+def test_a_second_mount_is_refused_while_the_lease_lives(make_mount, ceph, pool):
+    a, b = two_hosts(make_mount, ceph, pool)
+    a.start("--lease", LEASE)
+    with pytest.raises(AssertionError, match="mount failed") as e:
+        b.start("--lease", LEASE)
+    msg = str(e.value)
+    assert "is in use by client." in msg and a.array in msg and \
+        f"pid {a.proc.pid}" in msg and "--break-lock" in msg, msg
+    assert "Traceback" not in b.output()
+    # long after the lease's length: still refused (the holder renews it)
+    time.sleep(int(LEASE) * 2)
+    with pytest.raises(AssertionError, match="is in use by"):
+        b.start("--lease", LEASE)
+    assert read(a.path("luns", "v"), 0, len(a.first)) == a.first
+    fill(a.path("luns", "v"), MiB, off=8 * MiB)         # a writes on, unharmed
+    a.ok("sync", "all")
+    # a clean unmount gives the lease back: b mounts at once
+    a.stop()
+    t0 = time.monotonic()
+    b.start("--lease", LEASE)
+    assert time.monotonic() - t0 < int(LEASE)
+    assert "fenced" not in b.events()               # nobody to fence after a clean end
+    b.stop()
+
+
+def test_the_holder_killed_another_host_takes_over_after_the_lease(make_mount, ceph, pool):
+    a, b = two_hosts(make_mount, ceph, pool)
+    a.start("--lease", LEASE)
+    a.kill9()
+    t0 = time.monotonic()
+    while True:
+        try:
+            b.start("--lease", LEASE)
+            break
+        except AssertionError as e:
+            assert "is in use by" in str(e), e
+            assert time.monotonic() - t0 < int(LEASE) + 5, "the lease did not run out"
+            time.sleep(0.5)
+    took = time.monotonic() - t0
+    print(f"took over {took:.1f} s after the holder died (lease {LEASE} s)")
+    assert took <= int(LEASE) + 5
+    assert "fenced the earlier holder" in b.events()
+    assert read(b.path("luns", "v"), 0, len(a.first)) == a.first
+    b.stop()
+
+
+@pytest.mark.daemon_errors(r"lease|fenced|ESHUTDOWN|shutdown|not stored|I/O error|EIO")
+def test_a_stalled_holder_is_fenced_and_none_of_its_writes_reach_the_cluster(
+        make_mount, ceph, pool):
+    a, b = two_hosts(make_mount, ceph, pool)
+    a.start("--lease", LEASE)
+    a.ok("create", "w 8M")
+    fill(a.path("luns", "w"), 4 * MiB)
+    a.ok("sync", "all")
+    os.kill(a.proc.pid, signal.SIGSTOP)          # the holder stalls (a frozen host)
+    try:
+        b.start("--lease", LEASE, "--break-lock")    # takes over at once, fencing a
+        ev = b.events()
+        assert "fenced the earlier holder" in ev, ev
+        assert read(b.path("luns", "v"), 0, len(a.first)) == a.first
+        b.ok("snapshot", "v set=after")
+        b.ok("sync", "all")
+        before = pool_digest(ceph, pool)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    # a wakes up and writes: its fsync may be kept by its own intent log,
+    # but nothing it does reaches the cluster
+    fd = os.open(a.path("luns", "w"), os.O_WRONLY)
+    try:
+        for i in range(4):
+            os.pwrite(fd, os.urandom(MiB), i * MiB)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            assert e.errno == errno.EIO
+    finally:
+        os.close(fd)
+    err, reply = a.ctl("sync", "all")
+    assert err == errno.EIO and "not stored" in reply["message"], reply
+    wait_for(lambda: "lost its lease" in a.events(), 15, "a to learn it was fenced")
+    wait_for(lambda: a.status()["packs"][0]["state"] == "failed", 15, "a's disk check")
+    assert "fenced this daemon off the cluster" in a.events()
+    assert pool_digest(ceph, pool) == before           # 0 bytes of a's reached it
+    # b is unharmed and goes on
+    fill(b.path("luns", "v"), MiB, off=9 * MiB)
+    b.ok("sync", "all")
+    assert pool_digest(ceph, pool) != before
+    r = cli("umount", "--discard", a.mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    a.proc.wait(timeout=60)
+    a.proc = None
+    b.stop()
+    r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "fsck"), b.array], check=False)
+    assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+
+
+def test_twenty_kills_and_restarts_lose_no_fsyncd_byte(make_mount, ceph, pool):
+    """The same array on the same host, SIGKILLed and mounted again 20
+    times: the new daemon sees that the lease's holder was this array here
+    (whose directory lock it now holds: so that daemon is dead), fences it
+    and takes over at once, not after the lease; every fsync'd byte is
+    there."""
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf)
+    m.start("--lease", "30")
+    m.ok("create", "v 32M")
+    model = bytearray(32 * MiB)
+    rng = random.Random(17)
+    waits = []
+    for cycle in range(20):
+        for _ in range(3):
+            off = rng.randrange(0, 32 * MiB - 300_000)
+            model[off:off + 300_000] = fill(m.path("luns", "v"), 300_000, off)
+        m.kill9()
+        t0 = time.monotonic()
+        m.start("--lease", "30")
+        waits.append(time.monotonic() - t0)
+        assert read(m.path("luns", "v")) == model, f"cycle {cycle}"
+    print(f"mount after SIGKILL: max {max(waits):.2f} s, lease 30 s")
+    assert max(waits) < 15              # never waited the lease out
+    assert "fenced the earlier holder" in m.events()
+    m.stop()
