@@ -25,6 +25,7 @@ thread; the array drains them on the trio thread).
 import errno
 import json
 import os
+import time
 
 from .media import medium_for, seg_name
 ERROR_LIMIT = 8           # I/O or checksum errors before a disk is failed
@@ -44,6 +45,7 @@ class Disk:
         self.state = state
         self.since = since
         self.errors = 0
+        self.listed = 0.0           # when the disk check last listed it (monotonic)
         # what the medium says of itself beyond a directory (a RADOS pool:
         # pool, namespace, cluster health), refreshed by the disk check
         self.info: dict | None = None
@@ -211,6 +213,13 @@ class DiskHealth:
                 self.lose(d, label, d.why_missing() if label == "missing"
                           else "its label is unreadable or belongs elsewhere")
             elif d.state == "online":
+                # (a listing of a RADOS namespace walks every PG of its pool:
+                # such a medium says how seldom, LIST_EVERY s, and is skipped
+                # between; a directory is listed at every check)
+                every = getattr(d.medium, "LIST_EVERY", 0)
+                if every and time.monotonic() - d.listed < every:
+                    continue
+                d.listed = time.monotonic()
                 try:
                     gone = expected - set(d.medium.names())
                 except OSError:

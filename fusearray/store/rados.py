@@ -391,6 +391,10 @@ class RadosMedium:
 
     kind = "rados"
     fds = False         # handles are object names: no mappings, no no-wait reads
+    #: the disk check lists the namespace at most this often (s): a listing
+    #: walks every PG of the pool (docs/scale-out.md), the label read and
+    #: the lease catch a pool or a take-over that went away at every check
+    LIST_EVERY = 60
     renames = False     # RADOS cannot rename an object: no spare segment files
 
     def __init__(self, path: str, ceph_conf: str | None = None):
@@ -965,6 +969,14 @@ class Lease:
                 io.rm_xattr(LEASE_OBJECT, k)
             except rados.Error as e:
                 raise _oserror(e, f"{self.medium.path}: fencing {addr or k}") from None
+        if out:
+            # our next ops carry the OSD map with the entries, so an OSD
+            # serving them has it too and refuses the fenced client's
+            try:
+                c.wait_for_latest_osdmap()
+            except rados.Error as e:
+                raise _oserror(e, f"{self.medium.path}: waiting for the OSD map "
+                                  "after fencing") from None
         return out
 
     def _renew_loop(self) -> None:
