@@ -751,13 +751,16 @@ def _s3_rate(args) -> int:
 
 
 def _big_pipe() -> tuple[int, int]:
-    """A pipe of 1 MiB (fewer wake-ups than the default 64 KiB), if allowed."""
+    """A pipe of 4 MiB (root may exceed /proc/sys/fs/pipe-max-size), else
+    1 MiB, else the default 64 KiB: fewer wake-ups of both ends."""
     import fcntl
     r, w = os.pipe()
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass
+    for size in (4 << 20, 1 << 20):
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+            break
+        except OSError:
+            pass
     return r, w
 
 
@@ -780,8 +783,7 @@ def _export_s3(args, mnt: str) -> int:
 
             def drain():
                 try:
-                    while data := os.read(r, 1 << 20):
-                        up.write(data)
+                    up.pump(r)
                 except BaseException as e:      # the S3 side failed: stop the array's writes
                     failed.append(e)
                 finally:
@@ -808,17 +810,7 @@ def _export_s3(args, mnt: str) -> int:
                 except OSError as e:
                     pairs = ctlclient.parse_reply(os.read(fd, 65536))
                     raise UserError(pairs.get("message") or os.strerror(e.errno)) from None
-                from .transport import header_total
-                bar = None
-
-                def progress(chunk):
-                    nonlocal bar
-                    if bar is None:
-                        bar = Progress(label, header_total(chunk))
-                    bar.add(len(chunk))
-                _pump(lambda: os.read(fd, 1 << 20), up.write, progress)
-                if bar:
-                    bar.close()
+                up.pump(fd)
             finally:
                 os.close(fd)
             sent = up.bytes

@@ -9,29 +9,29 @@ Layout under PREFIX: the stream (docs/stream-format.md, byte for byte what
 
     {"format": "fusearray-s3 1", "set": SET, "base": SET2 | null,
      "part_size": N, "bytes": TOTAL,
-     "parts": [{"size": N, "md5": HEX}, ...]}
+     "parts": [{"size": N, "xxh3": HEX}, ...]}
 
 Why part objects and not one multipart upload: the export stays resumable
 with nothing but ordinary objects (no unfinished multipart upload left
 behind, invisible and billed, when an export is abandoned), any S3 server
 takes them (no 5 MiB minimum part, no multipart quirks), a part is
-verified on its own at import (its MD5 in the manifest), and an import
+verified on its own at import (its hash in the manifest), and an import
 resumes at any part with one GET.
 
-Verified: every part is uploaded with Content-MD5 (the server refuses a
-part damaged on the way); the import checks each downloaded part's size and
-MD5 against the manifest before a byte of it reaches the array, and the
-array verifies the stream itself (every block's hash, the hash chain, the
-trailer), as for a file. The manifest is written only after every part is
-up and the array said the stream ended well; an export deletes any earlier
-manifest under PREFIX first, so an import never sees a manifest over parts
-of another stream.
+Verified: the import checks each downloaded part's size and XXH3-128 (the
+hash the array already uses) against the manifest before a byte of it
+reaches the array, and the array verifies the stream itself (every block's
+hash, the hash chain, the trailer), as for a file. The manifest is written
+only after every part is up and the array said the stream ended well; an
+export deletes any earlier manifest under PREFIX when its stream begins,
+so an import never sees a manifest over parts of another stream.
 
 Resumable: an export run again regenerates the stream (a re-export of the
 same set is byte-identical: the stream has no time in it) and uploads only
 the parts that are not already there with the same size and MD5 (the
-server's ETag of a plain PUT is its MD5); it keeps the part size of the
-parts already there. An import resumes from the array's checkpoint (`import
+server's ETag of a plain PUT is its MD5: the MD5 of a part is computed only
+when a part of its number and size is there); it keeps the part size of
+the parts already there. An import resumes from the array's checkpoint (`import
 --resume`): from the part holding that stream offset.
 
 Credentials, endpoint and region come from boto3's own loading: the
@@ -42,10 +42,10 @@ S3Error: one line, with an errno name (ENOENT: no such bucket or export;
 EACCES: credentials refused; ECONNREFUSED/ETIMEDOUT: endpoint unreachable;
 EIO: a damaged part).
 
-Environment of the CLI: FUSEARRAY_S3_PART_SIZE (default 16M),
-FUSEARRAY_S3_CONCURRENCY (parts in flight, default 4).
+Environment of the CLI: FUSEARRAY_S3_PART_SIZE (default 8M),
+FUSEARRAY_S3_CONCURRENCY (parts in flight each way, default 8). Memory:
+about (concurrency + 1) parts.
 """
-import base64
 import errno
 import hashlib
 import json
@@ -55,12 +55,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import xxhash
+
 from .errors import ArrayError
 
 FORMAT = "fusearray-s3 1"
 MANIFEST = "manifest.json"
 PART_RE = re.compile(r"part-(\d{6,})\Z")
-DEFAULT_PART_SIZE = 16 << 20
+DEFAULT_PART_SIZE = 8 << 20
 MIN_PART_SIZE = 64 << 10
 MAX_PART_SIZE = 1 << 30
 MAX_PARTS = 10_000_000
@@ -111,7 +113,7 @@ def part_size_setting() -> int:
 
 
 def concurrency_setting() -> int:
-    text = os.environ.get("FUSEARRAY_S3_CONCURRENCY", "4")
+    text = os.environ.get("FUSEARRAY_S3_CONCURRENCY", "8")
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise S3Error(errno.EINVAL, f"FUSEARRAY_S3_CONCURRENCY={text}: give 1 to 64")
     return int(text)
@@ -179,7 +181,7 @@ class Target:
                         max_pool_connections=pool,
                         # only what an operation requires: older S3 servers (Ceph
                         # before Reef, older MinIO) refuse the default trailing
-                        # checksums; the parts carry Content-MD5 instead
+                        # checksums; the manifest carries each part's hash
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required")
         try:
@@ -227,10 +229,9 @@ class Target:
             raise explain(e, f"reading {self.where(MANIFEST)}") from None
         return check_manifest(body, self.where(MANIFEST))
 
-    def put(self, name: str, data, md5: bytes) -> None:
+    def put(self, name: str, data) -> None:
         self.call("writing", name, self.client.put_object, Bucket=self.bucket,
-                  Key=self.key(name), Body=data,
-                  ContentMD5=base64.b64encode(md5).decode())
+                  Key=self.key(name), Body=data)
 
     def delete(self, names) -> None:
         names = list(names)
@@ -270,7 +271,8 @@ def check_manifest(body: bytes, where: str) -> dict:
         last = i == len(parts) - 1
         if (not isinstance(p, dict) or not isinstance(p.get("size"), int)
                 or not (0 < p["size"] <= ps if last else p["size"] == ps)
-                or not isinstance(p.get("md5"), str) or not re.fullmatch(r"[0-9a-f]{32}", p["md5"])):
+                or not isinstance(p.get("xxh3"), str)
+                or not re.fullmatch(r"[0-9a-f]{32}", p["xxh3"])):
             raise bad(f"bad entry for {part_name(i)}")
     if not isinstance(total, int) or total != sum(p["size"] for p in parts):
         raise bad("its byte count is not the sum of its parts")
@@ -279,10 +281,10 @@ def check_manifest(body: bytes, where: str) -> dict:
 
 # ---- export: the stream into parts ---------------------------------------------------
 class Uploader:
-    """Takes the stream with write(chunk), cuts it into parts, uploads each
-    (up to `concurrency` at once, in worker threads) unless the same part
-    is already there; finish() writes the manifest. Memory: at most
-    concurrency + 1 parts."""
+    """Reads the stream from a descriptor straight into part buffers
+    (pump), uploads each part (up to `concurrency` at once, in worker
+    threads) unless the same part is already there; finish() writes the
+    manifest. Memory: concurrency + 1 part buffers, reused."""
 
     def __init__(self, target: Target, set_name: str, base: str | None,
                  part_size: int, concurrency: int, rate: int = 0):
@@ -299,57 +301,68 @@ class Uploader:
             part_size = self.existing[0][0]
         self.part_size = part_size
         self.old_manifest = old is not None
-        self.buf = bytearray()
         self.parts: dict[int, tuple[int, str]] = {}
         self.next = 0
         self.bytes = 0
+        self.ended = False
         self.uploaded = self.uploaded_bytes = self.kept = 0
         self.failed: S3Error | None = None
         self.lock = threading.Lock()
+        self.free: list[bytearray] = []
         self.slots = threading.Semaphore(concurrency)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="s3-put")
-        self.futures = []
 
-    def write(self, chunk) -> None:
-        if self.failed:
-            raise self.failed
-        if self.old_manifest:   # the stream has begun: never a manifest over other parts
-            self.old_manifest = False
-            self.t.call("deleting", MANIFEST, self.t.client.delete_object,
-                        Bucket=self.t.bucket, Key=self.t.key(MANIFEST))
-        self.bytes += len(chunk)
-        mv = memoryview(chunk)
-        while len(mv):
-            take = min(len(mv), self.part_size - len(self.buf))
-            self.buf += mv[:take]
-            mv = mv[take:]
-            if len(self.buf) == self.part_size:
-                self._submit()
+    def pump(self, fd: int) -> None:
+        """Read the stream from `fd` to its end, part by part."""
+        while not self.ended:
+            self.slots.acquire()            # a part may be filled: one upload slot is free
+            try:
+                if self.failed:
+                    raise self.failed
+                buf = self.free.pop() if self.free else bytearray(self.part_size)
+                mv, have = memoryview(buf), 0
+                while have < self.part_size:
+                    n = os.readv(fd, [mv[have:]])
+                    if not n:
+                        self.ended = True
+                        break
+                    have += n
+                del mv
+                self.bytes += have
+                if have == 0:
+                    self.slots.release()
+                    break
+                if have and self.old_manifest:
+                    # the stream has begun: never a manifest over other parts
+                    self.old_manifest = False
+                    self.t.call("deleting", MANIFEST, self.t.client.delete_object,
+                                Bucket=self.t.bucket, Key=self.t.key(MANIFEST))
+                if have < self.part_size:
+                    del buf[have:]              # the last part (not reused)
+                n, self.next = self.next, self.next + 1
+                self.pool.submit(self._upload, n, buf)
+            except BaseException:
+                self.slots.release()
+                raise
 
-    def _submit(self) -> None:
-        data, self.buf = bytes(self.buf), bytearray()
-        n, self.next = self.next, self.next + 1
-        self.slots.acquire()
-        if self.failed:
-            self.slots.release()
-            raise self.failed
-        self.futures.append(self.pool.submit(self._upload, n, data))
-
-    def _upload(self, n: int, data: bytes) -> None:
+    def _upload(self, n: int, data: bytearray) -> None:
         try:
-            md5 = hashlib.md5(data)
+            digest = xxhash.xxh3_128_hexdigest(data)
             have = self.existing.get(n)
-            if have is not None and have == (len(data), md5.hexdigest()):
+            if (have is not None and have[0] == len(data)
+                    and have[1] == hashlib.md5(data).hexdigest()):
                 with self.lock:
                     self.kept += 1
             else:
                 self.rate.take(len(data))
-                self.t.put(part_name(n), data, md5.digest())
+                self.t.put(part_name(n), data)
                 with self.lock:
                     self.uploaded += 1
                     self.uploaded_bytes += len(data)
             with self.lock:
-                self.parts[n] = (len(data), md5.hexdigest())
+                self.parts[n] = (len(data), digest)
+            if len(data) == self.part_size:
+                self.free.append(data)
         except BaseException as e:
             with self.lock:
                 if self.failed is None:
@@ -358,11 +371,9 @@ class Uploader:
             self.slots.release()
 
     def finish(self, expect: int) -> dict:
-        """The stream has ended (the array said `expect` bytes): the last
-        part, then the manifest; parts past the end (an earlier, longer
+        """The stream has ended (the array said `expect` bytes): wait for the
+        uploads, then the manifest; parts past the end (an earlier, longer
         stream) are deleted. Returns the manifest."""
-        if self.buf or self.next == 0:
-            self._submit()
         self.pool.shutdown(wait=True)
         if self.failed:
             raise self.failed
@@ -372,9 +383,8 @@ class Uploader:
         parts = [self.parts[i] for i in range(self.next)]
         manifest = {"format": FORMAT, "set": self.set, "base": self.base,
                     "part_size": self.part_size, "bytes": self.bytes,
-                    "parts": [{"size": s, "md5": h} for s, h in parts]}
-        body = json.dumps(manifest, indent=1).encode()
-        self.t.put(MANIFEST, body, hashlib.md5(body).digest())
+                    "parts": [{"size": s, "xxh3": h} for s, h in parts]}
+        self.t.put(MANIFEST, json.dumps(manifest, indent=1).encode())
         stale = [part_name(n) for n in self.existing if n >= self.next]
         if stale:
             self.t.delete(stale)
@@ -388,7 +398,7 @@ class Uploader:
 # ---- import: parts in order, verified --------------------------------------------------
 class Downloader:
     """The manifest's parts from stream offset `start`, in order, each
-    verified (size, MD5) before it is handed out; up to `concurrency`
+    verified (size, XXH3-128) before it is handed out; up to `concurrency`
     parts fetched ahead in worker threads."""
 
     def __init__(self, target: Target, concurrency: int, rate: int = 0):
@@ -441,10 +451,10 @@ class Downloader:
         if len(data) != want["size"]:
             raise S3Error(errno.EIO, f"{self.t.where(name)} is damaged: {len(data)} bytes, "
                           f"the manifest says {want['size']}")
-        got = hashlib.md5(data).hexdigest()
-        if got != want["md5"]:
-            raise S3Error(errno.EIO, f"{self.t.where(name)} is damaged: its MD5 is {got}, "
-                          f"the manifest says {want['md5']}")
+        got = xxhash.xxh3_128_hexdigest(data)
+        if got != want["xxh3"]:
+            raise S3Error(errno.EIO, f"{self.t.where(name)} is damaged: its XXH3-128 is "
+                          f"{got}, the manifest says {want['xxh3']}")
         return data
 
 
