@@ -370,3 +370,27 @@ def test_missing_bucket_bad_credentials_unreachable_endpoint(make_mount, s3, buc
     assert keys(s3, bucket, "ok") == before        # the refused exports changed nothing
     fa(b, env, "import", f"s3://{bucket}/ok")
     cmp_file(a.path("snapshots", "S", "v"), b.path("snapshots", "S", "v"))
+
+
+def test_keys_and_endpoint_from_the_aws_config_files(make_mount, s3, bucket, tmp_path):
+    """No AWS_* keys or endpoint in the environment: ~/.aws/credentials and
+    ~/.aws/config (here through AWS_SHARED_CREDENTIALS_FILE and
+    AWS_CONFIG_FILE, as boto3 loads them) name them."""
+    a, b = pair(make_mount)
+    creds, conf = tmp_path / "credentials", tmp_path / "config"
+    creds.write_text(f"[default]\naws_access_key_id = {s3.env['AWS_ACCESS_KEY_ID']}\n"
+                     f"aws_secret_access_key = {s3.env['AWS_SECRET_ACCESS_KEY']}\n")
+    conf.write_text(f"[default]\nregion = {s3.env['AWS_DEFAULT_REGION']}\n"
+                    f"endpoint_url = {s3.env['AWS_ENDPOINT_URL']}\n")
+    env = {k: v for k, v in cli_env(s3).items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(conf))
+    a.ok("create", "v 4M")
+    fill_random(a.path("luns", "v"), 3 * MiB)
+    a.ok("snapshot", "v set=S")
+    fa(a, env, "export", "S", f"s3://{bucket}/cfg")
+    fa(b, env, "import", f"s3://{bucket}/cfg")
+    cmp_file(a.path("snapshots", "S", "v"), b.path("snapshots", "S", "v"))
+    # the same files with a wrong secret: refused, one line
+    creds.write_text(creds.read_text().replace(s3.env["AWS_SECRET_ACCESS_KEY"], "wrong"))
+    one_line_error(fa(a, env, "export", "S", f"s3://{bucket}/cfg2", check=False),
+                   "refused the credentials", "[EACCES]")
