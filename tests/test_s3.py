@@ -10,8 +10,9 @@ Covered: a full round trip (every LUN compared), an incremental chain, an
 export SIGKILLed mid-way and run again (it uploads only what is missing), an
 import SIGKILLed mid-way and resumed (it downloads only the rest), the
 ctl/ fallback (no stream socket), a damaged part refused leaving nothing
-behind, and a missing bucket, refused credentials and an unreachable
-endpoint as one-line errors. Parts are 1 MiB here (FUSEARRAY_S3_PART_SIZE)
+behind, a missing bucket, refused credentials and an unreachable
+endpoint as one-line errors, and keys and endpoint taken from the AWS
+config files alone. Parts are 1 MiB here (FUSEARRAY_S3_PART_SIZE)
 so small sets have many; each test has its own bucket, emptied and deleted
 at its end (memstore keeps objects in the OSD's RAM).
 """
