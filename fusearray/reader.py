@@ -62,8 +62,9 @@ class NodeCache(collections.OrderedDict):
 
 
 def _read_many(pack, bids, locs) -> list:
-    """Worker thread: read and verify each block."""
-    return [pack.read_blocking(b, loc) for b, loc in zip(bids, locs)]
+    """Worker thread: read and verify each block (blocks near each other in
+    a segment of a RADOS pack as one read: Reads.read_many_blocking)."""
+    return pack.read_many_blocking(bids, locs)
 
 
 class BlockReader:

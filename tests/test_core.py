@@ -292,6 +292,115 @@ def test_reused_segment_files_keep_redundancy_exact(tmp_path, layout):
     pack.close_blocking()
 
 
+class RemoteLike:
+    """A host directory that acts as a medium without fds (as RADOS:
+    no mappings, no page-cache reads, every read a call of the medium),
+    counting its reads; `fail`: its reads raise EIO."""
+    fds = False
+
+    def __init__(self, medium):
+        self.medium = medium
+        self.reads = []             # (offset, bytes asked) of each preadv
+        self.fail = False
+
+    def __getattr__(self, name):
+        return getattr(self.medium, name)
+
+    def preadv(self, h, bufs, off):
+        self.reads.append((off, sum(len(memoryview(b).cast("B")) for b in bufs)))
+        if self.fail:
+            raise OSError(errno.EIO, "injected read error")
+        return self.medium.preadv(h, bufs, off)
+
+
+def test_reads_on_a_medium_without_fds_read_runs_and_heal_block_by_block(tmp_path):
+    """On a medium without fds (RADOS) a request's blocks that lie near
+    each other in a segment are one read of the medium (Pack.
+    read_many_blocking), each verified; a block that fails its hash there
+    is read again alone the healing way (rewritten from the other copy,
+    counted against its disk), and a run read that fails counts nothing
+    itself: the blocks are read alone, which fail over and count the
+    errors as before."""
+    h = Hasher(99)
+    disks = [labelled(tmp_path / f"d{i}", i) for i in range(2)]
+    for d in disks:
+        d.medium = RemoteLike(d.medium)
+    pack = Pack("p", "mirror", disks, h)
+    pack.open_blocking([])
+    rng = random.Random(5)
+    datas = [rng.randbytes(64 << 10) for _ in range(40)]
+    bids = [h.block_id(d) for d in datas]
+    locs = pack.append_blocking(list(zip(bids, datas)))
+    pack.sync_blocking()
+    seq = locs[0][0]
+    m0, m1 = disks[0].medium, disks[1].medium
+    assert pack.read_nowait(bids[0], locs[0]) is None       # no page-cache reads
+    assert pack.mapped_blocks(bids[:2], locs[:2]) == [None, None]
+
+    # 16 blocks back to back: one read; in any order, with a repeat and a
+    # gap of a block (read and dropped), still one; far apart: two
+    want = list(range(4, 20))
+    assert pack.read_many_blocking([bids[i] for i in want], [locs[i] for i in want]) == \
+        [datas[i] for i in want]
+    assert m0.reads == [(locs[4][1], locs[19][1] + locs[19][2] - locs[4][1])] and not m1.reads
+    m0.reads.clear()
+    want = [9, 3, 9, 5, 2, 7]
+    assert pack.read_many_blocking([bids[i] for i in want], [locs[i] for i in want]) == \
+        [datas[i] for i in want]
+    assert len(m0.reads) == 1
+    m0.reads.clear()
+    big_gap = [1, 3, 39]
+    assert pack.read_many_blocking([bids[i] for i in big_gap], [locs[i] for i in big_gap]) \
+        == [datas[i] for i in big_gap]
+    assert len(m0.reads) == 2 and pack.run_reads == 3
+    m0.reads.clear()
+
+    # bit rot on disk 0 in the middle of a run: the others come from the
+    # run, that one is read alone, healed from disk 1, counted on disk 0
+    with open(disks[0].seg_path(seq), "r+b") as f:
+        f.seek(locs[10][1] + 5)
+        f.write(bytes([datas[10][5] ^ 0x33]))
+    want = list(range(4, 20))
+    assert pack.read_many_blocking([bids[i] for i in want], [locs[i] for i in want]) == \
+        [datas[i] for i in want]
+    assert m0.reads[1:] == [(locs[10][1], 65536)] and disks[0].errors == 1
+    with open(disks[0].seg_path(seq), "rb") as f:          # rewritten in place
+        f.seek(locs[10][1])
+        assert f.read(65536) == datas[10]
+    assert any("did not match its hash" in msg for _, msg in pack.notes)
+
+    # disk 0 fails every read: the run read counts nothing, each block read
+    # alone fails over to disk 1 and counts an error on disk 0, as ever
+    m0.reads.clear()
+    m1.reads.clear()
+    m0.fail = True
+    want = [20, 21, 22]
+    assert pack.read_many_blocking([bids[i] for i in want], [locs[i] for i in want]) == \
+        [datas[i] for i in want]
+    assert len(m0.reads) == 4 and disks[0].errors == 1 + 3 and len(m1.reads) == 3
+    m0.fail = False
+
+    # no copy left to heal from (single): ChecksumError, never the bad bytes
+    pack.close_blocking()
+    sd = labelled(tmp_path / "s")
+    sd.medium = RemoteLike(sd.medium)
+    single = Pack("p", "single", [sd], h)
+    single.open_blocking([])
+    locs = single.append_blocking(list(zip(bids, datas)))
+    single.sync_blocking()
+    with open(sd.seg_path(locs[30][0]), "r+b") as f:
+        f.seek(locs[30][1] + 9)
+        f.write(bytes([datas[30][9] ^ 0x11]))
+    with pytest.raises(ChecksumError):
+        single.read_many_blocking([bids[i] for i in range(28, 33)],
+                                  [locs[i] for i in range(28, 33)])
+    assert single.lost_reads == 1
+    assert single.read_many_blocking([bids[i] for i in (28, 29, 31, 32)],
+                                     [locs[i] for i in (28, 29, 31, 32)]) == \
+        [datas[i] for i in (28, 29, 31, 32)]
+    single.close_blocking()
+
+
 def test_store_open_removes_unreferenced_segments(tmp_path):
     h = Hasher(7)
     pack = Pack("p", "single", [labelled(tmp_path)], h)

@@ -387,3 +387,100 @@ def test_the_pool_deleted_under_a_mounted_array_is_an_io_error_not_a_crash(
     assert r.returncode == 0, r.stderr
     m.proc.wait(timeout=60)
     m.proc = None
+
+
+def osd_reads(ceph) -> int:
+    """The OSD's count of client read ops so far (its perf counter op_r,
+    through its admin socket): what the pack asked of RADOS, counted by
+    the cluster."""
+    r = run(["ceph", "--admin-daemon", os.path.join(str(ceph.dir), "run", "osd.0.asok"),
+             "perf", "dump"])
+    return json.loads(r.stdout)["osd"]["op_r"]
+
+
+def direct_reads(path: str, size: int, step: int = MiB) -> list:
+    """The file read with O_DIRECT `step` bytes at a time (what fio and
+    dd iflag=direct do): the bytes of each read, or the OSError it raised."""
+    import mmap
+    buf = mmap.mmap(-1, step)       # page-aligned, as O_DIRECT wants
+    out = []
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for off in range(0, size, step):
+            try:
+                n = os.preadv(fd, [buf], off)
+                out.append(bytes(buf[:n]))
+            except OSError as e:
+                out.append(e)
+    finally:
+        os.close(fd)
+        buf.close()
+    return out
+
+
+def test_a_1m_read_is_one_rados_read_not_one_per_block(make_mount, ceph, pool):
+    """The blocks of a request that lie together in a segment are read as
+    one RADOS read (Reads.read_many_blocking), each still verified: 1 MiB
+    read with O_DIRECT is one op on the OSD, not 16 of 64 KiB; the bytes
+    are the ones written, aligned or not."""
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "v 32M")
+    lun = m.path("luns", "v")
+    data = fill(lun, 32 * MiB)
+    m.stop()
+    m.start()                   # nothing of it in the daemon's cache
+    before = osd_reads(ceph)
+    got = direct_reads(lun, 32 * MiB)
+    ops = osd_reads(ceph) - before
+    assert b"".join(got) == data
+    # 32 requests: 32 reads, one more where a request crosses into the next
+    # segment, a few of the disk check's (its label); block by block: 512
+    assert ops <= 48, ops
+    # unaligned and partial reads around block edges, and a whole-file cmp
+    for off, n in [(65536 - 100, 200), (MiB + 4096, 3 * MiB + 100), (7, 65536 * 5 - 9),
+                   (31 * MiB + 65536 * 15 + 1, 65535)]:
+        assert read(lun, off, n) == data[off:off + n], (off, n)
+    sh(f"dd if={lun} bs=1M iflag=direct status=none | cmp - <(head -c {32 * MiB} {lun})")
+    assert read(lun) == data
+    m.stop()
+    fsck(m)
+
+
+def test_a_block_corrupted_in_the_pool_is_eio_never_wrong_data(make_mount, ceph, client,
+                                                               pool):
+    """Bytes of one block overwritten in its segment object behind the
+    daemon's back: the 1 MiB read that holds it fails with EIO (a rados
+    pack has no copy to heal from), every other read of the LUN, the
+    blocks beside it in the same run read included, gives the bytes
+    written, and the event names the block."""
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "v 8M")
+    lun = m.path("luns", "v")
+    data = fill(lun, 8 * MiB)
+    m.stop()
+    ns = f"fusearray.{array_conf(m)['uuid']}.main"
+    bad = 37                    # the 64 KiB block at 2 MiB + 320 KiB
+    block = data[bad * 65536:(bad + 1) * 65536]
+    with client.open_ioctx(pool) as io:
+        io.set_namespace(ns)
+        where = []
+        for name in sorted(o.key for o in io.list_objects() if o.key.endswith(".seg")):
+            body = io.read(name, io.stat(name)[0], 0)
+            if block in body:
+                where.append((name, body.index(block)))
+        assert len(where) == 1, where
+        name, at = where[0]
+        io.write(name, bytes(b ^ 0x5A for b in block[1000:1100]), at + 1000)
+    m.start()
+    got = direct_reads(lun, 8 * MiB)
+    for i, part in enumerate(got):
+        if i == bad * 65536 // MiB:
+            assert isinstance(part, OSError) and part.errno == errno.EIO, part
+        else:
+            assert part == data[i * MiB:(i + 1) * MiB], i
+    # 64 KiB at a time: only that block fails
+    got = direct_reads(lun, 8 * MiB, step=65536)
+    assert [i for i, p in enumerate(got) if isinstance(p, OSError)] == [bad]
+    assert all(p == data[i * 65536:(i + 1) * 65536] for i, p in enumerate(got) if i != bad)
+    assert "does not match its hash" in m.events()
+    m.stop()

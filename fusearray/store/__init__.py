@@ -39,9 +39,10 @@ Concurrency contract (what the code does; the array keeps to it):
     table); scrub_segment_blocking; rejoin_blocking; the committer's
     check_disks_blocking: the caller holds the array's commit lock, so
     one of these runs at a time and the index does not change meanwhile.
-  - read_blocking: no lock, beside appends and other reads, inside the
-    reading guard of its segments; it may rewrite a bad piece in place
-    (heal) and fail a disk.
+  - read_blocking and read_many_blocking (its batch form: runs of blocks
+    as one read on media without fds): no lock, beside appends and other
+    reads, inside the reading guard of its segments; it may rewrite a bad
+    piece in place (heal) and fail a disk.
   - rebuild_piece_blocking: no lock for sealed segments (several pieces
     at once), the last pass under the commit lock.
   - open_blocking and close_blocking: when nothing else uses the pack.

@@ -98,6 +98,7 @@ class Pack:
     spare_limit = _passed_on("segs", "spare_limit", settable=True)
     lost_writes = _passed_on("segs", "lost_writes")
     mapped_reads = _passed_on("reads", "mapped_reads")
+    run_reads = _passed_on("reads", "run_reads")
     lost_reads = _passed_on("reads", "lost_reads")
 
     @property
@@ -338,6 +339,9 @@ class Pack:
     # ---- reads (reads.py) -----------------------------------------------------
     def read_blocking(self, bid: bytes, loc) -> bytes:
         return self.reads.read_blocking(bid, loc)
+
+    def read_many_blocking(self, bids, locs) -> list:
+        return self.reads.read_many_blocking(bids, locs)
 
     def read_nowait(self, bid: bytes, loc):
         return self.reads.read_nowait(bid, loc)

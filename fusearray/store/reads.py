@@ -6,6 +6,14 @@
   reconstruction from the other disks (raid5), and the bad piece is
   rewritten in place (segments are otherwise write-once, so that is
   safe). An error counts against its disk and may fail it (disks.py).
+- read_many_blocking (a worker thread, under the guard): read_blocking of
+  a request's blocks. On media without fds (RADOS: every read is a round
+  trip to an OSD) the blocks that lie near each other in a segment are
+  read as one run, one read of the medium, each block then verified
+  (a sequentially written 1 MiB is one RADOS read, not 16). A block the
+  run did not give right (a read error, a short read, a mismatch) is read
+  again alone through read_blocking, which fails over, heals and counts
+  the error as it always did: the run read itself counts nothing.
 - read_nowait, read_into_nowait, read_many_into_nowait: only what the
   page cache holds (preadv2 RWF_NOWAIT), so safe on the trio thread;
   read_many_into_nowait also runs in a worker thread (under the guard)
@@ -14,11 +22,21 @@
 - mapped_blocks (trio thread): views of blocks where they lie in the
   segment files, mapped read-only, verified there.
 
-`mapped_reads` and `lost_reads` are counters (written from the threads
-that read; approximate under races, for status only).
+`mapped_reads`, `run_reads` and `lost_reads` are counters (written from
+the threads that read; approximate under races, for status only).
 """
 from ..errors import ChecksumError
 from .records import HDR, IOV_MAX, verify_mapped
+
+#: run reads (media without fds): the most bytes between two wanted blocks
+#: a run reads and drops rather than making two reads. On the tests'
+#: cluster a small RADOS read takes 0.05-0.2 ms and a 1 MiB one about 1 ms
+#: (docs/scale-out.md): a round trip costs about what 100-200 KiB more of
+#: one read do
+RUN_GAP = 128 << 10
+#: the most bytes one run read asks for (the medium cuts a big read in
+#: pieces in flight at once: RadosMedium.READ_CHUNK)
+RUN_MAX = 16 << 20
 
 
 class Reads:
@@ -30,6 +48,7 @@ class Reads:
         self.gap = bytearray(HDR.size)       # where record headers go in a run read
         self.lost_reads = 0
         self.mapped_reads = 0     # blocks served verified where they lie (mapped_blocks)
+        self.run_reads = 0        # medium reads of runs of blocks (read_many_blocking)
 
     def read_logical(self, seq: int, off: int, n: int, avoid: int | None = None):
         """The logical bytes of segment `seq` at [off, off+n), not from disk
@@ -42,6 +61,80 @@ class Reads:
         if data is not None and self.pack.hasher.block_id(data) == bid:
             return data
         return self.heal(bid, seg, off, length, data is None)
+
+    def read_many_blocking(self, bids, locs) -> list:
+        """read_blocking of each of `bids` at `locs` (in order), with the
+        blocks near each other in a segment read as one run on media
+        without fds (see the module docstring); on media with fds (host
+        directories: the page cache, mapped and no-wait reads) and striped
+        layouts, block by block as ever."""
+        pack = self.pack
+        if len(bids) < 2 or pack.strategy.striped or \
+                all(d.medium.fds for d in pack.disks):
+            return [self.read_blocking(b, loc) for b, loc in zip(bids, locs)]
+        out: list = [None] * len(bids)
+        for run in self._runs(locs):
+            if len(run) > 1:        # (a block alone: read_blocking below)
+                self._read_run(bids, locs, run, out)
+        return [data if data is not None else self.read_blocking(b, loc)
+                for data, b, loc in zip(out, bids, locs)]
+
+    @staticmethod
+    def _runs(locs) -> list:
+        """The indexes of `locs` grouped in runs: one segment, in the order
+        of their offsets, each block starting at most RUN_GAP after the
+        end of the one before (or at the same place: the same block twice),
+        at most RUN_MAX bytes from the run's first to its last byte."""
+        order = sorted(range(len(locs)), key=lambda i: locs[i])
+        runs: list = []
+        run, seg, start, end = [], None, 0, 0
+        for i in order:
+            s, off, n = locs[i]
+            if run and s == seg and (off, n) == tuple(locs[run[-1]][1:]):
+                run.append(i)       # the same block again: read once
+                continue
+            if not run or s != seg or off < end or off - end > RUN_GAP \
+                    or off + n - start > RUN_MAX:
+                if run:
+                    runs.append(run)
+                run, seg, start = [], s, off
+            run.append(i)
+            end = off + n
+        if run:
+            runs.append(run)
+        return runs
+
+    def _read_run(self, bids, locs, run: list, out: list) -> None:
+        """Read the blocks of `run` (indexes of `locs`, sorted by offset,
+        one segment) with one read of the first online disk, into `out`
+        where they match their ids; the rest stay None (the caller reads
+        them alone, the way that heals and counts errors)."""
+        pack = self.pack
+        files = pack.files
+        di = files.first_online()
+        if di is None:
+            return
+        seg, start = locs[run[0]][0], locs[run[0]][1]
+        iov, bufs, pos = [], [], start     # bufs: (indexes, buffer), one per place
+        for i in run:
+            off, n = locs[i][1], locs[i][2]
+            if bufs and off == pos - n and locs[bufs[-1][0][0]][1] == off:
+                bufs[-1][0].append(i)      # the same block again
+                continue
+            if off > pos:
+                iov.append(self.gap if off - pos == HDR.size else bytearray(off - pos))
+            buf = bytearray(n)
+            iov.append(buf)
+            bufs.append(([i], buf))
+            pos = off + n
+        got = files.read_quiet(di, seg, iov, start)
+        self.run_reads += 1
+        whole = [(idx, buf) for idx, buf in bufs if locs[idx[0]][1] + len(buf) - start <= got]
+        ids = pack.hasher.block_ids([buf for _, buf in whole])
+        for (idx, buf), bid in zip(whole, ids):
+            for i in idx:
+                if bids[i] == bid:
+                    out[i] = buf
 
     def heal(self, bid: bytes, seg: int, off: int, length: int, unreadable: bool) -> bytes:
         """The normal read failed: find a good copy, rewrite the bad one."""
