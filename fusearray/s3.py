@@ -65,7 +65,8 @@ PART_RE = re.compile(r"part-(\d{6,})\Z")
 DEFAULT_PART_SIZE = 8 << 20
 MIN_PART_SIZE = 64 << 10
 MAX_PART_SIZE = 1 << 30
-MAX_PARTS = 10_000_000
+MAX_PARTS = 2_000_000         # 16 TiB at 8 MiB; the manifest stays about 100 MB
+MAX_MANIFEST = 64 * MAX_PARTS + 4096
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 
@@ -221,7 +222,7 @@ class Target:
     def get_manifest(self) -> dict | None:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self.key(MANIFEST))
-            body = r["Body"].read(1 << 24)
+            body = r["Body"].read(MAX_MANIFEST + 1)
         except Exception as e:
             code = getattr(e, "response", {}).get("Error", {}).get("Code")
             if code in ("NoSuchKey", "404"):
@@ -256,6 +257,8 @@ def check_manifest(body: bytes, where: str) -> dict:
     """The manifest, every field checked against its bounds."""
     def bad(why: str) -> S3Error:
         return S3Error(errno.EIO, f"{where} is damaged or not a fusearray export: {why}")
+    if len(body) > MAX_MANIFEST:
+        raise bad(f"larger than {MAX_MANIFEST} bytes")
     try:
         m = json.loads(body)
     except ValueError:
@@ -339,6 +342,10 @@ class Uploader:
                                 Bucket=self.t.bucket, Key=self.t.key(MANIFEST))
                 if have < self.part_size:
                     del buf[have:]              # the last part (not reused)
+                if self.next >= MAX_PARTS:
+                    raise S3Error(errno.EFBIG, f"export to {self.t.url}: the stream needs more "
+                                  f"than {MAX_PARTS} parts of {self.part_size} bytes: set "
+                                  "FUSEARRAY_S3_PART_SIZE larger (up to 1G)")
                 n, self.next = self.next, self.next + 1
                 self.pool.submit(self._upload, n, buf)
             except BaseException:
@@ -384,7 +391,7 @@ class Uploader:
         manifest = {"format": FORMAT, "set": self.set, "base": self.base,
                     "part_size": self.part_size, "bytes": self.bytes,
                     "parts": [{"size": s, "xxh3": h} for s, h in parts]}
-        self.t.put(MANIFEST, json.dumps(manifest, indent=1).encode())
+        self.t.put(MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
         stale = [part_name(n) for n in self.existing if n >= self.next]
         if stale:
             self.t.delete(stale)

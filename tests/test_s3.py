@@ -16,6 +16,7 @@ config files alone. Parts are 1 MiB here (FUSEARRAY_S3_PART_SIZE)
 so small sets have many; each test has its own bucket, emptied and deleted
 at its end (memstore keeps objects in the OSD's RAM).
 """
+import errno
 import json
 import os
 import socket
@@ -395,3 +396,36 @@ def test_keys_and_endpoint_from_the_aws_config_files(make_mount, s3, bucket, tmp
     creds.write_text(creds.read_text().replace(s3.env["AWS_SECRET_ACCESS_KEY"], "wrong"))
     one_line_error(fa(a, env, "export", "S", f"s3://{bucket}/cfg2", check=False),
                    "refused the credentials", "[EACCES]")
+
+
+def test_manifest_and_url_checks():
+    """What an import takes from the bucket is checked field by field before
+    any part is fetched; a bad s3:// target is refused before any request."""
+    from fusearray import s3 as S
+    good = {"format": S.FORMAT, "set": "S", "base": None, "part_size": PART,
+            "bytes": PART + 5, "parts": [{"size": PART, "xxh3": "0" * 32},
+                                         {"size": 5, "xxh3": "a" * 32}]}
+    assert S.check_manifest(json.dumps(good).encode(), "m")["bytes"] == PART + 5
+    bad = [({"format": "other"}, "format"),
+           ({"part_size": 1}, "part_size"),
+           ({"parts": []}, "parts"),
+           ({"parts": [{"size": PART - 1, "xxh3": "0" * 32}, {"size": 5, "xxh3": "a" * 32}]},
+            "part-000000"),
+           ({"parts": [{"size": PART, "xxh3": "0" * 31}, {"size": 5, "xxh3": "a" * 32}]},
+            "part-000000"),
+           ({"parts": [{"size": PART, "xxh3": "0" * 32}, {"size": 0, "xxh3": "a" * 32}]},
+            "part-000001"),
+           ({"bytes": PART + 6}, "byte count")]
+    for change, expect in bad:
+        with pytest.raises(S.S3Error) as e:
+            S.check_manifest(json.dumps({**good, **change}).encode(), "s3://b/p/manifest.json")
+        assert e.value.errno == errno.EIO and expect in str(e.value), (change, str(e.value))
+    for body in (b"not json", b"[]", b" " * (S.MAX_MANIFEST + 1)):
+        with pytest.raises(S.S3Error):
+            S.check_manifest(body, "m")
+    assert S.parse_url("s3://bucket-1/a/b/") == ("bucket-1", "a/b")
+    assert S.parse_url("s3://bucket-1") == ("bucket-1", "")
+    for url in ("s3://B/x", "s3://ab/x", "s3:/x", "s3://bucket/a//b", "s3://bucket/a\nb"):
+        with pytest.raises(S.S3Error) as e:
+            S.parse_url(url)
+        assert e.value.errno == errno.EINVAL and "\n" not in str(e.value), str(e.value)
