@@ -102,6 +102,26 @@ def write_files(root: str, prefix: str, sizes, rng) -> dict:
     return out
 
 
+def write_synced(path: str, nbytes: int, off: int = 0) -> bytes:
+    """Random bytes written at `off` of a file (a LUN) and fsync'd: what
+    was written."""
+    data = os.urandom(nbytes)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return data
+
+
+def read_at(path: str, off: int = 0, n: int = -1) -> bytes:
+    """`n` bytes of a file from `off` (-1: to its end)."""
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
 def end_proc(p: subprocess.Popen | None) -> None:
     """Kill a process we started (by its Popen) and reap it."""
     if p is not None and p.poll() is None:
@@ -508,6 +528,16 @@ def _pack_backend(request):
     if packbackend.BACKEND == "rados":
         packbackend.cluster = request.getfixturevalue("ceph")
     yield
+
+
+@pytest.fixture
+def rados_pool(ceph):
+    """A fresh pool of the session's cluster (its name), deleted after."""
+    name = ceph.new_pool()
+    try:
+        yield name
+    finally:
+        ceph.drop_pool(name)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import Mount, cli, run, wait_for
+from conftest import Mount, cli, read_at, run, wait_for, write_synced
 
 pytestmark = pytest.mark.mount
 
@@ -24,29 +24,8 @@ LEASE = "4"                          # seconds: the tests' short lease
 
 
 @pytest.fixture
-def pool(ceph):
-    name = ceph.new_pool()
-    try:
-        yield name
-    finally:
-        ceph.drop_pool(name)
-
-
-def fill(path: str, nbytes: int, off: int = 0) -> bytes:
-    data = os.urandom(nbytes)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return data
-
-
-def read(path: str, off: int = 0, n: int = -1) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(off)
-        return f.read(n)
+def pool(rados_pool):       # (conftest: a fresh pool of the session's cluster)
+    return rados_pool
 
 
 def pool_digest(ceph, pool: str) -> dict:
@@ -69,7 +48,7 @@ def two_hosts(make_mount, ceph, pool) -> tuple[Mount, Mount]:
     a = make_mount("a").init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf)
     a.start("--lease", LEASE)
     a.ok("create", "v 16M")
-    a.first = fill(a.path("luns", "v"), 8 * MiB)
+    a.first = write_synced(a.path("luns", "v"), 8 * MiB)
     a.stop()
     b = make_mount("b")
     shutil.copytree(a.array, b.array, symlinks=True)
@@ -90,8 +69,8 @@ def test_a_second_mount_is_refused_while_the_lease_lives(make_mount, ceph, pool)
     time.sleep(int(LEASE) * 2)
     with pytest.raises(AssertionError, match="is in use by"):
         b.start("--lease", LEASE)
-    assert read(a.path("luns", "v"), 0, len(a.first)) == a.first
-    fill(a.path("luns", "v"), MiB, off=8 * MiB)         # a writes on, unharmed
+    assert read_at(a.path("luns", "v"), 0, len(a.first)) == a.first
+    write_synced(a.path("luns", "v"), MiB, off=8 * MiB)         # a writes on, unharmed
     a.ok("sync", "all")
     # a clean unmount gives the lease back: b mounts at once
     a.stop()
@@ -119,7 +98,7 @@ def test_the_holder_killed_another_host_takes_over_after_the_lease(make_mount, c
     print(f"took over {took:.1f} s after the holder died (lease {LEASE} s)")
     assert took <= int(LEASE) + 5
     assert "fenced the earlier holder" in b.events()
-    assert read(b.path("luns", "v"), 0, len(a.first)) == a.first
+    assert read_at(b.path("luns", "v"), 0, len(a.first)) == a.first
     b.stop()
 
 
@@ -129,14 +108,14 @@ def test_a_stalled_holder_is_fenced_and_none_of_its_writes_reach_the_cluster(
     a, b = two_hosts(make_mount, ceph, pool)
     a.start("--lease", LEASE)
     a.ok("create", "w 8M")
-    fill(a.path("luns", "w"), 4 * MiB)
+    write_synced(a.path("luns", "w"), 4 * MiB)
     a.ok("sync", "all")
     os.kill(a.proc.pid, signal.SIGSTOP)          # the holder stalls (a frozen host)
     try:
         b.start("--lease", LEASE, "--break-lock")    # takes over at once, fencing a
         ev = b.events()
         assert "fenced the earlier holder" in ev, ev
-        assert read(b.path("luns", "v"), 0, len(a.first)) == a.first
+        assert read_at(b.path("luns", "v"), 0, len(a.first)) == a.first
         b.ok("snapshot", "v set=after")
         b.ok("sync", "all")
         before = pool_digest(ceph, pool)
@@ -161,7 +140,7 @@ def test_a_stalled_holder_is_fenced_and_none_of_its_writes_reach_the_cluster(
     assert "fenced this daemon off the cluster" in a.events()
     assert pool_digest(ceph, pool) == before           # 0 bytes of a's reached it
     # b is unharmed and goes on
-    fill(b.path("luns", "v"), MiB, off=9 * MiB)
+    write_synced(b.path("luns", "v"), MiB, off=9 * MiB)
     b.ok("sync", "all")
     assert pool_digest(ceph, pool) != before
     r = cli("umount", "--discard", a.mnt, check=False)
@@ -189,12 +168,12 @@ def test_twenty_kills_and_restarts_lose_no_fsyncd_byte(make_mount, ceph, pool):
     for cycle in range(20):
         for _ in range(3):
             off = rng.randrange(0, 32 * MiB - 300_000)
-            model[off:off + 300_000] = fill(m.path("luns", "v"), 300_000, off)
+            model[off:off + 300_000] = write_synced(m.path("luns", "v"), 300_000, off)
         m.kill9()
         t0 = time.monotonic()
         m.start("--lease", "30")
         waits.append(time.monotonic() - t0)
-        assert read(m.path("luns", "v")) == model, f"cycle {cycle}"
+        assert read_at(m.path("luns", "v")) == model, f"cycle {cycle}"
     print(f"mount after SIGKILL: max {max(waits):.2f} s, lease 30 s")
     assert max(waits) < 15              # never waited the lease out
     assert "fenced the earlier holder" in m.events()

@@ -15,32 +15,24 @@ import subprocess
 
 import pytest
 
-from conftest import PY, Mount, cli, run, wait_for
+from conftest import PY, Mount, cli, read_at, run, wait_for, write_synced
 
 pytestmark = pytest.mark.mount
 
 MiB = 1 << 20
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def client(ceph):
-    import rados
-    c = rados.Rados(conffile=ceph.conf)
-    c.connect(timeout=30)
-    try:
-        yield c
-    finally:
-        c.shutdown()
 
 
 @pytest.fixture
-def pool(ceph):
-    name = ceph.new_pool()
-    try:
-        yield name
-    finally:
-        ceph.drop_pool(name)
+def pool(rados_pool):       # (conftest: a fresh pool of the session's cluster)
+    return rados_pool
+
+
+@pytest.fixture
+def client(ceph):
+    return ceph.client()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def objects(client, pool: str) -> dict[str, set[str]]:
@@ -53,23 +45,6 @@ def objects(client, pool: str) -> dict[str, set[str]]:
             out.setdefault(o.nspace, set()).add(o.key)
     return out
 
-
-def fill(path: str, nbytes: int, off: int = 0) -> bytes:
-    """Random bytes written at `off` and fsync'd: what was written."""
-    data = os.urandom(nbytes)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return data
-
-
-def read(path: str, off: int = 0, n: int | None = None) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(off)
-        return f.read() if n is None else f.read(n)
 
 
 def fsck(m: Mount) -> str:
@@ -108,14 +83,14 @@ def test_a_lun_on_a_rados_pack_keeps_its_data_in_the_pool(make_mount, ceph, clie
                           "health": "HEALTH_OK"}, d
     m.ok("create", "v 48M")
     lun = m.path("luns", "v")
-    first = fill(lun, 40 * MiB)
-    assert read(lun, 0, len(first)) == first
+    first = write_synced(lun, 40 * MiB)
+    assert read_at(lun, 0, len(first)) == first
     m.ok("snapshot", "v set=s1")
     # overwrite part of it: the shadow copy keeps the old blocks
-    second = fill(lun, 3 * MiB + 4096, off=5 * MiB + 512)
+    second = write_synced(lun, 3 * MiB + 4096, off=5 * MiB + 512)
     now = first[:5 * MiB + 512] + second + first[5 * MiB + 512 + len(second):]
-    assert read(lun, 0, len(now)) == now
-    assert read(m.path("snapshots", "s1", "v"), 0, len(first)) == first
+    assert read_at(lun, 0, len(now)) == now
+    assert read_at(m.path("snapshots", "s1", "v"), 0, len(first)) == first
     # the data is in the pool's namespace, nothing of it on the host
     objs = objects(client, pool)
     assert set(objs) == {ns}, objs
@@ -137,12 +112,12 @@ def test_a_lun_on_a_rados_pack_keeps_its_data_in_the_pool(make_mount, ceph, clie
     finally:
         if env_conf is not None:
             os.environ["CEPH_CONF"] = env_conf
-    assert read(lun, 0, len(now)) == now
-    assert read(m.path("snapshots", "s1", "v"), 0, len(first)) == first
+    assert read_at(lun, 0, len(now)) == now
+    assert read_at(m.path("snapshots", "s1", "v"), 0, len(first)) == first
     # deleting the shadow copy gives back the blocks only it held
     m.ok("delete", "s1")
     m.ok("sync", "all")
-    assert read(lun, 0, len(now)) == now
+    assert read_at(lun, 0, len(now)) == now
     m.stop()
     fsck(m)
 
@@ -174,15 +149,15 @@ def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, po
     assert r.returncode == 0, r.stdout + r.stderr
     m.mount_fs(dev, fs)
     for name, data in files.items():
-        assert read(os.path.join(fs, name)) == data, name
+        assert read_at(os.path.join(fs, name)) == data, name
     m.umount_fs(fs)
     m.detach("disk", dev)
     # a raw LUN too: fsync'd writes survive a SIGKILL right after the fsync
     m.ok("create", "raw 16M")
-    data = fill(m.path("luns", "raw"), 9 * MiB + 100, off=4096)
+    data = write_synced(m.path("luns", "raw"), 9 * MiB + 100, off=4096)
     m.kill9()
     m.start()
-    assert read(m.path("luns", "raw"), 4096, len(data)) == data
+    assert read_at(m.path("luns", "raw"), 4096, len(data)) == data
     m.stop()
     fsck(m)
 
@@ -204,27 +179,27 @@ def test_addpack_from_the_shell_and_copies_between_local_and_rados(make_mount, c
     # a LUN on each pack; a plex shadow copy of each onto the other pack
     m.ok("create", "loc 24M")
     m.ok("create", "rem 24M pack=r")
-    a = fill(m.path("luns", "loc"), 24 * MiB)
-    b = fill(m.path("luns", "rem"), 24 * MiB)
+    a = write_synced(m.path("luns", "loc"), 24 * MiB)
+    b = write_synced(m.path("luns", "rem"), 24 * MiB)
     m.ok("snapshot", "loc set=to_r pack=r context=plex")
     m.ok("snapshot", "rem set=to_l pack=main context=plex")
     for jid in [j["id"] for j in m.status()["jobs"]]:
         m.wait_job(jid)
-    assert read(m.path("snapshots", "to_r", "loc")) == a
-    assert read(m.path("snapshots", "to_l", "rem")) == b
+    assert read_at(m.path("snapshots", "to_r", "loc")) == a
+    assert read_at(m.path("snapshots", "to_l", "rem")) == b
     # overwrite both LUNs, then resync each from the copy on the other pack:
     # reads are redirected at once, the background copy finishes
-    fill(m.path("luns", "loc"), 8 * MiB, off=MiB)
-    fill(m.path("luns", "rem"), 8 * MiB, off=2 * MiB)
+    write_synced(m.path("luns", "loc"), 8 * MiB, off=MiB)
+    write_synced(m.path("luns", "rem"), 8 * MiB, off=2 * MiB)
     m.ok("resync", "to_r/loc")
-    assert read(m.path("luns", "loc")) == a
+    assert read_at(m.path("luns", "loc")) == a
     m.ok("resync", "to_l/rem")
-    assert read(m.path("luns", "rem")) == b
+    assert read_at(m.path("luns", "rem")) == b
     wait_for(lambda: all(j["state"] == "done" for j in m.status()["jobs"]), 120,
              "the resync copies")
     m.stop()
     m.start(env={"CEPH_CONF": ceph.conf})
-    assert read(m.path("luns", "loc")) == a and read(m.path("luns", "rem")) == b
+    assert read_at(m.path("luns", "loc")) == a and read_at(m.path("luns", "rem")) == b
     # the rados pack's namespace holds segments; the local pack's disk too
     ns = disk_of(m, "r")["rados"]["namespace"]
     assert any(o.endswith(".seg") for o in objects(client, pool)[ns])
@@ -235,20 +210,20 @@ def test_addpack_from_the_shell_and_copies_between_local_and_rados(make_mount, c
 def test_export_import_onto_a_rados_pack(make_mount, ceph, pool, tmp_path):
     src = make_mount("src").init().start()
     src.ok("create", "v 20M")
-    data = fill(src.path("luns", "v"), 20 * MiB)
+    data = write_synced(src.path("luns", "v"), 20 * MiB)
     src.ok("snapshot", "v set=s")
     stream = str(tmp_path / "s.fa")
     cli("export", "s", stream, mnt=src.mnt)
     dst = make_mount("dst").init("--pack", f"main=rados:{pool}",
                                  "--ceph-conf", ceph.conf).start()
     cli("import", stream, mnt=dst.mnt)
-    assert read(dst.path("snapshots", "s", "v")) == data
+    assert read_at(dst.path("snapshots", "s", "v")) == data
     # incremental: the second import only adds what changed
-    fill(src.path("luns", "v"), MiB, off=3 * MiB)
+    write_synced(src.path("luns", "v"), MiB, off=3 * MiB)
     src.ok("snapshot", "v set=s2")
     cli("export", "s2", stream + "2", "--base", "s", mnt=src.mnt)
     cli("import", stream + "2", mnt=dst.mnt)
-    assert read(dst.path("snapshots", "s2", "v")) == read(src.path("snapshots", "s2", "v"))
+    assert read_at(dst.path("snapshots", "s2", "v")) == read_at(src.path("snapshots", "s2", "v"))
     dst.stop()
     fsck(dst)
 
@@ -311,8 +286,8 @@ def test_a_cluster_that_does_not_answer_leaves_its_pack_failed_not_the_array(
     m.ok("addpack", f"loc single {tmp_path / 'locdisk'}")
     m.ok("create", "v 8M")
     m.ok("create", "w 8M pack=loc")
-    data = fill(m.path("luns", "v"), 8 * MiB)
-    other = fill(m.path("luns", "w"), 8 * MiB)
+    data = write_synced(m.path("luns", "v"), 8 * MiB)
+    other = write_synced(m.path("luns", "w"), 8 * MiB)
     m.stop()
     # the same cluster named by a conf whose monitors are on dead ports
     dead = str(tmp_path / "dead.conf")
@@ -328,9 +303,9 @@ def test_a_cluster_that_does_not_answer_leaves_its_pack_failed_not_the_array(
     assert pack["disks"][0]["rados"]["health"].startswith("unreachable"), pack
     assert "its cluster does not answer" in m.events()
     with pytest.raises(OSError) as e:
-        read(m.path("luns", "v"), 0, 65536)
+        read_at(m.path("luns", "v"), 0, 65536)
     assert e.value.errno == errno.EIO
-    assert read(m.path("luns", "w")) == other       # the local pack serves
+    assert read_at(m.path("luns", "w")) == other       # the local pack serves
     m.stop()
     # the right cluster again: `recover` brings the pack back, nothing lost
     m.start()
@@ -339,7 +314,7 @@ def test_a_cluster_that_does_not_answer_leaves_its_pack_failed_not_the_array(
         if jid:
             m.wait_job(jid)
     assert next(p for p in m.status()["packs"] if p["name"] == "main")["state"] == "healthy"
-    assert read(m.path("luns", "v")) == data
+    assert read_at(m.path("luns", "v")) == data
     m.stop()
     fsck(m)
 
@@ -364,7 +339,7 @@ def test_the_pool_deleted_under_a_mounted_array_is_an_io_error_not_a_crash(
     pool = ceph.new_pool()
     m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
     m.ok("create", "v 8M")
-    fill(m.path("luns", "v"), 4 * MiB)
+    write_synced(m.path("luns", "v"), 4 * MiB)
     m.ok("sync", "all")
     ceph.drop_pool(pool)
     fd = os.open(m.path("luns", "v"), os.O_WRONLY)
@@ -378,7 +353,7 @@ def test_the_pool_deleted_under_a_mounted_array_is_an_io_error_not_a_crash(
     wait_for(lambda: m.status()["packs"][0]["state"] == "failed", 30, "the disk check")
     assert "is missing" in m.events()
     with pytest.raises(OSError) as e:     # stored blocks are gone with the pool
-        read(m.path("luns", "v"), 3 * MiB, 65536)
+        read_at(m.path("luns", "v"), 3 * MiB, 65536)
     assert e.value.errno == errno.EIO
     r = cli("umount", m.mnt, check=False)
     assert r.returncode == 1 and "not stored" in r.stderr and "Traceback" not in r.stderr
@@ -426,7 +401,7 @@ def test_a_1m_read_is_one_rados_read_not_one_per_block(make_mount, ceph, pool):
     m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
     m.ok("create", "v 32M")
     lun = m.path("luns", "v")
-    data = fill(lun, 32 * MiB)
+    data = write_synced(lun, 32 * MiB)
     m.stop()
     m.start()                   # nothing of it in the daemon's cache
     before = osd_reads(ceph)
@@ -439,9 +414,9 @@ def test_a_1m_read_is_one_rados_read_not_one_per_block(make_mount, ceph, pool):
     # unaligned and partial reads around block edges, and a whole-file cmp
     for off, n in [(65536 - 100, 200), (MiB + 4096, 3 * MiB + 100), (7, 65536 * 5 - 9),
                    (31 * MiB + 65536 * 15 + 1, 65535)]:
-        assert read(lun, off, n) == data[off:off + n], (off, n)
+        assert read_at(lun, off, n) == data[off:off + n], (off, n)
     sh(f"dd if={lun} bs=1M iflag=direct status=none | cmp - <(head -c {32 * MiB} {lun})")
-    assert read(lun) == data
+    assert read_at(lun) == data
     m.stop()
     fsck(m)
 
@@ -456,7 +431,7 @@ def test_a_block_corrupted_in_the_pool_is_eio_never_wrong_data(make_mount, ceph,
     m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
     m.ok("create", "v 8M")
     lun = m.path("luns", "v")
-    data = fill(lun, 8 * MiB)
+    data = write_synced(lun, 8 * MiB)
     m.stop()
     ns = f"fusearray.{array_conf(m)['uuid']}.main"
     bad = 37                    # the 64 KiB block at 2 MiB + 320 KiB

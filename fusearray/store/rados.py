@@ -798,6 +798,10 @@ LEASE_OBJECT = "fusearray-lease"
 LEASE_LOCK = "fusearray"
 #: lock_exclusive flag: renew our own lock (LIBRADOS_LOCK_FLAG_MAY_RENEW)
 _LOCK_RENEW = 1
+#: errnos of a renewal that mean the lease is another mount's now (EBUSY,
+#: EEXIST: its lock; ESHUTDOWN: this client is blocklisted; ENOENT: the
+#: pool or the lease object is gone)
+_LOST = (errno.EBUSY, errno.ESHUTDOWN, errno.EEXIST, errno.ENOENT)
 #: entity_name_t's type of a client (CEPH_ENTITY_TYPE_CLIENT)
 _ENTITY_CLIENT = 0x08
 #: a lease counts as ours until this share of it after the renewal was sent
@@ -981,19 +985,25 @@ class Lease:
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 4):
-            try:
-                _, io = self.medium.lease_io()
-                self._lock(io, renew=True)
-            except (rados.Error, OSError) as e:
-                code = _errno_of(e) if isinstance(e, rados.Error) else e.errno
-                if code in (errno.EBUSY, errno.ESHUTDOWN, errno.EEXIST, errno.ENOENT):
-                    why = ("another mount took it over and fenced this daemon off the "
-                           "cluster" if code == errno.ESHUTDOWN else
-                           "another mount holds it now")
-                    self._lose(f"{why} ({os.strerror(code)})")
-                    return
-                # (a cluster that does not answer: try again; writes stop
-                # by themselves once the lease is no longer trusted)
+            if self._renew() in _LOST:
+                return
+            # (other failures: a cluster that does not answer: try again;
+            # writes stop by themselves once the lease is no longer trusted)
+
+    def _renew(self) -> int:
+        """Renew once: 0, or the failure's errno; one of _LOST ends the
+        lease for good (another mount holds it, or fenced this client)."""
+        try:
+            _, io = self.medium.lease_io()
+            self._lock(io, renew=True)
+            return 0
+        except (rados.Error, OSError) as e:
+            code = (_errno_of(e) if isinstance(e, rados.Error) else e.errno) or errno.EIO
+        if code in _LOST:
+            why = ("another mount took it over and fenced this daemon off the cluster"
+                   if code == errno.ESHUTDOWN else "another mount holds it now")
+            self._lose(f"{why} ({os.strerror(code)})")
+        return code
 
     def _lose(self, why: str) -> None:
         if self.lost is None:
@@ -1022,17 +1032,11 @@ class Lease:
         if time.monotonic() >= self.until:
             # stalled past it (SIGSTOP, a frozen VM) or the cluster did not
             # answer the renewals: try once, as the renewal would
-            try:
-                _, io = self.medium.lease_io()
-                self._lock(io, renew=True)
-            except (rados.Error, OSError) as e:
-                code = _errno_of(e) if isinstance(e, rados.Error) else e.errno
-                if code in (errno.EBUSY, errno.ESHUTDOWN, errno.EEXIST, errno.ENOENT):
-                    self._lose(f"it ran out and another mount holds it "
-                               f"({os.strerror(code)})")
+            code = self._renew()
+            if code:
                 raise OSError(errno.EIO, f"{self.medium.path}: the lease ran out and could "
                                          f"not be renewed ({os.strerror(code)}): not "
-                                         "written") from None
+                                         "written")
 
     def release(self) -> None:
         self._stop.set()
