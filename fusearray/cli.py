@@ -999,7 +999,7 @@ def cmd_up(args) -> int:
     if not os.path.exists(os.path.join(array, "array.json")):
         os.makedirs(array, exist_ok=True)
         cmd_init(argparse.Namespace(array=array, pack=None, block_size="64K", verify=False,
-                                    log=None))
+                                    log=None, ceph_conf=None))
     os.makedirs(mnt, exist_ok=True)
     if os.path.isdir(os.path.join(mnt, "ctl")):
         print(f"{array} is already mounted on {mnt}")
