@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -178,3 +179,33 @@ def test_twenty_kills_and_restarts_lose_no_fsyncd_byte(make_mount, ceph, pool):
     assert max(waits) < 15              # never waited the lease out
     assert "fenced the earlier holder" in m.events()
     m.stop()
+
+
+def test_mounts_racing_for_one_pack_exactly_one_wins(make_mount, ceph, pool):
+    """Three copies of an array started at the same instant, each its own
+    client: exactly one mounts, the others are refused naming a holder;
+    four rounds, the winner unmounted cleanly between them."""
+    a, b = two_hosts(make_mount, ceph, pool)
+    c = make_mount("c")
+    shutil.copytree(a.array, c.array, symlinks=True)
+    os.unlink(os.path.join(c.array, "daemon.log"))
+    mounts = [a, b, c]
+    for rnd in range(4):
+        errors: dict = {}
+
+        def start(m):
+            try:
+                m.start("--lease", LEASE)
+            except AssertionError as e:
+                errors[m.array] = str(e)
+        threads = [threading.Thread(target=start, args=(m,)) for m in mounts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        won = [m for m in mounts if m.proc is not None and os.path.ismount(m.mnt)]
+        assert len(won) == 1, (rnd, [m.array for m in won], errors)
+        assert len(errors) == 2 and all("is in use by client." in e for e in errors.values()), \
+            errors
+        assert read_at(won[0].path("luns", "v"), 0, len(a.first)) == a.first
+        won[0].stop()
