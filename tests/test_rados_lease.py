@@ -209,3 +209,29 @@ def test_mounts_racing_for_one_pack_exactly_one_wins(make_mount, ceph, pool):
             errors
         assert read_at(won[0].path("luns", "v"), 0, len(a.first)) == a.first
         won[0].stop()
+
+
+def test_the_client_name_comes_from_CEPH_ARGS(make_mount, ceph, pool):
+    """A mount connects as the client CEPH_ARGS names (`--id fusearray`),
+    so a key with a pack's caps alone can serve instead of client.admin's:
+    the mon sees that entity while the array is mounted, and a refused
+    mount names it."""
+    import json
+    import subprocess
+    from fusearray.store.rados import client_identity
+    assert client_identity({"CEPH_ARGS": "--keyring /k --id fa"}) == {"rados_id": "fa"}
+    assert client_identity({"CEPH_ARGS": "-n client.x"}) == {"name": "client.x"}
+    assert client_identity({"CEPH_ARGS": "--id"}) == client_identity({}) == {}
+
+    def entities():
+        r = subprocess.run(["ceph", "--admin-daemon", str(ceph.dir / "run" / "mon.a.asok"),
+                            "sessions"], capture_output=True, text=True, check=True)
+        return {s.get("entity_name") for s in json.loads(r.stdout)}
+    a, b = two_hosts(make_mount, ceph, pool)
+    assert "client.fusearray" not in entities()
+    a.start("--lease", LEASE, env={"CEPH_ARGS": "--id fusearray"})
+    assert "client.fusearray" in entities()
+    with pytest.raises(AssertionError, match=r"in use by client\.\d+ \(as client\.fusearray"):
+        b.start("--lease", LEASE)
+    a.stop()
+    wait_for(lambda: "client.fusearray" not in entities(), 30, "the session to end")

@@ -235,7 +235,7 @@ class _Cluster:
                                             f"is missing: {_IMPORT_ERROR}")
             c = None
             try:
-                c = rados.Rados(conffile=self.conf)
+                c = rados.Rados(conffile=self.conf, **client_identity())
                 for opt in _TIMEOUT_OPTIONS:
                     try:
                         v = float(c.conf_get(opt) or 0)
@@ -301,6 +301,26 @@ class _Cluster:
         if not p.done.wait(STATUS_TIMEOUT):
             return f"unreachable: no answer from the cluster of {self.conf} in {STATUS_TIMEOUT:g} s"
         return p.result
+
+
+def client_identity(env=None) -> dict:
+    """Who this process is to the cluster: the client name in CEPH_ARGS, as
+    the ceph tools take it (`--id ID`, `-i ID`, `--name client.ID`, `-n
+    client.ID`, `--user ID`), as the keywords of rados.Rados; {} for the
+    default, client.admin. (librados's own parse of CEPH_ARGS cannot change
+    the name of a handle already made, so it is read here.) The keyring
+    the conf names for that client is then the one used: a key with only
+    the caps a pack needs (docs/scale-out.md) instead of the admin key."""
+    args = (os.environ if env is None else env).get("CEPH_ARGS", "").split()
+    for i, a in enumerate(args):
+        key, eq, val = a.partition("=")
+        if not eq:
+            val = args[i + 1] if i + 1 < len(args) else ""
+        if key in ("--id", "-i", "--user") and val:
+            return {"rados_id": val}
+        if key in ("--name", "-n") and val:
+            return {"name": val}
+    return {}
 
 
 def _quietly(c) -> None:
@@ -864,8 +884,10 @@ class Lease:
             addr = c.get_addrs()
             self.client_id = f"client.{c.get_instance_id()}"
             self.cookie = f"{self.client_id}.{os.getpid()}"
+            ident = client_identity()
             rec = dict(self.holder, client=self.client_id, cookie=self.cookie, addr=addr,
-                       since=time.time())
+                       since=time.time(), name=ident.get("name") or
+                       f"client.{ident.get('rados_id', 'admin')}")
             self.holder = rec
             io.set_xattr(LEASE_OBJECT, me, json.dumps(rec).encode())
         except rados.Error as e:
@@ -1059,5 +1081,6 @@ def _describe(holder: dict) -> str:
         return "another mount"
     since = holder.get("since")
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "?"
-    return (f"{holder.get('client', '?')} (host {holder.get('host', '?')}, pid "
+    return (f"{holder.get('client', '?')} (as {holder.get('name', '?')}, host "
+            f"{holder.get('host', '?')}, pid "
             f"{holder.get('pid', '?')}, array {holder.get('array', '?')}, since {when})")
