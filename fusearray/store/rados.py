@@ -900,6 +900,11 @@ class Lease:
                 break
             except rados.ObjectBusy:
                 holder = self._holder(io, me)
+                for _ in range(20):     # (a holder records itself just after locking)
+                    if holder.get("client") or holder.get("fenced_us"):
+                        break
+                    time.sleep(0.05)
+                    holder = self._holder(io, me)
                 # a holder that was this array on this host is a dead daemon
                 # of it: the array directory's lock, which this one holds, says so
                 ours = bool(holder) and all(holder.get(k) == self.holder.get(k)
@@ -969,9 +974,15 @@ class Lease:
             pass                    # a later holder fences it: harmless
 
     def _holder(self, io, me: str) -> dict:
+        """The holder's record; {"fenced_us": True} when this client was
+        blocklisted meanwhile (a mount racing this one took the lease and
+        fenced every client on record, this one too, as it must: a client
+        that recorded itself may be about to lock)."""
         try:
             return json.loads(io.get_xattr(LEASE_OBJECT, "holder"))
-        except (rados.Error, ValueError):
+        except rados.Error as e:
+            return {"fenced_us": True} if _errno_of(e) == errno.ESHUTDOWN else {}
+        except ValueError:
             return {}
 
     def _fence(self, c, io, me: str) -> list[str]:
@@ -1077,7 +1088,9 @@ class Lease:
 
 
 def _describe(holder: dict) -> str:
-    if not holder:
+    if holder.get("fenced_us"):
+        return "another mount, which fenced this client as it took the lease (both tried at once)"
+    if not holder.get("client"):
         return "another mount"
     since = holder.get("since")
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "?"
