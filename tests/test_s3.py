@@ -26,9 +26,10 @@ import time
 import pytest
 
 from conftest import PY, Mount, run, wait_for
+# (the transport tests' helpers: the same LUNs and sets, only the stream goes elsewhere)
+from test_transport import cmp_file, end_proc, fill_random, listed, pair, put, used, xattrs
 
 MiB = 1 << 20
-XA = "user.fusearray."
 PART = MiB
 
 
@@ -62,53 +63,6 @@ def fa_popen(m: Mount, env: dict, *args) -> subprocess.Popen:
     return subprocess.Popen([PY, "-m", "fusearray", "-m", m.mnt, *map(str, args)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def end_proc(p: subprocess.Popen | None) -> None:
-    if p is None:
-        return
-    if p.poll() is None:
-        p.kill()
-    p.wait(timeout=30)
-    for s in (p.stdout, p.stderr):
-        if s is not None:
-            s.close()
-
-
-def pair(make_mount) -> tuple[Mount, Mount]:
-    return make_mount("a").init().start(), make_mount("b").init().start()
-
-
-def fill_random(p, nbytes: int, off: int = 0) -> None:
-    run(["dd", "if=/dev/urandom", f"of={p}", "bs=1M", f"count={nbytes // MiB}",
-         f"seek={off}", "iflag=fullblock", "oflag=direct,seek_bytes",
-         "conv=notrunc,fsync", "status=none"])
-
-
-def put(p, data: bytes, off: int) -> None:
-    fd = os.open(p, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, off) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def cmp_file(a, b) -> None:
-    run(["cmp", str(a), str(b)])
-
-
-def xattrs(p) -> dict:
-    return {k[len(XA):]: os.getxattr(p, k).decode() for k in os.listxattr(p)
-            if k.startswith(XA)}
-
-
-def listed(m: Mount) -> list[str]:
-    return sorted(os.listdir(m.path("snapshots")))
-
-
-def used(m: Mount) -> int:
-    return next(p for p in m.status()["packs"] if p["name"] == "main")["used_bytes"]
 
 
 def import_jobs(m: Mount) -> list[dict]:
@@ -181,7 +135,7 @@ def test_full_export_to_s3_and_import_into_another_array(make_mount, s3, bucket)
     assert parts(s3, bucket, "nightly/S") == [f"nightly/S/part-{i:06d}" for i in range(k)]
 
     r = fa(b, env, "import", url)
-    assert f"imported set S" in r.stdout and f"{m['bytes']} of {m['bytes']} bytes read" \
+    assert "imported set S" in r.stdout and f"{m['bytes']} of {m['bytes']} bytes read" \
         in r.stdout, r.stdout
     assert listed(b) == ["S"]
     for n in ("db", "x"):
@@ -257,7 +211,7 @@ def test_export_killed_midway_goes_on_where_it_stopped(make_mount, s3, bucket):
         end_proc(p)
     before = parts(s3, bucket, "big")
     assert 8 <= len(before) < 30, before
-    assert f"big/manifest.json" not in keys(s3, bucket, "big")     # not complete: no manifest
+    assert "big/manifest.json" not in keys(s3, bucket, "big")     # not complete: no manifest
     r = fa(b, env, "import", url, check=False)
     one_line_error(r, "no complete export", "[ENOENT]")
 
