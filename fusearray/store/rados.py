@@ -416,6 +416,10 @@ class RadosMedium:
     #: the lease catch a pool or a take-over that went away at every check
     LIST_EVERY = 60
     renames = False     # RADOS cannot rename an object: no spare segment files
+    #: None in service; a callable that takes each I/O context as it is
+    #: opened and returns the one to use (tools/benchmarks/radostrace wraps
+    #: it to record the RADOS ops the pack issues)
+    wrap_ioctx = None
 
     def __init__(self, path: str, ceph_conf: str | None = None):
         self.path = path
@@ -459,7 +463,9 @@ class RadosMedium:
                     # the parent's, in a forked child: never destroyed here
                     _PARENTS_IOCTXS.append(self._io)
                 self._client()              # the connect's error, naming this medium
-                self._io = cl.open_ioctx(self)
+                io = cl.open_ioctx(self)
+                wrap = RadosMedium.wrap_ioctx
+                self._io = io if wrap is None else wrap(io)
                 self._io_of = cl
             return self._io
 

@@ -66,16 +66,6 @@ def _install():
             self._note('aio_read', length)
             return self._io.aio_read(obj, length, off, *a, **kw)
 
-    proxies = {}
-    real_ioctx = R.RadosMedium._ioctx
-
-    def _ioctx(self):
-        io = real_ioctx(self)
-        p = proxies.get(id(io))
-        if p is None or p._io is not io:
-            p = proxies[id(io)] = Proxy(io)
-        return p
-
     def wrap(kind, fn):
         s = stats[kind] = {'calls': 0, 'bytes': 0, 'shapes': {}, 'inflight': {}}
         shapes, inflights = s['shapes'], s['inflight']
@@ -108,7 +98,7 @@ def _install():
                     inflights[k] = inflights.get(k, 0) + 1
         return traced
 
-    R.RadosMedium._ioctx = _ioctx
+    R.RadosMedium.wrap_ioctx = Proxy        # (its public hook: each context as opened)
     R.RadosMedium.pwritev = wrap('write', R.RadosMedium.pwritev)
     R.RadosMedium.preadv = wrap('read', R.RadosMedium.preadv)
 
