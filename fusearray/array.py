@@ -52,6 +52,7 @@ from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
 from .eventhooks import EventHooks
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .hooks import HOOKS_DIR, HookRunner
+from . import home as homes
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
 from .store import (DEFAULT_INDEX_CACHE, DEFAULT_LEASE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
@@ -217,8 +218,14 @@ def init_array(path: str, packs: list[str] | None = None,
                log_dir: str | None = None, ceph_conf: str | None = None) -> None:
     """Create an array directory (`fusearray init`); `log_dir`: the intent
     log's directory (`--log DIR`, default ARRAY/log); `ceph_conf`: the
-    Ceph cluster of rados packs (default $CEPH_CONF), recorded."""
+    Ceph cluster of rados packs (default $CEPH_CONF), recorded. `path`
+    `rados:POOL/NAME`: an array in that cluster (init_cluster_array)."""
     ceph_conf = os.path.abspath(ceph_conf) if ceph_conf else ceph_conf_now()
+    if homes.is_cluster(path):
+        if log_dir is not None:
+            raise invalid("an array in a Ceph cluster keeps its intent log there: "
+                          "--log does not apply")
+        return init_cluster_array(path, packs, block_size, verify, ceph_conf)
     path = os.path.abspath(path)
     if not _bs_ok(block_size):
         raise invalid("block size must be a power of two from 4K to 1M")
@@ -264,6 +271,72 @@ def init_array(path: str, packs: list[str] | None = None,
     write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
 
 
+def init_cluster_array(spec: str, packs: list[str] | None, block_size: int, verify: bool,
+                       ceph_conf: str | None) -> None:
+    """`fusearray init rados:POOL/NAME`: an array wholly in the cluster
+    (home.py): its packs rados packs (default: `main=rados:POOL`), its
+    catalogue, intent log and identity in the namespace of NAME. Taken
+    under the array's lease (two inits of one name: one wins); array.json
+    in the cluster, written last, marks it done."""
+    if not _bs_ok(block_size):
+        raise invalid("block size must be a power of two from 4K to 1M")
+    home = homes.ClusterHome(spec, ceph_conf)
+    ceph_conf = home.ceph_conf
+    specs = [parse_pack_spec(s) for s in packs or [f"main=rados:{home.pool}"]]
+    for name, _, dirs in specs:
+        if not all(is_rados(d) for d in dirs):
+            raise invalid(f"pack {name}: an array in a Ceph cluster keeps its packs there "
+                          f"too (a host directory would tie it to this host): use "
+                          f"{name}=rados:POOL")
+    try:
+        if not home.medium.present():
+            raise notfound(f"{home}: pool {home.pool} does not exist in the cluster of "
+                           f"{ceph_conf}: create it first (`ceph osd pool create`)")
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "array": home.spec,
+                  "doing": "init"}
+        home.take_lease(DEFAULT_LEASE, holder, False)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise busy(f"{home}: {e.strerror}") from None
+        raise ioerror(f"{home}: the Ceph cluster of {ceph_conf} does not answer: "
+                      f"{e.strerror or e}") from None
+    try:
+        if home.exists():
+            raise exists(f"{home} is already an array")
+        home.unlock_dead_catalogue()        # an init that died half-way
+        used: set = set()
+        checked = []
+        array_id = str(uuid.uuid4())
+        for name, layout, dirs in specs:
+            if name in {c[0] for c in checked}:
+                raise exists(f"pack {name} given twice")
+            paths = check_pack(name, layout, dirs, used, array_id, ceph_conf)
+            used.update(paths)
+            checked.append((name, layout, paths))
+        conf = {"format": FORMAT_VERSION, "uuid": array_id,
+                "seed": secrets.randbits(64), "block_size": block_size,
+                "verify": verify, "vendor": secrets.token_hex(5)[:9]}
+        cat = Catalogue(home.catalogue_uri(), create=True)
+        try:
+            now = time.time()
+            ch = Changes(meta={"format": FORMAT_VERSION, "uuid": array_id,
+                               "next_serial": 1, "next_vid": 1, "refs": 1},
+                         packs_add=[(n, l, now, p) for n, l, p in checked],
+                         events=[(now, "info", f"array created at {home}")])
+            for name, _, paths in checked:
+                for i, p in enumerate(paths):
+                    Disk(i, p, ceph_conf=ceph_conf).write_label(array_id, name)
+            cat.commit_blocking(ch)
+        finally:
+            cat.close()
+        home.write_config(conf)
+    except OSError as e:
+        raise ioerror(f"{home}: {e.strerror or e}") from None
+    finally:
+        home.release_lease()
+        close_media()
+
+
 def read_config(path: str) -> dict:
     try:
         with open(os.path.join(path, ARRAY_FILE)) as f:
@@ -303,6 +376,13 @@ class Array:
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
         self.conf = read_config(self.path)
         self.ceph_conf = ceph_conf_now(self.conf)   # rados packs' cluster
+        # an array in a Ceph cluster (home.py): this directory is the host's
+        # cache of it; the catalogue, the intent log and the lease are there
+        self.home = (homes.ClusterHome(self.conf["home"], self.ceph_conf)
+                     if self.conf.get("home") else None)
+        if self.home is not None and log_dir is not None:
+            raise invalid(f"{self.home} keeps its intent log in the cluster: --log does "
+                          "not apply")
         self.hasher = Hasher(self.conf["seed"])
         self.verify = bool(self.conf.get("verify"))
         self.default_block_size = self.conf["block_size"]
@@ -311,8 +391,10 @@ class Array:
         self.cache = BlockCache(cache_size - log_share)
         # where the log is (array.json's log_dir), and where `--log` moves it
         self.log_moved_to = check_log_dir(log_dir) if log_dir is not None else None
-        self.intent = IntentLog(self._log_path(self.conf.get("log_dir")), self.conf["uuid"],
-                                log_share, event=lambda lv, msg: self.event(lv, msg))
+        self.intent = IntentLog(None if self.home else self._log_path(self.conf.get("log_dir")),
+                                self.conf["uuid"], log_share,
+                                event=lambda lv, msg: self.event(lv, msg),
+                                medium=self.home.medium if self.home else None)
         self.nodes = NodeCache(max(64 << 20, min(cache_size // 4, 512 << 20)))
         self.packs: dict[str, Pack] = {}
         self.journal = EventJournal(self.path)   # events: logged, shown, journaled (events.py)
@@ -453,6 +535,29 @@ class Array:
                              "before taking it over")
         return notes
 
+    def _take_home_blocking(self) -> list[str]:
+        """An array in a cluster: its lease (as a pack's, _take_leases_blocking),
+        then the catalogue lock a dead holder left, broken after fencing
+        it. Returns notes."""
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "array": self.path}
+
+        def lost(why):
+            self.event("error", f"this daemon lost the lease of {self.home}: {why}; nothing "
+                       "more it does reaches the cluster (another host serves the array): "
+                       "unmount this one")
+        try:
+            fenced = self.home.take_lease(self.lease, holder, self.break_lock, lost)
+            fenced += self.home.unlock_dead_catalogue()
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise busy(f"array {self.home}: {e.strerror}") from None
+            raise ioerror(f"array {self.home}: the Ceph cluster of {self.home.ceph_conf} "
+                          f"does not answer: {e.strerror or e}") from None
+        if fenced:
+            return [f"array {self.home}: fenced the earlier holder(s) off the cluster "
+                    f"(blocklisted: {', '.join(sorted(set(fenced)))}) before taking it over"]
+        return []
+
     def _previous_session_blocking(self) -> list[str]:
         """How the last daemon ended, if not cleanly: its crash record (it
         died of an error and wrote one), or its running marker alone (it
@@ -498,17 +603,19 @@ class Array:
     def _open_blocking(self):
         self._take_lock()
         self.previous_session = self._previous_session_blocking()
-        cat = self.catalogue = self.writeback.catalogue = Catalogue(
-            os.path.join(self.path, CATALOGUE_FILE), record_header=HDR.size)
+        notes = self._take_home_blocking() if self.home is not None else []
+        where = self.home.catalogue_uri() if self.home else os.path.join(self.path,
+                                                                          CATALOGUE_FILE)
+        cat = self.catalogue = self.writeback.catalogue = Catalogue(where,
+                                                                    record_header=HDR.size)
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
-            raise invalid(f"catalogue of {self.path} belongs to another array")
+            raise invalid(f"catalogue of {self.home or self.path} belongs to another array")
         self._meta = meta
         reach.remove_stale(self.path)       # a collection's or fsck's table a crash left
         self._job_rows = cat.jobs()
         self._journaled_jobs = self.runner.load_blocking(self._job_rows,
                                                          int(meta.get("next_job", 1)))
-        notes = []
         pack_rows = cat.packs()
         for name, layout, _created in pack_rows:
             disks = [Disk(i, p, s, since, ceph_conf=self.ceph_conf)
@@ -697,13 +804,15 @@ class Array:
         finally:
             for pack in self.packs.values():
                 pack.close_blocking()
-            close_media()               # a rados pack's cluster connection
             if self.catalogue is not None:
                 self.catalogue.close()
                 self.catalogue = self.writeback.catalogue = None
+            self.intent.close_blocking()
+            if self.home is not None:   # after the catalogue and the log: then another may
+                self.home.release_lease()
+            close_media()               # a rados pack's cluster connection
             self.journal.close()
             self.runner.close()
-            self.intent.close_blocking()
             self.iscsi.close_fds()
             if self._lockfd is not None:
                 unlink_quietly(os.path.join(self.path, RUNNING_FILE))   # ended cleanly
@@ -867,6 +976,10 @@ class Array:
     async def add_pack(self, name: str, layout: str, dirs: list[str]) -> Pack:
         if name in self.packs:          # before asking disks (or a cluster) anything
             raise exists(f"a pack named {name} already exists")
+        if self.home is not None and not all(is_rados(d) for d in dirs):
+            raise invalid(f"{self.home} is an array in a Ceph cluster: its packs are there "
+                          "too (a host directory would tie it to this host): use addpack "
+                          "NAME rados POOL")
         paths = await self.check_new_disks(name, layout, dirs)
         async with self.writeback.lock:
             # (checked again: another addpack may have run while these were checked)
@@ -1011,7 +1124,10 @@ class Array:
             packs.append({"name": "INVALID", "layout": "-", "state": "invalid",
                           "capacity_bytes": 0, "used_bytes": 0, "free_bytes": 0,
                           "blocks": 0, "mapped_reads": 0, "disks": invalid_disks})
-        return {"pid": os.getpid(), "array": self.path, "uuid": self.conf["uuid"],
+        # an array in a cluster: `array` is its home there, `cache_dir` this host's
+        where = ({"array": self.home.spec, "cache_dir": self.path} if self.home
+                 else {"array": self.path})
+        return {"pid": os.getpid(), **where, "uuid": self.conf["uuid"],
                 "packs": packs, "luns": luns, "sets": sets,
                 "jobs": self.runner.status(),
                 # --cache-size: the block cache and the intent log's records

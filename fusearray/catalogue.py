@@ -8,14 +8,30 @@ segments; after it, everything is durable.
 
 Only the array's committer uses the connection, from worker threads,
 serialised by one CapacityLimiter (check_same_thread is off for that).
+
+An array in a Ceph cluster (`fusearray init rados:POOL/NAME`) keeps its
+catalogue in RADOS through Ceph's SQLite VFS (libcephsqlite, Debian's
+libsqlite3-mod-ceph): `file:///POOL:NAMESPACE/catalogue.db?vfs=ceph`. That
+VFS locks the database per connection with an exclusive RADOS lock and has
+no shared memory, so there the catalogue is one connection in exclusive
+locking mode (which is what lets SQLite keep WAL without shared memory):
+the committed views (`pack_rows`) and scans share it, under one lock that
+a transaction holds from BEGIN to COMMIT, so they still see only committed
+rows.
 """
+import ctypes
 import dataclasses
+import errno
 import os
 import sqlite3
 import threading
 
 from .events import EVENTS_KEPT, NOISE_KEPT
 from .perms import FILE_MODE
+
+
+#: the tables create_tables makes
+TABLES = ("meta", "packs", "disks", "blocks", "segments", "volumes", "jobs", "sets", "events")
 
 
 def create_tables(conn: sqlite3.Connection) -> None:
@@ -192,19 +208,68 @@ class Changes:
                     or self.jobs)
 
 
+_vfs_lock = threading.Lock()
+_vfs_ready = False
+
+
+def ceph_vfs() -> None:
+    """Register Ceph's SQLite VFS ("ceph") in this process, once. Python's
+    sqlite3 cannot load extensions here (built without it) but links the
+    system libsqlite3, so the VFS's init is registered as an automatic
+    extension of it through ctypes; it runs at the next connection.
+    OSError ENOENT when libcephsqlite is not installed."""
+    global _vfs_ready
+    with _vfs_lock:
+        if _vfs_ready:
+            return
+        try:
+            lib = ctypes.CDLL("libsqlite3.so.0")
+            ext = ctypes.CDLL("libcephsqlite.so")
+        except OSError as e:
+            raise OSError(errno.ENOENT, "Ceph's SQLite VFS (libcephsqlite.so, Debian package "
+                                        f"libsqlite3-mod-ceph) is not installed: {e}") from None
+        if lib.sqlite3_auto_extension(ext.sqlite3_cephsqlite_init) != 0:
+            raise OSError(errno.EIO, "registering Ceph's SQLite VFS failed")
+        sqlite3.connect(":memory:").close()     # runs it: the VFS is there from now on
+        _vfs_ready = True
+
+
+def cluster_uri(pool: str, namespace: str, name: str = "catalogue.db") -> str:
+    """The catalogue of an array in a cluster: database `name` striped over
+    objects of `namespace` in `pool` (the cluster: $CEPH_CONF)."""
+    return f"file:///{pool}:{namespace}/{name}?vfs=ceph"
+
+
+def is_cluster_uri(path: str) -> bool:
+    return path.startswith("file:///") and path.endswith("?vfs=ceph")
+
+
 class Catalogue:
     def __init__(self, path: str, create: bool = False, record_header: int = 0):
         self.path = path
-        if create:   # 0600 before SQLite opens it: its -wal and -shm take the same mode
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
-        self.conn = sqlite3.connect(path, check_same_thread=False,
-                                    isolation_level=None)
+        self.single = is_cluster_uri(path)      # one connection (module docstring)
+        self.lock = threading.RLock() if self.single else None
+        if self.single:
+            ceph_vfs()
+            self.conn = sqlite3.connect(path, uri=True, check_same_thread=False,
+                                        isolation_level=None)
+            # before the first access: SQLite then keeps the WAL index in
+            # the heap, not in shared memory (which the ceph VFS has not)
+            self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        else:
+            if create:   # 0600 before SQLite opens it: its -wal and -shm take the same mode
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+            self.conn = sqlite3.connect(path, check_same_thread=False,
+                                        isolation_level=None)
         mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"SQLite refused WAL mode for {path} (got {mode})")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         if create:   # array.json, written after this, marks a finished init
+            if self.single:     # what an init that died half-way left (under its lease)
+                self.conn.executescript("".join(
+                    f"DROP TABLE IF EXISTS {t};" for t in TABLES))
             create_tables(self.conn)
         else:
             upgrade_tables(self.conn, record_header)
@@ -214,16 +279,21 @@ class Catalogue:
         """The committed view of pack `pack`'s block index (one read
         connection shared by the packs, `cache_bytes` of SQLite pages)."""
         if self._reads is None:
-            self._reads = _Reads(self.path, cache_bytes)
+            self._reads = (_Reads.shared(self.conn, self.lock, cache_bytes) if self.single
+                           else _Reads(self.path, cache_bytes))
         return PackRows(self._reads, self.path, pack)
 
     def transaction(self):
-        return _Txn(self.conn)
+        return _Txn(self.conn, self.lock)
 
     def close(self) -> None:
-        self.conn.close()
-        if self._reads is not None:
+        if self._reads is not None and not self.single:
             self._reads.close()
+        if self.lock is not None:
+            with self.lock:
+                self.conn.close()
+        else:
+            self.conn.close()
 
     # ---- reads (at open) ----------------------------------------------------
     def meta(self) -> dict:
@@ -338,11 +408,25 @@ class _Reads:
     last committed transaction, beside the committer's writes. Used from
     the trio thread and worker threads, one statement at a time (lock)."""
 
-    def __init__(self, path: str, cache_bytes: int):
+    def __init__(self, path: str | None, cache_bytes: int):
+        self.single = path is None
+        if path is None:
+            return
         self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.conn.execute("PRAGMA query_only=1")
         self.conn.execute(f"PRAGMA cache_size={-max(256, cache_bytes >> 10)}")
         self.lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, conn, lock, cache_bytes: int) -> "_Reads":
+        """The catalogue's one connection (a catalogue in a cluster), under
+        its lock: a transaction holds it to COMMIT, so reads see only what
+        is committed."""
+        r = cls(None, cache_bytes)
+        r.conn, r.lock = conn, lock
+        with lock:
+            conn.execute(f"PRAGMA cache_size={-max(2048, cache_bytes >> 10)}")
+        return r
 
     def close(self) -> None:
         with self.lock:
@@ -421,7 +505,12 @@ class PackRows:
     def scan(self):
         """Every row in id order, in batches of SCAN_BATCH, on a
         connection of its own (one read snapshot: a commit meanwhile is
-        not seen)."""
+        not seen). On a catalogue's one connection (in a cluster): batch
+        after batch by id, each under its lock (a commit between two
+        batches is seen from the next one on)."""
+        if self.reads.single:
+            yield from self._scan_shared()
+            return
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             conn.execute("PRAGMA query_only=1")
@@ -435,6 +524,18 @@ class PackRows:
                 yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
         finally:
             conn.close()
+
+    def _scan_shared(self):
+        last = b""
+        while True:
+            with self.reads.lock:
+                rows = self.reads.conn.execute(
+                    "SELECT id, seg, off, len FROM blocks WHERE pack=? AND id > ? "
+                    "ORDER BY id LIMIT ?", (self.pack, last, SCAN_BATCH)).fetchall()
+            if not rows:
+                return
+            last = bytes(rows[-1][0])
+            yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
 
     def apply(self, adds: dict, dels: set, refs: dict | None = None,
               counted=()) -> None:
@@ -452,16 +553,28 @@ def prune_events(c, kept: int = EVENTS_KEPT, noise_kept: int = NOISE_KEPT) -> No
 
 
 class _Txn:
-    def __init__(self, conn):
+    def __init__(self, conn, lock=None):
         self.conn = conn
+        self.lock = lock
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         return self.conn
 
     def __exit__(self, et, ev, tb):
-        if et is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        try:
+            if et is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         return False

@@ -70,10 +70,27 @@ status_json = ctlclient.status
 def cmd_init(args) -> int:
     from .array import init_array
     from .util import parse_bytes
+    from . import home
     init_array(args.array, args.pack, parse_bytes(args.block_size, "block size"),
                args.verify, args.log, args.ceph_conf)
-    print(f"initialised array {os.path.abspath(args.array)}")
+    where = args.array if home.is_cluster(args.array) else os.path.abspath(args.array)
+    print(f"initialised array {where}")
     return 0
+
+
+def resolve_array(args) -> str:
+    """The array directory to mount: ARRAY itself, or for `rados:POOL/NAME`
+    (an array in a Ceph cluster) this host's cache directory of it, made or
+    refreshed from the cluster (--cache-dir, default
+    /var/cache/fusearray/POOL/NAME)."""
+    from . import home
+    if not home.is_cluster(args.array):
+        if args.cache_dir is not None:
+            raise UserError("--cache-dir is for an array in a Ceph cluster (rados:POOL/NAME)")
+        return args.array
+    from .array import ceph_conf_now
+    conf = os.path.abspath(args.ceph_conf) if args.ceph_conf else ceph_conf_now()
+    return home.prepare_cache_dir(args.array, args.cache_dir, conf)
 
 
 def cmd_mount(args) -> int:
@@ -89,6 +106,7 @@ def cmd_mount(args) -> int:
         raise UserError("--lease: give 2 to 3600 seconds")
     from .daemon import rados_options
     rados = rados_options(args.lease, args.break_lock)
+    args.array = resolve_array(args)
     if not args.background:
         from . import daemon
         return daemon.run(args.array, args.mountpoint, cache, None, args.debug, perms,
@@ -1051,7 +1069,9 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="create an array")
-    s.add_argument("array")
+    s.add_argument("array", help="a new or empty directory, or rados:POOL/NAME: an array "
+                                 "wholly in a Ceph cluster (its packs rados packs, default "
+                                 "main=rados:POOL), mountable from any host")
     s.add_argument("--pack", action="append", metavar="NAME=LAYOUT:DIR[,DIR...]",
                    help="a pack: NAME=single:DIR, NAME=mirror:DIR,DIR[,DIR], "
                         "NAME=raid5:DIR,DIR,DIR[,...] or NAME=rados:POOL (a RADOS pool)")
@@ -1067,8 +1087,15 @@ def parse_args(argv):
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("mount", help="mount an array")
-    s.add_argument("array")
+    s.add_argument("array", help="its directory, or rados:POOL/NAME (an array in a Ceph "
+                                 "cluster)")
     s.add_argument("mountpoint")
+    s.add_argument("--cache-dir", metavar="DIR",
+                   help="an array in a Ceph cluster: this host's cache directory of it "
+                        "(default /var/cache/fusearray/POOL/NAME)")
+    s.add_argument("--ceph-conf", metavar="FILE",
+                   help="an array in a Ceph cluster: the cluster's ceph.conf (default "
+                        "$CEPH_CONF)")
     s.add_argument("--background", action="store_true")
     s.add_argument("--cache-size", default=None)
     s.add_argument("--index-cache", default=None, metavar="SIZE",

@@ -94,9 +94,7 @@ def record_bytes(seed: int, use: int, rec) -> tuple:
     return head[:-8] + struct.pack("<Q", h.intdigest()), data
 
 
-def write_records_blocking(fd: int, pos: int, seed: int, use: int, records) -> int:
-    """Worker thread: append `records` at `pos` of a slot and fdatasync it.
-    Returns the bytes written."""
+def _iov(seed: int, use: int, records) -> tuple[list, int]:
     iov: list = []
     total = 0
     for rec in records:
@@ -106,6 +104,13 @@ def write_records_blocking(fd: int, pos: int, seed: int, use: int, records) -> i
         if data is not None and len(data):
             iov.append(data)
             total += len(data)
+    return iov, total
+
+
+def write_records_blocking(fd: int, pos: int, seed: int, use: int, records) -> int:
+    """Worker thread: append `records` at `pos` of a slot file and
+    fdatasync it. Returns the bytes written."""
+    iov, total = _iov(seed, use, records)
     done = 0
     for i in range(0, len(iov), IOV_MAX):
         part = iov[i:i + IOV_MAX]
@@ -120,6 +125,114 @@ def write_records_blocking(fd: int, pos: int, seed: int, use: int, records) -> i
         done += want
     os.fdatasync(fd)
     return total
+
+
+class SlotFiles:
+    """The log's slots as files `slot.N` of a directory (ARRAY/log or
+    `--log DIR`), zero-filled when made."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+
+    def prepare(self) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+
+    def indexes(self) -> list[int]:
+        return sorted(int(n[5:]) for n in os.listdir(self.dir)
+                      if n.startswith("slot.") and n[5:].isdigit())
+
+    def open_read(self, idx: int) -> tuple:
+        """(a handle, the slot's content up to SLOT_SIZE)."""
+        fd = os.open(os.path.join(self.dir, f"slot.{idx}"), os.O_RDWR)
+        with open(fd, "rb", closefd=False) as f:
+            return fd, f.read(SLOT_SIZE)
+
+    def make(self, idx: int):
+        """A new zero-filled slot file, durable with its name."""
+        path = os.path.join(self.dir, f"slot.{idx}")
+        tmp = path + ".new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            zeros = bytes(1 << 20)
+            for i in range(SLOT_SIZE >> 20):
+                os.pwrite(fd, zeros, i << 20)
+            os.fsync(fd)
+            os.rename(tmp, path)
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return fd
+
+    def write(self, h, pos: int, seed: int, use: int, records) -> int:
+        return write_records_blocking(h, pos, seed, use, records)
+
+    def close(self, h) -> None:
+        try:
+            os.close(h)
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        for name in os.listdir(self.dir):
+            if name.startswith("slot."):
+                os.unlink(os.path.join(self.dir, name))
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+class SlotObjects:
+    """The log's slots as objects `log.slot.N` of a medium (an array in a
+    Ceph cluster: its RADOS namespace, store.rados.RadosMedium). A write is
+    durable on the cluster once acknowledged; a slot is made empty (its
+    content ends where its writes end: the parse stops there as at zeros)."""
+
+    PREFIX = "log.slot."
+
+    def __init__(self, medium):
+        self.medium = medium
+        self.dir = str(medium)
+
+    def prepare(self) -> None:
+        pass
+
+    def indexes(self) -> list[int]:
+        n = len(self.PREFIX)
+        return sorted(int(k[n:]) for k in self.medium.names()
+                      if k.startswith(self.PREFIX) and k[n:].isdigit())
+
+    def open_read(self, idx: int) -> tuple:
+        h = self.medium.open(f"{self.PREFIX}{idx}")
+        buf = bytearray(SLOT_SIZE)
+        n = self.medium.preadv(h, [buf], 0)
+        del buf[n:]
+        return h, bytes(buf)
+
+    def make(self, idx: int):
+        return self.medium.open_or_create(f"{self.PREFIX}{idx}")
+
+    def write(self, h, pos: int, seed: int, use: int, records) -> int:
+        iov, total = _iov(seed, use, records)
+        self.medium.pwritev(h, iov, pos)
+        self.medium.fsync(h)
+        return total
+
+    def close(self, h) -> None:
+        self.medium.close(h)
+
+    def remove(self) -> None:
+        for idx in self.indexes():
+            self.medium.unlink(f"{self.PREFIX}{idx}")
 
 
 def parse_slot(buf, seed: int) -> tuple:
@@ -262,8 +375,12 @@ class Coverage:
 class IntentLog:
     """The intent log of a mount (see the module docstring)."""
 
-    def __init__(self, directory: str, uuid: str, buffer_limit: int, *, event):
-        self.dir = directory
+    def __init__(self, directory: str | None, uuid: str, buffer_limit: int, *, event,
+                 medium=None):
+        # where the slots are: files of a directory, or objects of a medium
+        # (an array in a Ceph cluster)
+        self.store = SlotObjects(medium) if medium is not None else SlotFiles(directory)
+        self.dir = self.store.dir
         self.seed = log_seed(uuid)
         self.buffer_limit = min(buffer_limit, SLOT_SIZE // 2)
         self.event = event
@@ -341,7 +458,7 @@ class IntentLog:
             pos = slot.pos
             slot.pos += size           # a failed write leaves a hole: nothing follows it
             try:
-                await self.writer.run(write_records_blocking, slot.fd, pos,
+                await self.writer.run(self.store.write, slot.fd, pos,
                                       self.seed, slot.use, batch)
             except OSError as e:
                 self.fail(e)
@@ -433,20 +550,12 @@ class IntentLog:
         commit covers, in order (seq, vid, kind, off, span, data). Makes
         the directory and SLOTS_MIN slots if missing."""
         self.covered = covered
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.store.prepare()
         found = []
-        for name in sorted(os.listdir(self.dir)):
-            if not name.startswith("slot."):
-                continue
-            try:
-                idx = int(name[5:])
-            except ValueError:
-                continue
-            path = os.path.join(self.dir, name)
-            fd = os.open(path, os.O_RDWR)
-            s = Slot(idx, path, fd)
-            with open(fd, "rb", closefd=False) as f:
-                data = f.read(SLOT_SIZE)
+        for idx in self.store.indexes():
+            name = f"slot.{idx}"
+            fd, data = self.store.open_read(idx)
+            s = Slot(idx, name, fd)
             s.use, recs, damaged = parse_slot(data, self.seed)
             if damaged is not None:
                 self.damaged.append((name, damaged))
@@ -475,40 +584,13 @@ class IntentLog:
         return out
 
     def _make_slot_blocking(self, idx: int) -> Slot:
-        """A new zero-filled slot file, durable with its name."""
-        path = os.path.join(self.dir, f"slot.{idx}")
-        tmp = path + ".new"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        try:
-            zeros = bytes(1 << 20)
-            for i in range(SLOT_SIZE >> 20):
-                os.pwrite(fd, zeros, i << 20)
-            os.fsync(fd)
-            os.rename(tmp, path)
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return Slot(idx, path, fd)
+        """A new empty slot, durable with its name."""
+        return Slot(idx, f"slot.{idx}", self.store.make(idx))
 
     def remove_blocking(self) -> None:
-        """Close and delete the slots and the directory (the log moved)."""
+        """Close and delete the slots (and their directory): the log moved."""
         self.close_blocking()
-        for name in os.listdir(self.dir):
-            if name.startswith("slot."):
-                os.unlink(os.path.join(self.dir, name))
-        try:
-            os.rmdir(self.dir)
-        except OSError:
-            pass
+        self.store.remove()
 
     def start(self) -> None:
         """After the replay: log writes go to the log's thread."""
@@ -517,10 +599,7 @@ class IntentLog:
     def close_blocking(self) -> None:
         self.writer.stop()
         for s in self.slots:
-            try:
-                os.close(s.fd)
-            except OSError:
-                pass
+            self.store.close(s.fd)
         self.slots = []
         self.active = None
 

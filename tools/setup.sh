@@ -47,8 +47,10 @@ command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null \
 # monmaptool, python3-rados for librados in Python (made importable from the
 # venv below); ceph-mgr only for `MGR=1 tools/ceph-up`; radosgw (S3, with
 # radosgw-admin) and curl for tools/rgw-up (`RGW=1 tools/ceph-up`, the tests'
-# `s3` fixture). No daemon starts by itself on install.
-ceph_pkgs=(ceph-mon ceph-osd ceph-mgr ceph-common python3-rados radosgw curl)
+# `s3` fixture); libsqlite3-mod-ceph (Ceph's SQLite VFS, libcephsqlite) for
+# an array wholly in the cluster (`fusearray init rados:POOL/NAME`: its
+# catalogue is SQLite in RADOS). No daemon starts by itself on install.
+ceph_pkgs=(ceph-mon ceph-osd ceph-mgr ceph-common python3-rados libsqlite3-mod-ceph radosgw curl)
 missing=()
 for p in "${ceph_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -62,6 +64,8 @@ fi
 for b in ceph-mon ceph-osd ceph ceph-authtool monmaptool rados radosgw radosgw-admin curl; do
   command -v "$b" >/dev/null || { echo "setup: $b missing after install" >&2; exit 1; }
 done
+[ -e /usr/lib/x86_64-linux-gnu/libcephsqlite.so ] || ldconfig -p | grep -q libcephsqlite.so \
+  || { echo "setup: libcephsqlite.so missing after install" >&2; exit 1; }
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

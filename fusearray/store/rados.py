@@ -535,6 +535,44 @@ class RadosMedium:
         except rados.Error as e:
             raise self._err(e, "reading", name) from None
 
+    def read_object(self, name: str) -> bytes:
+        """The whole of object `name` (FileNotFoundError if it is not there)."""
+        return self._read_all(name)
+
+    def write_object(self, name: str, data: bytes) -> None:
+        """Replace object `name` with `data`: one write_full, atomic and
+        durable once it returns."""
+        self._may_write()
+        io = self._ioctx()
+        try:
+            io.write_full(name, bytes(data))
+        except rados.Error as e:
+            raise self._err(e, "writing", name) from None
+
+    def unlock_dead(self, obj: str, lock: str, holder_xattr: str) -> list[str]:
+        """Fence and unlock a dead holder of cls_lock `lock` on `obj` whose
+        address is in xattr `holder_xattr` (Ceph's SQLite VFS records its
+        client there: an exclusive lock a dead daemon's catalogue still
+        holds would otherwise keep the next mount waiting its whole
+        duration). Only for a caller that holds this namespace's lease: no
+        live mount can hold it then. Returns the addresses blocklisted."""
+        c, io = self.lease_io()
+        try:
+            try:
+                held_by = io.get_xattr(obj, holder_xattr).decode(errors="replace")
+            except rados.ObjectNotFound:
+                return []
+            addrs = parse_addrs(held_by)
+            for a in addrs:
+                c.blocklist_add(a, BLOCKLIST_SECONDS)
+            if addrs:
+                c.wait_for_latest_osdmap()
+            for num, cookie in lockers(io, obj, lock):
+                break_lock(io, obj, lock, num, cookie)
+            return addrs
+        except rados.Error as e:
+            raise self._err(e, f"unlocking {lock} of a dead holder of", obj) from None
+
     def names(self) -> list[str]:
         """The objects of the namespace (the label and the lease left out)."""
         io = self._ioctx()
@@ -957,15 +995,8 @@ class Lease:
         except (KeyError, ValueError):
             return False
 
-        def text(x: str) -> bytes:
-            b = x.encode()
-            return struct.pack("<I", len(b)) + b
-        body = text(LEASE_LOCK) + struct.pack("<Bq", _ENTITY_CLIENT, num) + text(cookie)
         try:
-            io.execute(LEASE_OBJECT, "lock", "break_lock",
-                       struct.pack("<BBI", 1, 1, len(body)) + body)
-        except rados.ObjectNotFound:
-            pass                    # not locked by it any more
+            break_lock(io, LEASE_OBJECT, LEASE_LOCK, num, cookie)
         except rados.Error as e:
             raise _oserror(e, f"{self.medium.path}: breaking the lease of "
                               f"{_describe(holder)}") from None
@@ -1091,6 +1122,72 @@ class Lease:
         except (rados.Error, OSError):
             pass                    # it runs out by itself
         self.lost = "released"
+
+
+def _text(x: str) -> bytes:
+    b = x.encode()
+    return struct.pack("<I", len(b)) + b
+
+
+def _versioned(body: bytes) -> bytes:
+    """Ceph's ENCODE_START(1, 1) framing: version, compat, length."""
+    return struct.pack("<BBI", 1, 1, len(body)) + body
+
+
+def break_lock(io, obj: str, lock: str, num: int, cookie: str) -> None:
+    """cls_lock's break_lock of client.`num`'s lock `lock` (cookie
+    `cookie`) on `obj`; the binding has no call for it, so its input is
+    encoded here as Ceph does (cls_lock_break_op v1: name, locker entity
+    (type, number), cookie). Nothing if it is not locked by it any more."""
+    body = _text(lock) + struct.pack("<Bq", _ENTITY_CLIENT, num) + _text(cookie)
+    try:
+        io.execute(obj, "lock", "break_lock", _versioned(body))
+    except rados.ObjectNotFound:
+        pass
+
+
+def lockers(io, obj: str, lock: str) -> list[tuple[int, str]]:
+    """[(client number, cookie)] holding cls_lock `lock` on `obj`:
+    cls_lock's get_info (the binding has no list_lockers), its reply
+    decoded as far as the lockers' ids (cls_lock_get_info_reply v1: a map
+    of locker_id_t v1 {entity (type u8, number i64), cookie} to
+    locker_info_t, then the type and tag)."""
+    try:
+        _, out = io.execute(obj, "lock", "get_info", _versioned(_text(lock)), length=65536)
+    except rados.ObjectNotFound:
+        return []
+    b = bytes(out)
+    pos = 6                                     # the reply's version, compat, length
+    (n,) = struct.unpack_from("<I", b, pos)
+    pos += 4
+    found = []
+    for _ in range(n):
+        pos += 6                                # locker_id_t's framing
+        etype, num = struct.unpack_from("<Bq", b, pos)
+        pos += 9
+        (clen,) = struct.unpack_from("<I", b, pos)
+        pos += 4
+        cookie = b[pos:pos + clen].decode(errors="replace")
+        pos += clen
+        if etype == _ENTITY_CLIENT:
+            found.append((num, cookie))
+        # the value (locker_info_t) is skipped by its framing's length
+        (vlen,) = struct.unpack_from("<I", b, pos + 2)
+        pos += 6 + vlen
+    return found
+
+
+def parse_addrs(text: str) -> list[str]:
+    """Client addresses as the blocklist takes them (IP:PORT/NONCE) from
+    Ceph's address vector text (`[v2:1.2.3.4:0/5,v1:...]` or `1.2.3.4:0/5`)."""
+    out = []
+    for a in text.strip().strip("[]").split(","):
+        a = a.strip()
+        for p in ("v2:", "v1:", "any:"):
+            a = a.removeprefix(p)
+        if a and "/" in a and a not in out:
+            out.append(a)
+    return out
 
 
 def _describe(holder: dict) -> str:
