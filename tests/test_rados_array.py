@@ -1,0 +1,247 @@
+"""An array wholly in a Ceph cluster (#17 point 2, and point 3's failover):
+`fusearray init rados:POOL/NAME` keeps the array's identity, catalogue,
+intent log and lease in the cluster (fusearray/home.py); a host mounts it
+with a cache directory of its own. Two daemons stand for two hosts: each
+its own Ceph client (CEPH_ARGS --id) and its own cache directory, nothing
+shared between them but the cluster.
+"""
+import errno
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from conftest import cli, read_at, run, wait_for, write_synced
+from test_rados_lease import pool_digest
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+LEASE = "4"                          # seconds: the tests' short lease
+
+
+@pytest.fixture
+def pool(rados_pool):       # (conftest: a fresh pool of the session's cluster)
+    return rados_pool
+
+
+class Hosts:
+    """Hosts of one array in the cluster: `host(name)` is a Mount whose
+    array directory is that host's cache directory, prepared from the
+    cluster before each start, with its own client id."""
+
+    def __init__(self, make_mount, ceph, spec):
+        self.make_mount, self.ceph, self.spec = make_mount, ceph, spec
+
+    def host(self, name: str):
+        m = self.make_mount(name, array=None)
+        m.array = str(m.base / "cache")
+        env = {"CEPH_CONF": self.ceph.conf, "CEPH_ARGS": f"--id host{name}"}
+        start = m.start
+
+        def start_on_cluster(*opts):
+            from fusearray.home import prepare_cache_dir
+            prepare_cache_dir(self.spec, m.array, self.ceph.conf)
+            return start("--lease", LEASE, *opts, env=env)
+        m.start = start_on_cluster
+        return m
+
+
+def init(ceph, pool: str, name: str = "arr") -> str:
+    spec = f"rados:{pool}/{name}"
+    cli("init", spec, "--ceph-conf", ceph.conf)
+    return spec
+
+
+def namespace_objects(ceph, pool: str, ns: str) -> set:
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace(ns)
+        return {o.key for o in io.list_objects()}
+
+
+def take_over(host, deadline: float, *opts) -> float:
+    """Mount `host`, again and again while the dead holder's lease lives;
+    the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            host.start(*opts)
+            return time.monotonic() - t0
+        except AssertionError as e:
+            assert "is in use by" in str(e), e
+            assert time.monotonic() - t0 < deadline, "the lease did not run out"
+            time.sleep(0.3)
+
+
+def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph, pool,
+                                                                tmp_path):
+    spec = f"rados:{pool}/arr"
+    env = dict(os.environ, CEPH_CONF=ceph.conf)
+    r = run([os.sys.executable, "-m", "fusearray", "init", spec], env=env)
+    assert f"initialised array {spec}" in r.stdout
+    # refusals: one line, an errno's exit status, nothing made
+    for args, want in ((["init", spec], "is already an array"),
+                       (["init", f"rados:{pool}/other", "--pack", f"x=single:{tmp_path}/d"],
+                        "keeps its packs there too"),
+                       (["init", "rados:nosuchpool/arr"], "does not exist"),
+                       (["init", "rados:bad pool/x"], "bad array")):
+        r = run([os.sys.executable, "-m", "fusearray", *args], env=env, check=False)
+        assert r.returncode != 0 and want in r.stderr and "Traceback" not in r.stderr, \
+            (args, r.stderr)
+    assert not os.path.exists(f"{tmp_path}/d")
+    m = make_mount("a")
+    cache = tmp_path / "cache"
+    r = run([os.sys.executable, "-m", "fusearray", "mount", spec, m.mnt, "--cache-dir",
+             str(cache), "--background", "--lease", LEASE], env=env)
+    try:
+        assert os.path.ismount(m.mnt)
+        m.ok("create", "v 16M")
+        data = write_synced(m.path("luns", "v"), 6 * MiB, off=MiB)
+        data = data[:100_000] + write_synced(m.path("luns", "v"), 100_000, off=MiB + 100_000)\
+            + data[200_000:]                     # (small: through the intent log)
+        st = m.status()
+        assert st["array"] == spec and st["cache_dir"] == str(cache), st
+        assert st["intent_log"]["log_dir"].endswith(f"/fusearray-array.arr"), st["intent_log"]
+        assert st["intent_log"]["log_syncs"] >= 1
+        # the host holds no data, no catalogue, no log
+        names = set(os.listdir(cache))
+        assert not names & {"catalogue.db", "catalogue.db-wal", "log", "disks"}, names
+        objs = namespace_objects(ceph, pool, "fusearray-array.arr")
+        assert {"array.json", "fusearray-lease", "log.slot.0"} <= objs, objs
+        assert any(o.startswith("catalogue.db.") for o in objs), objs
+        # a local pack cannot join it
+        err, reply = m.ctl("addpack", f"x single {tmp_path}/e")
+        assert err == errno.EINVAL and "rados" in reply["message"], reply
+        # another array's cache directory is refused
+        r = run([os.sys.executable, "-m", "fusearray", "mount", f"rados:{pool}/arr2",
+                 str(tmp_path / "mnt2"), "--cache-dir", str(cache)], env=env, check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    finally:
+        r = run([os.sys.executable, "-m", "fusearray", "umount", m.mnt], env=env,
+                check=False)
+        if r.returncode:
+            run(["fusermount3", "-u", "-z", m.mnt], check=False)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not os.path.exists(cache / "running"), 30, "the daemon to end")
+    # mounted again from another cache directory: the same bytes
+    b = Hosts(make_mount, ceph, spec).host("b")
+    b.start()
+    assert read_at(b.path("luns", "v"), MiB, len(data)) == data
+    assert "fenced" not in b.events()        # a clean end gave the lease back
+    b.stop()
+
+
+def test_failover_after_the_holder_is_killed(make_mount, ceph, pool):
+    """The issue's failover: mount on A, write and fsync, SIGKILL A, mount
+    on B (its own client and cache directory): every fsync'd byte is
+    there, served from the cluster (the catalogue and A's intent log),
+    within the lease + 5 s."""
+    hosts = Hosts(make_mount, ceph, init(ceph, pool))
+    a, b = hosts.host("a"), hosts.host("b")
+    a.start()
+    a.ok("create", "v 32M")
+    model = bytearray(32 * MiB)
+    rng = random.Random(5)
+    a.ok("sync", "all")                       # some of it in the catalogue ...
+    for _ in range(6):
+        off = rng.randrange(0, 32 * MiB - 400_000)
+        n = rng.randrange(1, 400_000)
+        model[off:off + n] = write_synced(a.path("luns", "v"), n, off)
+    a.ok("sync", "all")
+    for _ in range(6):                        # ... and some only in its intent log
+        off = rng.randrange(0, 32 * MiB - 400_000)
+        n = rng.randrange(1, 400_000)
+        model[off:off + n] = write_synced(a.path("luns", "v"), n, off)
+    a.kill9()
+    took = take_over(b, int(LEASE) + 5)
+    print(f"B serves the array {took:.1f} s after A was killed (lease {LEASE} s)")
+    assert took <= int(LEASE) + 5
+    ev = b.events()
+    assert "fenced the earlier holder" in ev and "replayed" in ev, ev
+    assert read_at(b.path("luns", "v")) == model
+    b.stop()
+
+
+@pytest.mark.daemon_errors(r"lease|fenced|ESHUTDOWN|shutdown|not stored|I/O error|EIO|"
+                           r"catalogue|blocklist|disk I/O")
+def test_failover_from_a_stalled_holder_fences_it(make_mount, ceph, pool):
+    """A stalls (SIGSTOP); B takes the array over at once with --break-lock
+    and serves everything A fsync'd; A wakes and writes: nothing it does
+    reaches the cluster."""
+    hosts = Hosts(make_mount, ceph, init(ceph, pool))
+    a, b = hosts.host("a"), hosts.host("b")
+    a.start()
+    a.ok("create", "v 16M")
+    first = write_synced(a.path("luns", "v"), 3 * MiB)
+    a.ok("sync", "all")
+    second = write_synced(a.path("luns", "v"), 2 * MiB, off=8 * MiB)   # (in the log)
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        b.start("--break-lock")
+        assert "fenced the earlier holder" in b.events()
+        assert read_at(b.path("luns", "v"), 0, len(first)) == first
+        assert read_at(b.path("luns", "v"), 8 * MiB, len(second)) == second
+        b.ok("snapshot", "v set=after")
+        b.ok("sync", "all")
+        before = pool_digest(ceph, pool)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    # A wakes up and writes; it may keep its fsync nowhere but must fail it,
+    # and nothing reaches the cluster (it may also end: Ceph's SQLite VFS
+    # aborts a process whose database lock was taken from it)
+    try:
+        fd = os.open(a.path("luns", "v"), os.O_WRONLY)
+        try:
+            for i in range(4):
+                os.pwrite(fd, os.urandom(MiB), i * MiB)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                assert e.errno in (errno.EIO, errno.ENOTCONN), e
+        finally:
+            os.close(fd)
+        err, reply = a.ctl("sync", "all")
+        assert err in (errno.EIO, errno.ENOTCONN), reply
+    except OSError as e:                     # the daemon ended
+        assert e.errno in (errno.ENOTCONN, errno.ENOENT), e
+    time.sleep(2 * int(LEASE))               # anything A had in flight has landed or failed
+    assert pool_digest(ceph, pool) == before, "a fenced daemon's write reached the cluster"
+    if a.proc.poll() is None:
+        assert "lost the lease" in a.events() or "lost its lease" in a.events()
+        cli("umount", "--discard", a.mnt, check=False)
+        a.proc.wait(timeout=60)
+    a.proc = None
+    run(["fusermount3", "-u", "-z", a.mnt], check=False)
+    # B goes on, unharmed
+    write_synced(b.path("luns", "v"), MiB, off=12 * MiB)
+    b.ok("sync", "all")
+    assert pool_digest(ceph, pool) != before
+    b.stop()
+
+
+def test_twenty_kill_and_take_over_cycles_lose_no_fsyncd_byte(make_mount, ceph, pool):
+    """Hosts A and B in turn: write and fsync, SIGKILL, the other takes the
+    array over with --break-lock (replaying the dead one's intent log from
+    the cluster); 20 cycles, every fsync'd byte there at each."""
+    hosts = Hosts(make_mount, ceph, init(ceph, pool))
+    pair = [hosts.host("a"), hosts.host("b")]
+    pair[0].start()
+    pair[0].ok("create", "v 16M")
+    model = bytearray(16 * MiB)
+    rng = random.Random(20)
+    waits = []
+    for cycle in range(20):
+        m, nxt = pair[cycle % 2], pair[(cycle + 1) % 2]
+        for _ in range(3):
+            off = rng.randrange(0, 16 * MiB - 200_000)
+            n = rng.randrange(1, 200_000)
+            model[off:off + n] = write_synced(m.path("luns", "v"), n, off)
+        m.kill9()
+        t0 = time.monotonic()
+        nxt.start("--break-lock")
+        waits.append(time.monotonic() - t0)
+        assert read_at(nxt.path("luns", "v")) == model, f"cycle {cycle}"
+    print(f"take-overs: max {max(waits):.2f} s, mean {sum(waits) / len(waits):.2f} s")
+    pair[0].stop()                            # (20 cycles: A serves again at the end)
