@@ -125,6 +125,11 @@ def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph
             run(["fusermount3", "-u", "-z", m.mnt], check=False)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not os.path.exists(cache / "running"), 30, "the daemon to end")
+    # fsck of it is refused, clearly (not built: README)
+    r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "fsck"), str(cache)], env=env, check=False)
+    assert r.returncode != 0 and "not supported yet" in r.stdout + r.stderr \
+        and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
     # mounted again from another cache directory: the same bytes
     b = Hosts(make_mount, ceph, spec).host("b")
     b.start()
