@@ -406,6 +406,7 @@ class Array:
         self.started = time.time()
         self._lockfd = None
         self._open_infos: list = []              # (level, message) found while opening
+        self._home_notes: list = []              # (level, message) from the home's lease thread
         self.catalogue: Catalogue | None = None
         self.nursery = None                      # the daemon's: set by `open`
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
@@ -541,10 +542,13 @@ class Array:
         it. Returns notes."""
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "array": self.path}
 
-        def lost(why):
-            self.event("error", f"this daemon lost the lease of {self.home}: {why}; nothing "
-                       "more it does reaches the cluster (another host serves the array): "
-                       "unmount this one")
+        def lost(why):      # (the lease's thread): noted, an event at the next drain
+            msg = (f"this daemon lost the lease of {self.home}: {why}; nothing more it "
+                   "does reaches the cluster (another host serves the array): unmount "
+                   "this one")
+            # no commit is tried from now on: the catalogue is another host's
+            self.writeback.fatal = self.writeback.fatal or OSError(errno.EIO, msg)
+            self._home_notes.append(("error", msg))
         try:
             fenced = self.home.take_lease(self.lease, holder, self.break_lock, lost)
             fenced += self.home.unlock_dead_catalogue()
@@ -832,6 +836,8 @@ class Array:
 
     def drain_notes(self) -> None:
         """Pack messages from worker threads -> events."""
+        while self._home_notes:
+            self.event(*self._home_notes.pop(0))
         for pack in self.packs.values():
             while pack.notes:
                 level, msg = pack.notes.pop(0)

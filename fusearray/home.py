@@ -32,8 +32,10 @@ replays the intent log from the cluster.
 import errno
 import json
 import os
+import socket
 
 from .errors import ArrayError, exists, invalid, ioerror, notfound
+from .events import EVENT_JOURNAL
 from .perms import private_dir
 from .store import write_file_atomic
 
@@ -126,6 +128,16 @@ class ClusterHome:
     def release_lease(self) -> None:
         self.medium.release_lease()
 
+    def last_holder(self) -> dict:
+        """The record of the mount that holds the lease or held it last and
+        did not end cleanly ({} if none: a clean end takes it off)."""
+        from .store.rados import LEASE_OBJECT
+        try:
+            _, io = self.medium.lease_io()
+            return json.loads(io.get_xattr(LEASE_OBJECT, "holder"))
+        except Exception:           # no object, no record, a cluster that does not answer
+            return {}
+
     def unlock_dead_catalogue(self) -> list[str]:
         """With the lease held: a catalogue lock left by a dead (or fenced)
         holder is broken, its client blocklisted first. Returns the
@@ -157,6 +169,15 @@ def prepare_cache_dir(spec: str, cache_dir: str | None, ceph_conf: str | None) -
                          f"uuid {old.get('uuid')}): give another --cache-dir")
     elif os.path.isdir(path) and os.listdir(path):
         raise invalid(f"{path} is not empty: give a new or empty --cache-dir")
+        # its journals (events and job changes after its last commit) are
+        # only this cache's to replay if it was the last to hold the array:
+        # after another host served it, they would undo that host's work
+        from .array import JOB_JOURNAL
+        last = home.last_holder()
+        if (last.get("array"), last.get("host")) != (path, socket.gethostname()):
+            for fn in os.listdir(path):
+                if fn.startswith((EVENT_JOURNAL, JOB_JOURNAL)):
+                    os.unlink(os.path.join(path, fn))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     private_dir(path)
     write_file_atomic(mine, json.dumps(dict(conf, home=home.spec, ceph_conf=home.ceph_conf),

@@ -747,7 +747,21 @@ class WriteBack:
         LUN is not, and the array stays as it is. With `discard`, blocks
         that still cannot be stored after a last try are dropped (the LUN
         reads what it held before those writes) and an event says how
-        much of which LUN was dropped."""
+        much of which LUN was dropped. After a fatal error (a failed
+        catalogue transaction, or the array's lease lost to another host)
+        nothing can be committed any more: EIO saying so, or with `discard`
+        what is not committed is given up (and the unmount goes on)."""
+        if self.fatal is not None:
+            if not discard:
+                raise ioerror(f"the array stopped after a fatal error ({self.fatal}): "
+                              "nothing more can be committed; unmount with `fusearray "
+                              "umount --discard` (what was not committed is lost with this "
+                              "mount)")
+            dropped = self.cache.dirty_bytes
+            self.event("warning", f"the array stopped after a fatal error ({self.fatal}): "
+                       f"unmounting without committing ({human_bytes(dropped)} not stored), "
+                       "as asked (sync all discard=yes, `fusearray umount --discard`)")
+            return {"unstored_bytes": 0, "dropped_bytes": dropped}
         try:
             await self.sync(None)
             if self.needs_commit():     # changes with no write behind them (job progress)

@@ -215,10 +215,12 @@ def test_failover_from_a_stalled_holder_fences_it(make_mount, ceph, pool):
     assert pool_digest(ceph, pool) == before, "a fenced daemon's write reached the cluster"
     if a.proc.poll() is None:
         assert "lost the lease" in a.events() or "lost its lease" in a.events()
-        cli("umount", "--discard", a.mnt, check=False)
+        r = cli("umount", "--discard", a.mnt, check=False)  # its close commits nothing there
+        assert r.returncode == 0, r.stderr
         a.proc.wait(timeout=60)
     a.proc = None
     run(["fusermount3", "-u", "-z", a.mnt], check=False)
+    assert pool_digest(ceph, pool) == before, "a fenced daemon's close reached the cluster"
     # B goes on, unharmed
     write_synced(b.path("luns", "v"), MiB, off=12 * MiB)
     b.ok("sync", "all")
