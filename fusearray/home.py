@@ -167,8 +167,6 @@ def prepare_cache_dir(spec: str, cache_dir: str | None, ceph_conf: str | None) -
         if old.get("home") != home.spec or old.get("uuid") != conf.get("uuid"):
             raise exists(f"{path} holds another array ({old.get('home') or 'a local one'}, "
                          f"uuid {old.get('uuid')}): give another --cache-dir")
-    elif os.path.isdir(path) and os.listdir(path):
-        raise invalid(f"{path} is not empty: give a new or empty --cache-dir")
         # its journals (events and job changes after its last commit) are
         # only this cache's to replay if it was the last to hold the array:
         # after another host served it, they would undo that host's work
@@ -178,6 +176,8 @@ def prepare_cache_dir(spec: str, cache_dir: str | None, ceph_conf: str | None) -
             for fn in os.listdir(path):
                 if fn.startswith((EVENT_JOURNAL, JOB_JOURNAL)):
                     os.unlink(os.path.join(path, fn))
+    elif os.path.isdir(path) and os.listdir(path):
+        raise invalid(f"{path} is not empty: give a new or empty --cache-dir")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     private_dir(path)
     write_file_atomic(mine, json.dumps(dict(conf, home=home.spec, ceph_conf=home.ceph_conf),

@@ -252,3 +252,36 @@ def test_twenty_kill_and_take_over_cycles_lose_no_fsyncd_byte(make_mount, ceph, 
         assert read_at(nxt.path("luns", "v")) == model, f"cycle {cycle}"
     print(f"take-overs: max {max(waits):.2f} s, mean {sum(waits) / len(waits):.2f} s")
     pair[0].stop()                            # (20 cycles: A serves again at the end)
+
+
+def test_a_cache_directory_replays_its_journals_only_if_it_held_the_array_last(
+        ceph, pool, tmp_path):
+    """The event and job journals of a cache directory (changes after its
+    last commit) are kept when it was the last to hold the array (a crash
+    of this host: they are replayed), dropped when another host held it
+    since (they would undo that host's work)."""
+    import json
+    import socket
+    import rados
+    from fusearray.home import prepare_cache_dir
+    spec = init(ceph, pool)
+    cache = str(tmp_path / "cache")
+    prepare_cache_dir(spec, cache, ceph.conf)
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace("fusearray-array.arr")
+        for holder, kept in (({"array": cache, "host": socket.gethostname()}, True),
+                             ({"array": "/elsewhere/cache", "host": "hostb"}, False),
+                             (None, False)):
+            for fn in ("events.journal.3", "jobs.journal"):
+                with open(os.path.join(cache, fn), "w") as f:
+                    f.write("{}\n")
+            if holder is None:
+                try:
+                    io.rm_xattr("fusearray-lease", "holder")
+                except rados.Error:
+                    pass
+            else:
+                io.set_xattr("fusearray-lease", "holder", json.dumps(holder).encode())
+            prepare_cache_dir(spec, cache, ceph.conf)
+            left = {"events.journal.3", "jobs.journal"} & set(os.listdir(cache))
+            assert bool(left) == kept and (not kept or len(left) == 2), (holder, left)
