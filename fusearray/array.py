@@ -236,39 +236,58 @@ def init_array(path: str, packs: list[str] | None = None,
     specs = [parse_pack_spec(s) for s in packs or []]
     if not specs:
         specs = [("main", "single", [os.path.join(path, "disks", "main.0")])]
-    used: set = set()
-    checked = []
     array_id = str(uuid.uuid4())
+    checked = _check_packs(specs, array_id, ceph_conf)
+    private_dir(path)       # the raw data, the catalogue and the secret: 0700
+    if not packs:
+        private_dir(os.path.join(path, "disks"))
+    conf = _new_conf(array_id, block_size, verify)
+    if any(is_rados(p) for _, _, ps in checked for p in ps):
+        conf["ceph_conf"] = ceph_conf
+    if log_dir is not None:
+        conf["log_dir"] = check_log_dir(log_dir)
+    _first_commit(os.path.join(path, CATALOGUE_FILE), array_id, checked, ceph_conf, path)
+    write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
+
+
+def _check_packs(specs, array_id: str, ceph_conf: str | None) -> list:
+    """check_pack of each (name, layout, dirs) of a new array: [(name,
+    layout, paths)]."""
+    used: set = set()
+    checked: list = []
     for name, layout, dirs in specs:
         if name in {c[0] for c in checked}:
             raise exists(f"pack {name} given twice")
         paths = check_pack(name, layout, dirs, used, array_id, ceph_conf)
         used.update(paths)
         checked.append((name, layout, paths))
-    private_dir(path)       # the raw data, the catalogue and the secret: 0700
-    if not packs:
-        private_dir(os.path.join(path, "disks"))
-    conf = {"format": FORMAT_VERSION, "uuid": array_id,
+    return checked
+
+
+def _new_conf(array_id: str, block_size: int, verify: bool) -> dict:
+    """array.json of a new array."""
+    return {"format": FORMAT_VERSION, "uuid": array_id,
             "seed": secrets.randbits(64), "block_size": block_size,
             "verify": verify, "vendor": secrets.token_hex(5)[:9]}
-    if any(is_rados(p) for _, _, ps in checked for p in ps):
-        conf["ceph_conf"] = ceph_conf
-    if log_dir is not None:
-        conf["log_dir"] = check_log_dir(log_dir)
-    cat = Catalogue(os.path.join(path, CATALOGUE_FILE), create=True)
+
+
+def _first_commit(where: str, array_id: str, checked: list, ceph_conf: str | None,
+                  shown) -> None:
+    """A new array's catalogue at `where` (a path or a cluster URI) with its
+    packs, their disks labelled first."""
+    cat = Catalogue(where, create=True)
     try:
         now = time.time()
         ch = Changes(meta={"format": FORMAT_VERSION, "uuid": array_id,
                            "next_serial": 1, "next_vid": 1, "refs": 1},
                      packs_add=[(n, l, now, p) for n, l, p in checked],
-                     events=[(now, "info", f"array created at {path}")])
+                     events=[(now, "info", f"array created at {shown}")])
         for name, _, paths in checked:
             for i, p in enumerate(paths):
                 Disk(i, p, ceph_conf=ceph_conf).write_label(array_id, name)
         cat.commit_blocking(ch)
     finally:
         cat.close()
-    write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
 
 
 def init_cluster_array(spec: str, packs: list[str] | None, block_size: int, verify: bool,
@@ -304,31 +323,10 @@ def init_cluster_array(spec: str, packs: list[str] | None, block_size: int, veri
         if home.exists():
             raise exists(f"{home} is already an array")
         home.unlock_dead_catalogue()        # an init that died half-way
-        used: set = set()
-        checked = []
         array_id = str(uuid.uuid4())
-        for name, layout, dirs in specs:
-            if name in {c[0] for c in checked}:
-                raise exists(f"pack {name} given twice")
-            paths = check_pack(name, layout, dirs, used, array_id, ceph_conf)
-            used.update(paths)
-            checked.append((name, layout, paths))
-        conf = {"format": FORMAT_VERSION, "uuid": array_id,
-                "seed": secrets.randbits(64), "block_size": block_size,
-                "verify": verify, "vendor": secrets.token_hex(5)[:9]}
-        cat = Catalogue(home.catalogue_uri(), create=True)
-        try:
-            now = time.time()
-            ch = Changes(meta={"format": FORMAT_VERSION, "uuid": array_id,
-                               "next_serial": 1, "next_vid": 1, "refs": 1},
-                         packs_add=[(n, l, now, p) for n, l, p in checked],
-                         events=[(now, "info", f"array created at {home}")])
-            for name, _, paths in checked:
-                for i, p in enumerate(paths):
-                    Disk(i, p, ceph_conf=ceph_conf).write_label(array_id, name)
-            cat.commit_blocking(ch)
-        finally:
-            cat.close()
+        checked = _check_packs(specs, array_id, ceph_conf)
+        conf = _new_conf(array_id, block_size, verify)
+        _first_commit(home.catalogue_uri(), array_id, checked, ceph_conf, home)
         home.write_config(conf)
     except OSError as e:
         raise ioerror(f"{home}: {e.strerror or e}") from None

@@ -14,12 +14,9 @@ import time
 import pytest
 
 from conftest import cli, read_at, run, wait_for, write_synced
-from test_rados_lease import pool_digest
+from test_rados_lease import LEASE, MiB, pool_digest   # (LEASE: the tests' short lease)
 
 pytestmark = pytest.mark.mount
-
-MiB = 1 << 20
-LEASE = "4"                          # seconds: the tests' short lease
 
 
 @pytest.fixture
@@ -103,7 +100,7 @@ def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph
             + data[200_000:]                     # (small: through the intent log)
         st = m.status()
         assert st["array"] == spec and st["cache_dir"] == str(cache), st
-        assert st["intent_log"]["log_dir"].endswith(f"/fusearray-array.arr"), st["intent_log"]
+        assert st["intent_log"]["log_dir"].endswith("/fusearray-array.arr"), st["intent_log"]
         assert st["intent_log"]["log_syncs"] >= 1
         # the host holds no data, no catalogue, no log
         names = set(os.listdir(cache))
