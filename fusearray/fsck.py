@@ -26,7 +26,6 @@ blocks lie in them.
 import trio
 
 from . import ZERO_ID, maps, refs
-from .errors import unsupported
 from .reach import Reach, stream, unindexed, unreached, walk
 
 
@@ -35,10 +34,6 @@ async def check(array, strict: bool = False, verify_data: bool = False,
     """The invariants (see the module docstring) of `packs` (default all),
     with the array's commit lock held: the index and the maps stand still
     while they are streamed (the committer and GC wait)."""
-    if array.catalogue.single:
-        # (the reach table attaches the catalogue read-only as a second
-        # connection; Ceph's SQLite VFS locks the database per connection)
-        raise unsupported("fsck of an array in a Ceph cluster is not supported yet")
     async with array.writeback.lock:
         # counts owed until the commit are made whole first (refs.py: the
         # next commit would write them so)
@@ -53,7 +48,13 @@ async def _check(array, strict, verify_data, packs, tmpdir) -> dict:
         if name not in array.packs:
             problems.append(f"pack {name}: no such pack")
     names = [n for n in names if n in array.packs]
-    reach = await trio.to_thread.run_sync(Reach, array.catalogue.path, tmpdir)
+    copy = None
+    if array.catalogue.single:
+        # an array in a cluster: its catalogue cannot be attached as a
+        # second connection (the VFS's lock): its index is copied (reach.py)
+        tmpdir = tmpdir or array.path
+        copy = [(n, array.catalogue.pack_rows(n, 0).scan()) for n in array.packs]
+    reach = await trio.to_thread.run_sync(Reach, array.catalogue.path, tmpdir, copy)
     try:
         for vol in list(array.volumes.values()):
             mine = [p.name for p in (vol.pack, vol.source) if p is not None]

@@ -7,7 +7,10 @@ the next open: `remove_stale`), with the catalogue attached read only, so
 that "indexed but not reached" (garbage, leaks) and "reached but not
 indexed" (dangling references) are joins on disk. The index's changes not
 yet committed (Pack.uncommitted_ids: bounded by what one commit writes)
-are looked up in the pack itself.
+are looked up in the pack itself. A catalogue that cannot be attached (an
+array in a Ceph cluster: its VFS locks the database per connection) is
+copied instead, its block index streamed into a file of the same
+directory (`copy`), under the same commit lock.
 
 `walk` puts a map's nodes and blocks into a Reach node by node; a node
 already there is not walked again (subtrees shared by snapshots cost once).
@@ -40,13 +43,38 @@ def remove_stale(array_dir: str) -> list:
     return gone
 
 
+def _copy_index(path: str, copy) -> str:
+    """A file at `path` with table `blocks` (pack, id, seg, off, len) of
+    the batches of `copy` (each pack's rows in id order); its path."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("CREATE TABLE blocks (pack TEXT NOT NULL, id BLOB NOT NULL, "
+                     "seg INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL, "
+                     "PRIMARY KEY (pack, id)) WITHOUT ROWID")
+        for pack, batches in copy:
+            for batch in batches:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT INTO blocks VALUES (?,?,?,?,?)",
+                                 [(pack, b, s, o, n) for b, (s, o, n) in batch])
+                conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return path
+
+
 class Reach:
     """Reached ids per pack, on disk (see the module docstring)."""
 
-    def __init__(self, catalogue: str, tmpdir: str | None = None):
+    def __init__(self, catalogue: str, tmpdir: str | None = None, copy=None):
+        """`copy`: [(pack, batches of (id, (seg, off, len)))] to attach
+        instead of `catalogue` (see the module docstring)."""
         self.dir = tempfile.mkdtemp(prefix=PREFIX,
                                     dir=tmpdir or os.path.dirname(os.path.abspath(catalogue)))
         try:
+            if copy is not None:
+                catalogue = _copy_index(os.path.join(self.dir, "index.db"), copy)
             self.conn = sqlite3.connect(f"file:{os.path.join(self.dir, 'reach.db')}",
                                         uri=True, check_same_thread=False,
                                         isolation_level=None)

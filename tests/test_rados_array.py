@@ -122,11 +122,33 @@ def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph
             run(["fusermount3", "-u", "-z", m.mnt], check=False)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not os.path.exists(cache / "running"), 30, "the daemon to end")
-    # fsck of it is refused, clearly (not built: README)
-    r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "tools", "fsck"), str(cache)], env=env, check=False)
-    assert r.returncode != 0 and "not supported yet" in r.stdout + r.stderr \
-        and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    # fsck of it (its index copied to the cache directory: reach.py) is
+    # clean; then a block's index row removed in the cluster is found
+    fsck = [os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "fsck"), str(cache)]
+    r = run(fsck, env=env, check=False)
+    assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+    assert not [f for f in os.listdir(cache) if f.startswith(".reach.")]
+    from fusearray.catalogue import Catalogue, cluster_uri
+    os.environ["CEPH_CONF"] = ceph.conf
+    uri = cluster_uri(pool, "fusearray-array.arr")
+    cat = Catalogue(uri)
+    try:
+        with cat.transaction() as c:
+            row = c.execute("SELECT * FROM blocks WHERE refs > 0 AND counted = 0 "
+                            "LIMIT 1").fetchone()
+            c.execute("DELETE FROM blocks WHERE pack=? AND id=?", row[:2])
+    finally:
+        cat.close()
+    r = run(fsck, env=env, check=False)
+    assert r.returncode == 1 and "problem(s)" in r.stdout \
+        and " 0 problem(s)" not in r.stdout, r.stdout + r.stderr
+    cat = Catalogue(uri)                     # (put back)
+    try:
+        with cat.transaction() as c:
+            c.execute(f"INSERT INTO blocks VALUES ({','.join('?' * len(row))})", row)
+    finally:
+        cat.close()
     # mounted again from another cache directory: the same bytes
     b = Hosts(make_mount, ceph, spec).host("b")
     b.start()
