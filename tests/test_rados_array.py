@@ -304,3 +304,38 @@ def test_a_cache_directory_replays_its_journals_only_if_it_held_the_array_last(
             prepare_cache_dir(spec, cache, ceph.conf)
             left = {"events.journal.3", "jobs.journal"} & set(os.listdir(cache))
             assert bool(left) == kept and (not kept or len(left) == 2), (holder, left)
+
+
+def test_ext4_on_a_lun_moves_to_another_host_after_a_kill(make_mount, ceph, pool, tmp_path):
+    """ext4 on a LUN of host A, files written and fsync'd, A SIGKILLed with
+    the file system mounted; host B takes the array over: e2fsck clean
+    (after its journal's replay) and every fsync'd file there."""
+    hosts = Hosts(make_mount, ceph, init(ceph, pool))
+    a, b = hosts.host("a"), hosts.host("b")
+    a.start()
+    a.ok("create", "disk 96M")
+    dev = a.attach("disk")
+    run(["mkfs.ext4", "-q", "-F", dev])
+    fs = str(tmp_path / "fs")
+    a.mount_fs(dev, fs)
+    files = {}
+    for i in range(20):
+        data = os.urandom(64 * 1024 + i * 4099)
+        with open(os.path.join(fs, f"f{i}"), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        files[f"f{i}"] = data
+    a.kill9()
+    b.start("--break-lock")
+    dev = b.attach("disk")
+    r = run(["e2fsck", "-fy", dev], check=False)
+    assert r.returncode in (0, 1), r.stdout + r.stderr     # 1: the journal replayed
+    r = run(["e2fsck", "-fn", dev], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    b.mount_fs(dev, fs)
+    for name, data in files.items():
+        assert read_at(os.path.join(fs, name)) == data, name
+    b.umount_fs(fs)
+    b.detach("disk", dev)
+    b.stop()
