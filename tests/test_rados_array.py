@@ -73,7 +73,7 @@ def take_over(host, deadline: float, *opts) -> float:
 
 
 def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph, pool,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
     spec = f"rados:{pool}/arr"
     env = dict(os.environ, CEPH_CONF=ceph.conf)
     r = run([os.sys.executable, "-m", "fusearray", "init", spec], env=env)
@@ -130,7 +130,7 @@ def test_init_and_mount_from_the_shell_keep_nothing_on_the_host(make_mount, ceph
     assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
     assert not [f for f in os.listdir(cache) if f.startswith(".reach.")]
     from fusearray.catalogue import Catalogue, cluster_uri
-    os.environ["CEPH_CONF"] = ceph.conf
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)    # (the VFS's cluster; not for later tests)
     uri = cluster_uri(pool, "fusearray-array.arr")
     cat = Catalogue(uri)
     try:
