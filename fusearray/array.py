@@ -545,7 +545,7 @@ class Array:
                    "does reaches the cluster (another host serves the array): unmount "
                    "this one")
             # no commit is tried from now on: the catalogue is another host's
-            self.writeback.fatal = self.writeback.fatal or OSError(errno.EIO, msg)
+            self.writeback.stop(OSError(errno.EIO, msg))
             self._home_notes.append(("error", msg))
         try:
             fenced = self.home.take_lease(self.lease, holder, self.break_lock, lost)

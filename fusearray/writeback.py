@@ -740,6 +740,13 @@ class WriteBack:
             if self._durable(vol) < target:
                 raise self.not_stored_error(vol)
 
+    def stop(self, why: BaseException) -> None:
+        """Commit nothing from now on (the catalogue is no longer this
+        mount's: the array's lease was lost to another host). Any thread:
+        one assignment, read by `commit` and `sync_all`."""
+        if self.fatal is None:
+            self.fatal = why
+
     async def sync_all(self, discard: bool = False) -> dict:
         """ctl `sync all [discard=yes]`, what `fusearray umount` runs before
         it unmounts: every acknowledged write of every volume stored and

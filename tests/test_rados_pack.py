@@ -122,27 +122,23 @@ def test_a_lun_on_a_rados_pack_keeps_its_data_in_the_pool(make_mount, ceph, clie
     fsck(m)
 
 
-def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, pool, tmp_path):
-    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
-    m.ok("create", "disk 96M")
-    dev = m.attach("disk")
-    run(["mkfs.ext4", "-q", "-F", dev])
-    fs = str(tmp_path / "fs")
-    m.mount_fs(dev, fs)
+def fsynced_files(fs: str) -> dict:
+    """20 files written and fsync'd in `fs`: {name: data}."""
     files = {}
     for i in range(20):
         data = os.urandom(64 * 1024 + i * 4099)
-        p = os.path.join(fs, f"f{i}")
-        with open(p, "wb") as f:
+        with open(os.path.join(fs, f"f{i}"), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         files[f"f{i}"] = data
-    m.kill9()                       # the daemon dies with the fs mounted on it
-    m.start()
-    assert any("did not end cleanly" in w for w in m.warnings) or \
-        "did not end cleanly" in m.events(), m.events()
-    dev = m.attach("disk")
+    return files
+
+
+def ext4_intact(m, lun: str, fs: str, files: dict) -> None:
+    """After a crash: LUN `lun` of mount `m` attached, e2fsck clean (after
+    its journal's replay), every one of `files` there; detached again."""
+    dev = m.attach(lun)
     r = run(["e2fsck", "-fy", dev], check=False)
     assert r.returncode in (0, 1), r.stdout + r.stderr     # 1: the journal replayed
     r = run(["e2fsck", "-fn", dev], check=False)
@@ -151,7 +147,22 @@ def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, po
     for name, data in files.items():
         assert read_at(os.path.join(fs, name)) == data, name
     m.umount_fs(fs)
-    m.detach("disk", dev)
+    m.detach(lun, dev)
+
+
+def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, pool, tmp_path):
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "disk 96M")
+    dev = m.attach("disk")
+    run(["mkfs.ext4", "-q", "-F", dev])
+    fs = str(tmp_path / "fs")
+    m.mount_fs(dev, fs)
+    files = fsynced_files(fs)
+    m.kill9()                       # the daemon dies with the fs mounted on it
+    m.start()
+    assert any("did not end cleanly" in w for w in m.warnings) or \
+        "did not end cleanly" in m.events(), m.events()
+    ext4_intact(m, "disk", fs, files)
     # a raw LUN too: fsync'd writes survive a SIGKILL right after the fsync
     m.ok("create", "raw 16M")
     data = write_synced(m.path("luns", "raw"), 9 * MiB + 100, off=4096)
