@@ -22,7 +22,8 @@ worker thread reads segment files, the segments it reads are held by the
 pack's reading guard (`Pack.reading`, entered and left on the trio
 thread), so GC dropping one of them (Pack.drop_dead_segment) unlinks it
 but leaves its file descriptor open, and the guard closes it when the last
-read is over.
+read is over (a RADOS object, with no fd to hold, is removed only after
+that).
 Views returned by `mapped_blocks` are checked where they lie and valid only
 until the caller's next await (GC may recycle a segment file meanwhile).
 Nothing here writes: a crash leaves nothing of the reader behind.

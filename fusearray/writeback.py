@@ -674,12 +674,17 @@ class WriteBack:
 
     async def _delete_dead_segments(self) -> None:
         """After a commit: segments nothing points into any more are
-        recycled (or deleted while a read is still in flight on them)."""
+        recycled; one a read is still in flight on is unlinked now (a
+        file: the read keeps its fd) or, on RADOS, removed after a later
+        commit, once the read is over (Segments.drop_dead_segment)."""
         for pack in self.packs.values():
+            for seg in pack.take_unlinkable():
+                await trio.to_thread.run_sync(pack.retire_blocking, seg, False)
             for seg in pack.dead_segments():
-                if pack.drop_dead_segment(seg):     # being read: closed after the read
+                how = pack.drop_dead_segment(seg)
+                if how == "unlink":
                     await trio.to_thread.run_sync(pack.unlink_segment_blocking, seg)
-                else:
+                elif how == "retire":
                     reuse = pack.free_bytes() > 8 * pack.reserve   # never on a full pack
                     await trio.to_thread.run_sync(pack.retire_blocking, seg, reuse)
 

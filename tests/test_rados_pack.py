@@ -470,3 +470,43 @@ def test_a_block_corrupted_in_the_pool_is_eio_never_wrong_data(make_mount, ceph,
     assert all(p == data[i * 65536:(i + 1) * 65536] for i, p in enumerate(got) if i != bad)
     assert "does not match its hash" in m.events()
     m.stop()
+
+
+@pytest.mark.array
+async def test_a_dead_segment_being_read_stays_until_the_read_is_over(ceph, pool, tmp_path):
+    """A collection frees a segment of a rados pack while a read of it is
+    in flight (a copy job's batch, a LUN read: under the pack's reading
+    guard): the read still gets every block, verified, and the object goes
+    after the next commit once the read is over. A file held open keeps
+    its bytes after an unlink; a RADOS object is gone when removed: before
+    this, such a read failed, counted a checksum error against the disk,
+    and ended the copy job (test_robust's copy job test on a rados pack)."""
+    import trio
+
+    from fusearray.array import init_array
+    from fusearray.store.media import seg_name
+    from test_core import with_array
+    init_array(str(tmp_path / "arr"), [f"main=rados:{pool}"], ceph_conf=ceph.conf)
+
+    async def body(a):
+        vol = await a.create_lun("v", "8M")
+        await vol.write(0, os.urandom(8 * MiB))
+        await a.sync()
+        pack = a.packs["main"]
+        (seg,) = pack.segments()
+        entries = await trio.to_thread.run_sync(pack.entries_in, seg)
+        assert len(entries) > 100
+        bids, locs = [b for b, _ in entries], [loc for _, loc in entries]
+        medium = pack.disks[0].medium
+        with pack.reading([seg]):
+            await a.delete_lun("v")
+            await a.collect_garbage()
+            assert seg not in pack.segments()       # freed: nothing points into it
+            got = await trio.to_thread.run_sync(pack.read_many_blocking, bids, locs)
+            assert pack.hasher.block_ids(got) == bids
+            assert all(pack.read_blocking(b, loc) for b, loc in zip(bids[:3], locs[:3]))
+            assert medium.exists(seg_name(seg))
+        await a.collect_garbage()                   # (a commit) removes it now
+        assert not medium.exists(seg_name(seg))
+        assert pack.disks[0].state == "online" and pack.disks[0].errors == 0
+    await with_array(tmp_path / "arr", body)

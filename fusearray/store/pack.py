@@ -233,8 +233,11 @@ class Pack:
     def reading(self, segs):
         return self.segs.reading(segs)
 
-    def drop_dead_segment(self, seq: int) -> bool:
+    def drop_dead_segment(self, seq: int) -> str:
         return self.segs.drop_dead_segment(seq)
+
+    def take_unlinkable(self) -> list[int]:
+        return self.segs.take_unlinkable()
 
     def seal_if_sparse(self, ratio: float = 0.5) -> None:
         self.segs.seal_if_sparse(ratio)

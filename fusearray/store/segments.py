@@ -17,7 +17,8 @@ State and who touches it:
   thread reads them (segments(), the committer's idle check) and changes
   `active_open` (seal_if_sparse) under the same lock. `since_lost` reads
   and pops the unsynced bookkeeping from whichever thread loses a disk.
-- `inflight` and `retired` (the reading guard) are the trio thread's.
+- `inflight`, `retired`, `unlink_later` and `unlinkable` (the reading
+  guard) are the trio thread's.
 - An fd is registered (files.py) before any index entry points into its
   segment, and closed only when no read is in flight on it.
 
@@ -58,6 +59,8 @@ class Segments:
         self.seg_limit = SEGMENT_LIMIT       # set from the capacity at open
         self.inflight: dict[int, int] = {}
         self.retired: set[int] = set()       # deleted, fds closed when idle
+        self.unlink_later: set[int] = set()  # retired, removed once idle (no fds)
+        self.unlinkable: list[int] = []      # such, idle now: to remove (take_unlinkable)
 
     # ---- appends (worker thread, under the array's commit lock) ------------
     def roll_blocking(self) -> None:
@@ -390,9 +393,10 @@ class Segments:
     @contextlib.contextmanager
     def reading(self, segs):
         """Segments a worker thread reads inside this block: none of their
-        files is closed until the read is over (a dead segment retired
-        meanwhile is closed when its last reader leaves). Entered and left
-        on the trio thread."""
+        files is closed (or, on a medium without fds, removed) until the
+        read is over: a dead segment retired meanwhile is closed (or made
+        ready to remove, `unlinkable`) when its last reader leaves.
+        Entered and left on the trio thread."""
         segs = list(segs)
         for s in segs:
             self.inflight[s] = self.inflight.get(s, 0) + 1
@@ -405,19 +409,41 @@ class Segments:
                     del self.inflight[s]
                     if s in self.retired:
                         self.retired.discard(s)
-                        self.close_segment_blocking(s)
+                        if s in self.unlink_later:
+                            self.unlink_later.discard(s)
+                            self.unlinkable.append(s)
+                        else:
+                            self.close_segment_blocking(s)
 
-    def drop_dead_segment(self, seq: int) -> bool:
+    def drop_dead_segment(self, seq: int) -> str:
         """Trio thread, after the commit that dropped a dead segment's
-        entries: forget it. True when a read is still in flight on it: then
-        the caller unlinks it now (unlink_segment_blocking) and its fds are
-        closed when the last reader leaves; False: the caller retires it
-        (retire_blocking)."""
+        entries: forget it. What the caller does with its files:
+        - "retire": nothing reads it; retire it now (retire_blocking);
+        - "unlink": a read is in flight and its handles are fds: unlink it
+          now (unlink_segment_blocking); a file held open keeps its data
+          and the fds are closed when the last reader leaves;
+        - "later": a read is in flight on a medium without fds (RADOS,
+          where removing the object pulls the bytes from under the read:
+          the read would fail, or find another segment's bytes, and count
+          that against the disk): nothing now; once the last reader has
+          left it is in `take_unlinkable()`, for the caller to retire after
+          a later commit. A crash before leaves it unreferenced: removed at
+          the next open."""
         self.pack.blocks.forget_segment(seq)
-        if self.inflight.get(seq):
-            self.retired.add(seq)
-            return True
-        return False
+        if not self.inflight.get(seq):
+            return "retire"
+        self.retired.add(seq)
+        if all(d.medium.fds for d in self.pack.disks):
+            return "unlink"
+        self.unlink_later.add(seq)
+        return "later"
+
+    def take_unlinkable(self) -> list[int]:
+        """Trio thread: the dead segments whose removal waited for their
+        last reader (drop_dead_segment's "later"), now idle; the caller
+        retires them (retire_blocking, no reuse)."""
+        out, self.unlinkable = self.unlinkable, []
+        return out
 
     # ---- which segments, how long (any thread: reads of single values) -----
     def is_active(self, seq: int) -> bool:
