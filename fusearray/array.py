@@ -34,6 +34,7 @@ the steps of a commit and what a crash leaves after each are in
 writeback.py. The fs and ctl layers call the Array's public methods,
 which delegate.
 """
+import contextlib
 import errno
 import fcntl
 import json
@@ -307,6 +308,13 @@ def init_cluster_array(spec: str, packs: list[str] | None, block_size: int, veri
             raise invalid(f"pack {name}: an array in a Ceph cluster keeps its packs there "
                           f"too (a host directory would tie it to this host): use "
                           f"{name}=rados:POOL")
+    with home.init_lock():
+        _init_in_cluster(home, specs, block_size, verify)
+
+
+def _init_in_cluster(home, specs, block_size: int, verify: bool) -> None:
+    """init_cluster_array under this host's init lock."""
+    ceph_conf = home.ceph_conf
     try:
         if not home.medium.present():
             raise notfound(f"{home}: pool {home.pool} does not exist in the cluster of "
@@ -322,12 +330,21 @@ def init_cluster_array(spec: str, packs: list[str] | None, block_size: int, veri
     try:
         if home.exists():
             raise exists(f"{home} is already an array")
-        home.unlock_dead_catalogue()        # an init that died half-way
+        # what an init that died half-way left: its catalogue's lock, its labels
+        home.unlock_dead_catalogue()
+        home.drop_dead_init(ceph_conf)
         array_id = str(uuid.uuid4())
         checked = _check_packs(specs, array_id, ceph_conf)
+        home.record_init(array_id, [p for _, _, paths in checked for p in paths])
         conf = _new_conf(array_id, block_size, verify)
-        _first_commit(home.catalogue_uri(), array_id, checked, ceph_conf, home)
-        home.write_config(conf)
+        try:
+            _first_commit(home.catalogue_uri(), array_id, checked, ceph_conf, home)
+            home.write_config(conf)
+        except BaseException:
+            with contextlib.suppress(OSError):      # (else the next init does it)
+                home.drop_dead_init(ceph_conf)
+            raise
+        home.drop_init_record()
     except OSError as e:
         raise ioerror(f"{home}: {e.strerror or e}") from None
     finally:

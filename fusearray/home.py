@@ -24,20 +24,32 @@ host keeps only a cache directory:
   hooks, iSCSI shares. Another host's cache directory is made from the
   cluster at its first mount.
 
+Init (array.init_cluster_array) runs under this host's init lock (a file
+lock: `init_lock`) and the array's lease, and records itself (object
+`init.json`: the new array's id and the pack disks it is about to label)
+before it labels anything; array.json, written last, marks the array
+made. What a killed init left (the labels of its pack namespaces, its
+half-made catalogue) the next init of the name clears first
+(`drop_dead_init`), so the name and any namespace given are usable again.
+
 Opening (Array._open_blocking) takes the array's lease before anything
 else, then clears a catalogue lock that a dead holder left (blocklisting
 its SQLite client first: `unlock_dead`), then opens the catalogue and
 replays the intent log from the cluster.
 """
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import socket
+import tempfile
 
-from .errors import ArrayError, exists, invalid, ioerror, notfound
+from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
 from .events import EVENT_JOURNAL
 from .perms import private_dir
 from .store import write_file_atomic
+from .store.media import LABEL
 
 PREFIX = "rados:"
 NAMESPACE_PREFIX = "fusearray-array."
@@ -49,6 +61,8 @@ CATALOGUE_HEAD = CATALOGUE + ".0000000000000000"
 CATALOGUE_LOCK = "striper.lock"
 CATALOGUE_HOLDER = "striper.excl"
 DEFAULT_CACHE_ROOT = "/var/cache/fusearray"
+#: what an init in progress wrote first: its array id and the disks it labels
+INIT_OBJECT = "init.json"
 
 
 def is_cluster(spec: str) -> bool:
@@ -137,6 +151,76 @@ class ClusterHome:
             return json.loads(io.get_xattr(LEASE_OBJECT, "holder"))
         except Exception:           # no object, no record, a cluster that does not answer
             return {}
+
+    @contextlib.contextmanager
+    def init_lock(self):
+        """This host's lock on initialising this array, held for the whole
+        init (a file lock in a directory of root's, or of the user's).
+        It makes the lease's rule hold for init too (Lease.take: a holder
+        of this array on this host is a dead process of it, taken over at
+        once): a second init of the name on this host while one runs is
+        refused here, EBUSY, instead of fencing the live one; a killed
+        init's lock went with it."""
+        base = "/run" if os.geteuid() == 0 else \
+            os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        where = os.path.join(base, "fusearray" if os.geteuid() == 0
+                             else f"fusearray-{os.geteuid()}")
+        private_dir(where)
+        fd = os.open(os.path.join(where, f"init.{self.pool}.{self.name}.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy(f"{self.spec}: another `fusearray init` of it is running on "
+                           "this host") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def record_init(self, array_id: str, disks: list[str]) -> None:
+        """Under the lease, before any disk is labelled: what this init is
+        about to make (drop_dead_init undoes it if the init dies)."""
+        self.medium.write_object(INIT_OBJECT, json.dumps(
+            {"uuid": array_id, "disks": disks, "host": socket.gethostname(),
+             "pid": os.getpid()}).encode())
+
+    def drop_dead_init(self, ceph_conf: str | None) -> list[str]:
+        """Under the lease, with no array.json: clear what an init that
+        did not finish left (its record says what): every pack disk that
+        carries its label (the label and whatever else is in that
+        namespace: an init writes nothing else there), then the record.
+        A disk labelled for another array is left alone. Returns the disks
+        cleared. OSError if the cluster fails."""
+        from .store.rados import RadosMedium
+        try:
+            rec = json.loads(self.medium.read_object(INIT_OBJECT))
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            rec = {}
+        cleared = []
+        for path in rec.get("disks", []):
+            m = RadosMedium(path, ceph_conf)
+            try:
+                label = json.loads(m.read_label())
+            except (FileNotFoundError, ValueError):
+                continue
+            if label.get("array") != rec.get("uuid"):
+                continue
+            for name in m.names():
+                m.unlink(name)
+            m.unlink(LABEL)
+            cleared.append(path)
+        self.medium.unlink(INIT_OBJECT)
+        return cleared
+
+    def drop_init_record(self) -> None:
+        """The init is done (array.json written): its record goes."""
+        try:
+            self.medium.unlink(INIT_OBJECT)
+        except FileNotFoundError:
+            pass
 
     def unlock_dead_catalogue(self) -> list[str]:
         """With the lease held: a catalogue lock left by a dead (or fenced)

@@ -6,9 +6,12 @@ its own Ceph client (CEPH_ARGS --id) and its own cache directory, nothing
 shared between them but the cluster.
 """
 import errno
+import json
 import os
 import random
+import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -368,3 +371,86 @@ def test_the_intent_log_in_the_cluster_reads_back_and_stops_at_damage(ceph, pool
     log.close_blocking()
     assert 0 < len(found) < len(recs) and found == recs[:len(found)]
     assert log.damaged and log.damaged[0][0] == "slot.0"
+
+
+def _labels(ceph, pool: str) -> dict:
+    """{namespace: the array id on its pack label} of every labelled
+    namespace of `pool`."""
+    import rados
+    out = {}
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
+        spaces = {o.nspace for o in io.list_objects() if o.key == "fusearray-disk.json"}
+        for ns in spaces:
+            io.set_namespace(ns)
+            out[ns] = json.loads(io.read("fusearray-disk.json", 1 << 16))["array"]
+    return out
+
+
+def _array_id(ceph, pool: str, name: str) -> str:
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace(f"fusearray-array.{name}")
+        return json.loads(io.read("array.json", 1 << 16))["uuid"]
+
+
+def test_racing_and_killed_inits_leave_one_working_array_and_nothing_in_the_way(
+        make_mount, ceph, pool):
+    """Three inits of one name at once: one makes the array, the others
+    are refused with one line (another init of it is running on this host,
+    or it is already an array): none is fenced half-way by another. Then
+    inits SIGKILLed at random moments, each followed by the same init
+    again (the same name, the same explicit pack namespace): it succeeds
+    (or finds the array the killed one finished): nothing a dead init left
+    (its lease, its half-made catalogue, its pack label) is in the way; in
+    the end every labelled namespace of the pool belongs to an array that
+    exists, and the last array mounts, keeps data and is fsck-clean."""
+    env = dict(os.environ, CEPH_CONF=ceph.conf)
+    fa = [os.sys.executable, "-m", "fusearray"]
+    procs = [subprocess.Popen(fa + ["init", f"rados:{pool}/race"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(3)]
+    outs = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+    assert [rc for _, _, rc in outs].count(0) == 1, outs
+    for out, err, rc in outs:
+        if rc:
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and \
+                re.search(r"is running on this host|is already an array", err), err
+    arrays = {"race": _array_id(ceph, pool, "race")}
+    rng = random.Random(17)
+    t0 = time.monotonic()
+    cli("init", f"rados:{pool}/timing", "--ceph-conf", ceph.conf)
+    took = time.monotonic() - t0
+    arrays["timing"] = _array_id(ceph, pool, "timing")
+    outcomes = []
+    for i in range(8):
+        name, ns = f"k{i}", f"ns{i}"
+        args = fa + ["init", f"rados:{pool}/{name}", "--pack", f"main=rados:{pool}/{ns}"]
+        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            p.wait(timeout=rng.uniform(0.05, took))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        killed = p.returncode == -signal.SIGKILL
+        r = run(args, env=env, check=False)
+        assert "Traceback" not in r.stderr, r.stderr
+        if r.returncode:        # only when the killed one had finished
+            assert not killed or "is already an array" in r.stderr, r.stderr
+        outcomes.append("killed" if killed else "finished")
+        arrays[name] = _array_id(ceph, pool, name)
+        assert _labels(ceph, pool)[ns] == arrays[name]
+    assert "killed" in outcomes, outcomes
+    # every labelled namespace is a pack of an array that exists: no leftovers
+    assert set(_labels(ceph, pool).values()) <= set(arrays.values()), \
+        (_labels(ceph, pool), arrays)
+    # the last one works
+    m = Hosts(make_mount, ceph, f"rados:{pool}/k7").host("a")
+    m.start()
+    m.ok("create", "v 8M")
+    data = write_synced(m.path("luns", "v"), 4 * MiB)
+    assert read_at(m.path("luns", "v"), 0, len(data)) == data
+    m.stop()
+    r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "fsck"), m.array], env=env, check=False)
+    assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
