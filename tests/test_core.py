@@ -49,6 +49,32 @@ def test_store_append_read_verify(tmp_path):
     pack2.close_blocking()
 
 
+def test_a_pack_whose_disks_cannot_say_their_space_is_not_full(tmp_path, monkeypatch):
+    """Every disk's space query fails (a Ceph cluster that does not answer,
+    a hung directory): the pack keeps what it knew, so an append is tried
+    and fails with the disk's own error, never ENOSPC (which would tell
+    the user to delete data: it happened with a stalled OSD)."""
+    h = Hasher(77)
+    pack = Pack("p", "single", [labelled(tmp_path)], h)
+    pack.open_blocking([])
+    known = pack.free_bytes()
+    assert known > 0
+
+    def no_answer(*_):
+        raise OSError(errno.ETIMEDOUT, "the cluster does not answer")
+    monkeypatch.setattr(pack.disk.medium, "space", no_answer)
+    pack.refresh_space_blocking()
+    assert pack.free_bytes() == known
+    data = os.urandom(4096)
+    loc, = pack.append_blocking([(h.block_id(data), data)])   # tried: the write works here
+    monkeypatch.setattr(pack.disk.medium, "pwritev", no_answer)
+    with pytest.raises(OSError) as e:
+        pack.append_blocking([(h.block_id(data[::-1]), data[::-1])])
+    assert e.value.errno == errno.ETIMEDOUT
+    assert pack.read_blocking(h.block_id(data), loc) == data
+    pack.close_blocking()
+
+
 def test_spares_cover_a_gc_burst_and_extra_ones_go_when_idle(tmp_path):
     """Dead segments are kept as spare files for new segments, up to half
     the pack (one GC frees many at once), and reused before any fresh file;
@@ -1654,3 +1680,4 @@ async def test_sub_block_writes_are_absorbed_and_completed_once_per_block(tmp_pa
         assert await a.lun("l").read(0, size) == bytes(model)
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", again)
+

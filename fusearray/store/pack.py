@@ -384,7 +384,11 @@ class Pack:
         """statvfs the disks (a worker thread: a hung disk must not stall
         the trio thread) for capacity_bytes and free_bytes: the least of
         the disks times the data disks. Called after every append, segment
-        retirement and disk check, and at open."""
+        retirement and disk check, and at open. When no disk answers (a
+        Ceph cluster that does not, a hung directory), what was known
+        stays: a pack that cannot say its space is not full, and a write
+        to it then fails with the disks' own error (EIO, the cluster does
+        not answer), never ENOSPC (which tells the user to delete data)."""
         spaces = []
         for d in self.disks:
             try:
@@ -392,7 +396,8 @@ class Pack:
             except OSError:
                 continue
         if not spaces:
-            self._space = (0, 0)
+            if self._space is None:
+                self._space = (0, 0)
             return
         self._space = (min(c for c, _ in spaces) * self.k, min(f for _, f in spaces) * self.k)
 
