@@ -421,7 +421,7 @@ class Array:
         self.started = time.time()
         self._lockfd = None
         self._open_infos: list = []              # (level, message) found while opening
-        self._home_notes: list = []              # (level, message) from the home's lease thread
+        self._home_notes: list = []              # (level, message) from other threads: the home's lease, a failed catalogue read
         self.catalogue: Catalogue | None = None
         self.nursery = None                      # the daemon's: set by `open`
         self.notify = lambda vol: None   # the fs layer invalidates kernel caches
@@ -627,6 +627,7 @@ class Array:
                                                                           CATALOGUE_FILE)
         cat = self.catalogue = self.writeback.catalogue = Catalogue(where,
                                                                     record_header=HDR.size)
+        cat.on_failure = self._catalogue_failed
         meta = cat.meta()
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.home or self.path} belongs to another array")
@@ -839,6 +840,21 @@ class Array:
                 os.close(self._lockfd)
                 self._lockfd = None
         return lost
+
+    def _catalogue_failed(self, err: OSError) -> None:
+        """(any thread) A read of the catalogue failed (catalogue.CatalogueError):
+        the write-back stops (a commit could not be trusted to see what is
+        committed), once, with an error event at the next drain. What was
+        fsync'd is committed or in the intent log: the next mount has it."""
+        if self.writeback.fatal is not None:
+            return
+        where = f"in the Ceph cluster of {self.home.ceph_conf}" if self.home else \
+            "on this host"
+        msg = (f"{err.strerror} (the catalogue {where}); the array stopped accepting "
+               "changes: every write fsync'd before is safe; unmount it (`fusearray umount "
+               "--discard` gives up what was not) and mount it again")
+        self.writeback.stop(OSError(errno.EIO, msg))
+        self._home_notes.append(("error", msg))
 
     # ---- events ----------------------------------------------------------------
     def event(self, level: str, message: str, source: str | None = None) -> None:

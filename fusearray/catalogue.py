@@ -19,6 +19,7 @@ the committed views (`pack_rows`) and scans share it, under one lock that
 a transaction holds from BEGIN to COMMIT, so they still see only committed
 rows.
 """
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -28,6 +29,14 @@ import threading
 
 from .events import EVENTS_KEPT, NOISE_KEPT
 from .perms import FILE_MODE
+
+
+class CatalogueError(OSError):
+    """The catalogue's database failed under a read (errno EIO): an I/O
+    error of its disk, or for a catalogue in a cluster, a cluster that did
+    not answer in time (Ceph's VFS then fails every later call on that
+    connection: only a new mount reads it again). The committed state is
+    what it was; the array stops accepting changes (WriteBack.append_error)."""
 
 
 #: the tables create_tables makes
@@ -274,6 +283,9 @@ class Catalogue:
         else:
             upgrade_tables(self.conn, record_header)
         self._reads = None          # the committed views' connection (pack_rows)
+        #: on_failure(CatalogueError), from any thread: a read of the
+        #: committed views failed (the Array stops the write-back)
+        self.on_failure = None
 
     def pack_rows(self, pack: str, cache_bytes: int) -> "PackRows":
         """The committed view of pack `pack`'s block index (one read
@@ -281,7 +293,12 @@ class Catalogue:
         if self._reads is None:
             self._reads = (_Reads.shared(self.conn, self.lock, cache_bytes) if self.single
                            else _Reads(self.path, cache_bytes))
+            self._reads.failed = self._read_failed
         return PackRows(self._reads, self.path, pack)
+
+    def _read_failed(self, err: "CatalogueError") -> None:
+        if self.on_failure is not None:
+            self.on_failure(err)
 
     def transaction(self):
         return _Txn(self.conn, self.lock)
@@ -416,6 +433,7 @@ class _Reads:
         self.conn.execute("PRAGMA query_only=1")
         self.conn.execute(f"PRAGMA cache_size={-max(256, cache_bytes >> 10)}")
         self.lock = threading.Lock()
+        self.failed = None      # failed(CatalogueError), any thread: Catalogue.on_failure
 
     @classmethod
     def shared(cls, conn, lock, cache_bytes: int) -> "_Reads":
@@ -423,10 +441,26 @@ class _Reads:
         its lock: a transaction holds it to COMMIT, so reads see only what
         is committed."""
         r = cls(None, cache_bytes)
-        r.conn, r.lock = conn, lock
+        r.conn, r.lock, r.failed = conn, lock, None
         with lock:
             conn.execute(f"PRAGMA cache_size={-max(2048, cache_bytes >> 10)}")
         return r
+
+    @contextlib.contextmanager
+    def query(self):
+        """The connection under the lock, for one statement (or one batch
+        of them). A failure of the database (an I/O error of its disk; for
+        a catalogue in a cluster, a cluster that did not answer in time,
+        after which Ceph's VFS fails every later call) is a
+        CatalogueError."""
+        with self.lock:
+            try:
+                yield self.conn
+            except sqlite3.Error as e:
+                err = CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}")
+                if self.failed is not None:
+                    self.failed(err)
+                raise err from None
 
     def close(self) -> None:
         with self.lock:
@@ -444,53 +478,53 @@ class PackRows:
         # fetchall: the statement runs to its end, so the connection holds no
         # read snapshot between lookups (one would keep the WAL from being
         # checkpointed)
-        with self.reads.lock:
-            rows = self.reads.conn.execute("SELECT seg, off, len FROM blocks WHERE pack=? "
+        with self.reads.query() as conn:
+            rows = conn.execute("SELECT seg, off, len FROM blocks WHERE pack=? "
                                            "AND id=?", (self.pack, bid)).fetchall()
         return rows[0] if rows else None
 
     def get_many(self, ids) -> dict:
         """{id: (seg, off, len)} of the committed rows among `ids`."""
         out = {}
-        with self.reads.lock:
+        with self.reads.query() as conn:
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 marks = ",".join("?" * len(part))
-                for b, s, o, n in self.reads.conn.execute(
+                for b, s, o, n in conn.execute(
                         f"SELECT id, seg, off, len FROM blocks WHERE pack=? AND id IN ({marks})",
                         [self.pack] + part).fetchall():
                     out[bytes(b)] = (s, o, n)
         return out
 
     def segments(self) -> dict:
-        with self.reads.lock:
-            rows = self.reads.conn.execute("SELECT seg, live, size, count FROM segments "
+        with self.reads.query() as conn:
+            rows = conn.execute("SELECT seg, live, size, count FROM segments "
                                            "WHERE pack=?", (self.pack,)).fetchall()
         return {seg: (live, size, count) for seg, live, size, count in rows}
 
     def segment_sums(self) -> dict:
         """{seg: (sum of lengths, entries, largest end)} of the committed
         rows (a pass over the pack's rows inside SQLite; fsck)."""
-        with self.reads.lock:
-            rows = self.reads.conn.execute("SELECT seg, SUM(len), COUNT(*), MAX(off + len) "
+        with self.reads.query() as conn:
+            rows = conn.execute("SELECT seg, SUM(len), COUNT(*), MAX(off + len) "
                                            "FROM blocks WHERE pack=? GROUP BY seg",
                                            (self.pack,)).fetchall()
         return {seg: (total, n, end) for seg, total, n, end in rows}
 
     def entries_in(self, seq: int) -> list:
-        with self.reads.lock:
-            rows = self.reads.conn.execute(ENTRIES_IN_SQL, (self.pack, seq)).fetchall()
+        with self.reads.query() as conn:
+            rows = conn.execute(ENTRIES_IN_SQL, (self.pack, seq)).fetchall()
         return [(bytes(b), (s, o, n)) for b, s, o, n in rows]
 
     def refs(self, ids) -> dict:
         """{id: (refs, counted)} of the committed rows among `ids`."""
         out = {}
         ids = list(ids)
-        with self.reads.lock:
+        with self.reads.query() as conn:
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 marks = ",".join("?" * len(part))
-                for b, r, k in self.reads.conn.execute(
+                for b, r, k in conn.execute(
                         f"SELECT id, refs, counted FROM blocks WHERE pack=? AND id IN ({marks})",
                         [self.pack] + part).fetchall():
                     out[bytes(b)] = (r, k)
@@ -498,8 +532,8 @@ class PackRows:
 
     def unreferenced(self) -> list:
         """The committed rows with no reference: [(id, loc)]."""
-        with self.reads.lock:
-            rows = self.reads.conn.execute(UNREFERENCED_SQL, (self.pack,)).fetchall()
+        with self.reads.query() as conn:
+            rows = conn.execute(UNREFERENCED_SQL, (self.pack,)).fetchall()
         return [(bytes(b), (s, o, n)) for b, s, o, n in rows]
 
     def scan(self):
@@ -511,25 +545,32 @@ class PackRows:
         if self.reads.single:
             yield from self._scan_shared()
             return
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            conn.execute("PRAGMA query_only=1")
-            conn.execute("PRAGMA cache_size=-2048")
-            cur = conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=? "
-                               "ORDER BY id", (self.pack,))
-            while True:
-                rows = cur.fetchmany(SCAN_BATCH)
-                if not rows:
-                    break
-                yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}") from None
+        try:
+            try:
+                conn.execute("PRAGMA query_only=1")
+                conn.execute("PRAGMA cache_size=-2048")
+                cur = conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=? "
+                                   "ORDER BY id", (self.pack,))
+                batches = iter(lambda: cur.fetchmany(SCAN_BATCH), [])
+                for rows in batches:
+                    yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+            except sqlite3.Error as e:
+                err = CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}")
+                if self.reads.failed is not None:
+                    self.reads.failed(err)
+                raise err from None
         finally:
             conn.close()
 
     def _scan_shared(self):
         last = b""
         while True:
-            with self.reads.lock:
-                rows = self.reads.conn.execute(
+            with self.reads.query() as conn:
+                rows = conn.execute(
                     "SELECT id, seg, off, len FROM blocks WHERE pack=? AND id > ? "
                     "ORDER BY id LIMIT ?", (self.pack, last, SCAN_BATCH)).fetchall()
             if not rows:

@@ -110,7 +110,10 @@ class BlockReader:
         missing = [b for b in bids if pack.lookup_cached(b) is UNCACHED]
         known = {}
         if missing:
-            gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing)
+            try:
+                gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing)
+            except OSError as e:        # (catalogue.CatalogueError: the array said so)
+                raise ioerror(f"pack {pack.name}: {e.strerror or e}") from None
             known = pack.learn(gen, missing, found)
         return [known[b] if b in known else pack.lookup(b) for b in bids]
 

@@ -475,6 +475,8 @@ class WriteBack:
 
     def append_error(self, pack, e: OSError, quiet: bool = False) -> ArrayError:
         """The error writers get; an event unless the pack already had one."""
+        if self.fatal is not None:      # (a failed catalogue read stopped it: said once)
+            return ioerror(f"the array stopped after a fatal error: {self.fatal}")
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             msg = (f"pack {pack.name} is full: {e.strerror}; writes fail with "
                    "ENOSPC until space is freed (delete LUNs or shadow copies, "
@@ -747,7 +749,8 @@ class WriteBack:
 
     def stop(self, why: BaseException) -> None:
         """Commit nothing from now on (the catalogue is no longer this
-        mount's: the array's lease was lost to another host). Any thread:
+        mount's: the array's lease was lost to another host; or it cannot
+        be read any more: Array._catalogue_failed). Any thread:
         one assignment, read by `commit` and `sync_all`."""
         if self.fatal is None:
             self.fatal = why
@@ -829,6 +832,8 @@ class WriteBack:
         pack (every pack) has no write-back error and room for every dirty
         block with a margin, so the commit behind the log will store them."""
         cache = self.cache
+        if self.fatal is not None:      # nothing commits: the commit's EIO answers
+            return False
         if cache.errors and cache.error_for(vol.pack.name if vol is not None else None):
             return False
         margin = cache.dirty_bytes + self.intent.pending_bytes + LOG_MARGIN

@@ -1681,3 +1681,74 @@ async def test_sub_block_writes_are_absorbed_and_completed_once_per_block(tmp_pa
         await assert_clean(a, strict=True)
     await with_array(tmp_path / "arr", again)
 
+
+class _FailingConn:
+    """A SQLite connection whose reads fail while `failing` is set (as
+    Ceph's VFS fails every call once the cluster did not answer in time,
+    or a disk that returns EIO)."""
+
+    def __init__(self, conn):
+        self.conn, self.failing = conn, False
+
+    def execute(self, sql, *args):
+        if self.failing and sql.lstrip().upper().startswith("SELECT"):
+            import sqlite3
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+async def test_a_failing_catalogue_read_stops_the_array_cleanly(tmp_path):
+    """A read of the catalogue fails (SQLite: disk I/O error) under a
+    write-back and under a read: EIO with the catalogue named, never an
+    internal error; the write-back stops (one error event saying what to
+    do); `sync all` says so and `discard=yes` gives up what is not
+    committed, so the array can be unmounted; the next open has every
+    write synced before, byte for byte."""
+    init_array(str(tmp_path / "arr"))
+    first = os.urandom(4 * MiB)
+
+    async def body(a):
+        vol = await a.create_lun("l", "8M")
+        await vol.write(0, first)
+        await a.sync()
+        reads = a.catalogue._reads
+        conn = reads.conn = _FailingConn(reads.conn)
+        conn.failing = True
+        a.packs["main"].blocks.cache.resize(0)        # lookups go to the catalogue
+        await vol.write(4 * MiB, os.urandom(2 * MiB))
+        with pytest.raises(ArrayError) as e:
+            await a.sync()
+        assert e.value.errno == errno.EIO
+        a.drain_notes()
+        errors = [ev[3] for ev in a.events if ev[2] == "error"]
+        assert any("the catalogue cannot be read: disk I/O error" in m and
+                   "stopped accepting changes" in m for m in errors), errors
+        assert not [m for m in errors if "internal error" in m], errors
+        assert a.writeback.fatal is not None
+        conn.failing = False                          # (back: the array stays stopped)
+        with pytest.raises(ArrayError) as e:
+            await a.sync_all()
+        assert e.value.errno == errno.EIO and "umount --discard" in e.value.message
+        await a.sync_all(discard=True)
+    await with_array(tmp_path / "arr", body)
+
+    async def reopened(a):
+        vol = a.ns.luns["l"]
+        assert await vol.read(0, len(first)) == first
+    await with_array(tmp_path / "arr", reopened)
+
+    async def cold_read(a):                 # a read whose lookups need the catalogue
+        reads = a.catalogue._reads
+        reads.conn = _FailingConn(reads.conn)
+        reads.conn.failing = True
+        with pytest.raises(ArrayError) as e:
+            await a.ns.luns["l"].read(0, len(first))
+        assert e.value.errno == errno.EIO and "the catalogue cannot be read" in e.value.message
+        a.drain_notes()
+        assert not [ev for ev in a.events if "internal error" in ev[3]]
+        assert a.writeback.fatal is not None
+        reads.conn.failing = False
+    await with_array(tmp_path / "arr", cold_read)
