@@ -459,6 +459,7 @@ class Array:
         self.host_view: dict = {}    # attachments as last read (refresh_host_view)
         self.shadows = Shadows(self.ns, self.runner, wb=self.writeback,
                                collector=self.collector, read_locs=self.reader.read_locs,
+                               lookups=self.reader.lookups,
                                loader=self.reader.loader, pack=self.pack, event=self.journal.event,
                                notify=lambda vol: self.notify(vol),
                                store_hashed=store_hashed, collision=Collision,

@@ -47,24 +47,28 @@ from .util import InFlight, check_name, human_bytes, utc_stamp
 from .volume import Volume
 
 COPY_BATCH = 64
+#: ids a copy job's plan looks up in one go (off the loop: reader.lookups)
+LOOKUP_BATCH = 4096
 
 
 class Shadows:
     """Shadow copy commands, copy jobs and the staging API (see the module
     docstring). `wb` is the write-back (lock, flush, merge, commit,
     store_new, mark_row, check_fits, append_error), `collector` the garbage
-    collector (pin, unpin, collect, want), `read_locs(pack, ids, locs)` and
-    `loader(vol)` the read path, `pack(name)` the pack lookup, `notify(vol)`
+    collector (pin, unpin, collect, want), `read_locs(pack, ids, locs)`,
+    `lookups(pack, ids)` (index lookups off the loop) and `loader(vol)` the
+    read path, `pack(name)` the pack lookup, `notify(vol)`
     the kernel-cache invalidation (the fs layer's)."""
 
     def __init__(self, ns: Namespace, runner: JobRunner, *, wb, collector, read_locs,
-                 loader, pack, event, notify, store_hashed, collision, hooks, attachments,
-                 shared=lambda vol: None, freeze=Freeze):
+                 lookups, loader, pack, event, notify, store_hashed, collision, hooks,
+                 attachments, shared=lambda vol: None, freeze=Freeze):
         self.ns = ns
         self.runner = runner
         self.wb = wb
         self.collector = collector
         self.read_locs = read_locs
+        self.lookups = lookups
         self.loader = loader
         self.pack = pack
         self.event = event
@@ -454,22 +458,28 @@ class Shadows:
                 await maps.mark(vol.root, vol.height, self.loader(vol), ids, set())
             finally:
                 self.collector.unpin(pin)
-            for i, bid in enumerate(ids):
-                if i % 4096 == 0:
-                    await trio.sleep(0)
+            ids = list(ids)
+            # (the index is read off the loop, a batch at a time: on a
+            # catalogue in a cluster a lookup is a RADOS read)
+            for i in range(0, len(ids), LOOKUP_BATCH):
                 if vol.deleted or vol.source is None:
                     break
-                key = (vol.pack.name, bid)
-                if key in seen or vol.pack.lookup(bid) is not None:
-                    continue
-                seen.add(key)
-                loc = vol.source.lookup(bid)
-                if loc is None:
-                    if vol.root != pin[0][1]:
-                        continue      # written meanwhile: the block is no longer its
-                    raise ioerror(f"block {bid.hex()} of {vol.path} is in neither pack "
-                                  f"{vol.pack.name} nor its source")
-                out.append((vol, bid, loc[2]))
+                part = [b for b in ids[i:i + LOOKUP_BATCH] if (vol.pack.name, b) not in seen]
+                own = await self.lookups(vol.pack, part)
+                part = [b for b, loc in zip(part, own) if loc is None]
+                if vol.deleted or vol.source is None:
+                    break
+                for bid, loc in zip(part, await self.lookups(vol.source, part)):
+                    key = (vol.pack.name, bid)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    if loc is None:
+                        if vol.root != pin[0][1]:
+                            continue  # written meanwhile: the block is no longer its
+                        raise ioerror(f"block {bid.hex()} of {vol.path} is in neither "
+                                      f"pack {vol.pack.name} nor its source")
+                    out.append((vol, bid, loc[2]))
         return out
 
     def _copy_volumes(self, job: Job) -> list:
@@ -518,15 +528,19 @@ class Shadows:
                     batch = todo[i:i + COPY_BATCH]
                     by_source: dict = {}
                     for vol, bid, n in batch:
-                        if vol.deleted or vol.source is None or vol.pack.lookup(bid) is not None:
-                            continue
-                        by_source.setdefault(vol.source, []).append((vol, bid))
+                        if not (vol.deleted or vol.source is None):
+                            by_source.setdefault((vol.pack, vol.source), []).append((vol, bid))
                     records = []
-                    for source, items in by_source.items():
-                        # looked up just before the read (no wait in between):
-                        # None when the source no longer holds it (collected)
-                        found = [(v, b, source.lookup(b)) for v, b in items]
-                        found = [x for x in found if x[2] is not None]
+                    for (pack, source), items in by_source.items():
+                        stored = await self.lookups(pack, [b for _, b in items])
+                        items = [(v, b) for (v, b), loc in zip(items, stored)
+                                 if loc is None and not v.deleted and v.source is source]
+                        # looked up just before the read (no wait in between:
+                        # `lookups` answers for the moment it returns): None
+                        # when the source no longer holds it (collected)
+                        locs = await self.lookups(source, [b for _, b in items])
+                        found = [(v, b, loc) for (v, b), loc in zip(items, locs)
+                                 if loc is not None]
                         if not found:
                             continue
                         datas = await self.read_locs(source, [b for _, b, _ in found],

@@ -1207,6 +1207,46 @@ async def test_verify_mode_refuses_a_hash_collision(tmp_path):
     await with_array(tmp_path / "arr", body)
 
 
+async def test_a_copy_job_reads_the_index_off_the_loop(tmp_path, monkeypatch):
+    """A cross-pack resync with cold index caches: every lookup of the
+    block index that misses the cache (a B-tree read; on a catalogue in a
+    cluster a RADOS read) runs in a worker thread, none on the trio
+    thread, while the job plans and copies; the copy is right."""
+    import threading
+
+    from fusearray.catalogue import PackRows
+    init_array(str(tmp_path / "arr"))
+    loop_thread = threading.current_thread()
+    on_loop = []
+    for name in ("get", "get_many"):
+        orig = getattr(PackRows, name)
+
+        def spy(self, *args, _orig=orig, _name=name):
+            if threading.current_thread() is loop_thread:
+                on_loop.append(_name)
+            return _orig(self, *args)
+        monkeypatch.setattr(PackRows, name, spy)
+
+    async def body(a):
+        await a.add_pack("far", "single", [str(tmp_path / "far")])
+        lun = await a.create_lun("db", "16M")
+        data = os.urandom(16 * MiB)
+        await lun.write(0, data)
+        await a.snapshot(["db"], "s1")
+        await a.sync()
+        for p in a.packs.values():
+            p.blocks.cache.resize(0)            # every lookup misses the cache
+        on_loop.clear()
+        job, _ = await a.resync(["s1/db=copy"], pack="far", undo=False)
+        with trio.fail_after(60):
+            while job.state not in ("done", "failed", "cancelled"):
+                await trio.sleep(0.01)
+        assert job.state == "done", job.error
+        assert on_loop == [], on_loop[:5]
+        assert await a.lun("copy").read(0, 16 * MiB) == data
+    await with_array(tmp_path / "arr", body)
+
+
 async def test_snapshot_resync_swap_in_process(tmp_path):
     init_array(str(tmp_path / "arr"))
 
