@@ -43,6 +43,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import tempfile
 
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
@@ -165,17 +166,37 @@ class ClusterHome:
             os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
         where = os.path.join(base, "fusearray" if os.geteuid() == 0
                              else f"fusearray-{os.geteuid()}")
-        private_dir(where)
-        fd = os.open(os.path.join(where, f"init.{self.pool}.{self.name}.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            private_dir(where)
+            st = os.lstat(where)
+        except OSError as e:
+            raise busy(f"{self.spec}: cannot use {where} for the init lock: {e.strerror}; "
+                       "remove it (another user may have made it)") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise busy(f"{self.spec}: {where} is not a directory of this user's: "
+                       "remove it (another user may have made it)")
+        path = os.path.join(where, f"init.{self.pool}.{self.name}.lock")
+        while True:     # (the file is removed at the end: lock the one that is there)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
                 raise busy(f"{self.spec}: another `fusearray init` of it is running on "
                            "this host") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
             yield
         finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
             os.close(fd)
 
     def record_init(self, array_id: str, disks: list[str]) -> None:

@@ -454,3 +454,34 @@ def test_racing_and_killed_inits_leave_one_working_array_and_nothing_in_the_way(
     r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "tools", "fsck"), m.array], env=env, check=False)
     assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.unit
+def test_the_init_lock_is_one_per_array_and_this_users(tmp_path, monkeypatch):
+    """home.init_lock: a second init of one array on this host is refused
+    (EBUSY) while the first holds it, another array's is not, and it is
+    free again after; a lock directory another user owns is refused, never
+    used (they could hold the lock or swap the file)."""
+    from fusearray.errors import ArrayError
+    from fusearray.home import ClusterHome
+    name = f"lock{os.getpid()}"
+    home = ClusterHome(f"rados:p/{name}", str(tmp_path / "ceph.conf"))
+    other = ClusterHome(f"rados:p/{name}x", str(tmp_path / "ceph.conf"))
+    with home.init_lock():
+        with pytest.raises(ArrayError) as e:
+            with home.init_lock():
+                pass
+        assert e.value.errno == errno.EBUSY and "is running on this host" in e.value.message
+        with other.init_lock():
+            pass
+    with home.init_lock():
+        pass
+    assert not os.path.exists(f"/run/fusearray/init.p.{name}.lock")   # (nothing left)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)     # a user; the directory is root's
+    os.mkdir(tmp_path / "fusearray-4321")
+    with pytest.raises(ArrayError) as e:
+        with home.init_lock():
+            pass
+    assert e.value.errno == errno.EBUSY and "another user" in e.value.message, e.value
+    assert os.listdir(tmp_path / "fusearray-4321") == []
