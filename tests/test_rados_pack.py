@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -510,3 +511,61 @@ async def test_a_dead_segment_being_read_stays_until_the_read_is_over(ceph, pool
         assert not medium.exists(seg_name(seg))
         assert pack.disks[0].state == "online" and pack.disks[0].errors == 0
     await with_array(tmp_path / "arr", body)
+
+
+def _full_ratios(ceph, full: float, backfill: float, nearfull: float) -> None:
+    env = dict(os.environ, CEPH_CONF=ceph.conf)
+    for what, r in (("full", full), ("backfillfull", backfill), ("nearfull", nearfull)):
+        run(["ceph", "osd", f"set-{what}-ratio", str(r)], env=env)
+
+
+def _pool_full(client, pool: str) -> bool:
+    ret, out, _ = client.mon_command(json.dumps({"prefix": "osd dump", "format": "json"}),
+                                     b"", timeout=10)
+    assert ret == 0
+    return "full" in next(p["flags_names"] for p in json.loads(out)["pools"]
+                          if p["pool_name"] == pool).split(",")
+
+
+@pytest.mark.daemon_errors(r"is full|ENOSPC|No space")
+def test_a_full_cluster_is_enospc_and_writes_go_on_once_it_has_room(make_mount, ceph,
+                                                                    client, pool):
+    """The cluster's OSDs past their full ratio (the pool flagged full):
+    a write to a LUN of a rados pack is refused with ENOSPC and an event
+    saying the pack is full, nothing hangs or fails the pack; once the
+    cluster has room again the same write and its fsync succeed, and
+    everything fsync'd before and after is there after a remount."""
+    m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
+    m.ok("create", "v 32M")
+    lun = m.path("luns", "v")
+    first = write_synced(lun, 8 * MiB)
+    try:
+        _full_ratios(ceph, 0.000001, 0.0000008, 0.0000005)
+        wait_for(lambda: _pool_full(client, pool), 60, "the pool to be flagged full")
+        # (the pack reads the cluster's space at its disk checks, every few seconds)
+        wait_for(lambda: next(p for p in m.status()["packs"] if p["name"] == "main")
+                 ["free_bytes"] < MiB, 60, "the pack to see the cluster full")
+        r = sh(f"dd if=/dev/urandom of={lun} bs=1M count=8 seek=8 conv=fsync,notrunc "
+               "status=none", check=False)
+        assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+        assert "is full" in m.events(), m.events()[-2000:]
+        assert disk_of(m, "main")["state"] == "online"
+    finally:
+        _full_ratios(ceph, 0.95, 0.90, 0.85)
+    wait_for(lambda: not _pool_full(client, pool), 60, "the pool to have room")
+    second = wait_for(lambda: _try_write(lun, 8 * MiB), 60, "a write to succeed again")
+    assert read_at(lun, 0, 8 * MiB) == first
+    m.stop()
+    m.start()
+    assert read_at(lun, 0, 8 * MiB) == first
+    assert read_at(lun, 8 * MiB, len(second)) == second
+
+
+def _try_write(lun: str, off: int):
+    """write_synced at `off`, or None if it fails (ENOSPC until the pack
+    learns the cluster has room: its space is read every few seconds)."""
+    try:
+        return write_synced(lun, 4 * MiB, off=off)
+    except OSError:
+        time.sleep(0.5)
+        return None
