@@ -985,8 +985,26 @@ def cmd_install_unit(args) -> int:
     """Write the systemd unit template and this mount's environment file."""
     from . import systemdunit
     from .util import parse_bytes
-    array = os.path.abspath(args.array or DEFAULT_ARRAY)
+    from . import home
     mnt = os.path.abspath(args.mountpoint or DEFAULT_MOUNT)
+    cluster = []            # an array in a Ceph cluster: where its cache is, which cluster
+    if args.array and home.is_cluster(args.array):
+        array = "{}{}/{}".format(home.PREFIX, *home.parse(args.array))
+        from .array import ceph_conf_now
+        from .mounthelper import DEFAULT_CEPH_CONF
+        conf = args.ceph_conf or ceph_conf_now() or (
+            DEFAULT_CEPH_CONF if os.path.isfile(DEFAULT_CEPH_CONF) else None)
+        if not conf:
+            raise UserError(f"{array}: no Ceph cluster named: give --ceph-conf FILE (the "
+                            "unit runs without $CEPH_CONF)")
+        cluster = ["--ceph-conf", os.path.abspath(conf)]
+        if args.cache_dir:
+            cluster += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    else:
+        if args.cache_dir or args.ceph_conf:
+            raise UserError("--cache-dir and --ceph-conf are for an array in a Ceph cluster "
+                            "(rados:POOL/NAME)")
+        array = os.path.abspath(args.array or DEFAULT_ARRAY)
     if args.cache_size:
         parse_bytes(args.cache_size, "cache size")
     if args.index_cache:
@@ -1000,6 +1018,11 @@ def cmd_install_unit(args) -> int:
             opts += [flag, os.path.abspath(val) if flag == "--log" else val]
     if args.fsync != "log":
         opts += ["--fsync", args.fsync]
+    if args.lease is not None:
+        if not 2 <= args.lease <= 3600:
+            raise UserError("--lease: give 2 to 3600 seconds")
+        opts += ["--lease", str(args.lease)]
+    opts += cluster
     try:
         unit, written = systemdunit.install(array, mnt, opts, args.root)
     except (OSError, ValueError) as e:
@@ -1040,7 +1063,8 @@ Next steps (FUSEARRAY_MOUNT={mnt} lets you drop -m):
         cmd_install_unit(argparse.Namespace(
             array=array, mountpoint=mnt, root=args.root, cache_size=None, index_cache=None,
             owner=None,
-            group=None, mode=None, ctl_group=None, log=None, fsync="log"))
+            group=None, mode=None, ctl_group=None, log=None, fsync="log", lease=None,
+            cache_dir=None, ceph_conf=None))
         print(f"  (it is mounted now: `fusearray umount {mnt}` first, or enable without "
               "--now)")
     return 0
@@ -1160,6 +1184,13 @@ def parse_args(argv):
     s.add_argument("--group", metavar="GROUP")
     s.add_argument("--mode", metavar="MODE")
     s.add_argument("--ctl-group", metavar="GROUP")
+    s.add_argument("--lease", type=int, metavar="SECONDS",
+                   help="the lease of an array in a Ceph cluster or of rados packs")
+    s.add_argument("--cache-dir", metavar="DIR",
+                   help="an array in a Ceph cluster: this host's cache directory of it")
+    s.add_argument("--ceph-conf", metavar="FILE",
+                   help="an array in a Ceph cluster: its cluster's ceph.conf (default "
+                        "$CEPH_CONF, else /etc/ceph/ceph.conf), written into the unit")
     s.set_defaults(fn=cmd_install_unit)
 
     for name, fn, what in (("status", cmd_status, "show ctl/status (--json: ctl/status.json)"),

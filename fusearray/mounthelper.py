@@ -18,7 +18,11 @@ command is not on that PATH and takes other arguments, hence the helper.)
 
 Options of the array map onto `fusearray mount --background`:
 cache_size=SIZE, index_cache=SIZE, owner=USER, group=GROUP, mode=MODE, ctl_group=GROUP,
-log=DIR, fsync=log|commit, debug. The generic ones that say when or how
+log=DIR, fsync=log|commit, debug; for an array in a Ceph cluster (ARRAY
+`rados:POOL/NAME`) also cache_dir=DIR, ceph_conf=FILE (default $CEPH_CONF,
+else /etc/ceph/ceph.conf: mount(8) at boot has no environment) and
+lease=SECONDS (never --break-lock: taking an array over from a live host
+is a decision for a person, not for fstab). The generic ones that say when or how
 mount(8) and systemd act, or what every fusearray mount already is, are
 ignored (GENERIC); any other is refused (exit 32, as mount(8) refuses a
 bad option) unless -s (sloppy) is given. The helper returns once the mount
@@ -38,7 +42,14 @@ EX_USAGE, EX_FAIL = 1, 32
 #: -o options of fusearray itself -> `fusearray mount` option (None: a flag)
 ARRAY_OPTIONS = {"cache_size": "--cache-size", "index_cache": "--index-cache", "owner": "--owner", "group": "--group",
                  "mode": "--mode", "ctl_group": "--ctl-group", "log": "--log",
-                 "fsync": "--fsync", "debug": None}
+                 "fsync": "--fsync", "debug": None,
+                 # an array in a Ceph cluster (ARRAY is rados:POOL/NAME), rados packs
+                 "cache_dir": "--cache-dir", "ceph_conf": "--ceph-conf", "lease": "--lease"}
+#: options for an array in a Ceph cluster only
+CLUSTER_OPTIONS = ("--cache-dir",)
+#: the cluster of an array in a Ceph cluster when neither ceph_conf= nor
+#: $CEPH_CONF names one (mount(8) at boot has no such variable): librados's own default
+DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
 
 #: -o options that are not fusearray's: when and by whom mount(8) and
 #: systemd mount (auto, noauto, user, users, nouser, owner, group without a
@@ -61,7 +72,9 @@ def parse_args(argv):
         prog="mount.fusearray", add_help=True,
         description="mount(8) helper: mount -t fuse.fusearray ARRAY MOUNTPOINT [-o OPTIONS]",
         epilog="options: cache_size=SIZE index_cache=SIZE owner=USER group=GROUP mode=MODE "
-               "ctl_group=GROUP log=DIR fsync=log|commit debug; ignored: "
+               "ctl_group=GROUP log=DIR fsync=log|commit debug; an array in a Ceph "
+               "cluster (rados:POOL/NAME): cache_dir=DIR ceph_conf=FILE lease=SECONDS; "
+               "ignored: "
                + ",".join(sorted(GENERIC)) + ",x-*,comment=*")
     p.add_argument("array")
     p.add_argument("mountpoint")
@@ -137,10 +150,27 @@ def mount(args) -> int:
     if args.namespace:
         raise HelperError("-N (mount in another namespace) is not supported: run mount "
                           "inside the namespace instead")
-    array, mnt = os.path.abspath(args.array), os.path.abspath(args.mountpoint)
-    if not os.path.isfile(os.path.join(array, "array.json")):
-        raise HelperError(f"{array} is not a fusearray array (no array.json; create one "
-                          "with `fusearray init`)")
+    from . import home
+    mnt = os.path.abspath(args.mountpoint)
+    if home.is_cluster(args.array):
+        try:
+            array = "{}{}/{}".format(home.PREFIX, *home.parse(args.array))
+        except ArrayError as e:
+            raise HelperError(str(e)) from None
+        if "--ceph-conf" not in mount_opts and not os.environ.get("CEPH_CONF"):
+            if not os.path.isfile(DEFAULT_CEPH_CONF):
+                raise HelperError(f"{array}: no Ceph cluster named: give -o ceph_conf=FILE "
+                                  f"(there is no {DEFAULT_CEPH_CONF})")
+            mount_opts += ["--ceph-conf", DEFAULT_CEPH_CONF]
+    else:
+        array = os.path.abspath(args.array)
+        if not os.path.isfile(os.path.join(array, "array.json")):
+            raise HelperError(f"{array} is not a fusearray array (no array.json; create "
+                              "one with `fusearray init`)")
+        given = [o for o in mount_opts if o in CLUSTER_OPTIONS]
+        if given:
+            raise HelperError(f"{', '.join(o[2:].replace('-', '_') for o in given)}: "
+                              "only for an array in a Ceph cluster (rados:POOL/NAME)")
     if not os.path.isdir(mnt):
         raise HelperError(f"mountpoint {mnt} is not a directory")
     argv = ["mount", "--background", array, mnt, *mount_opts]
@@ -155,7 +185,8 @@ def mount(args) -> int:
         return 0
     already = mounted_array(mnt)
     if already is not None:
-        if os.path.realpath(already) == os.path.realpath(array):
+        if already == array or (not home.is_cluster(array) and not home.is_cluster(already)
+                                and os.path.realpath(already) == os.path.realpath(array)):
             # `mount -a` cannot tell (the mount's source is "fusearray"): done
             if args.verbose:
                 print(f"mount.fusearray: {array} is already mounted on {mnt}",

@@ -34,6 +34,8 @@ UNIT_TEMPLATE = """\
 # /etc/fusearray/INSTANCE.conf:
 #   ARRAY=/var/lib/fusearray/default
 #   OPTIONS=--cache-size 1G --owner qemu
+# (an array in a Ceph cluster: ARRAY=rados:POOL/NAME,
+#  OPTIONS=--ceph-conf /etc/ceph/ceph.conf ...)
 # `fusearray install-unit ARRAY MOUNTPOINT` writes both; then
 #   systemctl enable --now fusearray@mnt-fusearray.service
 [Unit]
@@ -104,7 +106,10 @@ def install(array: str, mnt: str, options: list[str], root: str = "/",
             command: str | None = None) -> tuple[str, list[str]]:
     """Write the template and this instance's environment file under
     `root`; returns (the instance's unit name, the files written)."""
-    array, mnt = os.path.abspath(array), os.path.abspath(mnt)
+    from .home import is_cluster
+    mnt = os.path.abspath(mnt)
+    if not is_cluster(array):       # (rados:POOL/NAME: an array in a Ceph cluster)
+        array = os.path.abspath(array)
     inst = escape_path(mnt)
     unit_dir = os.path.join(root, UNIT_DIR.lstrip("/"))
     env_dir = os.path.join(root, ENV_DIR.lstrip("/"))

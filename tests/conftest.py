@@ -9,6 +9,10 @@ RADOS backend, started by the first test that asks for it; its gate,
 `cephcluster.require_ceph()`, skips unless FUSEARRAY_REQUIRE_CEPH=1
 (tests/cephcluster.py, docs/ceph.md).
 
+`helper_link` points /sbin/mount.fuse.fusearray at this venv's mount(8)
+helper for a test and puts back what was there (test_hostfit,
+test_rados_array).
+
 `Mount` starts `python -m fusearray.daemon` as a child, waits for its
 readiness line, and in `close()` (always run, from `finally`) unmounts every
 filesystem and detaches every loop device it recorded, unmounts the FUSE
@@ -630,3 +634,34 @@ def s3(ceph):
         if server is not None:
             server.close()
         ceph.stop_rgw()
+
+
+# ---- the mount(8) helper ------------------------------------------------------------------
+HELPER_LINK = "/sbin/mount.fuse.fusearray"
+HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fusearray")
+
+
+@pytest.fixture
+def helper_link():
+    """/sbin/mount.fuse.fusearray -> this venv's helper for the test; what
+    was there before (nothing, or another checkout's) is put back."""
+    require_fuse()
+    if not shutil.which("mount"):
+        pytest.skip("util-linux mount is not installed")
+    assert os.access(HELPER, os.X_OK), f"{HELPER} missing: pip install -e . (tools/setup.sh)"
+    before = os.readlink(HELPER_LINK) if os.path.islink(HELPER_LINK) else None
+    if os.path.exists(HELPER_LINK) and not os.path.islink(HELPER_LINK):
+        pytest.skip(f"{HELPER_LINK} is a file, not fusearray's link: leaving it alone")
+    if before != HELPER:
+        tmp = HELPER_LINK + ".test-tmp"
+        os.symlink(HELPER, tmp)
+        os.replace(tmp, HELPER_LINK)
+    try:
+        yield HELPER_LINK
+    finally:
+        if before is None:
+            os.unlink(HELPER_LINK)
+        elif before != HELPER:
+            tmp = HELPER_LINK + ".test-tmp"
+            os.symlink(before, tmp)
+            os.replace(tmp, HELPER_LINK)

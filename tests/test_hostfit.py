@@ -22,8 +22,6 @@ from fusearray.mounthelper import HelperError, map_options
 from conftest import cli, require_fuse, run, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPER_LINK = "/sbin/mount.fuse.fusearray"
-HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fusearray")
 
 
 # ---- the helper's options (no mount) ---------------------------------------------------
@@ -114,6 +112,44 @@ def test_install_unit_writes_the_unit_and_the_array(tmp_path):
     assert r.returncode == 1 and "cache size" in r.stderr
 
 
+def test_install_unit_and_the_helper_take_an_array_in_a_cluster(tmp_path, monkeypatch):
+    """install-unit rados:POOL/NAME: the spec kept as it is (no path made
+    of it), the cluster's conf and the cache directory written into the
+    options (the unit runs without $CEPH_CONF); refused without a cluster
+    named, and --cache-dir for a local array. The helper checks the same
+    without mounting (-f)."""
+    root = tmp_path / "root"
+    conf = tmp_path / "ceph.conf"
+    conf.write_text("[global]\n")
+    r = cli("install-unit", "rados:fa/db", "/mnt/db", "--root", str(root), "--ceph-conf",
+            str(conf), "--cache-dir", str(tmp_path / "c"), "--lease", "10")
+    lines = (root / "etc/fusearray/mnt-db.conf").read_text().splitlines()
+    assert "ARRAY=rados:fa/db" in lines, lines
+    assert f"OPTIONS=--lease 10 --ceph-conf {conf} --cache-dir {tmp_path / 'c'}" in lines, lines
+    assert "rados:fa/db on /mnt/db" in r.stdout
+    env = dict(os.environ)
+    env.pop("CEPH_CONF", None)
+    if not os.path.exists("/etc/ceph/ceph.conf"):
+        r = run([sys.executable, "-m", "fusearray", "install-unit", "rados:fa/db", "/mnt/db",
+                 "--root", str(root)], env=env, check=False)
+        assert r.returncode == 1 and "give --ceph-conf" in r.stderr, r.stderr
+    for args, says in ((["rados:bad pool/x", "/mnt/x", "--ceph-conf", str(conf)], "bad array"),
+                       (["/srv/a", "/mnt/a", "--cache-dir", "/c"], "for an array in a Ceph")):
+        r = cli("install-unit", *args, "--root", str(root), check=False)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the helper, checking only (-f)
+    monkeypatch.delenv("CEPH_CONF", raising=False)
+    assert mounthelper.main(["rados:fa/db", str(tmp_path), "-f", "-o",
+                             f"ceph_conf={conf},cache_dir={tmp_path}/c,lease=10"]) == 0
+    assert mounthelper.main(["rados:bad pool/db", str(tmp_path), "-f", "-o",
+                             f"ceph_conf={conf}"]) == 32
+    cli("init", str(tmp_path / "a"))
+    assert mounthelper.main([str(tmp_path / "a"), str(tmp_path), "-f", "-o",
+                             f"cache_dir={tmp_path}/c"]) == 32
+    monkeypatch.setattr(mounthelper, "DEFAULT_CEPH_CONF", str(tmp_path / "none.conf"))
+    assert mounthelper.main(["rados:fa/db", str(tmp_path), "-f"]) == 32
+
+
 def test_installed_unit_passes_systemd_analyze_verify(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
@@ -153,32 +189,6 @@ def test_version_help_and_usage_exit_codes():
 
 
 # ---- real mounts through mount(8) ----------------------------------------------------------
-@pytest.fixture
-def helper_link():
-    """/sbin/mount.fuse.fusearray -> this venv's helper for the test; what
-    was there before (nothing, or another checkout's) is put back."""
-    require_fuse()
-    if not shutil.which("mount"):
-        pytest.skip("util-linux mount is not installed")
-    assert os.access(HELPER, os.X_OK), f"{HELPER} missing: pip install -e . (tools/setup.sh)"
-    before = os.readlink(HELPER_LINK) if os.path.islink(HELPER_LINK) else None
-    if os.path.exists(HELPER_LINK) and not os.path.islink(HELPER_LINK):
-        pytest.skip(f"{HELPER_LINK} is a file, not fusearray's link: leaving it alone")
-    if before != HELPER:
-        tmp = HELPER_LINK + ".test-tmp"
-        os.symlink(HELPER, tmp)
-        os.replace(tmp, HELPER_LINK)
-    try:
-        yield HELPER_LINK
-    finally:
-        if before is None:
-            os.unlink(HELPER_LINK)
-        elif before != HELPER:
-            tmp = HELPER_LINK + ".test-tmp"
-            os.symlink(before, tmp)
-            os.replace(tmp, HELPER_LINK)
-
-
 def _exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -485,3 +485,47 @@ def test_the_init_lock_is_one_per_array_and_this_users(tmp_path, monkeypatch):
             pass
     assert e.value.errno == errno.EBUSY and "another user" in e.value.message, e.value
     assert os.listdir(tmp_path / "fusearray-4321") == []
+
+
+def test_mount_8_and_fstab_mount_an_array_in_the_cluster(ceph, pool, tmp_path, helper_link):
+    """`mount -t fuse.fusearray rados:POOL/NAME MNT -o ceph_conf=..,cache_dir=..`
+    and an fstab line of the same, without $CEPH_CONF (as at boot): the
+    array is served from the cluster with that cache directory; a second
+    mount is a no-op; umount(8) ends the daemon; what was fsync'd is there
+    at the next mount."""
+    from fusearray import ctlclient
+    from test_hostfit import _exited, _fusearray_mounts
+    spec = init(ceph, pool)
+    mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
+    os.mkdir(mnt)
+    env = dict(os.environ)
+    env.pop("CEPH_CONF", None)
+    opts = f"_netdev,ceph_conf={ceph.conf},cache_dir={cache},lease={LEASE}"
+    pids = []
+    try:
+        run(["mount", "-t", "fuse.fusearray", spec, mnt, "-o", opts], env=env)
+        st = ctlclient.status(mnt)
+        pids.append(st["pid"])
+        assert st["array"] == spec and st["cache_dir"] == cache, st
+        cli("create", "v", "16M", mnt=mnt)
+        data = write_synced(os.path.join(mnt, "luns", "v"), 3 * MiB, off=MiB)
+        run(["mount", "-t", "fuse.fusearray", spec, mnt, "-o", opts], env=env)
+        assert len(_fusearray_mounts(mnt)) == 1
+        run(["umount", mnt])
+        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
+        assert not _fusearray_mounts(mnt)
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"{spec} {mnt} fuse.fusearray defaults,{opts} 0 0\n")
+        run(["mount", "--fstab", str(fstab), mnt], env=env)
+        st = ctlclient.status(mnt)
+        pids.append(st["pid"])
+        assert st["array"] == spec
+        assert read_at(os.path.join(mnt, "luns", "v"), MiB, len(data)) == data
+        run(["umount", mnt])
+        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
+    finally:
+        if _fusearray_mounts(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+        for pid in pids:
+            if not _exited(pid):
+                os.kill(pid, 9)
