@@ -24,8 +24,8 @@ Modules (each docstring is that module's contract):
 
 Concurrency contract (what the code does; the array keeps to it):
 - Trio thread: every change to the index (add, sweep, take_pending,
-  drop_dead_segment, seal_if_sparse), by holders of the array's commit
-  lock; lookups (from any thread: see index.py) and the segment lists
+  drop_dead_segment, take_unlinkable, seal_if_sparse), by holders of the
+  array's commit lock; lookups (from any thread: see index.py) and the segment lists
   (segments(), sealed()) without it; the reading guard (`reading`, entered and left there);
   mapped_blocks and the no-wait reads (read_nowait, read_into_nowait,
   read_many_into_nowait), which only take what the page cache holds.
