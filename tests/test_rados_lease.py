@@ -239,3 +239,46 @@ def test_the_client_name_comes_from_CEPH_ARGS(make_mount, ceph, pool):
         b.start("--lease", LEASE)
     a.stop()
     wait_for(lambda: "client.fusearray" not in entities(), 30, "the session to end")
+
+
+@pytest.mark.array
+def test_a_holder_that_died_before_naming_itself_is_known_by_its_own_record(ceph, pool):
+    """A client locks the lease and dies before it writes the `holder`
+    record (which still names the previous holder, elsewhere): the next
+    mount of the same array on the same host finds the dead one by the
+    record it made before locking (through the lock's lockers), so it
+    takes over at once, fencing it, instead of waiting out the lease as if
+    another host held it."""
+    import json
+    import subprocess
+    import sys
+
+    from fusearray.store.rados import LEASE_OBJECT, RadosMedium
+    path = f"rados:{pool}/leasens"
+    holder = {"host": "this-host", "pid": 1, "array": "/arrays/a"}
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import json, sys, time
+from fusearray.store.rados import LEASE_OBJECT, RadosMedium
+m = RadosMedium({path!r}, {ceph.conf!r})
+m.take_lease(30, {holder!r}, False)
+_, io = m.lease_io()
+io.set_xattr(LEASE_OBJECT, "holder", json.dumps({{"host": "elsewhere", "pid": 9,
+             "array": "/other", "client": "client.1", "cookie": "gone"}}).encode())
+print("locked", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    m = RadosMedium(path, ceph.conf)
+    try:
+        t0 = time.monotonic()
+        fenced = m.take_lease(30, dict(holder, pid=2), False)
+        assert fenced and time.monotonic() - t0 < 15, fenced     # (not the 30 s lease)
+        _, io = m.lease_io()
+        assert json.loads(io.get_xattr(LEASE_OBJECT, "holder"))["pid"] == 2
+    finally:
+        m.release_lease()

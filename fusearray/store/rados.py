@@ -1011,11 +1011,22 @@ class Lease:
             pass                    # a later holder fences it: harmless
 
     def _holder(self, io, me: str) -> dict:
-        """The holder's record; {"fenced_us": True} when this client was
-        blocklisted meanwhile (a mount racing this one took the lease and
-        fenced every client on record, this one too, as it must: a client
-        that recorded itself may be about to lock)."""
+        """The holder's record: the one the client that holds the lock
+        made before it locked (`c.<its number>`, found through the lock's
+        lockers), else the `holder` record (written just after locking:
+        alone it may still be the previous holder's when the new one died
+        in between); {"fenced_us": True} when this client was blocklisted
+        meanwhile (a mount racing this one took the lease and fenced every
+        client on record, this one too, as it must: a client that recorded
+        itself may be about to lock)."""
         try:
+            for num, cookie in lockers(io, LEASE_OBJECT, LEASE_LOCK):
+                try:
+                    rec = json.loads(io.get_xattr(LEASE_OBJECT, f"c.{num}"))
+                except (rados.ObjectNotFound, rados.NoData, ValueError):
+                    continue
+                if rec.get("client") == f"client.{num}" and rec.get("cookie") == cookie:
+                    return rec
             return json.loads(io.get_xattr(LEASE_OBJECT, "holder"))
         except rados.Error as e:
             return {"fenced_us": True} if _errno_of(e) == errno.ESHUTDOWN else {}
