@@ -48,7 +48,8 @@ import uuid
 import trio
 
 from . import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, FORMAT_VERSION, maps
-from .catalogue import Catalogue, Changes
+from .catalogue import Catalogue, CatalogueError, Changes
+from .catalogue import failures as catalogue_failures
 from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
 from .eventhooks import EventHooks
 from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
@@ -715,7 +716,18 @@ class Array:
                                      f"readable by other users): {shown}{more}"))
 
     async def open(self, nursery) -> None:
-        rows, notes = await trio.to_thread.run_sync(self._open_blocking)
+        try:
+            with catalogue_failures():
+                rows, notes = await trio.to_thread.run_sync(self._open_blocking)
+        except CatalogueError as e:
+            # (nothing to commit at the close that follows: the leases go)
+            self.writeback.stop(e)
+            where = (f"{self.home} (in the Ceph cluster of {self.home.ceph_conf}: does it "
+                     "answer?)" if self.home else os.path.join(self.path, CATALOGUE_FILE))
+            raise ioerror(f"{e.strerror}: {where}; the array cannot be opened (its "
+                          "catalogue, the LUNs' maps and the block index, is unreadable: "
+                          "restore it from a backup, or mount again once its disk or "
+                          "cluster answers)") from None
         self.ns.load(self._meta, self._set_rows, rows, self.packs)
         self.nursery = nursery
         self.runner.load(self._job_rows, self._journaled_jobs)

@@ -39,6 +39,17 @@ class CatalogueError(OSError):
     what it was; the array stops accepting changes (WriteBack.append_error)."""
 
 
+@contextlib.contextmanager
+def failures():
+    """A sqlite3.Error inside (in this thread, or a worker thread awaited
+    inside) becomes a CatalogueError: for the catalogue's users, which do
+    not import sqlite3 (the array's open)."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}") from None
+
+
 #: the tables create_tables makes
 TABLES = ("meta", "packs", "disks", "blocks", "segments", "volumes", "jobs", "sets", "events")
 

@@ -650,3 +650,30 @@ def test_a_partly_written_block_reads_merged_before_any_flush(mount):
         assert os.pread(fd, 1 * MiB, 0) == model
     finally:
         os.close(fd)
+
+
+def test_an_unreadable_catalogue_refuses_the_mount_with_what_to_do(tmp_path):
+    """catalogue.db damaged (its header overwritten): `fusearray mount`
+    exits 1 naming the catalogue and what to do, no traceback, nothing
+    mounted, no daemon left; put back, the array mounts."""
+    from conftest import require_fuse
+    require_fuse()
+    array, mnt = tmp_path / "a", tmp_path / "m"
+    mnt.mkdir()
+    cli("init", str(array))
+    db = array / "catalogue.db"
+    good = db.read_bytes()
+    db.write_bytes(b"\0" * 100 + good[100:])
+    r = cli("mount", str(array), str(mnt), "--background", check=False)
+    assert r.returncode == 1, r
+    assert "the catalogue cannot be read" in r.stderr and "restore it" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr, r.stderr
+    log = (array / "daemon.log").read_text() if (array / "daemon.log").exists() else ""
+    assert "Traceback" not in log, log
+    assert not os.path.ismount(mnt) and not (array / "running").exists()
+    db.write_bytes(good)
+    cli("mount", str(array), str(mnt), "--background")
+    try:
+        assert os.path.ismount(mnt)
+    finally:
+        cli("umount", str(mnt))
