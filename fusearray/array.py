@@ -381,12 +381,15 @@ class Array:
     def __init__(self, path: str, cache_size: int = DEFAULT_CACHE_SIZE,
                  log_dir: str | None = None, fsync: str = "log", *,
                  index_cache: int | None = None, lease: float = DEFAULT_LEASE,
-                 break_lock: bool = False):
+                 break_lock: bool = False, accept_stale: bool = False):
         self.path = os.path.abspath(path)
         # rados packs: the mount's exclusive lease on each (rados.Lease):
         # its length (--lease) and whether to fence a live holder (--break-lock)
         self.lease = lease
         self.break_lock = break_lock
+        # --accept-stale: open although another copy of the array directory
+        # wrote its rados packs since (_check_not_stale)
+        self.accept_stale = accept_stale
         # --index-cache: RAM for the block index (on disk, in the catalogue):
         # a share for SQLite's pages, the rest split among the packs' caches
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
@@ -553,6 +556,44 @@ class Array:
                              "before taking it over")
         return notes
 
+    def _check_not_stale(self, pack: Pack, meta: dict) -> list[str]:
+        """Opening, with `pack`'s leases held: the commit record its disks
+        keep (rados: which mount of the array committed last, and how many
+        commits its catalogue then held; WriteBack.open_lineage) must be
+        one this catalogue has: its own last session's, or the one before
+        (a crash between the catalogue's commit and the record's). Else
+        another copy of this array directory (another host's, or a copy
+        taken earlier) has written the pack since this one was taken, and
+        opening this one would remove what that copy stored as garbage:
+        ArrayError ESTALE saying whose and how to go on; with
+        --accept-stale, a note saying what is dropped. Returns notes."""
+        known = [(meta.get(k), int(meta.get(n, 0) or 0))
+                 for k, n in (("session", "commits"), ("prev_session", "prev_commits"))]
+        for d in pack.disks:
+            try:
+                rec = d.last_commit()
+            except OSError:
+                continue            # not answering: the disk check says so
+            if not rec or rec.get("array") != self.conf["uuid"]:
+                continue
+            session, n = rec.get("session"), int(rec.get("commits", 0))
+            if any(session == s and n <= c for s, c in known if s):
+                continue
+            whose = (f"the mount of {rec.get('dir', '?')} on host {rec.get('host', '?')} "
+                     f"made commit {n} of it, which the catalogue of {self.path} (commit "
+                     f"{int(meta.get('commits', 0) or 0)}) does not have")
+            if self.accept_stale:
+                return [f"pack {pack.name}: opened with --accept-stale although another "
+                        f"copy of this array wrote it since ({whose}): what that copy "
+                        "stored since is dropped"]
+            raise ArrayError(errno.ESTALE, (
+                f"pack {pack.name} was written since by another copy of this array: "
+                f"{whose}. This directory is an older copy: opening it would drop what "
+                "the other copy stored since. Mount the copy that wrote last (or copy its "
+                "directory here); to open this one anyway, dropping that, mount with "
+                "--accept-stale"))
+        return []
+
     def _take_home_blocking(self) -> list[str]:
         """An array in a cluster: its lease (as a pack's, _take_leases_blocking),
         then the catalogue lock a dead holder left, broken after fencing
@@ -634,6 +675,7 @@ class Array:
         if meta.get("uuid") != self.conf["uuid"]:
             raise invalid(f"catalogue of {self.home or self.path} belongs to another array")
         self._meta = meta
+        self.writeback.open_lineage(meta, {"host": socket.gethostname(), "dir": self.path})
         reach.remove_stale(self.path)       # a collection's or fsck's table a crash left
         self._job_rows = cat.jobs()
         self._journaled_jobs = self.runner.load_blocking(self._job_rows,
@@ -645,7 +687,13 @@ class Array:
             pack = Pack(name, layout, disks, self.hasher,
                         self._pack_index_cache(len(pack_rows)))
             notes += self._take_leases_blocking(pack)   # before anything is written
-            removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
+            try:
+                notes += self._check_not_stale(pack, meta)  # before anything is removed
+                removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
+            except BaseException:
+                for d in pack.disks:                # (not in self.packs: close() skips it)
+                    d.release_lease()
+                raise
             if removed:
                 notes.append(f"pack {name}: removed {len(removed)} segment file(s) "
                              "left unreferenced by an interrupted session")

@@ -105,7 +105,7 @@ def cmd_mount(args) -> int:
     if args.lease is not None and not 2 <= args.lease <= 3600:
         raise UserError("--lease: give 2 to 3600 seconds")
     from .daemon import rados_options
-    rados = rados_options(args.lease, args.break_lock)
+    rados = rados_options(args.lease, args.break_lock, args.accept_stale)
     args.array = resolve_array(args)
     if not args.background:
         from . import daemon
@@ -138,6 +138,8 @@ def start_background(array: str, mnt: str, cache: int, debug: bool = False,
         cmd += ["--lease", str(rados["lease"])]
     if (rados or {}).get("break_lock"):
         cmd.append("--break-lock")
+    if (rados or {}).get("accept_stale"):
+        cmd.append("--accept-stale")
     try:        # what the daemon itself cannot log (a crash's traceback) goes to its log
         err = os.open(os.path.join(array, "daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -1150,6 +1152,10 @@ def parse_args(argv):
     s.add_argument("--break-lock", action="store_true",
                    help="rados packs: take them over from a mount that still holds "
                         "them, fencing it off the cluster first (its writes then fail)")
+    s.add_argument("--accept-stale", action="store_true",
+                   help="rados packs: open this array directory although another copy of "
+                        "it (another host's) has written them since: what that copy "
+                        "stored since is dropped (refused with ESTALE otherwise)")
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount (waits for the final commit; refuses "

@@ -361,17 +361,22 @@ def main(argv=None) -> int:
                    help="rados packs: the mount's lease in seconds (default 30)")
     p.add_argument("--break-lock", action="store_true",
                    help="rados packs: take them over from a live holder, fencing it")
+    p.add_argument("--accept-stale", action="store_true",
+                   help="rados packs: open this array directory although another copy "
+                        "of it wrote them since (what that copy stored since is dropped)")
     a = p.parse_args(argv)
     from . import default_cache_size
     perms = {"owner": a.owner, "group": a.group, "mode": a.mode, "ctl_group": a.ctl_group}
     return run(a.array, a.mountpoint, a.cache_size or default_cache_size(), a.ready_fd,
                a.debug, perms, a.log, a.fsync, a.metrics_port, a.index_cache,
-               rados_options(a.lease, a.break_lock))
+               rados_options(a.lease, a.break_lock, a.accept_stale))
 
 
-def rados_options(lease: float | None, break_lock: bool) -> dict:
-    """--lease and --break-lock as Array's keywords."""
+def rados_options(lease: float | None, break_lock: bool, accept_stale: bool = False) -> dict:
+    """--lease, --break-lock and --accept-stale as Array's keywords."""
     out: dict = {"break_lock": break_lock}
+    if accept_stale:
+        out["accept_stale"] = True
     if lease is not None:
         out["lease"] = lease
     return out

@@ -71,6 +71,7 @@ thread.
 """
 import errno
 import logging
+import secrets
 import time
 
 import trio
@@ -191,6 +192,12 @@ class WriteBack:
         self.durable_seq = 0            # every write up to this one (any volume) is durable
         self.fatal: BaseException | None = None
         self.last_commit = 0.0
+        # the array's lineage (open_lineage): this mount's session, the
+        # catalogue's commit count, what the first commit records of them
+        self.session = secrets.token_hex(8)
+        self.commits = 0
+        self._lineage: dict | None = None
+        self._where: dict = {}
         self._rows: set = set()         # volumes whose row the next commit writes
         self._jobs: set = set()         # jobs whose row the next commit writes
         self._meta_changed = False      # disk states changed
@@ -550,6 +557,21 @@ class WriteBack:
         vol.source = None
         self.mark_row(vol)
 
+    def open_lineage(self, meta: dict, where: dict) -> None:
+        """At open, from the catalogue's meta: its commit count; this
+        mount's first commit records its session and, as the previous
+        one, the session that committed last (Array._check_not_stale).
+        `where`: the host and directory the commit records name."""
+        self._where = where
+        self.commits = int(meta.get("commits", 0))
+        self._lineage = {"session": self.session, "prev_session": meta.get("session", ""),
+                         "prev_commits": self.commits}
+
+    def _commit_record(self) -> dict:
+        """What each pack that keeps one is told after a commit."""
+        return {"array": self.array_uuid, "session": self.session, "commits": self.commits,
+                **self._where}
+
     async def open_refs(self, meta: dict) -> None:
         """At open: the roots the committed counts include; an array made
         before the counts has them made now, in one walk and one commit."""
@@ -654,6 +676,9 @@ class WriteBack:
         ch.disks = [(p.name, d.idx, d.path, d.state, d.since)
                     for p in self.packs.values() for d in p.disks]
         self._jobs = set()
+        ch.meta["commits"] = self.commits + 1
+        if self._lineage is not None:
+            ch.meta.update(self._lineage)
         try:
             await trio.to_thread.run_sync(self.catalogue.commit_blocking, ch,
                                           limiter=self.db)
@@ -662,8 +687,15 @@ class WriteBack:
             log.exception("catalogue commit failed")
             raise ioerror(f"catalogue commit failed: {e}; the array stopped "
                           "accepting changes, remount it") from None
+        self.commits += 1
+        self._lineage = None
         for pack in self.packs.values():
             pack.committed()        # the catalogue answers for the index changes now
+        marked = [p for p in self.packs.values() if p.records_commits]
+        if marked:      # (after the commit: a pack never names a commit the catalogue lacks)
+            rec = self._commit_record()
+            await trio.to_thread.run_sync(
+                lambda: [p.mark_commit_blocking(rec) for p in marked], limiter=self.db)
         await self.committed(token)
         if flush:       # every overlay was merged: what is not dirty is committed
             self._mark_durable(seq)

@@ -74,11 +74,15 @@ def test_a_second_mount_is_refused_while_the_lease_lives(make_mount, ceph, pool)
     assert read_at(a.path("luns", "v"), 0, len(a.first)) == a.first
     write_synced(a.path("luns", "v"), MiB, off=8 * MiB)         # a writes on, unharmed
     a.ok("sync", "all")
-    # a clean unmount gives the lease back: b mounts at once
+    # a clean unmount gives the lease back; b's directory is now an older
+    # copy (a committed since it was taken): refused, ESTALE, unless told
     a.stop()
+    with pytest.raises(AssertionError, match="written since by another copy") as e:
+        b.start("--lease", LEASE)
+    assert "--accept-stale" in str(e.value) and a.array in str(e.value), e.value
     t0 = time.monotonic()
-    b.start("--lease", LEASE)
-    assert time.monotonic() - t0 < int(LEASE)
+    b.start("--lease", LEASE, "--accept-stale")
+    assert time.monotonic() - t0 < int(LEASE)       # at once
     assert "fenced" not in b.events()               # nobody to fence after a clean end
     b.stop()
 
@@ -89,8 +93,8 @@ def test_the_holder_killed_another_host_takes_over_after_the_lease(make_mount, c
     a.kill9()
     t0 = time.monotonic()
     while True:
-        try:
-            b.start("--lease", LEASE)
+        try:        # (b's directory is a copy taken before a's mount: --accept-stale)
+            b.start("--lease", LEASE, "--accept-stale")
             break
         except AssertionError as e:
             assert "is in use by" in str(e), e
@@ -114,7 +118,9 @@ def test_a_stalled_holder_is_fenced_and_none_of_its_writes_reach_the_cluster(
     a.ok("sync", "all")
     os.kill(a.proc.pid, signal.SIGSTOP)          # the holder stalls (a frozen host)
     try:
-        b.start("--lease", LEASE, "--break-lock")    # takes over at once, fencing a
+        # takes over at once, fencing a; its directory is a copy older than
+        # a's last commit (--accept-stale: what a stored since is dropped)
+        b.start("--lease", LEASE, "--break-lock", "--accept-stale")
         ev = b.events()
         assert "fenced the earlier holder" in ev, ev
         assert read_at(b.path("luns", "v"), 0, len(a.first)) == a.first
@@ -213,6 +219,11 @@ def test_mounts_racing_for_one_pack_exactly_one_wins(make_mount, ceph, pool):
             for e in errors.values()), "\n".join(errors.values())
         assert read_at(won[0].path("luns", "v"), 0, len(a.first)) == a.first
         won[0].stop()
+        for m in mounts:        # the copies kept in step (else the others are stale)
+            if m is not won[0]:
+                shutil.rmtree(m.array)
+                shutil.copytree(won[0].array, m.array, symlinks=True)
+                os.unlink(os.path.join(m.array, "daemon.log"))
 
 
 def test_the_client_name_comes_from_CEPH_ARGS(make_mount, ceph, pool):
@@ -282,3 +293,34 @@ time.sleep(600)
         assert json.loads(io.get_xattr(LEASE_OBJECT, "holder"))["pid"] == 2
     finally:
         m.release_lease()
+
+
+def test_an_older_copy_of_the_array_directory_is_refused_not_let_drop_newer_data(
+        make_mount, ceph, pool):
+    """Two copies of one array directory (two hosts) on one rados pack: b
+    mounts, writes and commits; then a, whose copy is older, is refused
+    (ESTALE, naming b's directory): opening it would have removed b's new
+    segments from the pool as garbage. b's data is whole after that. With
+    --accept-stale a opens (a warning says what is dropped), and then b's
+    directory is the older one, refused in turn."""
+    a, b = two_hosts(make_mount, ceph, pool)
+    b.start("--lease", LEASE)
+    b.ok("create", "w 8M")
+    newer = write_synced(b.path("luns", "w"), 4 * MiB)
+    b.stop()
+    with pytest.raises(AssertionError, match="written since by another copy") as e:
+        a.start("--lease", LEASE)
+    assert b.array in str(e.value) and "Traceback" not in a.output(), e.value
+    b.start("--lease", LEASE)
+    assert read_at(b.path("luns", "w"), 0, len(newer)) == newer
+    assert read_at(b.path("luns", "v"), 0, len(a.first)) == a.first
+    b.stop()
+    a.start("--lease", LEASE, "--accept-stale")
+    assert "opened with --accept-stale" in a.events()
+    assert read_at(a.path("luns", "v"), 0, len(a.first)) == a.first
+    a.stop()
+    with pytest.raises(AssertionError, match="written since by another copy"):
+        b.start("--lease", LEASE)
+    r = run([os.sys.executable, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "fsck"), a.array], check=False)
+    assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr

@@ -117,6 +117,20 @@ class Disk:
         if release is not None:
             release()
 
+    @property
+    def records_commits(self) -> bool:
+        """A medium shared by hosts (RADOS) keeps the array's commit record
+        (which copy of the array wrote last); a directory does not."""
+        return hasattr(self.medium, "mark_commit")
+
+    def last_commit(self) -> dict:
+        """rados.RadosMedium.last_commit; {} on other media."""
+        return self.medium.last_commit() if self.records_commits else {}
+
+    def mark_commit(self, rec: dict) -> None:
+        if self.records_commits:
+            self.medium.mark_commit(rec)
+
     def why_missing(self) -> str:
         """Why a disk found missing is (for its event): a remote medium's
         cluster that does not answer is not a deleted directory."""

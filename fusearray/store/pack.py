@@ -205,6 +205,21 @@ class Pack:
         segs.active_tail = 0
         return sorted(removed)
 
+    @property
+    def records_commits(self) -> bool:
+        return any(d.records_commits for d in self.disks)
+
+    def mark_commit_blocking(self, rec: dict) -> None:
+        """The array's commit record on each online disk that keeps one
+        (Disk.mark_commit). A disk that fails it keeps the older record
+        (a later commit writes it again): nothing else depends on it."""
+        for d in self.disks:
+            if d.state == "online" and d.records_commits:
+                try:
+                    d.mark_commit(rec)
+                except OSError:
+                    pass
+
     def close_blocking(self) -> None:
         self.files.close_all()
         self.blocks.close()

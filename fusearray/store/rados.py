@@ -825,6 +825,29 @@ class RadosMedium:
         raise OSError(errno.EOPNOTSUPP, f"{self.path}: RADOS cannot rename an object "
                                         f"({old} -> {new})")
 
+    # ---- the commit record: which copy of the array wrote last -------------------
+    def last_commit(self) -> dict:
+        """The record the array's last committing mount left on the lease
+        object (`mark_commit`), {} if none. OSError if the cluster fails."""
+        _, io = self.lease_io()
+        try:
+            return json.loads(io.get_xattr(LEASE_OBJECT, COMMIT_XATTR))
+        except (rados.ObjectNotFound, rados.NoData, ValueError):
+            return {}
+        except rados.Error as e:
+            raise self._err(e, "reading the commit record on", LEASE_OBJECT) from None
+
+    def mark_commit(self, rec: dict) -> None:
+        """After a commit of the array: which mount (session) committed,
+        and how many commits its catalogue holds (Array._check_not_stale
+        reads it at the next mount). Under the lease, as every write."""
+        self._may_write()
+        _, io = self.lease_io()
+        try:
+            io.set_xattr(LEASE_OBJECT, COMMIT_XATTR, json.dumps(rec).encode())
+        except rados.Error as e:
+            raise self._err(e, "writing the commit record on", LEASE_OBJECT) from None
+
     # ---- the lease: one mount at a time, fencing ------------------------------------
     def take_lease(self, seconds: float, holder: dict, break_lock: bool = False,
                    on_lost=None) -> list[str]:
@@ -860,6 +883,8 @@ class RadosMedium:
 #: lock with a duration) and the records of the clients that took it
 LEASE_OBJECT = "fusearray-lease"
 LEASE_LOCK = "fusearray"
+#: the xattr of the lease object naming the array's last commit (mark_commit)
+COMMIT_XATTR = "commit"
 #: lock_exclusive flag: renew our own lock (LIBRADOS_LOCK_FLAG_MAY_RENEW)
 _LOCK_RENEW = 1
 #: errnos of a renewal that mean the lease is another mount's now (EBUSY,
