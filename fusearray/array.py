@@ -52,7 +52,7 @@ from .catalogue import Catalogue, CatalogueError, Changes
 from .catalogue import failures as catalogue_failures
 from .events import EVENTS_KEPT, NOISE_KEPT, EventJournal
 from .eventhooks import EventHooks
-from .errors import ArrayError, busy, exists, invalid, ioerror, notfound
+from .errors import ArrayError, busy, exists, invalid, ioerror, nospace, notfound
 from .hooks import HOOKS_DIR, HookRunner
 from . import home as homes
 from .host import attachments_blocking, volume_key
@@ -366,6 +366,16 @@ def read_config(path: str) -> dict:
         raise invalid(f"{path} has array format {conf.get('format')}, "
                       f"this fusearray reads format {FORMAT_VERSION}")
     return conf
+
+
+def _nearly_full(path: str) -> bool:
+    """Less than 1 MiB free for the user on `path`'s file system (SQLite
+    says "disk I/O error", not "full", when its WAL index cannot grow)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def check_log_dir(log_dir: str) -> str:
@@ -772,6 +782,9 @@ class Array:
             self.writeback.stop(e)
             where = (f"{self.home} (in the Ceph cluster of {self.home.ceph_conf}: does it "
                      "answer?)" if self.home else os.path.join(self.path, CATALOGUE_FILE))
+            if e.errno == errno.ENOSPC or (self.home is None and _nearly_full(self.path)):
+                raise nospace(f"{where}: its file system is full ({e.strerror}); free "
+                              "space there and mount again") from None
             raise ioerror(f"{e.strerror}: {where}; the array cannot be opened (its "
                           "catalogue, the LUNs' maps and the block index, is unreadable: "
                           "restore it from a backup, or mount again once its disk or "

@@ -39,6 +39,10 @@ class CatalogueError(OSError):
     what it was; the array stops accepting changes (WriteBack.append_error)."""
 
 
+#: SQLite's result code for a full disk (sqlite3.Error.sqlite_errorcode)
+SQLITE_FULL = 13
+
+
 @contextlib.contextmanager
 def failures():
     """A sqlite3.Error inside (in this thread, or a worker thread awaited
@@ -47,6 +51,9 @@ def failures():
     try:
         yield
     except sqlite3.Error as e:
+        if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+            raise CatalogueError(errno.ENOSPC, f"the catalogue's file system is full: {e}") \
+                from None
         raise CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}") from None
 
 
