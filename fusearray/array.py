@@ -368,6 +368,21 @@ def read_config(path: str) -> dict:
     return conf
 
 
+def written_since(rec: dict, meta: dict, array_uuid: str) -> bool:
+    """Does a pack's commit record (`rec`, RadosMedium.mark_commit) name a
+    commit of this array that the catalogue (its `meta`) lacks? It has
+    the commits of its last session up to its count, and those of the
+    session before up to where that one ended (the record may lag a
+    crash between the catalogue's commit and its own). No record, or
+    another array's: False."""
+    if not rec or rec.get("array") != array_uuid:
+        return False
+    session, n = rec.get("session"), int(rec.get("commits", 0))
+    known = [(meta.get(k), int(meta.get(c, 0) or 0))
+             for k, c in (("session", "commits"), ("prev_session", "prev_commits"))]
+    return not any(session == s and n <= c for s, c in known if s)
+
+
 def _nearly_full(path: str) -> bool:
     """Less than 1 MiB free for the user on `path`'s file system (SQLite
     says "disk I/O error", not "full", when its WAL index cannot grow)."""
@@ -577,18 +592,14 @@ class Array:
         opening this one would remove what that copy stored as garbage:
         ArrayError ESTALE saying whose and how to go on; with
         --accept-stale, a note saying what is dropped. Returns notes."""
-        known = [(meta.get(k), int(meta.get(n, 0) or 0))
-                 for k, n in (("session", "commits"), ("prev_session", "prev_commits"))]
         for d in pack.disks:
             try:
                 rec = d.last_commit()
             except OSError:
                 continue            # not answering: the disk check says so
-            if not rec or rec.get("array") != self.conf["uuid"]:
+            if not written_since(rec, meta, self.conf["uuid"]):
                 continue
-            session, n = rec.get("session"), int(rec.get("commits", 0))
-            if any(session == s and n <= c for s, c in known if s):
-                continue
+            n = int(rec.get("commits", 0))
             whose = (f"the mount of {rec.get('dir', '?')} on host {rec.get('host', '?')} "
                      f"made commit {n} of it, which the catalogue of {self.path} (commit "
                      f"{int(meta.get('commits', 0) or 0)}) does not have")

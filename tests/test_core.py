@@ -1792,3 +1792,22 @@ async def test_a_failing_catalogue_read_stops_the_array_cleanly(tmp_path):
         assert a.writeback.fatal is not None
         reads.conn.failing = False
     await with_array(tmp_path / "arr", cold_read)
+
+
+@pytest.mark.unit
+def test_which_commit_records_mean_another_copy_wrote_since():
+    """array.written_since: a pack's commit record against the catalogue's
+    lineage. The catalogue of a mount in session S2 (count 12) that came
+    after S1 (which ended at 9)."""
+    from fusearray.array import written_since
+    meta = {"session": "S2", "commits": "12", "prev_session": "S1", "prev_commits": "9"}
+    rec = lambda s, n, a="u": {"array": a, "session": s, "commits": n}   # noqa: E731
+    assert not written_since({}, meta, "u")                 # no record: a new pack
+    assert not written_since(rec("X", 99, a="other"), meta, "u")   # another array's
+    assert not written_since(rec("S2", 12), meta, "u")      # our own last commit
+    assert not written_since(rec("S2", 7), meta, "u")       # lagging behind: fine
+    assert not written_since(rec("S1", 9), meta, "u")       # crash before S2 marked
+    assert written_since(rec("S2", 13), meta, "u")          # S2 went on in another copy
+    assert written_since(rec("S1", 10), meta, "u")          # S1 went on elsewhere
+    assert written_since(rec("S3", 1), meta, "u")           # a session this copy never saw
+    assert written_since(rec("S1", 1), {}, "u")             # a catalogue with no lineage
