@@ -665,3 +665,29 @@ def helper_link():
             tmp = HELPER_LINK + ".test-tmp"
             os.symlink(before, tmp)
             os.replace(tmp, HELPER_LINK)
+
+
+def exited(pid: int) -> bool:
+    """The process is gone or a zombie (a daemon the helper started is not
+    our child: its end is seen in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def fusearray_mounts(mnt: str) -> list[str]:
+    """The /proc/self/mounts lines of mounts on `mnt`."""
+    with open("/proc/self/mounts") as f:
+        return [ln for ln in f if ln.split()[1] == mnt]
+
+
+def end_helper_mounts(mnt: str, pids: list) -> None:
+    """A test's clean-up after mounts made through mount(8): `mnt`
+    unmounted if still mounted, each daemon of `pids` still there killed."""
+    if fusearray_mounts(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+    for pid in pids:
+        if not exited(pid):
+            os.kill(pid, 9)

@@ -19,7 +19,8 @@ import pytest
 from fusearray import ctlclient, mounthelper, systemdunit
 from fusearray.mounthelper import HelperError, map_options
 
-from conftest import cli, require_fuse, run, wait_for
+from conftest import (cli, end_helper_mounts, exited, fusearray_mounts, require_fuse, run,
+                      wait_for)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,19 +190,6 @@ def test_version_help_and_usage_exit_codes():
 
 
 # ---- real mounts through mount(8) ----------------------------------------------------------
-def _exited(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith("Z")
-    except OSError:
-        return True
-
-
-def _fusearray_mounts(mnt: str) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [ln for ln in f if ln.split()[1] == mnt]
-
-
 def test_mount_t_and_fstab_through_the_helper(tmp_path, helper_link):
     array, mnt = str(tmp_path / "array"), str(tmp_path / "mnt")
     os.mkdir(mnt)
@@ -212,7 +200,7 @@ def test_mount_t_and_fstab_through_the_helper(tmp_path, helper_link):
         r = run(["mount", "-t", "fuse.fusearray", array, mnt, "-o",
                  "defaults,_netdev,nofail,cache_size=300M,mode=0640,fsync=commit"])
         assert f"mounted {array} on {mnt}" in r.stdout
-        assert [ln.split()[2] for ln in _fusearray_mounts(mnt)] == ["fuse.fusearray"]
+        assert [ln.split()[2] for ln in fusearray_mounts(mnt)] == ["fuse.fusearray"]
         st = ctlclient.status(mnt)
         pids.append(st["pid"])
         assert st["array"] == array and st["cache"]["limit_bytes"] == 300 << 20
@@ -232,11 +220,11 @@ def test_mount_t_and_fstab_through_the_helper(tmp_path, helper_link):
             in r.stderr
         # mounting it again is a no-op (mount -a cannot tell: the source is "fusearray")
         run(["mount", "-t", "fuse.fusearray", array, mnt])
-        assert len(_fusearray_mounts(mnt)) == 1
+        assert len(fusearray_mounts(mnt)) == 1
         # umount(8): the daemon commits and exits, the mount is gone
         run(["umount", mnt])
-        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
-        assert not _fusearray_mounts(mnt)
+        wait_for(lambda: exited(pids[-1]), 60, "the daemon to exit after umount")
+        assert not fusearray_mounts(mnt)
 
         # an fstab line (mount --fstab FILE MOUNTPOINT: the same path as /etc/fstab)
         fstab = tmp_path / "fstab"
@@ -249,10 +237,10 @@ def test_mount_t_and_fstab_through_the_helper(tmp_path, helper_link):
         assert st["cache"]["limit_bytes"] == 280 << 20
         assert [v["name"] for v in st["luns"]] == ["lun0"]       # the same array
         run(["mount", "-a", "--fstab", str(fstab)])              # already mounted: fine
-        assert len(_fusearray_mounts(mnt)) == 1
+        assert len(fusearray_mounts(mnt)) == 1
         run(["umount", mnt])
-        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
-        assert not _fusearray_mounts(mnt)
+        wait_for(lambda: exited(pids[-1]), 60, "the daemon to exit after umount")
+        assert not fusearray_mounts(mnt)
 
         # a bad option: exit 32, said why, nothing mounted, no daemon started
         for opts, says in (("ro", "unknown mount option 'ro'"),
@@ -261,17 +249,13 @@ def test_mount_t_and_fstab_through_the_helper(tmp_path, helper_link):
             r = run(["mount", "-t", "fuse.fusearray", array, mnt, "-o", opts], check=False)
             assert r.returncode == 32, (opts, r.stderr)
             assert says in r.stderr, r.stderr
-            assert not _fusearray_mounts(mnt) and not os.path.ismount(mnt)
+            assert not fusearray_mounts(mnt) and not os.path.ismount(mnt)
         fstab.write_text(f"{array} {mnt} fuse.fusearray defaults,noexec 0 0\n")
         r = run(["mount", "--fstab", str(fstab), mnt], check=False)
         assert r.returncode == 32 and "noexec" in r.stderr
-        assert not _fusearray_mounts(mnt)
+        assert not fusearray_mounts(mnt)
     finally:
-        if _fusearray_mounts(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-        for pid in pids:
-            if not _exited(pid):
-                os.kill(pid, 9)
+        end_helper_mounts(mnt, pids)
 
 
 def test_up_install_unit(tmp_path):
@@ -288,5 +272,5 @@ def test_up_install_unit(tmp_path):
         assert f"ARRAY={array}" in (root / "etc/fusearray" / f"{inst}.conf").read_text()
     finally:
         cli("umount", str(mnt), check=False)
-        if _fusearray_mounts(str(mnt)):
+        if fusearray_mounts(str(mnt)):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import cli, read_at, run, wait_for, write_synced
+from conftest import (cli, end_helper_mounts, exited, fusearray_mounts, read_at, run,
+                      wait_for, write_synced)
 from test_rados_lease import LEASE, MiB, pool_digest   # (LEASE: the tests' short lease)
 from test_rados_pack import ext4_intact, fsynced_files
 
@@ -494,7 +495,6 @@ def test_mount_8_and_fstab_mount_an_array_in_the_cluster(ceph, pool, tmp_path, h
     mount is a no-op; umount(8) ends the daemon; what was fsync'd is there
     at the next mount."""
     from fusearray import ctlclient
-    from test_hostfit import _exited, _fusearray_mounts
     spec = init(ceph, pool)
     mnt, cache = str(tmp_path / "mnt"), str(tmp_path / "cache")
     os.mkdir(mnt)
@@ -510,10 +510,10 @@ def test_mount_8_and_fstab_mount_an_array_in_the_cluster(ceph, pool, tmp_path, h
         cli("create", "v", "16M", mnt=mnt)
         data = write_synced(os.path.join(mnt, "luns", "v"), 3 * MiB, off=MiB)
         run(["mount", "-t", "fuse.fusearray", spec, mnt, "-o", opts], env=env)
-        assert len(_fusearray_mounts(mnt)) == 1
+        assert len(fusearray_mounts(mnt)) == 1
         run(["umount", mnt])
-        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
-        assert not _fusearray_mounts(mnt)
+        wait_for(lambda: exited(pids[-1]), 60, "the daemon to exit after umount")
+        assert not fusearray_mounts(mnt)
         fstab = tmp_path / "fstab"
         fstab.write_text(f"{spec} {mnt} fuse.fusearray defaults,{opts} 0 0\n")
         run(["mount", "--fstab", str(fstab), mnt], env=env)
@@ -522,10 +522,6 @@ def test_mount_8_and_fstab_mount_an_array_in_the_cluster(ceph, pool, tmp_path, h
         assert st["array"] == spec
         assert read_at(os.path.join(mnt, "luns", "v"), MiB, len(data)) == data
         run(["umount", mnt])
-        wait_for(lambda: _exited(pids[-1]), 60, "the daemon to exit after umount")
+        wait_for(lambda: exited(pids[-1]), 60, "the daemon to exit after umount")
     finally:
-        if _fusearray_mounts(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-        for pid in pids:
-            if not _exited(pid):
-                os.kill(pid, 9)
+        end_helper_mounts(mnt, pids)
