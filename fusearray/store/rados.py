@@ -1045,7 +1045,11 @@ class Lease:
         client on record, this one too, as it must: a client that recorded
         itself may be about to lock)."""
         try:
-            for num, cookie in lockers(io, LEASE_OBJECT, LEASE_LOCK):
+            try:
+                locked = lockers(io, LEASE_OBJECT, LEASE_LOCK)
+            except (rados.Error, struct.error):
+                locked = []         # (then the `holder` record alone)
+            for num, cookie in locked:
                 try:
                     rec = json.loads(io.get_xattr(LEASE_OBJECT, f"c.{num}"))
                 except (rados.ObjectNotFound, rados.NoData, ValueError):
