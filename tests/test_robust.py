@@ -522,7 +522,11 @@ def test_a_pause_and_a_throttle_survive_sigkill(make_mount, tmp_path):
     m.start()
     j = m.job(jid)
     assert j["state"] == "paused" and j["rate_limit"] == str(3 * MiB), j
-    ev = m.job_events(jid)
+    # (its worker says so once it has planned what is left: soon after the mount)
+    def said():
+        ev = m.job_events(jid)
+        return ev if any("resumes" in l for l in ev) else None
+    ev = wait_for(said, 30, "the job to say it resumes")
     assert sum("resumes" in l for l in ev) == 1 and "paused" in [l for l in ev
                                                                if "resumes" in l][0], ev
     m.ok("resume", jid)
