@@ -499,6 +499,8 @@ class Shadows:
         wb, runner = self.wb, self.runner
         try:
             vols = self._copy_volumes(job)
+            if job.state == "queued":       # (its plan is part of its run: no wait first)
+                job.state = "running"
             todo = await self._missing(vols)
             left = sum(n for _, _, n in todo)
             if job.resumed and job.total_bytes:
@@ -507,8 +509,6 @@ class Shadows:
                 job.total_bytes = job.done_bytes + left
             else:
                 job.total_bytes = job.done_bytes + left
-            if job.state == "queued":
-                job.state = "running"
             wb.mark_job(job)
             runner.started(job, f"{human_bytes(left)} to copy")
             # one batch is stored (hashed, appended: a worker thread) while
