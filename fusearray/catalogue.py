@@ -36,7 +36,20 @@ class CatalogueError(OSError):
     error of its disk, or for a catalogue in a cluster, a cluster that did
     not answer in time (Ceph's VFS then fails every later call on that
     connection: only a new mount reads it again). The committed state is
-    what it was; the array stops accepting changes (WriteBack.append_error)."""
+    what it was; the array stops accepting changes (Array._catalogue_failed,
+    told through Catalogue.on_failure)."""
+
+
+def read_error(e: sqlite3.Error, failed=None) -> CatalogueError:
+    """The CatalogueError for `e` (ENOSPC for SQLite's "full", else EIO);
+    `failed(err)` is told first when given (the committed views' reads)."""
+    if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+        err = CatalogueError(errno.ENOSPC, f"the catalogue's file system is full: {e}")
+    else:
+        err = CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}")
+    if failed is not None:
+        failed(err)
+    return err
 
 
 #: SQLite's result code for a full disk (sqlite3.Error.sqlite_errorcode)
@@ -51,10 +64,7 @@ def failures():
     try:
         yield
     except sqlite3.Error as e:
-        if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
-            raise CatalogueError(errno.ENOSPC, f"the catalogue's file system is full: {e}") \
-                from None
-        raise CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}") from None
+        raise read_error(e) from None
 
 
 #: the tables create_tables makes
@@ -475,10 +485,7 @@ class _Reads:
             try:
                 yield self.conn
             except sqlite3.Error as e:
-                err = CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}")
-                if self.failed is not None:
-                    self.failed(err)
-                raise err from None
+                raise read_error(e, self.failed) from None
 
     def close(self) -> None:
         with self.lock:
@@ -566,7 +573,7 @@ class PackRows:
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as e:
-            raise CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}") from None
+            raise read_error(e, self.reads.failed) from None
         try:
             try:
                 conn.execute("PRAGMA query_only=1")
@@ -577,10 +584,7 @@ class PackRows:
                 for rows in batches:
                     yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
             except sqlite3.Error as e:
-                err = CatalogueError(errno.EIO, f"the catalogue cannot be read: {e}")
-                if self.reads.failed is not None:
-                    self.reads.failed(err)
-                raise err from None
+                raise read_error(e, self.reads.failed) from None
         finally:
             conn.close()
 

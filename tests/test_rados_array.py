@@ -19,7 +19,7 @@ import pytest
 from conftest import (cli, end_helper_mounts, exited, fusearray_mounts, read_at, run,
                       wait_for, write_synced)
 from test_rados_lease import LEASE, MiB, pool_digest   # (LEASE: the tests' short lease)
-from test_rados_pack import ext4_intact, fsynced_files
+from test_rados_pack import ext4_intact, ext4_with_files
 
 pytestmark = pytest.mark.mount
 
@@ -318,12 +318,8 @@ def test_ext4_on_a_lun_moves_to_another_host_after_a_kill(make_mount, ceph, pool
     hosts = Hosts(make_mount, ceph, init(ceph, pool))
     a, b = hosts.host("a"), hosts.host("b")
     a.start()
-    a.ok("create", "disk 96M")
-    dev = a.attach("disk")
-    run(["mkfs.ext4", "-q", "-F", dev])
     fs = str(tmp_path / "fs")
-    a.mount_fs(dev, fs)
-    files = fsynced_files(fs)
+    files = ext4_with_files(a, "disk", fs)
     a.kill9()
     b.start("--break-lock")
     ext4_intact(b, "disk", fs, files)

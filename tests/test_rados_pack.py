@@ -123,6 +123,16 @@ def test_a_lun_on_a_rados_pack_keeps_its_data_in_the_pool(make_mount, ceph, clie
     fsck(m)
 
 
+def ext4_with_files(m, lun: str, fs: str) -> dict:
+    """A 96M LUN `lun` of mount `m` attached, ext4 made on it and mounted
+    on `fs`, 20 files written and fsync'd there (fsynced_files)."""
+    m.ok("create", f"{lun} 96M")
+    dev = m.attach(lun)
+    run(["mkfs.ext4", "-q", "-F", dev])
+    m.mount_fs(dev, fs)
+    return fsynced_files(fs)
+
+
 def fsynced_files(fs: str) -> dict:
     """20 files written and fsync'd in `fs`: {name: data}."""
     files = {}
@@ -153,12 +163,8 @@ def ext4_intact(m, lun: str, fs: str, files: dict) -> None:
 
 def test_sigkill_loses_no_fsyncd_write_and_ext4_stays_clean(make_mount, ceph, pool, tmp_path):
     m = make_mount().init("--pack", f"main=rados:{pool}", "--ceph-conf", ceph.conf).start()
-    m.ok("create", "disk 96M")
-    dev = m.attach("disk")
-    run(["mkfs.ext4", "-q", "-F", dev])
     fs = str(tmp_path / "fs")
-    m.mount_fs(dev, fs)
-    files = fsynced_files(fs)
+    files = ext4_with_files(m, "disk", fs)
     m.kill9()                       # the daemon dies with the fs mounted on it
     m.start()
     assert any("did not end cleanly" in w for w in m.warnings) or \
