@@ -28,6 +28,7 @@ import sqlite3
 import threading
 
 from .events import EVENTS_KEPT, NOISE_KEPT
+from .store.rados import ceph_args_for_vfs
 from .perms import FILE_MODE
 
 
@@ -248,7 +249,6 @@ class Changes:
 _vfs_lock = threading.Lock()
 _vfs_ready = False
 
-
 def ceph_vfs() -> None:
     """Register Ceph's SQLite VFS ("ceph") in this process, once. Python's
     sqlite3 cannot load extensions here (built without it) but links the
@@ -267,7 +267,8 @@ def ceph_vfs() -> None:
                                         f"libsqlite3-mod-ceph) is not installed: {e}") from None
         if lib.sqlite3_auto_extension(ext.sqlite3_cephsqlite_init) != 0:
             raise OSError(errno.EIO, "registering Ceph's SQLite VFS failed")
-        sqlite3.connect(":memory:").close()     # runs it: the VFS is there from now on
+        with ceph_args_for_vfs():
+            sqlite3.connect(":memory:").close()     # runs it: the VFS is there from now on
         _vfs_ready = True
 
 
@@ -288,8 +289,9 @@ class Catalogue:
         self.lock = threading.RLock() if self.single else None
         if self.single:
             ceph_vfs()
-            self.conn = sqlite3.connect(path, uri=True, check_same_thread=False,
-                                        isolation_level=None)
+            with ceph_args_for_vfs():      # (its client connects at the first open)
+                self.conn = sqlite3.connect(path, uri=True, check_same_thread=False,
+                                            isolation_level=None)
             # before the first access: SQLite then keeps the WAL index in
             # the heap, not in shared memory (which the ceph VFS has not)
             self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")

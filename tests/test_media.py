@@ -661,3 +661,26 @@ def test_eight_threads_on_one_medium(medium, threads, monkeypatch):
                     assert buf[i] == data[i], (name, off, i)
         medium.close(h)
     assert len(medium.names()) == 2 + threads
+
+
+def test_the_vfs_ceph_args_never_time_an_osd_op_out(monkeypatch):
+    """CEPH_ARGS while a Ceph client is made (rados.ceph_args_for_vfs): the
+    user's, with any OSD-op timeout, in either spelling, replaced by none
+    (Ceph's SQLite VFS reports a timed-out write as durable); the user's
+    again afterwards, for what the process starts."""
+    v = rmod.vfs_ceph_args
+    assert v("") == "--rados_osd_op_timeout=0"
+    assert v("--id fa --rados_osd_op_timeout=60 -k /k") == "--id fa -k /k --rados_osd_op_timeout=0"
+    assert v("--rados-osd-op-timeout 5 --id fa") == "--id fa --rados_osd_op_timeout=0"
+    assert v(v("--id fa")) == "--id fa --rados_osd_op_timeout=0"
+    monkeypatch.setenv("CEPH_ARGS", "--id fa --rados_osd_op_timeout 9")
+    import os
+    with rmod.ceph_args_for_vfs():
+        assert os.environ["CEPH_ARGS"] == "--id fa --rados_osd_op_timeout=0"
+    assert os.environ["CEPH_ARGS"] == "--id fa --rados_osd_op_timeout 9"
+    monkeypatch.delenv("CEPH_ARGS")
+    with pytest.raises(RuntimeError):
+        with rmod.ceph_args_for_vfs():
+            assert os.environ["CEPH_ARGS"] == "--rados_osd_op_timeout=0"
+            raise RuntimeError
+    assert "CEPH_ARGS" not in os.environ

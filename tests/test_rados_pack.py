@@ -519,13 +519,13 @@ async def test_a_dead_segment_being_read_stays_until_the_read_is_over(ceph, pool
     await with_array(tmp_path / "arr", body)
 
 
-def _full_ratios(ceph, full: float, backfill: float, nearfull: float) -> None:
+def full_ratios(ceph, full: float, backfill: float, nearfull: float) -> None:
     env = dict(os.environ, CEPH_CONF=ceph.conf)
     for what, r in (("full", full), ("backfillfull", backfill), ("nearfull", nearfull)):
         run(["ceph", "osd", f"set-{what}-ratio", str(r)], env=env)
 
 
-def _pool_full(client, pool: str) -> bool:
+def pool_full(client, pool: str) -> bool:
     ret, out, _ = client.mon_command(json.dumps({"prefix": "osd dump", "format": "json"}),
                                      b"", timeout=10)
     assert ret == 0
@@ -546,8 +546,8 @@ def test_a_full_cluster_is_enospc_and_writes_go_on_once_it_has_room(make_mount, 
     lun = m.path("luns", "v")
     first = write_synced(lun, 8 * MiB)
     try:
-        _full_ratios(ceph, 0.000001, 0.0000008, 0.0000005)
-        wait_for(lambda: _pool_full(client, pool), 60, "the pool to be flagged full")
+        full_ratios(ceph, 0.000001, 0.0000008, 0.0000005)
+        wait_for(lambda: pool_full(client, pool), 60, "the pool to be flagged full")
         # (the pack reads the cluster's space at its disk checks, every few seconds)
         wait_for(lambda: next(p for p in m.status()["packs"] if p["name"] == "main")
                  ["free_bytes"] < MiB, 60, "the pack to see the cluster full")
@@ -557,8 +557,8 @@ def test_a_full_cluster_is_enospc_and_writes_go_on_once_it_has_room(make_mount, 
         assert "is full" in m.events(), m.events()[-2000:]
         assert disk_of(m, "main")["state"] == "online"
     finally:
-        _full_ratios(ceph, 0.95, 0.90, 0.85)
-    wait_for(lambda: not _pool_full(client, pool), 60, "the pool to have room")
+        full_ratios(ceph, 0.95, 0.90, 0.85)
+    wait_for(lambda: not pool_full(client, pool), 60, "the pool to have room")
     second = wait_for(lambda: _try_write(lun, 8 * MiB), 60, "a write to succeed again")
     assert read_at(lun, 0, 8 * MiB) == first
     m.stop()

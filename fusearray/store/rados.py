@@ -85,6 +85,7 @@ there, and then the OSDs' own statfs is summed instead (up+in OSDs,
 divided by the pool's size, less the full ratio's reserve). Cached for
 SPACE_TTL s per pool.
 """
+import contextlib
 import errno
 import json
 import os
@@ -235,7 +236,8 @@ class _Cluster:
                                             f"is missing: {_IMPORT_ERROR}")
             c = None
             try:
-                c = rados.Rados(conffile=self.conf, **client_identity())
+                with ceph_args_for_vfs():   # (a cluster array's catalogue comes later)
+                    c = rados.Rados(conffile=self.conf, **client_identity())
                 for opt in _TIMEOUT_OPTIONS:
                     try:
                         v = float(c.conf_get(opt) or 0)
@@ -301,6 +303,55 @@ class _Cluster:
         if not p.done.wait(STATUS_TIMEOUT):
             return f"unreachable: no answer from the cluster of {self.conf} in {STATUS_TIMEOUT:g} s"
         return p.result
+
+
+#: The OSD-op timeout of Ceph's SQLite VFS's RADOS client (a cluster
+#: array's catalogue): none. The VFS (SimpleRADOSStriper) sends SQLite's
+#: writes as async RADOS writes and, at xSync, waits for them with
+#: AioCompletion::wait_for_complete(), which returns 0 whatever the write's
+#: result (Ceph 16 to this day): a write that timed out (a full pool, OSDs
+#: down past the timeout) is reported to SQLite as durable and the commit is
+#: lost without an error. Seen here: a pool full for 90 s with the timeout
+#: at 60 s lost four acknowledged commits; the next mount found the packs'
+#: commit record ahead of the catalogue. With no timeout such a write waits
+#: until the cluster takes it, and the commit with it. It overrides a
+#: timeout the configuration or CEPH_ARGS sets.
+VFS_OSD_OP_TIMEOUT = "--rados_osd_op_timeout=0"
+
+
+def vfs_ceph_args(ceph_args: str) -> str:
+    """`ceph_args` (CEPH_ARGS) with any OSD-op timeout replaced by
+    VFS_OSD_OP_TIMEOUT."""
+    out, words = [], ceph_args.split()
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w.split("=", 1)[0].lstrip("-").replace("-", "_") == "rados_osd_op_timeout":
+            i += 1 if "=" in w else 2      # (`--opt=v` or `--opt v`)
+            continue
+        out.append(w)
+        i += 1
+    return " ".join(out + [VFS_OSD_OP_TIMEOUT])
+
+
+@contextlib.contextmanager
+def ceph_args_for_vfs():
+    """`with ceph_args_for_vfs():` make a Ceph client (ours, or the VFS's at
+    its first open): libceph-common reads CEPH_ARGS once per process (its
+    env_to_vec keeps the first read for every later client), so whichever
+    client comes first fixes them for the VFS too; inside, CEPH_ARGS is
+    vfs_ceph_args of the user's. Outside it is the user's again: what this
+    process starts (hooks, the ceph tools) sees it unchanged. Our own
+    clients set their timeouts on their handles and are not affected."""
+    old = os.environ.get("CEPH_ARGS")
+    os.environ["CEPH_ARGS"] = vfs_ceph_args(old or "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CEPH_ARGS", None)
+        else:
+            os.environ["CEPH_ARGS"] = old
 
 
 def client_identity(env=None) -> dict:
