@@ -415,6 +415,8 @@ class Array:
         # --accept-stale: open although another copy of the array directory
         # wrote its rados packs since (_check_not_stale)
         self.accept_stale = accept_stale
+        # the namespace is loaded from the catalogue (open): close commits
+        self._loaded = False
         # --index-cache: RAM for the block index (on disk, in the catalogue):
         # a share for SQLite's pages, the rest split among the packs' caches
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
@@ -600,9 +602,26 @@ class Array:
             if not written_since(rec, meta, self.conf["uuid"]):
                 continue
             n = int(rec.get("commits", 0))
+            have = int(meta.get("commits", 0) or 0)
+            if self.home is not None and rec.get("session") and \
+                    rec.get("session") == meta.get("session"):
+                # one catalogue (in the cluster) and the same mount wrote both:
+                # the catalogue lost commits it had acknowledged (a VFS that
+                # lied about a sync: rados.VFS_OSD_OP_TIMEOUT), not another copy
+                lost = (f"the catalogue of {self.home or self.path} ends at commit {have} "
+                        f"of its last mount (of {rec.get('dir', '?')} on host "
+                        f"{rec.get('host', '?')}), but pack {pack.name} records that mount's "
+                        f"commit {n}: the catalogue's storage lost writes it had "
+                        "acknowledged, and what commits "
+                        f"{have + 1}-{n} stored is not in the catalogue")
+                if self.accept_stale:
+                    return [f"pack {pack.name}: opened with --accept-stale although {lost}"]
+                raise ArrayError(errno.ESTALE, (
+                    f"{lost}. Nothing was opened. To open the catalogue as it is (the blocks "
+                    "only those commits referenced are freed), mount with --accept-stale"))
             whose = (f"the mount of {rec.get('dir', '?')} on host {rec.get('host', '?')} "
                      f"made commit {n} of it, which the catalogue of {self.path} (commit "
-                     f"{int(meta.get('commits', 0) or 0)}) does not have")
+                     f"{have}) does not have")
             if self.accept_stale:
                 return [f"pack {pack.name}: opened with --accept-stale although another "
                         f"copy of this array wrote it since ({whose}): what that copy "
@@ -801,6 +820,7 @@ class Array:
                           "restore it from a backup, or mount again once its disk or "
                           "cluster answers)") from None
         self.ns.load(self._meta, self._set_rows, rows, self.packs)
+        self._loaded = True         # from here on, a close commits (see close)
         self.nursery = nursery
         self.runner.load(self._job_rows, self._journaled_jobs)
         self.drain_notes()              # what the packs found at open, in detail
@@ -893,7 +913,11 @@ class Array:
         lost = 0
         try:
             wb = self.writeback
-            if wb.fatal is None and self.catalogue is not None:
+            # an open that failed before the namespace was loaded (a refusal
+            # after the catalogue was opened: ESTALE, a lease) has nothing of
+            # its own to commit, and its empty state would overwrite the
+            # catalogue's (counters, LUN ids): it only lets go
+            if wb.fatal is None and self.catalogue is not None and self._loaded:
                 async with wb.lock:
                     await wb.commit()
                     unstored = wb.unstored()

@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from conftest import (cli, end_helper_mounts, exited, fusearray_mounts, read_at, run,
                       wait_for, write_synced)
 from test_rados_lease import LEASE, MiB, pool_digest   # (LEASE: the tests' short lease)
-from test_rados_pack import ext4_intact, ext4_with_files
+from test_rados_pack import ext4_intact, ext4_with_files, full_ratios, pool_full
 
 pytestmark = pytest.mark.mount
 
@@ -37,10 +38,10 @@ class Hosts:
     def __init__(self, make_mount, ceph, spec):
         self.make_mount, self.ceph, self.spec = make_mount, ceph, spec
 
-    def host(self, name: str):
+    def host(self, name: str, ceph_args: str = ""):
         m = self.make_mount(name, array=None)
         m.array = str(m.base / "cache")
-        env = {"CEPH_CONF": self.ceph.conf, "CEPH_ARGS": f"--id host{name}"}
+        env = {"CEPH_CONF": self.ceph.conf, "CEPH_ARGS": f"--id host{name} {ceph_args}".strip()}
         start = m.start
 
         def start_on_cluster(*opts):
@@ -521,3 +522,102 @@ def test_mount_8_and_fstab_mount_an_array_in_the_cluster(ceph, pool, tmp_path, h
         wait_for(lambda: exited(pids[-1]), 60, "the daemon to exit after umount")
     finally:
         end_helper_mounts(mnt, pids)
+
+
+@pytest.mark.daemon_errors(r"is full|ENOSPC|No space|lease|timed out")
+def test_a_full_pool_holds_a_catalogue_commit_until_it_has_room(ceph, pool, make_mount):
+    """The pool of an array in the cluster full for longer than the Ceph
+    clients' OSD-op timeout (a short one, as a user's ceph.conf or CEPH_ARGS
+    may set): a command that commits waits, then succeeds once the pool has
+    room, and its commit and everything fsync'd before are there after a
+    clean unmount and mount. (Ceph's SQLite VFS reports a write that timed
+    out as durable: with the timeout the snapshot "succeeded", its commit
+    and those before it never reached the catalogue, and the next mount was
+    refused with ESTALE: the packs' commit record ahead of the catalogue.
+    rados.VFS_OSD_OP_TIMEOUT.)"""
+    spec = init(ceph, pool)
+    a = Hosts(make_mount, ceph, spec).host("a", "--rados_osd_op_timeout=4")
+    a.start()
+    a.ok("create", "v 16M")
+    data = write_synced(a.path("luns", "v"), 8 * MiB)
+    client = ceph.client()
+    result = {}
+    try:
+        full_ratios(ceph, 0.000001, 0.0000008, 0.0000005)
+        wait_for(lambda: pool_full(client, pool), 60, "the pool to be flagged full")
+        t = threading.Thread(target=lambda: result.update(r=a.ctl("snapshot", "v set=s1")))
+        t.start()
+        time.sleep(12)          # three timeouts' worth
+        assert t.is_alive(), f"the commit did not wait for room: {result}"
+    finally:
+        full_ratios(ceph, 0.95, 0.90, 0.85)
+    wait_for(lambda: not pool_full(client, pool), 60, "the pool to have room")
+    t.join(120)
+    assert not t.is_alive(), "the snapshot did not finish once the pool had room"
+    err, reply = result["r"]
+    assert err == 0, reply
+    a.stop()
+    a.start()           # (without the fix: ESTALE, the catalogue behind the record)
+    assert read_at(a.path("snapshots", "s1", "v"), 0, len(data)) == data
+    assert read_at(a.path("luns", "v"), 0, len(data)) == data
+    a.stop()            # (before the pool goes)
+
+
+def _catalogue_objects(io) -> dict:
+    """{name: (data, {xattr: value})} of the catalogue's RADOS objects (its
+    database and WAL, striped), without their locks."""
+    out = {}
+    for o in io.list_objects():
+        if o.key.startswith("catalogue.db"):
+            size = io.stat(o.key)[0]
+            out[o.key] = (io.read(o.key, size + 1) if size else b"",
+                          {k: v for k, v in io.get_xattrs(o.key) if not k.startswith("lock.")})
+    return out
+
+
+def test_a_catalogue_that_lost_acknowledged_commits_is_named_so(ceph, pool, make_mount):
+    """The catalogue in the cluster set back to an earlier state of the same
+    mount (what a VFS that lies about a sync leaves: rados.VFS_OSD_OP_TIMEOUT):
+    the next mount is refused with ESTALE saying the catalogue lost commits
+    its own mount made, not that another copy of the array wrote the pack;
+    --accept-stale opens it as it was, and the array goes on. The refused
+    mount writes nothing: its close used to commit its empty state over the
+    catalogue's (its counters back to 1), so the next LUN made took the id
+    and WWN of an existing one and replaced it: LUN v was gone."""
+    spec = init(ceph, pool)
+    a = Hosts(make_mount, ceph, spec).host("a")
+    a.start()
+    a.ok("create", "v 16M")
+    data = write_synced(a.path("luns", "v"), 4 * MiB)
+    a.ok("sync", "all")
+    with ceph.client().open_ioctx(pool) as io:
+        io.set_namespace("fusearray-array.arr")
+        os.kill(a.proc.pid, signal.SIGSTOP)     # (a consistent copy: no commit under it)
+        try:
+            earlier = _catalogue_objects(io)
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        a.ok("create", "w 16M")
+        a.ok("sync", "all")
+        a.stop()
+        for name in {o.key for o in io.list_objects()} - set(earlier):
+            if name.startswith("catalogue.db"):
+                io.remove_object(name)
+        for name, (blob, xattrs) in earlier.items():
+            io.write_full(name, blob)
+            for k, v in xattrs.items():
+                io.set_xattr(name, k, v)
+    with pytest.raises(AssertionError, match="lost writes it had acknowledged") as e:
+        a.start()
+    msg = str(e.value)
+    assert "--accept-stale" in msg and "another copy" not in msg, msg
+    a.start("--accept-stale")
+    assert "pack main: opened with --accept-stale although" in "\n".join(a.warnings) or \
+        "opened with --accept-stale" in a.events(), a.warnings
+    assert sorted(os.listdir(a.path("luns"))) == ["v"]      # as the catalogue was
+    assert read_at(a.path("luns", "v"), 0, len(data)) == data
+    a.ok("create", "w 16M")                                  # and it goes on
+    a.stop()
+    a.start()
+    assert sorted(os.listdir(a.path("luns"))) == ["v", "w"]
+    a.stop()
