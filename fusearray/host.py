@@ -201,7 +201,10 @@ class Freeze:
 
     def held(self) -> bool:
         """True while the freezer surely still holds (a second's margin
-        before its hold limit)."""
+        before its hold limit); always with nothing to freeze (no freezer,
+        no limit: a set then waits for its commit however long it takes)."""
+        if not self.mounts:
+            return True
         return time.monotonic() - self._t0 < self.hold - 1.0
 
     async def __aexit__(self, *exc):

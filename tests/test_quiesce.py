@@ -498,3 +498,15 @@ async def test_a_freeze_refused_aborts_with_its_errno_and_a_failed_thaw_is_repor
     async with fz:
         pass
     assert fz.thaw_errors == ["/mnt/a: EINVAL Invalid argument"]
+
+
+async def test_nothing_to_freeze_has_no_hold_limit():
+    """A set of LUNs no mounted file system is on (no freezer) is not
+    refused for a hold limit when its instant waits long (a commit held by a
+    full cluster pool): there was the misleading 'the freeze of  reached its
+    hold limit' with nothing frozen."""
+    fz = host.Freeze([], hold=0.0)
+    async with fz:
+        assert fz.held() and fz.frozen == []
+    fz = host.Freeze(["/mnt/a"], hold=0.0)          # (a freezer's limit still counts)
+    assert not fz.held()
