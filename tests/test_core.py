@@ -1811,3 +1811,48 @@ def test_which_commit_records_mean_another_copy_wrote_since():
     assert written_since(rec("S1", 10), meta, "u")          # S1 went on elsewhere
     assert written_since(rec("S3", 1), meta, "u")           # a session this copy never saw
     assert written_since(rec("S1", 1), {}, "u")             # a catalogue with no lineage
+
+
+async def test_a_refused_open_writes_nothing_to_the_catalogue(tmp_path):
+    """An open refused after the catalogue was opened (here: the catalogue
+    is another array's) ends without a commit: its close used to commit the
+    empty state it had over that catalogue (the LUN id and WWN counters back
+    to 1), so the next LUN made there took the id of an existing one and
+    replaced it."""
+    import json
+    import shutil
+    import sqlite3
+    path = tmp_path / "arr"
+    init_array(str(path))
+
+    async def make_v(a):
+        await a.create_lun("v", "4M")
+    await with_array(path, make_v)
+    cat = path / "catalogue.db"
+
+    def meta():
+        with contextlib.closing(sqlite3.connect(cat)) as c:
+            return dict(c.execute("SELECT key, value FROM meta"))
+    before = meta()
+    conf_file = path / "array.json"
+    shutil.copy(conf_file, tmp_path / "array.json.orig")
+    conf = json.loads(conf_file.read_text())
+    conf["uuid"] = "00000000-0000-0000-0000-000000000000"
+    conf_file.write_text(json.dumps(conf))
+    async with trio.open_nursery() as n:       # as the daemon does: open, refused, close
+        a = Array(str(path), 8 * MiB)
+        with pytest.raises(ArrayError, match="belongs to another array"):
+            await a.open(n)
+        await a.close()
+    assert meta() == before
+    shutil.copy(tmp_path / "array.json.orig", conf_file)
+
+    async def make_w(a):
+        await a.create_lun("w", "4M")
+        assert sorted(a.luns) == ["v", "w"]
+        assert a.luns["v"].wwn != a.luns["w"].wwn
+    await with_array(path, make_w)
+
+    async def both(a):
+        assert sorted(a.luns) == ["v", "w"]
+    await with_array(path, both)
