@@ -413,8 +413,8 @@ def render_status(s: dict) -> bytes:
     out.append("packs:")
     for p in s["packs"]:
         out.append(f"  {p['name']}: {p['layout']} {p['state']}  used "
-                   f"{human_bytes(p['used_bytes'])} of {human_bytes(p['capacity_bytes'])}"
-                   f"  ({p['blocks']} blocks)")
+                   f"{human_bytes(p['used_bytes'])} of {human_bytes(p['capacity_bytes'])}, "
+                   f"{human_bytes(p['free_bytes'])} free  ({p['blocks']} blocks)")
         for d in p["disks"]:
             out.append(f"    disk {d['id']} {d['state']:8} {d['path']}")
     out.append("luns:")

@@ -11,6 +11,7 @@ answer, the pool deleted under a mounted array.
 import errno
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -556,6 +557,9 @@ def test_a_full_cluster_is_enospc_and_writes_go_on_once_it_has_room(make_mount, 
         assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
         assert "is full" in m.events(), m.events()[-2000:]
         assert disk_of(m, "main")["state"] == "online"
+        # ctl/status says what is free, not only "used 8.0M of 2.1K"
+        line = next(l for l in m.view("status").splitlines() if l.startswith("  main:"))
+        assert re.search(r"used \S+ of \S+, \S+ free", line), line
     finally:
         full_ratios(ceph, 0.95, 0.90, 0.85)
     wait_for(lambda: not pool_full(client, pool), 60, "the pool to have room")
