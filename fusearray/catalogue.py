@@ -292,30 +292,43 @@ class Catalogue:
             with ceph_args_for_vfs():      # (its client connects at the first open)
                 self.conn = sqlite3.connect(path, uri=True, check_same_thread=False,
                                             isolation_level=None)
-            # before the first access: SQLite then keeps the WAL index in
-            # the heap, not in shared memory (which the ceph VFS has not)
-            self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         else:
             if create:   # 0600 before SQLite opens it: its -wal and -shm take the same mode
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
             self.conn = sqlite3.connect(path, check_same_thread=False,
                                         isolation_level=None)
-        mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise RuntimeError(f"SQLite refused WAL mode for {path} (got {mode})")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        if create:   # array.json, written after this, marks a finished init
-            if self.single:     # what an init that died half-way left (under its lease)
-                self.conn.executescript("".join(
-                    f"DROP TABLE IF EXISTS {t};" for t in TABLES))
-            create_tables(self.conn)
-        else:
-            upgrade_tables(self.conn, record_header)
+        try:
+            self._set_up(path, create, record_header)
+        except BaseException:
+            self.conn.close()   # (a cluster's: else its RADOS lock outlives us)
+            raise
         self._reads = None          # the committed views' connection (pack_rows)
         #: on_failure(CatalogueError), from any thread: a read of the
         #: committed views failed (the Array stops the write-back)
         self.on_failure = None
+
+    def _set_up(self, path: str, create: bool, record_header: int) -> None:
+        if self.single:
+            # before the first access: SQLite then keeps the WAL index in
+            # the heap, not in shared memory (which the ceph VFS has not)
+            self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"SQLite refused WAL mode for {path} (got {mode})")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        if create and self.single:
+            # what an init that died half-way left (under its lease), before
+            # foreign keys are on: a parent table dropped with its children's
+            # rows still there fails with them on (a CI run: an init killed
+            # after its first commit, the next one "FOREIGN KEY constraint
+            # failed")
+            self.conn.executescript("".join(
+                f"DROP TABLE IF EXISTS {t};" for t in reversed(TABLES)))
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        if create:   # array.json, written after this, marks a finished init
+            create_tables(self.conn)
+        else:
+            upgrade_tables(self.conn, record_header)
 
     def pack_rows(self, pack: str, cache_bytes: int) -> "PackRows":
         """The committed view of pack `pack`'s block index (one read

@@ -621,3 +621,28 @@ def test_a_catalogue_that_lost_acknowledged_commits_is_named_so(ceph, pool, make
     a.start()
     assert sorted(os.listdir(a.path("luns"))) == ["v", "w"]
     a.stop()
+
+
+def test_a_catalogue_an_init_left_after_its_first_commit_is_made_again(ceph, pool,
+                                                                       monkeypatch):
+    """An init killed after its catalogue's first commit (packs and disks
+    rows in it) and before array.json: the next init drops what it left
+    and makes the catalogue again. Tables dropped with foreign keys on
+    failed there (a parent before its children's rows: "FOREIGN KEY
+    constraint failed", a traceback from `fusearray init`, seen in CI's
+    killed-init test). No FUSE."""
+    import time as _time
+    from fusearray.catalogue import Catalogue, Changes, cluster_uri
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)
+    uri = cluster_uri(pool, "fusearray-array.left")
+    cat = Catalogue(uri, create=True)
+    now = _time.time()
+    cat.commit_blocking(Changes(meta={"format": 1, "uuid": "u1"},
+                                packs_add=[("main", "single", now, [f"rados:{pool}"])],
+                                disks=[("main", 0, f"rados:{pool}", "online", now)]))
+    cat.close()
+    cat = Catalogue(uri, create=True)       # (the next init)
+    try:
+        assert cat.packs() == [] and cat.meta().get("uuid") is None
+    finally:
+        cat.close()
