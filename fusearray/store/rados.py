@@ -309,7 +309,8 @@ class _Cluster:
 #: array's catalogue): none. The VFS (SimpleRADOSStriper) sends SQLite's
 #: writes as async RADOS writes and, at xSync, waits for them with
 #: AioCompletion::wait_for_complete(), which returns 0 whatever the write's
-#: result (Ceph 16 to this day): a write that timed out (a full pool, OSDs
+#: result (Ceph 16 here; fixed upstream in ceph/ceph#69195, tracker 77010,
+#: not in Debian's 16.2): a write that timed out (a full pool, OSDs
 #: down past the timeout) is reported to SQLite as durable and the commit is
 #: lost without an error. Seen here: a pool full for 90 s with the timeout
 #: at 60 s lost four acknowledged commits; the next mount found the packs'
