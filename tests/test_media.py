@@ -684,3 +684,24 @@ def test_the_vfs_ceph_args_never_time_an_osd_op_out(monkeypatch):
             assert os.environ["CEPH_ARGS"] == "--rados_osd_op_timeout=0"
             raise RuntimeError
     assert "CEPH_ARGS" not in os.environ
+
+
+def test_the_vfs_ceph_args_from_two_threads_at_once_leave_the_users(monkeypatch):
+    """Two clients made at once in two worker threads: CEPH_ARGS is the
+    user's again after both (without the lock the second saved the first's
+    value as the user's and put it back last)."""
+    import os
+    monkeypatch.setenv("CEPH_ARGS", "--id fa")
+    inside = threading.Event()
+
+    def first():
+        with rmod.ceph_args_for_vfs():
+            inside.set()
+            time.sleep(0.3)
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with rmod.ceph_args_for_vfs():
+        time.sleep(0.6)         # (ends after the first: it puts back what it saw)
+    t.join()
+    assert os.environ["CEPH_ARGS"] == "--id fa"

@@ -335,6 +335,9 @@ def vfs_ceph_args(ceph_args: str) -> str:
     return " ".join(out + [VFS_OSD_OP_TIMEOUT])
 
 
+_ceph_args_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def ceph_args_for_vfs():
     """`with ceph_args_for_vfs():` make a Ceph client (ours, or the VFS's at
@@ -343,16 +346,19 @@ def ceph_args_for_vfs():
     client comes first fixes them for the VFS too; inside, CEPH_ARGS is
     vfs_ceph_args of the user's. Outside it is the user's again: what this
     process starts (hooks, the ceph tools) sees it unchanged. Our own
-    clients set their timeouts on their handles and are not affected."""
-    old = os.environ.get("CEPH_ARGS")
-    os.environ["CEPH_ARGS"] = vfs_ceph_args(old or "")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("CEPH_ARGS", None)
-        else:
-            os.environ["CEPH_ARGS"] = old
+    clients set their timeouts on their handles and are not affected. One
+    thread at a time (clients are made in worker threads): two at once would
+    each save the other's value and one would leave it set."""
+    with _ceph_args_lock:
+        old = os.environ.get("CEPH_ARGS")
+        os.environ["CEPH_ARGS"] = vfs_ceph_args(old or "")
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("CEPH_ARGS", None)
+            else:
+                os.environ["CEPH_ARGS"] = old
 
 
 def client_identity(env=None) -> dict:
