@@ -38,6 +38,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import secrets
@@ -57,7 +58,7 @@ from .hooks import HOOKS_DIR, HookRunner
 from . import home as homes
 from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
-from .store import (DEFAULT_INDEX_CACHE, DEFAULT_LEASE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
+from .store import (DEFAULT_INDEX_CACHE, DEFAULT_LEASE, FILTER_SHARE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
                     close_media, is_rados, write_file_atomic)
 from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
 from . import intentlog
@@ -73,6 +74,8 @@ from .shadows import Shadows
 from .volume import BlockCache, Volume
 from .writeback import Collision, WriteBack, per_volume, store_hashed
 from .writeback import OVERCOMMIT  # noqa: F401  (tools/bench reads fusearray.array.OVERCOMMIT)
+
+log = logging.getLogger("fusearray")
 
 ARRAY_FILE = "array.json"
 CATALOGUE_FILE = "catalogue.db"
@@ -417,8 +420,11 @@ class Array:
         self.accept_stale = accept_stale
         # the namespace is loaded from the catalogue (open): close commits
         self._loaded = False
+        self._filters_idle = trio.Event()       # no dedup filter build running
+        self._filters_idle.set()
         # --index-cache: RAM for the block index (on disk, in the catalogue):
-        # a share for SQLite's pages, the rest split among the packs' caches
+        # a share for SQLite's pages, one for the packs' dedup filters, the
+        # rest split among the packs' caches
         self.index_cache = index_cache or DEFAULT_INDEX_CACHE
         self.conf = read_config(self.path)
         self.ceph_conf = ceph_conf_now(self.conf)   # rados packs' cluster
@@ -725,11 +731,14 @@ class Array:
             disks = [Disk(i, p, s, since, ceph_conf=self.ceph_conf)
                      for i, p, s, since in cat.disks(name)]
             pack = Pack(name, layout, disks, self.hasher,
-                        self._pack_index_cache(len(pack_rows)))
+                        self._pack_index_cache(len(pack_rows)),
+                        self.index_cache // FILTER_SHARE // max(1, len(pack_rows)))
             notes += self._take_leases_blocking(pack)   # before anything is written
             try:
                 notes += self._check_not_stale(pack, meta)  # before anything is removed
                 removed = pack.open_blocking(self._pack_rows(name), self.conf["uuid"])
+                pack.load_filter_blocking(self._filter_path(name), self._filter_tag(
+                    meta.get("session", ""), int(meta.get("commits", 0))))
             except BaseException:
                 for d in pack.disks:                # (not in self.packs: close() skips it)
                     d.release_lease()
@@ -760,8 +769,68 @@ class Array:
 
     def _pack_index_cache(self, npacks: int) -> int:
         """Each pack's index cache: its share of --index-cache after
-        SQLite's page cache."""
-        return (self.index_cache - self.index_cache // PAGE_CACHE_SHARE) // max(1, npacks)
+        SQLite's page cache and the dedup filters."""
+        rest = (self.index_cache - self.index_cache // PAGE_CACHE_SHARE
+                - self.index_cache // FILTER_SHARE)
+        return rest // max(1, npacks)
+
+    def _filter_path(self, pack: str) -> str:
+        """Where a clean unmount keeps pack `pack`'s dedup filter (in the
+        array directory; for an array in a cluster, this host's cache)."""
+        return os.path.join(self.path, f"dedup-filter.{pack}")
+
+    def _filter_tag(self, session: str, commits: int) -> str:
+        """The catalogue state a saved filter covers: the array, the
+        session of its last commit and the commit count."""
+        return f"{self.conf['uuid']} {session} {commits}"
+
+    def _save_filters_blocking(self) -> None:
+        """After the close's last commit: each built filter kept for the
+        next open (a failure only means a build then)."""
+        wb = self.writeback
+        for name, pack in self.packs.items():
+            try:
+                pack.save_filter_blocking(self._filter_path(name),
+                                          self._filter_tag(wb.session, wb.commits))
+            except OSError as e:
+                log.warning("dedup filter of pack %s not kept: %s", name, e)
+
+    def _filter_room(self) -> int:
+        """A new pack's dedup filter: what the packs' filters leave of
+        their share of --index-cache (theirs keep their size until the
+        next mount shares it anew)."""
+        used = sum((p.filter_status() or {"bytes": 0})["bytes"] for p in self.packs.values())
+        return max(0, self.index_cache // FILTER_SHARE - used)
+
+    async def _build_filters(self) -> None:
+        """The packs' dedup filters, one pack at a time in a worker thread
+        (a pass over its committed ids); each serves from the moment it is
+        built. An event says when, with what it cost. `close` stops it
+        and waits for its worker's current batch."""
+        self._filters_idle = trio.Event()
+        try:
+            for pack in list(self.packs.values()):
+                await self._build_filter(pack)
+        finally:
+            self._filters_idle.set()
+
+    async def _build_filter(self, pack) -> None:
+        st = pack.filter_status()
+        if st is None or st["ready"]:
+            return
+        t0 = time.monotonic()
+        try:
+            with catalogue_failures():
+                built = await trio.to_thread.run_sync(pack.build_filter_blocking,
+                                                      abandon_on_cancel=True)
+        except CatalogueError:
+            return      # (the array stopped and said so; the filter stays unused)
+        if built and pack.block_count():
+            st = pack.filter_status()
+            self.event("info", f"pack {pack.name}: dedup filter ready "
+                       f"({human_bytes(st['bytes'])}, {pack.block_count()} ids, "
+                       f"{time.monotonic() - t0:.1f} s, est. "
+                       f"{100 * st['false_positive_rate']:.2g} % false positives)")
 
     def _pack_rows(self, name: str):
         """Pack `name`'s committed index: the catalogue's blocks table."""
@@ -836,6 +905,7 @@ class Array:
         self.writeback.last_commit = time.monotonic()
         nursery.start_soon(self.writeback.run_committer)
         nursery.start_soon(self.event_hooks.run)
+        nursery.start_soon(self._build_filters)
         self.runner.resume_all(nursery)   # each worker says it resumes, and where
         await self.iscsi.open(nursery)    # (the shares are served once the mount is up)
 
@@ -912,6 +982,9 @@ class Array:
         only to an unmount or SIGTERM that bypassed it."""
         lost = 0
         try:
+            for pack in self.packs.values():
+                pack.stop_filter()
+            await self._filters_idle.wait()     # (its worker reads the catalogue)
             wb = self.writeback
             # an open that failed before the namespace was loaded (a refusal
             # after the catalogue was opened: ESTALE, a lease) has nothing of
@@ -930,6 +1003,8 @@ class Array:
                                    "refuses this unless given --discard")
                     self.event("info", "array closed")
                     await wb.commit(flush=False)
+                    if wb.fatal is None:
+                        await trio.to_thread.run_sync(self._save_filters_blocking)
         finally:
             for pack in self.packs.values():
                 pack.close_blocking()
@@ -1147,10 +1222,11 @@ class Array:
             except OSError as e:
                 raise ioerror(f"cannot prepare disk directories for pack {name}: {e}") from None
             pack = Pack(name, layout, disks, self.hasher,
-                        self._pack_index_cache(len(self.packs) + 1))
+                        self._pack_index_cache(len(self.packs) + 1), self._filter_room())
             for n in await trio.to_thread.run_sync(self._take_leases_blocking, pack):
                 self.event("warning", n)
             await trio.to_thread.run_sync(pack.open_blocking, self._pack_rows(name))
+            await trio.to_thread.run_sync(pack.build_filter_blocking)     # (a new pack: no rows)
             for p in self.packs.values():       # the same --index-cache, shared by one more
                 p.resize_index_cache(self._pack_index_cache(len(self.packs) + 1))
             self.packs[name] = pack
@@ -1254,6 +1330,7 @@ class Array:
                           "free_bytes": p.free_bytes(),
                           "blocks": p.block_count(),
                           "index_cache": p.index_status(),
+                          "dedup_filter": p.filter_status(),
                           "mapped_reads": p.mapped_reads,
                           "disks": [dict({"id": d.idx, "path": d.path, "state": d.state},
                                          **({"rados": d.info} if d.info else {}))
@@ -1285,7 +1362,10 @@ class Array:
                 # --index-cache: SQLite's pages and each pack's cache of the index
                 "index": {"limit_bytes": self.index_cache,
                           "page_cache_bytes": self.index_cache // PAGE_CACHE_SHARE,
+                          "filter_bytes": sum((p.filter_status() or {"bytes": 0})["bytes"]
+                                              for p in self.packs.values()),
                           "bytes": sum(p.index_status()["bytes"]
+                                       + (p.filter_status() or {"bytes": 0})["bytes"]
                                        for p in self.packs.values())},
                 # a quarter of --cache-size (64 MiB to 512 MiB): map nodes
                 "node_cache": self.nodes.status()}

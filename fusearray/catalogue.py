@@ -582,8 +582,17 @@ class PackRows:
         not seen). On a catalogue's one connection (in a cluster): batch
         after batch by id, each under its lock (a commit between two
         batches is seen from the next one on)."""
+        for rows in self._stream("id, seg, off, len"):
+            yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+
+    def ids(self):
+        """Every row's id, as scan (the dedup filter's build)."""
+        for rows in self._stream("id"):
+            yield [bytes(r[0]) for r in rows]
+
+    def _stream(self, cols: str):
         if self.reads.single:
-            yield from self._scan_shared()
+            yield from self._stream_shared(cols)
             return
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -593,27 +602,25 @@ class PackRows:
             try:
                 conn.execute("PRAGMA query_only=1")
                 conn.execute("PRAGMA cache_size=-2048")
-                cur = conn.execute("SELECT id, seg, off, len FROM blocks WHERE pack=? "
+                cur = conn.execute(f"SELECT {cols} FROM blocks WHERE pack=? "
                                    "ORDER BY id", (self.pack,))
-                batches = iter(lambda: cur.fetchmany(SCAN_BATCH), [])
-                for rows in batches:
-                    yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+                yield from iter(lambda: cur.fetchmany(SCAN_BATCH), [])
             except sqlite3.Error as e:
                 raise read_error(e, self.reads.failed) from None
         finally:
             conn.close()
 
-    def _scan_shared(self):
+    def _stream_shared(self, cols: str):
         last = b""
         while True:
             with self.reads.query() as conn:
                 rows = conn.execute(
-                    "SELECT id, seg, off, len FROM blocks WHERE pack=? AND id > ? "
+                    f"SELECT {cols} FROM blocks WHERE pack=? AND id > ? "
                     "ORDER BY id LIMIT ?", (self.pack, last, SCAN_BATCH)).fetchall()
             if not rows:
                 return
             last = bytes(rows[-1][0])
-            yield [(bytes(b), (s, o, n)) for b, s, o, n in rows]
+            yield rows
 
     def apply(self, adds: dict, dels: set, refs: dict | None = None,
               counted=()) -> None:

@@ -101,21 +101,23 @@ class BlockReader:
 
     # ---- blocks ------------------------------------------------------------
     @staticmethod
-    async def lookups(pack, bids: list) -> list:
+    async def lookups(pack, bids: list, dedup: bool = False) -> list:
         """pack.lookup of each of `bids`, without reading the committed
         index on the trio thread: the ids its cache does not know are
         read in a worker thread first (Pack.read_rows_blocking, one
         statement per 500) and learnt on return. The answers hold until
-        the caller's next await."""
-        missing = [b for b in bids if pack.lookup_cached(b) is UNCACHED]
+        the caller's next await. `dedup`: the ids are of new data (see
+        Pack.lookup)."""
+        missing = [b for b in bids if pack.lookup_cached(b, dedup) is UNCACHED]
         known = {}
         if missing:
             try:
-                gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing)
+                gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing,
+                                                           dedup)
             except OSError as e:        # (catalogue.CatalogueError: the array said so)
                 raise ioerror(f"pack {pack.name}: {e.strerror or e}") from None
             known = pack.learn(gen, missing, found)
-        return [known[b] if b in known else pack.lookup(b) for b in bids]
+        return [known[b] if b in known else pack.lookup(b, dedup) for b in bids]
 
     @staticmethod
     def locate(vol, bid: bytes):

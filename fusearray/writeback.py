@@ -136,7 +136,7 @@ def store_hashed(items, ids, verify: bool) -> list:
         recs = new.setdefault(pack, {})
         if bid in recs:
             continue
-        loc = pack.lookup(bid)
+        loc = pack.lookup(bid, dedup=True)
         if loc is None:
             recs[bid] = data
         elif verify:
@@ -508,7 +508,8 @@ class WriteBack:
                 asked.setdefault(pack, {})[bid] = None
         locs = {}
         for pack, ids in asked.items():     # (no SQL on the trio thread)
-            locs[pack] = dict(zip(ids, await self.reader.lookups(pack, list(ids))))
+            found = await self.reader.lookups(pack, list(ids), dedup=True)
+            locs[pack] = dict(zip(ids, found))
         for pack, bid, data in items:
             if bid == ZERO_ID:
                 continue

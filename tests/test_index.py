@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -354,6 +355,69 @@ def test_index_cache_option_on_a_mount(make_mount):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_dedup_filter_on_a_mount(make_mount):
+    """On a real mount: new data's dedup checks are answered by the filter
+    (the index cache is not even asked); a clean unmount keeps the filter
+    and the next mount takes it (no pass over the table); after a SIGKILL
+    the next mount builds it in the background (an event says so) and
+    dedup hits are still found; the data reads back, fsck is clean."""
+    m = m_ = make_mount().init("--block-size", "4K")
+    m.start()
+    saved = os.path.join(m.array, "dedup-filter.main")
+    lun = os.path.join(m.mnt, "luns", "l")
+
+    def write(off, data):
+        with open(lun, "r+b") as f:
+            f.seek(off)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        m.ok("sync", "all")         # written back: dedup decided
+
+    def pack():
+        return m.status()["packs"][0]
+
+    def this_mount():
+        return m.events().rsplit("array opened", 1)[1]
+    try:
+        cli("create", "l", "64M", mnt=m.mnt)
+        a, b = os.urandom(16 * MiB), os.urandom(16 * MiB)
+        write(0, a)
+        f = pack()["dedup_filter"]
+        assert f["ready"] and f["bytes"] == DEFAULT_INDEX_CACHE // 8
+        assert f["negatives"] >= 4096, f
+        m.stop()
+        assert os.path.exists(saved)
+        m.start()
+        p = pack()
+        assert p["dedup_filter"]["ready"] and not os.path.exists(saved)   # taken
+        assert "dedup filter ready" not in this_mount()                   # not built
+        neg, misses, blocks = (p["dedup_filter"]["negatives"], p["index_cache"]["misses"],
+                               p["blocks"])
+        write(16 * MiB, b)
+        p = pack()
+        assert p["dedup_filter"]["negatives"] - neg >= 4096
+        assert p["index_cache"]["misses"] - misses < 400, (p["index_cache"], misses)
+        assert p["blocks"] - blocks >= 4096
+        m.kill9()
+        m.start()
+        for _ in range(300):
+            if "pack main: dedup filter ready" in this_mount():
+                break
+            time.sleep(0.1)
+        assert pack()["dedup_filter"]["ready"], m.events()
+        blocks = pack()["blocks"]
+        write(32 * MiB, a)                                  # a copy: dedup hits
+        assert pack()["blocks"] - blocks < 100
+        drop_caches()
+        with open(lun, "rb") as f:
+            assert sha(f.read(48 * MiB)) == sha(a + b + a)
+    finally:
+        m.stop()
+    out = _fsck(m_.array)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 # ---- fsck ---------------------------------------------------------------------------
 def _fsck(array, *args):
     tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
@@ -418,9 +482,13 @@ async def test_collection_frees_exactly_what_nothing_reaches(tmp_path):
 
     async def body(a):
         await a.add_pack("far", "single", [str(tmp_path / "far")])
-        # the two packs share --index-cache (after SQLite's quarter)
-        share = (DEFAULT_INDEX_CACHE - DEFAULT_INDEX_CACHE // 4) // 2
+        # the two packs share --index-cache (after SQLite's quarter and the
+        # filters' eighth); the first pack's filter had it all: the new
+        # one gets none until the next mount shares it anew
+        share = (DEFAULT_INDEX_CACHE - DEFAULT_INDEX_CACHE // 4 - DEFAULT_INDEX_CACHE // 8) // 2
         assert [p.index_status()["limit_bytes"] for p in a.packs.values()] == [share] * 2
+        assert [(p.filter_status() or {"bytes": 0})["bytes"] for p in a.packs.values()] == \
+            [DEFAULT_INDEX_CACHE // 8, 0]
         vol = await a.create_lun("l", "16M")
         model = bytearray(16 * MiB)
         for _ in range(3):
@@ -487,3 +555,148 @@ async def test_a_table_a_crash_left_is_removed_at_open(tmp_path):
         assert not left.exists()
         assert not [f for f in os.listdir(a.path) if f.startswith(".reach.")]
     await with_array(tmp_path / "arr", body)
+
+
+# ---- the dedup filter (issue 16 point 1) -------------------------------------------
+def _catalogue_index(tmp_path, filter_bytes, rows=()):
+    """A BlockIndex on a catalogue's pack 'p' holding `rows` {id: loc}
+    committed, and a list the catalogue's read connection appends each
+    statement it runs to."""
+    cat = Catalogue(str(tmp_path / "cat.db"), create=True)
+    cat.commit_blocking(Changes(packs_add=[("p", "single", 0.0, ["/nonexistent"])]))
+    if rows:
+        cat.commit_blocking(Changes(blocks_add={"p": dict(rows)}))
+    pr = cat.pack_rows("p", 1 << 20)
+    statements: list = []
+    pr.reads.conn.set_trace_callback(statements.append)
+    idx = BlockIndex(1 << 20, filter_bytes)
+    idx.open(pr)
+    return cat, idx, statements
+
+
+@pytest.mark.parametrize("filter_bytes", [0, 1 << 16])
+def test_a_dedup_miss_is_answered_by_the_filter_without_reading_the_table(
+        tmp_path, filter_bytes):
+    """A pack of 20,000 committed ids: once its filter is built (one pass
+    over the table), the dedup check of 2,000 new ids reads the table for
+    at most a few (false positives), where with no filter (0 bytes) each
+    one is a read; stored ids are found either way, and a read (not a
+    dedup check) never asks the filter."""
+    rng = random.Random(5)
+    stored = {rng.randbytes(16): (i // 1000, (i % 1000) * 200, 100) for i in range(20000)}
+    cat, idx, statements = _catalogue_index(tmp_path, filter_bytes, stored)
+    try:
+        if filter_bytes:
+            assert idx.filter_status()["ready"] is False     # committed ids: a pass first
+            assert idx.lookup(rng.randbytes(16), dedup=True) is None   # (from the table)
+            assert idx.build_filter_blocking() is True
+            assert idx.filter_status()["ready"] is True
+        statements.clear()
+        new = [rng.randbytes(16) for _ in range(2000)]
+        assert all(idx.lookup(b, dedup=True) is None for b in new)
+        gen, found = idx.read_rows_blocking(new[:1000], dedup=True)
+        assert found == {}
+        reads = [s for s in statements if "FROM blocks" in s]
+        if filter_bytes:
+            assert len(reads) < 20, len(reads)      # 65536 bytes for 20,000 ids: < 0.1 %
+            assert idx.filter_status()["negatives"] > 2900
+        else:
+            assert len(reads) >= 2001 and idx.filter_status() is None
+        sample = rng.sample(sorted(stored), 500)
+        assert all(idx.lookup(b, dedup=True) == stored[b] for b in sample)
+        statements.clear()
+        other = [rng.randbytes(16) for _ in range(2)]
+        assert idx.lookup(other[0]) is None and idx.lookup_cached(other[1]) is UNCACHED
+        assert any("FROM blocks" in s for s in statements)   # a read asks the table
+    finally:
+        cat.close()
+
+
+def test_the_filter_never_says_no_to_a_stored_id_model_based(tmp_path):
+    """Generated sequences of adds, drops, commits, filter builds at any
+    point (also with changes pending), saves and loads across reopens
+    (also of a damaged or a mislabelled file), on a 512-bit filter (many
+    false positives: the "maybe" path is taken too): a dedup lookup
+    always agrees with a model of what is stored."""
+    for seed in range(12):
+        rng = random.Random(seed)
+        sub = tmp_path / str(seed)
+        sub.mkdir()
+        cat = Catalogue(str(sub / "cat.db"), create=True)
+        cat.commit_blocking(Changes(packs_add=[("p", "single", 0.0, ["/nonexistent"])]))
+        model: dict = {}
+        pool = [rng.randbytes(16) for _ in range(400)]
+        commits = 0
+
+        def reopen(load: str | None):
+            idx = BlockIndex(1 << 16, 64)
+            idx.open(cat.pack_rows("p", 1 << 20))
+            if load is not None:
+                idx.load_filter_blocking(str(sub / "f"), load)
+            return idx
+        idx = reopen(None)
+        for step in range(300):
+            op = rng.random()
+            if op < 0.45:
+                b = rng.choice(pool)
+                loc = (rng.randrange(8), rng.randrange(1 << 20), 100)
+                idx.add(b, loc)
+                model[b] = loc
+            elif op < 0.6 and model:
+                b = rng.choice(sorted(model))
+                idx.drop([(b, model.pop(b))])
+            elif op < 0.75:
+                adds, dels, segs, refs, counted = idx.take_pending()
+                cat.commit_blocking(Changes(blocks_add={"p": adds}, blocks_del={"p": dels},
+                                            segments={"p": segs}))
+                idx.committed()
+                commits += 1
+            elif op < 0.82:
+                idx.build_filter_blocking()
+            elif op < 0.9 and not idx.has_pending():
+                saved = idx.save_filter_blocking(str(sub / "f"), f"t{commits}")
+                if rng.random() < 0.3 and saved:         # damage the saved file
+                    raw = bytearray((sub / "f").read_bytes())
+                    raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+                    (sub / "f").write_bytes(bytes(raw))
+                idx.close()
+                # the catalogue's state now, or a label of another one
+                idx = reopen(f"t{commits}" if rng.random() < 0.8 else "other")
+            for b in pool[:60] + rng.sample(pool, 40):
+                assert idx.lookup(b, dedup=True) == model.get(b), (seed, step, b.hex())
+        idx.close()
+        cat.close()
+
+
+def test_a_saved_filter_is_taken_only_whole_for_its_state_and_folds_to_a_smaller_size(
+        tmp_path):
+    """save/load: taken for its label (the catalogue state), folded to a
+    filter of half or a quarter the size with the same answers for every
+    stored id, refused if smaller, damaged or labelled otherwise; the
+    file is consumed either way."""
+    from fusearray.store.idfilter import IdFilter
+    rng = random.Random(9)
+    ids = [rng.randbytes(16) for _ in range(3000)]
+    big = IdFilter(1 << 14, 3000)
+    big.add_many(ids)
+    big.ready = True
+    path = str(tmp_path / "f")
+    for size, tag, damage, taken in [(1 << 14, "s1", False, True), (1 << 12, "s1", False, True),
+                                     (1 << 15, "s1", False, False), (1 << 14, "s2", False, False),
+                                     (1 << 14, "s1", True, False)]:
+        big.save_blocking(path, "s1")
+        if damage:
+            with open(path, "r+b") as fh:
+                fh.seek(os.path.getsize(path) // 2)
+                byte = fh.read(1)[0]
+                fh.seek(-1, 1)
+                fh.write(bytes([byte ^ 4]))
+        f = IdFilter(size, 10)
+        assert f.load_blocking(path, tag) is taken and f.ready is taken
+        assert not os.path.exists(path)
+        if taken:
+            assert all(f.may_hold(b) for b in ids) and f.probes == big.probes
+            fresh = [rng.randbytes(16) for _ in range(2000)]
+            no = sum(not f.may_hold(b) for b in fresh)
+            assert no > (1000 if size == 1 << 12 else 1900), no
+    assert IdFilter(1 << 14, 3000).load_blocking(path, "s1") is False     # no file

@@ -75,7 +75,7 @@ fsync did not last is done again then.
 """
 from .disks import Disk
 from .hasher import Hasher
-from .index import DEFAULT_INDEX_CACHE, PAGE_CACHE_SHARE, UNCACHED
+from .index import DEFAULT_INDEX_CACHE, FILTER_SHARE, PAGE_CACHE_SHARE, UNCACHED
 from .layouts import CHUNK, Mirror, Raid5, Single
 from .media import DEFAULT_LEASE, LABEL, close_media, is_rados, seg_name
 from .pack import Pack
@@ -89,7 +89,7 @@ from .records import xor as _xor
 from .records import xor_into as _xor_into
 from .segments import SEGMENT_LIMIT, SEGMENT_MIN, SPARE_IDLE, SPARES
 
-__all__ = ["CHUNK", "close_media", "DEFAULT_LEASE", "DEFAULT_INDEX_CACHE", "PAGE_CACHE_SHARE", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
+__all__ = ["CHUNK", "close_media", "DEFAULT_LEASE", "DEFAULT_INDEX_CACHE", "FILTER_SHARE", "PAGE_CACHE_SHARE", "HDR", "LABEL", "MAGIC", "SEGMENT_LIMIT", "SEGMENT_MIN", "SPARES",
            "SPARE_IDLE", "UNCACHED", "Disk", "Hasher", "is_rados", "seg_name", "Mirror", "Pack", "Raid5", "Single",
            "fsync_dir", "write_file_atomic",
            "_hash128_many", "_in_memory", "_verify_mapped", "_xor", "_xor_into"]

@@ -12,10 +12,15 @@ scan. In RAM are only
   transaction runs, the ones it writes (`committing`);
 - a bounded LRU cache of looked-up locations (and of misses), whose size
   is set by the mount's `--index-cache` (`IndexCache`);
+- a Bloom filter of the stored ids (idfilter.py, a share of
+  `--index-cache`), built in a worker thread after open: once built, a
+  lookup of an id never stored (the dedup check of new data) is answered
+  without reading the committed view;
 - the per-segment accounting (`seg_live`, `seg_size`, `seg_count`): one
   entry per segment file (tens of MiB each), read from the segments table
   at open: so opening costs the number of segments, not of blocks.
-A lookup looks in that order: pending, committing, cache, committed rows.
+A lookup looks in that order: pending, committing, filter, cache,
+committed rows.
 
 Threads: every change (add, drop, take_pending, committed, forget_segment)
 on the trio thread by holders of the array's commit lock; lookups from any
@@ -35,6 +40,7 @@ references); a row that moves (compaction) keeps its counts.
 import collections
 import threading
 
+from .idfilter import IdFilter
 from .media import seg_name
 from .records import HDR
 
@@ -45,6 +51,8 @@ CACHE_ENTRY_BYTES = 200
 #: Share of --index-cache given to the committed view's page cache (SQLite
 #: pages: the B-tree's inner pages make a miss one leaf read).
 PAGE_CACHE_SHARE = 4
+#: Share of --index-cache given to the packs' dedup filters (idfilter.py).
+FILTER_SHARE = 8
 DEFAULT_INDEX_CACHE = 64 << 20
 
 _GONE = object()          # an overlay's answer: deleted
@@ -143,6 +151,9 @@ class MemRows:
     def scan(self):
         yield list(self.rows.items())
 
+    def ids(self):
+        yield list(self.rows)
+
     def refs(self, ids) -> dict:
         return {b: tuple(self.counts.get(b, (0, 0))) for b in ids if b in self.rows}
 
@@ -171,9 +182,12 @@ class BlockIndex:
     """A pack's block index and its per-segment accounting (see the
     module docstring)."""
 
-    def __init__(self, cache_bytes: int = DEFAULT_INDEX_CACHE):
+    def __init__(self, cache_bytes: int = DEFAULT_INDEX_CACHE, filter_bytes: int = 0):
         self.rows = MemRows()
         self.cache = IndexCache(cache_bytes)
+        self.filter_bytes = filter_bytes
+        self.filter: IdFilter | None = None     # made at open (if filter_bytes)
+        self.filter_stop = threading.Event()    # (close: a build in progress ends)
         self.seg_live: dict[int, int] = {}                   # seg -> live record bytes
         self.seg_size: dict[int, int] = {}                   # seg -> logical bytes
         self.seg_count: dict[int, int] = {}                  # seg -> index entries
@@ -199,9 +213,49 @@ class BlockIndex:
                 self.seg_live[seg], self.seg_size[seg] = live, size
                 self.seg_count[seg] = count
                 ends[seg] = size
+        if self.filter_bytes:       # (ready once built or loaded: even with no
+            # segment counted, the table is what says no block is stored)
+            self.filter = IdFilter(self.filter_bytes, 2 * self.count())
         return ends
 
+    def build_filter_blocking(self) -> bool:
+        """Worker thread: set the filter's bits of every committed id (one
+        streaming pass over the committed view, a batch in RAM at a time)
+        and mark it ready. The ids added meanwhile set their own bits
+        (add). False if stopped (close) first: the filter stays unused."""
+        f = self.filter
+        if f is None or f.ready:
+            return True
+        if self.filter_stop.is_set():
+            return False
+        for batch in self.rows.ids():
+            if self.filter_stop.is_set():
+                return False
+            f.add_many(batch)
+        f.ready = not self.filter_stop.is_set()
+        return f.ready
+
+    def save_filter_blocking(self, path: str, tag: str) -> bool:
+        """At a clean close, after the last commit: the built filter kept
+        at `path` for the next open of the same catalogue state (`tag`)."""
+        if self.filter is None or not self.filter.ready:
+            return False
+        self.filter.save_blocking(path, tag)
+        return True
+
+    def load_filter_blocking(self, path: str, tag: str) -> bool:
+        """At open, before anything is added: the filter saved at `path`
+        if it was saved for this catalogue state (`tag`), else none (then
+        build_filter_blocking makes it)."""
+        if self.filter is None or self.filter.ready:
+            return False
+        return self.filter.load_blocking(path, tag)
+
+    def filter_status(self) -> dict | None:
+        return None if self.filter is None else self.filter.status(self.count())
+
     def close(self) -> None:
+        self.filter_stop.set()
         self.rows.close()
 
     # ---- lookups (any thread) -------------------------------------------------
@@ -221,20 +275,25 @@ class BlockIndex:
             return _GONE
         return _UNKNOWN
 
-    def lookup_cached(self, bid: bytes):
+    def lookup_cached(self, bid: bytes, dedup: bool = False):
         """The location of `bid`, None (not stored), or UNCACHED: only the
-        committed view knows (no I/O here)."""
+        committed view knows (no I/O here). `dedup`: the question is
+        whether new data is stored already, which the filter may answer
+        (a read of a block a map names never asks it: a wrong "no" there
+        would fail the read; here it would only store the block again)."""
         loc = self._overlay(bid)
         if loc is not _UNKNOWN:
             return None if loc is _GONE else loc
+        if dedup and self.filter is not None and self.filter.excludes(bid):
+            return None             # certainly not committed (idfilter.py)
         return self.cache.get(bid)
 
-    def lookup(self, bid: bytes):
+    def lookup(self, bid: bytes, dedup: bool = False):
         """The location of `bid`, or None. A miss in the cache is a point
         read of the committed view (an indexed B-tree): on the trio thread
         only where lookup_cached answered first or a miss is rare (see
         read_rows_blocking)."""
-        loc = self.lookup_cached(bid)
+        loc = self.lookup_cached(bid, dedup)
         if loc is not _UNKNOWN:
             return loc
         loc = self.rows.get(bid)
@@ -247,14 +306,17 @@ class BlockIndex:
         self.cache.put(bid, loc)
         return loc
 
-    def read_rows_blocking(self, ids) -> tuple:
+    def read_rows_blocking(self, ids, dedup: bool = False) -> tuple:
         """(generation, {id: location}) of the committed rows among `ids`:
         one statement per 500 ids, in a worker thread, nothing cached (a
         commit may end meanwhile: `learn` on the trio thread decides).
         So a cache miss of a read or a dedup check does not stall the
         trio loop on a B-tree leaf read (a disk read at 10M blocks)."""
         gen = self.generation
-        return gen, self.rows.get_many(list(ids))
+        f = self.filter
+        if dedup and f is not None:
+            ids = [b for b in ids if not f.excludes(b)]
+        return gen, (self.rows.get_many(list(ids)) if ids else {})
 
     def learn(self, gen: int, ids, found: dict) -> dict:
         """Trio thread: read_rows_blocking's answers for `ids`, cached and
@@ -273,7 +335,12 @@ class BlockIndex:
 
     # ---- changes (trio thread, commit lock) -------------------------------------
     def add(self, bid: bytes, loc) -> None:
-        old = self.lookup(bid)
+        f = self.filter
+        new = False
+        if f is not None:
+            new = f.excludes(bid)   # (then no table read on this thread)
+            f.add(bid)              # before anything can commit it
+        old = None if new else self.lookup(bid)
         if old is not None:
             self._unlive(old)
         self.pending_add[bid] = loc

@@ -63,7 +63,7 @@ class Pack:
     append, the array drains them on the trio thread)."""
 
     def __init__(self, name: str, layout: str, disks: list[Disk], hasher: Hasher,
-                 index_cache: int = DEFAULT_INDEX_CACHE):
+                 index_cache: int = DEFAULT_INDEX_CACHE, filter_bytes: int = 0):
         self.name = name
         self.layout = layout
         self.disks = disks
@@ -74,7 +74,7 @@ class Pack:
         # no-wait reads on the loop need fds (a RADOS pack's reads go to threads)
         self.files = SegmentFiles(disks, self.health,
                                   NOWAIT if all(d.medium.fds for d in disks) else None)
-        self.blocks = BlockIndex(index_cache)
+        self.blocks = BlockIndex(index_cache, filter_bytes)
         self.segs = Segments(self)
         self.reads = Reads(self)
         self._space = None        # (capacity, available) from the last statvfs
@@ -270,16 +270,17 @@ class Pack:
         return self.segs.stable_size(seq)
 
     # ---- index (index.py; trio thread) ---------------------------------------
-    def lookup(self, bid: bytes):
-        return self.blocks.lookup(bid)
+    def lookup(self, bid: bytes, dedup: bool = False):
+        """`dedup`: is new data stored already (BlockIndex.lookup_cached)."""
+        return self.blocks.lookup(bid, dedup)
 
-    def lookup_cached(self, bid: bytes):
+    def lookup_cached(self, bid: bytes, dedup: bool = False):
         """lookup without I/O: index.UNCACHED if only the committed view
         knows (then read_rows_blocking in a worker thread, and learn)."""
-        return self.blocks.lookup_cached(bid)
+        return self.blocks.lookup_cached(bid, dedup)
 
-    def read_rows_blocking(self, ids) -> tuple:
-        return self.blocks.read_rows_blocking(ids)
+    def read_rows_blocking(self, ids, dedup: bool = False) -> tuple:
+        return self.blocks.read_rows_blocking(ids, dedup)
 
     def learn(self, gen: int, ids, found: dict) -> dict:
         return self.blocks.learn(gen, ids, found)
@@ -330,6 +331,24 @@ class Pack:
 
     def index_status(self) -> dict:
         return self.blocks.cache.status()
+
+    def filter_status(self) -> dict | None:
+        """The dedup filter's size, state and estimated false positives."""
+        return self.blocks.filter_status()
+
+    def build_filter_blocking(self) -> bool:
+        """Worker thread: the dedup filter's pass over the committed ids."""
+        return self.blocks.build_filter_blocking()
+
+    def save_filter_blocking(self, path: str, tag: str) -> bool:
+        return self.blocks.save_filter_blocking(path, tag)
+
+    def load_filter_blocking(self, path: str, tag: str) -> bool:
+        return self.blocks.load_filter_blocking(path, tag)
+
+    def stop_filter(self) -> None:
+        """A build in progress ends at its next batch (any thread)."""
+        self.blocks.filter_stop.set()
 
     def resize_index_cache(self, limit_bytes: int) -> None:
         """The pack's share of --index-cache changed (a pack was added)."""
