@@ -39,6 +39,10 @@ from . import maps
 from .errors import ArrayError, ChecksumError, ioerror
 from .store import UNCACHED
 
+#: reads of the committed index one `lookups` makes before it looks the
+#: rest up on the trio thread (see lookups)
+LOOKUP_TRIES = 4
+
 #: Reads up to this size try the page cache on the loop before a thread.
 NOWAIT_MAX = 1 << 20
 
@@ -107,17 +111,41 @@ class BlockReader:
         read in a worker thread first (Pack.read_rows_blocking, one
         statement per 500) and learnt on return. The answers hold until
         the caller's next await. `dedup`: the ids are of new data (see
-        Pack.lookup)."""
-        missing = [b for b in bids if pack.lookup_cached(b, dedup) is UNCACHED]
-        known = {}
-        if missing:
+        Pack.lookup). A commit that ended during the read (answers from
+        before it may be stale: Pack.learn refuses its rows too) means
+        another read, a few times, before the rest is looked up here (on
+        the trio thread). An answer the cache gave before the read and
+        has evicted since (a batch bigger than the cache) still holds
+        if no commit ended meanwhile: a change since would be in the
+        overlays, which lookup_cached consults first."""
+        for _ in range(LOOKUP_TRIES):
+            gen = pack.index_generation()
+            before = {}
+            missing = []
+            for b in bids:
+                loc = pack.lookup_cached(b, dedup)
+                if loc is UNCACHED:
+                    missing.append(b)
+                else:
+                    before[b] = loc
+            if not missing:
+                return [before[b] for b in bids]
             try:
-                gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking, missing,
-                                                           dedup)
+                read_gen, found = await trio.to_thread.run_sync(pack.read_rows_blocking,
+                                                                missing, dedup)
             except OSError as e:        # (catalogue.CatalogueError: the array said so)
                 raise ioerror(f"pack {pack.name}: {e.strerror or e}") from None
+            if read_gen != gen or pack.index_generation() != gen:
+                continue
             known = pack.learn(gen, missing, found)
-        return [known[b] if b in known else pack.lookup(b, dedup) for b in bids]
+            out = []
+            for b in bids:
+                loc = known.get(b, UNCACHED)
+                if loc is UNCACHED:
+                    loc = pack.lookup_cached(b, dedup)
+                out.append(before[b] if loc is UNCACHED else loc)
+            return out
+        return [pack.lookup(b, dedup) for b in bids]
 
     @staticmethod
     def locate(vol, bid: bytes):

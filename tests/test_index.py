@@ -168,10 +168,11 @@ def test_a_lookup_read_in_a_thread_is_learnt_only_if_no_commit_ended_meanwhile(t
 async def test_reads_and_writes_never_read_the_index_table_on_the_trio_thread(
         tmp_path, monkeypatch):
     """With an index cache far smaller than the blocks stored, reading a
-    LUN end to end, loading its map nodes and writing new and repeated
-    content (dedup checks) look up what the cache misses in worker
-    threads: no point read of the blocks table runs on the trio thread
-    (at 10M blocks each is a disk read that would stall every request)."""
+    LUN end to end, loading its map nodes, writing new and repeated
+    content (dedup checks) and fsck (with data) look up what the cache
+    misses in worker threads: no point read of the blocks table runs on
+    the trio thread (at 10M blocks each is a disk read that would stall
+    every request; fsck asked for each reached id one by one)."""
     init_array(str(tmp_path / "arr"), block_size=4096)
     data = os.urandom(8 * MiB)
 
@@ -208,6 +209,11 @@ async def test_reads_and_writes_never_read_the_index_table_on_the_trio_thread(
         assert bytes(await vol.read(10 * MiB, 2 * MiB)) == data[:2 * MiB]
         assert on_loop == []
         assert sum(off_loop) >= 2048            # the misses went to worker threads
+        off_loop.clear()
+        a.packs["main"].blocks.cache.resize(0)
+        await assert_clean(a, strict=True)
+        assert on_loop == []
+        assert sum(off_loop) >= 2560            # (the blocks fsck reached, at least)
     await with_array(tmp_path / "arr", body, index_cache=256 * 1024)
 
 

@@ -282,6 +282,10 @@ class Pack:
     def read_rows_blocking(self, ids, dedup: bool = False) -> tuple:
         return self.blocks.read_rows_blocking(ids, dedup)
 
+    def index_generation(self) -> int:
+        """Commits ended so far (BlockIndex.generation: lookups)."""
+        return self.blocks.generation
+
     def learn(self, gen: int, ids, found: dict) -> dict:
         return self.blocks.learn(gen, ids, found)
 
