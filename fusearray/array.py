@@ -788,7 +788,15 @@ class Array:
         """After the close's last commit: each built filter kept for the
         next open (a failure only means a build then)."""
         wb = self.writeback
+        try:
+            st = os.statvfs(self.path)
+            room = st.f_bavail * st.f_frsize
+        except OSError:
+            return
         for name, pack in self.packs.items():
+            size = (pack.filter_status() or {"bytes": 0})["bytes"]
+            if size * 4 > room:
+                continue        # (a nearly full file system: its space is for commits)
             try:
                 pack.save_filter_blocking(self._filter_path(name),
                                           self._filter_tag(wb.session, wb.commits))
@@ -847,7 +855,51 @@ class Array:
                               + (" and the previous daemon did not end cleanly: it may "
                                  "hold acknowledged writes" if self.previous_session else "")
                               + "; make it available (mount its device) and mount again")
-        return self.intent.open_blocking(Coverage.from_meta(meta))
+        covered = Coverage.from_meta(meta)
+        try:
+            return self.intent.open_blocking(covered)
+        except OSError as e:
+            where = self.intent.dir
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full and self.log_moved_to is not None \
+                    and self.log_moved_to != self.conf.get("log_dir") \
+                    and self.intent.uncovered_blocking(covered) == 0:
+                return self._open_moved_log_blocking(covered)
+            if full:
+                raise nospace(
+                    f"the intent log cannot be made in {where}: its file system is full "
+                    f"({e.strerror}; the log needs "
+                    f"{human_bytes(intentlog.SLOTS_MIN * intentlog.SLOT_SIZE)}); free space there, or mount with --log DIR on another file "
+                    "system") from None
+            raise ioerror(f"the intent log in {where} cannot be opened: "
+                          f"{e.strerror or e}") from None
+
+    def _open_moved_log_blocking(self, covered: Coverage) -> list:
+        """The log's directory has no room for it, `--log` names another,
+        and the old one holds nothing a commit does not cover: the log
+        opens in the new directory at once (what _move_log does after the
+        open otherwise, which needs the old log open first)."""
+        old = self.intent
+        new = IntentLog(self._log_path(self.log_moved_to), self.conf["uuid"],
+                        old.buffer_limit, event=old.event)
+        records = new.open_blocking(covered)
+        conf = dict(self.conf, log_dir=self.log_moved_to)
+        try:
+            write_file_atomic(os.path.join(self.path, ARRAY_FILE),
+                              json.dumps(conf, indent=1).encode())
+        except OSError as e:
+            new.close_blocking()
+            raise nospace(f"{self.path}: cannot record the intent log's new directory "
+                          f"in {ARRAY_FILE}: {e.strerror}; free space there") from None
+        self.conf = conf
+        try:
+            old.remove_blocking()
+        except OSError:
+            pass                # (empty slots left behind: nothing in them)
+        self.intent = self.writeback.intent = new
+        self._open_infos.append(("info", f"the intent log is now in {new.dir} (no room "
+                                 f"for it in {old.dir})"))
+        return records
 
     def _tighten_modes(self, cat: Catalogue) -> None:
         """An array made by an older fusearray let other users read its

@@ -136,8 +136,16 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
     from .array import Array
     from .errors import ArrayError
 
-    def ready(msg: str, final: bool = True) -> None:
+    foreground = ready_fd is None
+
+    def ready(msg: str, final: bool = True, echo: bool = True) -> None:
+        """Tell `fusearray mount --background` (the ready fd) how the mount
+        went; in the foreground, errors and warnings go to stderr (`echo`:
+        unless the caller prints its own)."""
         nonlocal ready_fd
+        if foreground and echo and msg.startswith(("error: ",
+                                                                        "warning: ")):
+            print(f"fusearray: {msg.split(': ', 1)[1]}", file=sys.stderr)
         if ready_fd is not None:
             try:
                 os.write(ready_fd, (msg + "\n").encode())
@@ -164,20 +172,20 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         array = Array(array_path, cache_size, log_dir, fsync, index_cache=index_cache,
                       **(rados or {}))
     except ArrayError as e:
-        ready(f"error: {e.message}")
+        ready(f"error: {e.message}", echo=False)
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
     try:
         return trio.run(_serve, array, mnt, shim, ready, debug, access, metrics_port)
     except ArrayError as e:
-        ready(f"error: {e.message}")
+        ready(f"error: {e.message}", echo=False)
         print(f"fusearray: {e.message}", file=sys.stderr)
         return 1
     except BaseException as e:      # nothing should get here: it is a bug
         if isinstance(first_error(e), KeyboardInterrupt):
             raise
         reason = died(array_path, array, mnt, e)
-        ready(f"error: the daemon died: {reason}")
+        ready(f"error: the daemon died: {reason}", echo=False)
         print(f"fusearray: the daemon died of an unexpected error: {reason} (see "
               f"{os.path.join(array_path, 'daemon.log')})", file=sys.stderr)
         return 70           # EX_SOFTWARE

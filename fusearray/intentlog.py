@@ -583,6 +583,22 @@ class IntentLog:
         self.last = self.logged = last
         return out
 
+    def uncovered_blocking(self, covered: Coverage) -> int:
+        """The records of the slots there now that no commit covers,
+        read without making or changing anything (a log that cannot be
+        made here moves elsewhere with nothing lost when this is 0)."""
+        try:
+            idxs = self.store.indexes()
+        except FileNotFoundError:
+            return 0
+        n = 0
+        for idx in idxs:
+            h, data = self.store.open_read(idx)
+            self.store.close(h)
+            n += sum(1 for rec in parse_slot(data, self.seed)[1]
+                     if not covered.covers(rec[1], rec[0]))
+        return n
+
     def _make_slot_blocking(self, idx: int) -> Slot:
         """A new empty slot, durable with its name."""
         return Slot(idx, f"slot.{idx}", self.store.make(idx))

@@ -1857,3 +1857,22 @@ async def test_a_refused_open_writes_nothing_to_the_catalogue(tmp_path):
     async def both(a):
         assert sorted(a.luns) == ["v", "w"]
     await with_array(path, both)
+
+
+def test_an_atomic_file_write_that_fails_leaves_the_old_file_and_no_part(tmp_path, monkeypatch):
+    """write_file_atomic on a full file system: the old content stays and
+    the part written is removed (a dedup filter's 8 MiB .tmp was left in a
+    full array directory)."""
+    from fusearray.store import records
+    path = str(tmp_path / "f")
+    records.write_file_atomic(path, b"old")
+
+    def full(fd, bufs, off):
+        os.write(fd, b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(records, "pwritev_all", full)
+    with pytest.raises(OSError):
+        records.write_file_atomic(path, b"new" * 1000)
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+    with open(path, "rb") as f:
+        assert f.read() == b"old"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli, drop_caches, run
+from conftest import PY, cli, drop_caches, run
 from fallbacks import INTERPOSER, punch_hole
 
 MiB = 1 << 20
@@ -677,3 +677,69 @@ def test_an_unreadable_catalogue_refuses_the_mount_with_what_to_do(tmp_path):
         assert os.path.ismount(mnt)
     finally:
         cli("umount", str(mnt))
+
+
+def test_a_refused_foreground_mount_says_why(make_mount, tmp_path):
+    """`fusearray mount ARRAY MNT` runs in the foreground: a refusal at
+    open (here: the array is mounted already) used to exit 1 saying
+    nothing; it says why on stderr, as --background does."""
+    m = make_mount().init()
+    m.start()
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        for bg in ((), ("--background",)):
+            r = run([PY, "-m", "fusearray", "mount", *bg, m.array, str(other)], check=False,
+                    timeout=60)
+            assert r.returncode == 1, r
+            assert "is already mounted" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert not os.path.ismount(other)
+    finally:
+        m.stop()
+
+
+def test_an_array_directory_with_no_room_for_the_intent_log(make_mount, tmp_path):
+    """The array directory's file system cannot hold the intent log (two
+    8 MiB slots; here a 4 MiB tmpfs): the mount is refused with ENOSPC
+    saying so and what to do (the daemon used to die of an "unexpected
+    error" with a traceback), nothing half-made is left there; `--log DIR`
+    on another file system then works at once (the log moves: nothing in
+    the old place to replay), is recorded, and the data is there after a
+    remount; a filter that would not fit is not kept there."""
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)])
+    m = None
+    try:
+        (tmp_path / "pack").mkdir()
+        m = make_mount(array=small / "a")
+        m.init("--pack", f"main=single:{tmp_path / 'pack'}")
+        r = run([PY, "-m", "fusearray", "mount", m.array, m.mnt], check=False, timeout=60)
+        assert r.returncode == 1 and not os.path.ismount(m.mnt), r
+        assert "the intent log cannot be made in" in r.stderr and "--log DIR" in r.stderr
+        assert "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr
+        assert not [n for n in os.listdir(os.path.join(m.array, "log"))], "left behind"
+        with pytest.raises(AssertionError, match="its file system is full"):
+            m.start()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        m.start("--log", str(logs))
+        assert "the intent log is now in" in m.events()
+        cli("create", "l", "8M", mnt=m.mnt)
+        data = os.urandom(4 * MiB)
+        with open(m.path("luns", "l"), "r+b") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        m.kill9()
+        m.start()                           # (array.json names the log's directory)
+        with open(m.path("luns", "l"), "rb") as f:
+            assert f.read(len(data)) == data
+        m.stop()
+        assert not [n for n in os.listdir(m.array) if n.startswith("dedup-filter")]
+        with open(os.path.join(m.array, "array.json")) as f:
+            assert json.load(f)["log_dir"] == str(logs)
+    finally:
+        if m is not None:
+            m.close()
+        run(["umount", str(small)], check=False)

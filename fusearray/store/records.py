@@ -121,11 +121,18 @@ def write_file_atomic(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)         # a .tmp left by an older version
-        pwritev_all(fd, [data], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, FILE_MODE)         # a .tmp left by an older version
+            pwritev_all(fd, [data], 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        try:
+            os.unlink(tmp)          # (a full file system: the part written goes too)
+        except OSError:
+            pass
+        raise
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 
