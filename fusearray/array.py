@@ -487,7 +487,8 @@ class Array:
                                    uncommitted=lambda: bool(self.journal.uncommitted),
                                    prepare_commit=self._prepare_commit,
                                    committed=self._committed, array_uuid=self.conf["uuid"],
-                                   intent=self.intent, fsync_log=fsync == "log")
+                                   intent=self.intent, fsync_log=fsync == "log",
+                                   catalogue_room=self._catalogue_room_blocking)
         self.collector = self.writeback.collector
         self.luns = self.ns.luns
         self.sets = self.ns.sets                 # name -> namespace.ShadowSet
@@ -774,6 +775,22 @@ class Array:
                 - self.index_cache // FILTER_SHARE)
         return rest // max(1, npacks)
 
+    def _catalogue_room_blocking(self):
+        """(free bytes, catalogue bytes, where) where the catalogue writes:
+        the array directory's file system. None for an array in a cluster:
+        its commits wait for room in a full pool, as every Ceph client's
+        writes do (docs/scale-out.md)."""
+        if self.home is not None:
+            return None
+        st = os.statvfs(self.path)
+        size = 0
+        for suffix in ("", "-wal"):
+            try:
+                size += os.path.getsize(os.path.join(self.path, CATALOGUE_FILE + suffix))
+            except OSError:
+                pass
+        return st.f_bavail * st.f_frsize, size, f"the file system of {self.path}"
+
     def _filter_path(self, pack: str) -> str:
         """Where a clean unmount keeps pack `pack`'s dedup filter (in the
         array directory; for an array in a cluster, this host's cache)."""
@@ -1044,7 +1061,16 @@ class Array:
             # catalogue's (counters, LUN ids): it only lets go
             if wb.fatal is None and self.catalogue is not None and self._loaded:
                 async with wb.lock:
-                    await wb.commit()
+                    try:
+                        await wb.commit()
+                    except ArrayError as e:
+                        if wb.catalogue_full is None:
+                            raise
+                        self.event("error", f"closed without a last commit: {e.message}. "
+                                   "Writes fsync'd before are replayed from the intent log "
+                                   "at the next mount; others since the last commit are "
+                                   "lost")
+                        return 0
                     unstored = wb.unstored()
                     lost = sum(unstored.values())
                     if lost:
@@ -1120,6 +1146,12 @@ class Array:
     async def sync_all(self, discard: bool = False) -> dict:
         """ctl `sync all [discard=yes]`: WriteBack.sync_all."""
         return await self.writeback.sync_all(discard)
+
+    async def check_room(self) -> None:
+        """ENOSPC now if the catalogue's storage has no room for a commit
+        (WriteBack.check_room): ctl commands ask before they change
+        anything, so a refusal leaves nothing half done."""
+        await self.writeback.check_room()
 
     async def collect_garbage(self) -> None:
         async with self.writeback.lock:

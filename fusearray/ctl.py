@@ -242,6 +242,21 @@ def _register_flags():
 
 _register_flags()
 
+
+def _room_first(run):
+    """A verb that asks whether the catalogue has room for a commit
+    before it changes anything (Array.check_room: ENOSPC with nothing
+    half done, not a change that waits for room after its refusal)."""
+    async def checked(array, args, opts):
+        await array.check_room()
+        return await run(array, args, opts)
+    return checked
+
+
+for _name, _verb in VERBS.items():
+    if _name != "sync":         # (its discard=yes is the way out of a full one)
+        _verb.run = _room_first(_verb.run)
+
 #: The verbs, in one place: the CLI's subcommands and the ctl/ files are these.
 VERB_NAMES: tuple[str, ...] = tuple(VERBS)
 

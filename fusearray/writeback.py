@@ -94,6 +94,9 @@ DISK_CHECK_INTERVAL = 2.0
 #: Merge overlays into maps once this much is flushed (finds garbage sooner).
 OVERLAY_MERGE = 256 << 20
 FLUSH_BATCH = 16 << 20
+#: Free space a commit wants where the catalogue writes beyond its pages
+#: (_check_room).
+COMMIT_SLACK = 1 << 20
 #: A full or failed pack's dirty blocks are retried this often.
 FLUSH_RETRY = 3.0
 #: The intent log covers an fsync only if the pack has this much room
@@ -168,7 +171,8 @@ class WriteBack:
 
     def __init__(self, packs: dict, volumes: dict, cache, nodes, hasher, verify: bool, *,
                  reader, event, drain_notes, round_start, uncommitted, prepare_commit,
-                 committed, array_uuid: str, intent=None, fsync_log: bool = True):
+                 committed, array_uuid: str, intent=None, fsync_log: bool = True,
+                 catalogue_room=None):
         self.packs = packs              # the coordinator's: name -> Pack
         self.volumes = volumes          # the coordinator's: vid -> Volume
         self.cache = cache
@@ -186,6 +190,10 @@ class WriteBack:
         self.intent = intent            # the intent log (intentlog.IntentLog) or None
         self.fsync_log = fsync_log      # fsyncs through the log (mount --fsync log)
         self.catalogue = None           # set by the coordinator once opened
+        # () -> (free bytes, catalogue bytes, where) or None (not known): the
+        # room where the catalogue writes (worker thread; see check_room)
+        self.catalogue_room = catalogue_room
+        self.catalogue_full: str | None = None      # why commits wait (said once; check_room)
         self.lock = trio.Lock()         # the commit lock
         self.db = trio.CapacityLimiter(1)
         self.changes = Changes()        # what the next commit writes besides rows
@@ -568,6 +576,47 @@ class WriteBack:
         self._lineage = {"session": self.session, "prev_session": meta.get("session", ""),
                          "prev_commits": self.commits}
 
+    async def check_room(self) -> None:
+        """Before a commit takes its changes: is there room for it where
+        the catalogue writes? A catalogue transaction that fails for want
+        of space stops the array (nothing after it can be trusted to
+        commit); refused here instead, the commit is only put off: its
+        changes stay pending, fsync'd writes stay in the intent log, the
+        caller gets ENOSPC, and commits resume by themselves once there is
+        room (the committer tries every round). Its need: the new rows
+        (their bytes in the table and its indexes, twice: the WAL, then
+        the database), the pages they change (random ids: a leaf each, two
+        indexes; no more than the catalogue's size), and some slack. A
+        file system that fills between this check and the transaction
+        still stops the array (nothing acknowledged is lost: the intent
+        log has it)."""
+        if self.catalogue_room is None:
+            return
+        try:
+            got = await trio.to_thread.run_sync(self.catalogue_room)
+        except OSError:
+            got = None              # not known: try (as before this check)
+        if got is None:
+            return
+        free, size, where = got
+        rows = sum(p.pending_changes() for p in self.packs.values()) + len(self._rows) + 64
+        need = COMMIT_SLACK + 256 * rows + min(2 * 4096 * rows, size)
+        if free >= need:
+            if self.catalogue_full is not None:
+                self.catalogue_full = None
+                self.event("info", f"the catalogue has room again ({where}): commits "
+                           "resume")
+            return
+        msg = (f"the catalogue's storage is full ({where}: {human_bytes(free)} free, a "
+               f"commit needs about {human_bytes(need)}): commits wait, and what needs "
+               "one (ctl commands, `sync`, fsync once the intent log is full) fails "
+               "with ENOSPC; fsync'd writes are safe in the intent log. Free space "
+               "there: commits resume by themselves")
+        if self.catalogue_full is None:
+            self.event("error", msg)
+        self.catalogue_full = msg
+        raise nospace(msg)
+
     def _commit_record(self) -> dict:
         """What each pack that keeps one is told after a commit."""
         return {"array": self.array_uuid, "session": self.session, "commits": self.commits,
@@ -653,6 +702,7 @@ class WriteBack:
         self.refs.update_roots()
         await self.collector.release(freed)
         await self.refs.settle()
+        await self.check_room()
         ch, self.changes = self.changes, Changes()
         token = self.prepare_commit(ch)   # events, counters, the job journal's mark
         for pack in self.packs.values():
@@ -809,6 +859,15 @@ class WriteBack:
             self.event("warning", f"the array stopped after a fatal error ({self.fatal}): "
                        f"unmounting without committing ({human_bytes(dropped)} not stored), "
                        "as asked (sync all discard=yes, `fusearray umount --discard`)")
+            return {"unstored_bytes": 0, "dropped_bytes": dropped}
+        if discard and self.catalogue_full is not None:
+            # (no room to commit: what is not fsync'd goes; the intent log
+            # has the rest for the next mount)
+            dropped = self.cache.dirty_bytes
+            self.event("warning", f"unmounting without committing: {self.catalogue_full}; "
+                       f"as asked (sync all discard=yes): {human_bytes(dropped)} not "
+                       "stored are dropped, writes fsync'd before are replayed from the "
+                       "intent log at the next mount")
             return {"unstored_bytes": 0, "dropped_bytes": dropped}
         try:
             await self.sync(None)

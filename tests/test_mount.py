@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, cli, drop_caches, run
+from conftest import PY, cli, drop_caches, run, wait_for
 from fallbacks import INTERPOSER, punch_hole
 
 MiB = 1 << 20
@@ -739,6 +739,85 @@ def test_an_array_directory_with_no_room_for_the_intent_log(make_mount, tmp_path
         assert not [n for n in os.listdir(m.array) if n.startswith("dedup-filter")]
         with open(os.path.join(m.array, "array.json")) as f:
             assert json.load(f)["log_dir"] == str(logs)
+    finally:
+        if m is not None:
+            m.close()
+        run(["umount", str(small)], check=False)
+
+
+def test_a_full_catalogue_file_system_puts_commits_off_and_they_resume(make_mount, tmp_path):
+    """The array directory's file system fills up while mounted (the
+    packs elsewhere): a commit no longer fails SQLite's transaction and
+    stops the array (it had to be unmounted with --discard and mounted
+    again); commits wait instead: fsync still works (the intent log), a
+    command is refused with ENOSPC before it changes anything, `sync all`
+    says why, one error event; space freed, commits resume by themselves
+    and the same command works; `umount` is refused while full, `umount
+    --discard` works, and every fsync'd byte is there after the next
+    mount, fsck clean."""
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)])
+    m = None
+    filler = small / "filler"
+
+    def fill():
+        st = os.statvfs(small)
+        with open(filler, "ab") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(filler)
+                               + st.f_bavail * st.f_frsize - 256 * 1024)
+    try:
+        (tmp_path / "pack").mkdir()
+        m = make_mount(array=small / "a")
+        m.init("--pack", f"main=single:{tmp_path / 'pack'}")
+        m.start()
+        m.ok("create", "l 64M")
+        lun = m.path("luns", "l")
+        first = os.urandom(4 * MiB)
+        with open(lun, "r+b") as f:
+            f.write(first)
+            f.flush()
+            os.fsync(f.fileno())
+        m.ok("sync", "all")
+        fill()
+        second = os.urandom(MiB)
+        with open(lun, "r+b") as f:                 # acknowledged: the intent log
+            f.seek(4 * MiB)
+            f.write(second)
+            f.flush()
+            os.fsync(f.fileno())
+        rc, reply = m.ctl("snapshot", "l set=s1")
+        assert rc == errno.ENOSPC, (rc, reply)
+        assert "s1" not in [s["name"] for s in m.status()["sets"]]     # nothing half done
+        r = cli("sync", "all", mnt=m.mnt, check=False)
+        assert r.returncode == 1 and "catalogue's storage is full" in r.stderr, r.stderr
+        assert m.events().count("error the catalogue's storage is full") == 1   # (said once)
+        with open(lun, "rb") as f:
+            assert f.read(5 * MiB) == first + second
+        os.unlink(filler)                            # room again: commits resume
+        wait_for(lambda: "commits resume" in m.events(), 30, "commits to resume")
+        m.ok("snapshot", "l set=s1")
+        m.ok("sync", "all")
+        fill()
+        third = os.urandom(MiB)
+        with open(lun, "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(third)
+            f.flush()
+            os.fsync(f.fileno())
+        assert cli("umount", m.mnt, check=False).returncode == 1
+        cli("umount", "--discard", m.mnt)
+        assert m.proc.wait(timeout=60) is not None
+        m.proc = None
+        os.unlink(filler)
+        m.start()
+        with open(lun, "rb") as f:
+            assert f.read(6 * MiB) == first + second + third
+        assert "s1" in [s["name"] for s in m.status()["sets"]]
+        m.stop()
+        out = run([PY, os.path.join(os.path.dirname(__file__), "..", "tools", "fsck"),
+                   m.array], check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
     finally:
         if m is not None:
             m.close()

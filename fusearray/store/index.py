@@ -452,6 +452,11 @@ class BlockIndex:
         adds, dels = self.committing[:2]
         return set(self.pending_add) | self.pending_del | set(adds) | dels
 
+    def pending_changes(self) -> int:
+        """Rows the next commit writes (adds, drops, count changes)."""
+        return (len(self.pending_add) + len(self.pending_del) + len(self.pending_refs)
+                + len(self.pending_counted))
+
     def has_pending(self) -> bool:
         return bool(self.pending_add or self.pending_del or self.dirty_segs
                     or self.pending_refs or self.pending_counted)

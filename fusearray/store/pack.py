@@ -333,6 +333,10 @@ class Pack:
     def block_count(self) -> int:
         return self.blocks.count()
 
+    def pending_changes(self) -> int:
+        """Index rows the next commit writes."""
+        return self.blocks.pending_changes()
+
     def index_status(self) -> dict:
         return self.blocks.cache.status()
 
