@@ -42,7 +42,9 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import socket
+import sqlite3
 import time
 import uuid
 
@@ -243,16 +245,52 @@ def init_array(path: str, packs: list[str] | None = None,
         specs = [("main", "single", [os.path.join(path, "disks", "main.0")])]
     array_id = str(uuid.uuid4())
     checked = _check_packs(specs, array_id, ceph_conf)
-    private_dir(path)       # the raw data, the catalogue and the secret: 0700
-    if not packs:
-        private_dir(os.path.join(path, "disks"))
     conf = _new_conf(array_id, block_size, verify)
     if any(is_rados(p) for _, _, ps in checked for p in ps):
         conf["ceph_conf"] = ceph_conf
     if log_dir is not None:
         conf["log_dir"] = check_log_dir(log_dir)
-    _first_commit(os.path.join(path, CATALOGUE_FILE), array_id, checked, ceph_conf, path)
-    write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
+    # what this init may have to take back: the directories it makes, and
+    # the local disk directories (new or empty: check_pack) it labels
+    new = [p for p in [path] + [d for _, _, ps in checked for d in ps if not is_rados(d)]
+           if not os.path.exists(p)]
+    disks = [d for _, _, ps in checked for d in ps if not is_rados(d)]
+    try:
+        private_dir(path)       # the raw data, the catalogue and the secret: 0700
+        if not packs:
+            private_dir(os.path.join(path, "disks"))
+        _first_commit(os.path.join(path, CATALOGUE_FILE), array_id, checked, ceph_conf, path)
+        write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
+    except (OSError, sqlite3.Error) as e:
+        _undo_init(path, disks, new)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(e, sqlite3.Error) and "full" in str(e))
+        if full:
+            raise nospace(f"cannot initialise {path}: its file system (or a disk "
+                          "directory's) is full; nothing was left behind") from None
+        raise ioerror(f"cannot initialise {path}: {getattr(e, 'strerror', None) or e}; "
+                      "nothing was left behind") from None
+
+
+def _undo_init(path: str, disks: list[str], new: list[str]) -> None:
+    """A local init that failed half way (a full file system): what it
+    wrote goes. `path` and the local `disks` were new or empty before it
+    (init_array and check_pack refuse others), so what is in them is its
+    own; the directories in `new` it made are removed too."""
+    for d in [path] + disks:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            p = os.path.join(d, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                unlink_quietly(p)
+    for d in sorted(new, key=len, reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def _check_packs(specs, array_id: str, ceph_conf: str | None) -> list:

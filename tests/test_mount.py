@@ -822,3 +822,42 @@ def test_a_full_catalogue_file_system_puts_commits_off_and_they_resume(make_moun
         if m is not None:
             m.close()
         run(["umount", str(small)], check=False)
+
+
+def test_init_on_a_full_file_system_says_so_and_leaves_nothing(tmp_path):
+    """`fusearray init` where the array directory's (or a disk
+    directory's) file system is full: a clear ENOSPC, no traceback, and
+    nothing left behind (it used to die of SQLite's "database or disk is
+    full" and leave a half-made array: the next init said "not empty"); a
+    disk directory it labelled is emptied too; with room, the same init
+    works."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)])
+    try:
+        (tmp_path / "disks").mkdir()
+        for args in ((), ("--pack", f"main=single:{tmp_path / 'disks' / 'd0'}")):
+            r = cli("init", str(small / "a"), *args, check=False)
+            assert r.returncode == 1, r
+            assert "is full; nothing was left behind" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr, r.stderr
+            assert os.listdir(small) == [] and os.listdir(tmp_path / "disks") == []
+        # the disk directory full, the array directory not
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        r = cli("init", str(tmp_path / "b"), "--pack", f"main=single:{small / 'd0'}",
+                check=False)
+        assert r.returncode == 1 and "is full" in r.stderr, r.stderr
+        assert not (tmp_path / "b").exists() and os.listdir(small) == ["filler"]
+    finally:
+        run(["umount", str(small)], check=False)
+    cli("init", str(small / "a"))
+    assert os.path.exists(small / "a" / "array.json")
