@@ -137,14 +137,15 @@ class IdFilter:
             with open(path, "rb") as f:
                 body = f.read()
         except FileNotFoundError:
-            return False
+            body = b""
         finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            for stale in (path, path + ".tmp"):     # (.tmp: a save a crash cut short)
+                try:
+                    os.unlink(stale)
+                except FileNotFoundError:
+                    pass
         body, digest = body[:-16], body[-16:]
-        if not body.startswith(MAGIC) or xxhash.xxh3_128_digest(body) != digest:
+        if not body or not body.startswith(MAGIC) or xxhash.xxh3_128_digest(body) != digest:
             return False
         head, _, bits = body[len(MAGIC):].partition(b"\n")
         try:
