@@ -465,7 +465,7 @@ class Shadows:
                 if vol.deleted or vol.source is None:
                     break
                 part = [b for b in ids[i:i + LOOKUP_BATCH] if (vol.pack.name, b) not in seen]
-                own = await self.lookups(vol.pack, part)
+                own = await self.lookups(vol.pack, part, dedup=True)   # (new to it?)
                 part = [b for b, loc in zip(part, own) if loc is None]
                 if vol.deleted or vol.source is None:
                     break
@@ -532,7 +532,8 @@ class Shadows:
                             by_source.setdefault((vol.pack, vol.source), []).append((vol, bid))
                     records = []
                     for (pack, source), items in by_source.items():
-                        stored = await self.lookups(pack, [b for _, b in items])
+                        stored = await self.lookups(pack, [b for _, b in items],
+                                                    dedup=True)     # (new to it?)
                         items = [(v, b) for (v, b), loc in zip(items, stored)
                                  if loc is None and not v.deleted and v.source is source]
                         # looked up just before the read (no wait in between:
