@@ -827,7 +827,9 @@ class Array:
                 size += os.path.getsize(os.path.join(self.path, CATALOGUE_FILE + suffix))
             except OSError:
                 pass
-        return st.f_bavail * st.f_frsize, size, f"the file system of {self.path}"
+        # (root's writes may use the blocks a file system keeps for root)
+        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+        return free * st.f_frsize, size, f"the file system of {self.path}"
 
     def _filter_path(self, pack: str) -> str:
         """Where a clean unmount keeps pack `pack`'s dedup filter (in the
