@@ -788,6 +788,7 @@ class Importer:
             h = check_header(h)
         except HeaderError as e:
             raise invalid(f"corrupt stream: its header is refused: {e}") from None
+        await self.wb.check_room()      # (before anything is staged: ENOSPC, nothing left)
         ns, wb = self.ns, self.wb
         name = self.as_name or h["set"]["name"]
         check_name(name, "set name")
