@@ -792,9 +792,10 @@ def test_a_full_catalogue_file_system_puts_commits_off_and_they_resume(make_moun
         rc, reply = m.ctl("snapshot", "l set=s1")
         assert rc == errno.ENOSPC, (rc, reply)
         assert "s1" not in [s["name"] for s in m.status()["sets"]]     # nothing half done
-        r = cli("import", stream, "--as", "s9", mnt=m.mnt, check=False)
+        r = cli("import", stream, "--as", "s9", "--remap", mnt=m.mnt, check=False)
         assert r.returncode == 1 and "catalogue's storage is full" in r.stderr, r.stderr
         assert "s9" not in [s["name"] for s in m.status()["sets"]]
+        assert m.status()["jobs"] == [], m.status()["jobs"]         # nothing staged
         r = cli("sync", "all", mnt=m.mnt, check=False)
         assert r.returncode == 1 and "catalogue's storage is full" in r.stderr, r.stderr
         assert m.events().count("error the catalogue's storage is full") == 1   # (said once)
