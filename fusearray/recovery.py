@@ -294,7 +294,7 @@ class Recovery:
                 self.event("info", f"job {job.id} ({job.kind}) done: disk(s) "
                            f"{', '.join(str(d.idx) for d in disks)} of pack {pack.name} "
                            f"online; the pack is {pack.state}")
-                await self.commit()
+                await self.commit(put_off=True)     # (no room: its record waits)
         except JobCancelled:
             self.runner.end(job, "cancelled", f"job {job.id} ({job.kind}) cancelled at "
                              f"{job.percent}%: the pack stays {pack.state}; run recover again")

@@ -563,7 +563,7 @@ class Shadows:
                 wb.mark_job(job)
                 self.event("info", f"job {job.id} ({job.kind}) done: "
                            f"{human_bytes(job.total_bytes)} copied")
-                await wb.commit()
+                await wb.commit(put_off=True)   # (no room: its record waits, it is done)
                 self.collector.want()
         except JobCancelled:
             if job.cancel_reason:

@@ -615,7 +615,9 @@ class WriteBack:
         if self.catalogue_full is None:
             self.event("error", msg)
         self.catalogue_full = msg
-        raise nospace(msg)
+        err = nospace(msg)
+        err.catalogue_full = True       # (commit's put_off tells it from a pack's ENOSPC)
+        raise err
 
     def _commit_record(self) -> dict:
         """What each pack that keeps one is told after a commit."""
@@ -670,14 +672,18 @@ class WriteBack:
                 self.collector.add_garbage(vol, stats["replaced"])
 
     # ---- the commit point --------------------------------------------------------
-    async def commit(self, flush: bool = True, cover: bool = True, freed=()) -> None:
+    async def commit(self, flush: bool = True, cover: bool = True, freed=(),
+                     put_off: bool = False) -> None:
         """The commit point (steps in the module docstring). Caller holds
         `lock`. flush=False commits only what is already stored (the index
         and catalogue changes). A commit that flushed records how far it
         covers the intent log unless `cover` is False (the log's replay at
         open commits as it goes without: until it is over, a crash must
         replay every record again). `freed`: the packs a collection freed
-        just before (the commit's own freeing skips them)."""
+        just before (the commit's own freeing skips them). `put_off`: if
+        the catalogue has no room (check_room), return with the changes
+        pending for the committer instead of raising ENOSPC (a job's end:
+        its work is done, only its record waits)."""
         if self.fatal is not None:
             raise ioerror(f"the array stopped after a fatal error: {self.fatal}")
         seq = self.cache.seq
@@ -702,7 +708,12 @@ class WriteBack:
         self.refs.update_roots()
         await self.collector.release(freed)
         await self.refs.settle()
-        await self.check_room()
+        try:
+            await self.check_room()
+        except ArrayError as e:
+            if put_off and getattr(e, "catalogue_full", False):
+                return
+            raise
         ch, self.changes = self.changes, Changes()
         token = self.prepare_commit(ch)   # events, counters, the job journal's mark
         for pack in self.packs.values():

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, cli, drop_caches, run, wait_for
+from conftest import PY, cli, drop_caches, read_at, run, wait_for, write_synced
 from fallbacks import INTERPOSER, punch_hole
 
 MiB = 1 << 20
@@ -868,3 +868,47 @@ def test_init_on_a_full_file_system_says_so_and_leaves_nothing(tmp_path):
         run(["umount", str(small)], check=False)
     cli("init", str(small / "a"))
     assert os.path.exists(small / "a" / "array.json")
+
+
+def test_a_copy_job_that_ends_while_the_array_directory_is_full_is_done(make_mount, tmp_path):
+    """A plex copy into another pack, slowed by `throttle`, ends while the
+    array directory's file system is full: its last commit is put off
+    (its record waits for room), not failed: the job is done, the copy
+    reads right, and once there is room the record commits and survives
+    a SIGKILL and remount."""
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)])
+    m = None
+    filler = small / "filler"
+    try:
+        for d in ("pack", "far"):
+            (tmp_path / d).mkdir()
+        m = make_mount(array=small / "a")
+        m.init("--pack", f"main=single:{tmp_path / 'pack'}")
+        m.start()
+        m.ok("addpack", f"far single {tmp_path / 'far' / 'd0'}")
+        m.ok("create", "l 64M")
+        data = write_synced(m.path("luns", "l"), 16 * MiB)
+        reply = m.ok("snapshot", "l set=s1 context=plex pack=far")
+        jid = reply["job"]
+        m.ok("throttle", f"{jid} 4M")                   # about 4 s to go
+        st = os.statvfs(small)
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - 128 * 1024)
+        job = m.wait_job(jid, ("done", "failed"), 120)
+        assert job["state"] == "done", job
+        assert "error the catalogue's storage is full" in m.events()
+        assert read_at(m.path("snapshots", "s1", "l"), 0, len(data)) == data
+        os.unlink(filler)
+        wait_for(lambda: "commits resume" in m.events(), 30, "commits to resume")
+        m.ok("sync", "all")
+        m.kill9()
+        m.start()
+        assert m.job(jid)["state"] == "done"
+        assert read_at(m.path("snapshots", "s1", "l"), 0, len(data)) == data
+        m.stop()
+    finally:
+        if m is not None:
+            m.close()
+        run(["umount", str(small)], check=False)
