@@ -95,8 +95,12 @@ DISK_CHECK_INTERVAL = 2.0
 OVERLAY_MERGE = 256 << 20
 FLUSH_BATCH = 16 << 20
 #: Free space a commit wants where the catalogue writes beyond its pages
-#: (_check_room).
+#: (check_room).
 COMMIT_SLACK = 1 << 20
+#: check_room looks again after this many seconds, or at once unless there
+#: was this much more than a commit's rows need at the last look.
+ROOM_TTL = 1.0
+ROOM_PLENTY = 256 << 20
 #: A full or failed pack's dirty blocks are retried this often.
 FLUSH_RETRY = 3.0
 #: The intent log covers an fsync only if the pack has this much room
@@ -194,6 +198,7 @@ class WriteBack:
         # room where the catalogue writes (worker thread; see check_room)
         self.catalogue_room = catalogue_room
         self.catalogue_full: str | None = None      # why commits wait (said once; check_room)
+        self._room_seen = (-ROOM_TTL, 0)    # (when, free bytes) of the last look
         self.lock = trio.Lock()         # the commit lock
         self.db = trio.CapacityLimiter(1)
         self.changes = Changes()        # what the next commit writes besides rows
@@ -592,6 +597,10 @@ class WriteBack:
         log has it)."""
         if self.catalogue_room is None:
             return
+        rows = sum(p.pending_changes() for p in self.packs.values()) + len(self._rows) + 64
+        seen_at, seen_free = self._room_seen
+        if time.monotonic() - seen_at < ROOM_TTL and seen_free > ROOM_PLENTY + 256 * rows:
+            return                  # plenty a moment ago: no thread hop per commit
         try:
             got = await trio.to_thread.run_sync(self.catalogue_room)
         except OSError:
@@ -599,7 +608,7 @@ class WriteBack:
         if got is None:
             return
         free, size, where = got
-        rows = sum(p.pending_changes() for p in self.packs.values()) + len(self._rows) + 64
+        self._room_seen = (time.monotonic(), free)
         need = COMMIT_SLACK + 256 * rows + min(2 * 4096 * rows, size)
         if free >= need:
             if self.catalogue_full is not None:
