@@ -37,7 +37,8 @@ for `import --resume`, as when a ctl/import writer closes early; so is an
 import whose input ends when its client is already gone (a killed
 `fusearray import s3://...` writes its pipe itself, and its descriptors close
 together: the CLI keeps the socket below the pipe, so the socket is closed
-first).
+first; should the pipe still end first, an input that ends without its
+trailer waits END_GRACE for the client to go before it is called truncated).
 """
 import array as _array
 import collections
@@ -176,6 +177,11 @@ class ChunkPool:
     def _reuse(self, chunk: bytearray) -> None:
         if len(self.free) < self.KEEP:
             self.free.append(chunk)
+
+
+#: How long an import whose input ended without its trailer waits for its
+#: client to go too before it calls the stream truncated (_import).
+END_GRACE = 1.0
 
 
 def _gone(conn) -> bool:
@@ -559,6 +565,12 @@ class StreamServer:
                                 "resume with `fusearray import FILE --resume`"))
                         chunk, n = item
                         if not n:
+                            if not _gone(conn) and not imp.verified:
+                                # no trailer and the client still there: its
+                                # descriptors may close a moment apart (seen: the
+                                # pipe's end first); one gone meanwhile cancels
+                                # this wait (_while_connected), kept for --resume
+                                await trio.sleep(END_GRACE)
                             if _gone(conn):
                                 # the writer and the client ended together (a killed
                                 # `fusearray import s3://...` feeding a pipe): an
