@@ -143,7 +143,9 @@ class BlockReader:
                 loc = known.get(b, UNCACHED)
                 if loc is UNCACHED:
                     loc = pack.lookup_cached(b, dedup)
-                out.append(before[b] if loc is UNCACHED else loc)
+                if loc is UNCACHED:
+                    loc = before[b] if b in before else pack.lookup(b, dedup)
+                out.append(loc)
             return out
         return [pack.lookup(b, dedup) for b in bids]
 
