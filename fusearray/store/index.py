@@ -338,7 +338,7 @@ class BlockIndex:
         f = self.filter
         new = False
         if f is not None:
-            new = f.excludes(bid)   # (then no table read on this thread)
+            new = f.ready and not f.may_hold(bid)   # (then no table read on this thread)
             f.add(bid)              # before anything can commit it
         old = None if new else self.lookup(bid)
         if old is not None:
