@@ -523,10 +523,15 @@ class StreamServer:
                         n = await trio.to_thread.run_sync(_read_into, fd, chunk, activity,
                                                           abandon_on_cancel=True,
                                                           limiter=self.io)
+                        item = (chunk, n)
                     except OSError as e:
-                        await send.send(e)
+                        item, n = e, 0
+                    try:
+                        await send.send(item)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        # the parser stopped (its own error says why): a second
+                        # error here made the reply "internal error: ExceptionGroup"
                         return
-                    await send.send((chunk, n))
                     if not n:
                         return
 

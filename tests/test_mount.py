@@ -794,6 +794,10 @@ def test_a_full_catalogue_file_system_puts_commits_off_and_they_resume(make_moun
         assert "s1" not in [s["name"] for s in m.status()["sets"]]     # nothing half done
         r = cli("import", stream, "--as", "s9", "--remap", mnt=m.mnt, check=False)
         assert r.returncode == 1 and "catalogue's storage is full" in r.stderr, r.stderr
+        for _ in range(3):      # through a pipe: the daemon reads ahead while it checks
+            r = run(["bash", "-c", f"cat {stream} | {PY} -m fusearray -m {m.mnt} import - "
+                                   "--as s9 --remap"], check=False)
+            assert r.returncode == 1 and "catalogue's storage is full" in r.stderr, r.stderr
         assert "s9" not in [s["name"] for s in m.status()["sets"]]
         assert m.status()["jobs"] == [], m.status()["jobs"]         # nothing staged
         r = cli("sync", "all", mnt=m.mnt, check=False)
