@@ -851,7 +851,7 @@ class Array:
         except OSError:
             return
         for name, pack in self.packs.items():
-            size = (pack.filter_status() or {"bytes": 0})["bytes"]
+            size = pack.filter_bytes()
             if size * 4 > room:
                 continue        # (a nearly full file system: its space is for commits)
             try:
@@ -864,7 +864,7 @@ class Array:
         """A new pack's dedup filter: what the packs' filters leave of
         their share of --index-cache (theirs keep their size until the
         next mount shares it anew)."""
-        used = sum((p.filter_status() or {"bytes": 0})["bytes"] for p in self.packs.values())
+        used = sum(p.filter_bytes() for p in self.packs.values())
         return max(0, self.index_cache // FILTER_SHARE - used)
 
     async def _build_filters(self) -> None:
@@ -926,8 +926,8 @@ class Array:
                 raise nospace(
                     f"the intent log cannot be made in {where}: its file system is full "
                     f"({e.strerror}; the log needs "
-                    f"{human_bytes(intentlog.SLOTS_MIN * intentlog.SLOT_SIZE)}); free space there, or mount with --log DIR on another file "
-                    "system") from None
+                    f"{human_bytes(intentlog.SLOTS_MIN * intentlog.SLOT_SIZE)}); free "
+                    "space there, or mount with --log DIR on another file system") from None
             raise ioerror(f"the intent log in {where} cannot be opened: "
                           f"{e.strerror or e}") from None
 
@@ -1486,10 +1486,10 @@ class Array:
                 # --index-cache: SQLite's pages and each pack's cache of the index
                 "index": {"limit_bytes": self.index_cache,
                           "page_cache_bytes": self.index_cache // PAGE_CACHE_SHARE,
-                          "filter_bytes": sum((p.filter_status() or {"bytes": 0})["bytes"]
+                          "filter_bytes": sum(p.filter_bytes()
                                               for p in self.packs.values()),
                           "bytes": sum(p.index_status()["bytes"]
-                                       + (p.filter_status() or {"bytes": 0})["bytes"]
+                                       + p.filter_bytes()
                                        for p in self.packs.values())},
                 # a quarter of --cache-size (64 MiB to 512 MiB): map nodes
                 "node_cache": self.nodes.status()}

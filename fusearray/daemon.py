@@ -143,8 +143,7 @@ def run(array_path: str, mnt: str, cache_size: int, ready_fd: int | None = None,
         went; in the foreground, errors and warnings go to stderr (`echo`:
         unless the caller prints its own)."""
         nonlocal ready_fd
-        if foreground and echo and msg.startswith(("error: ",
-                                                                        "warning: ")):
+        if foreground and echo and msg.startswith(("error: ", "warning: ")):
             print(f"fusearray: {msg.split(': ', 1)[1]}", file=sys.stderr)
         if ready_fd is not None:
             try:

@@ -344,6 +344,11 @@ class Pack:
         """The dedup filter's size, state and estimated false positives."""
         return self.blocks.filter_status()
 
+    def filter_bytes(self) -> int:
+        """RAM the dedup filter holds (0: none)."""
+        st = self.blocks.filter_status()
+        return st["bytes"] if st else 0
+
     def build_filter_blocking(self) -> bool:
         """Worker thread: the dedup filter's pass over the committed ids."""
         return self.blocks.build_filter_blocking()
