@@ -223,6 +223,15 @@ def parse_args(argv):
                          '(default 1M,10M; K, M, G suffixes are powers of ten here)')
     ap.add_argument('--scale-dir', help='scale group: where the arrays are built '
                     '(default: --disk-dir)')
+    ap.add_argument('--scale-pack-dir', help='scale group: where the arrays\' segments '
+                    'go (default: in the array; 100M blocks are 400 GB of data: give a '
+                    'file system with compression, e.g. btrfs -o compress=lzo)')
+    ap.add_argument('--scale-gen', choices=('auto', 'layers', 'direct'), default='auto',
+                    help='scale group: build arrays through the package\'s layers or '
+                         'with tools/scalegen.py --direct (auto: direct above 10M blocks)')
+    ap.add_argument('--scale-fsck-max', default='10M',
+                    help='scale group: run tools/fsck only on arrays up to this many '
+                         'blocks (about 65 us a block; default 10M)')
     ap.add_argument('--python', default=sys.executable,
                     help='interpreter for memfile and the fusearray CLI (default: this one)')
     ap.add_argument('--json', help='also save the raw numbers to this file')
@@ -260,11 +269,13 @@ def parse_args(argv):
         ap.error(f'--backing: choose from {",".join(BACKINGS)}')
     args.groups = [g.strip() for g in args.groups.split(',') if g.strip()]
     try:
-        args.scale_blocks = [int(float(x.strip()[:-1]) * {'K': 1e3, 'M': 1e6, 'G': 1e9}[
-            x.strip()[-1].upper()]) if x.strip()[-1:].isalpha() else int(x)
-            for x in args.scale_blocks.split(',') if x.strip()]
+        args.scale_blocks = [count_arg(x) for x in args.scale_blocks.split(',') if x.strip()]
     except (ValueError, KeyError):
         ap.error('--scale-blocks: counts like 1M,10M or 200000')
+    try:
+        args.scale_fsck_max = count_arg(args.scale_fsck_max)
+    except (ValueError, KeyError):
+        ap.error('--scale-fsck-max: a count like 10M or 200000')
     bad = set(args.only) - set(TARGETS)
     if bad:
         ap.error(f'unknown target(s) {",".join(sorted(bad))}; choose from {",".join(TARGETS)}')
@@ -445,6 +456,14 @@ def draw_chart(ctx, argv):
         print(f'no chart: {ctx.args.chart}: {e}', file=sys.stderr)
         return
     log(f'chart: {n} ratios drawn into {ctx.args.chart}')
+
+
+def count_arg(text: str) -> int:
+    """'1M' -> 1000000 (K, M, G: powers of ten), '200000' -> 200000."""
+    x = text.strip()
+    if x[-1:].isalpha():
+        return int(float(x[:-1]) * {'K': 1e3, 'M': 1e6, 'G': 1e9}[x[-1].upper()])
+    return int(x)
 
 
 def main(argv=None):

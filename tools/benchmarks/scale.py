@@ -47,6 +47,8 @@ NODE_CACHE = max(64 << 20, min(CACHE // 4, 512 << 20))
 RSS_SLACK = 128 << 20
 MOUNT_MAX = 2.0
 DELETE_MAX = 1.0
+#: --scale-gen auto: arrays above this many blocks are built --direct
+DIRECT_ABOVE = 10_000_000
 BS = 4096
 SNAPSHOTS = 100
 
@@ -123,10 +125,16 @@ def one_size(ctx, n, m, base):
     a = ctx.args
     key = str(n)
     array = Path(tempfile.mkdtemp(prefix='scale.', dir=base)) / 'array'
-    log(f'scale: building {n} blocks in {array}')
+    direct = direct_build(a, n)
+    cmd = [a.python, REPO / 'tools' / 'scalegen.py', array, str(n)]
+    disks = None
+    if a.scale_pack_dir:
+        disks = Path(tempfile.mkdtemp(prefix='scale.', dir=a.scale_pack_dir))
+        ctx.cl.push(f'remove {disks}', lambda: shutil.rmtree(disks, ignore_errors=True))
+        cmd += ['--pack-dir', disks / 'main.0']
+    log(f'scale: building {n} blocks in {array}' + (' (--direct)' if direct else ''))
     t0 = time.monotonic()
-    gen = run([a.python, REPO / 'tools' / 'scalegen.py', array, str(n)],
-              timeout=max(600, n // 2000))
+    gen = run(cmd + (['--direct'] if direct else []), timeout=max(600, n // 2000))
     m['build'].cols[key] = [time.monotonic() - t0]
     log(f'scale: built: {gen.stdout.strip()}')
     mnt = ctx.work / f'scale-{n}'
@@ -182,6 +190,10 @@ def one_size(ctx, n, m, base):
             writer.join()
         m['gcwrite'].cols[key] = [during[0] / before if during and before else 0.0]
         ctx.cl.unwind(mark)
+        if n > a.scale_fsck_max:
+            m['fsck'].cols[key] = m['fsck_rss'].cols[key] = 'not run'
+            log(f'scale: fsck not run on {n} blocks (over --scale-fsck-max)')
+            return
         secs, peak, line = fsck_run(a.python, array)
         log(f'scale: fsck: {line}')
         m['fsck'].cols[key] = [secs]
@@ -191,13 +203,19 @@ def one_size(ctx, n, m, base):
         shutil.rmtree(array.parent, ignore_errors=True)
 
 
+def direct_build(args, n) -> bool:
+    """Is the array of n blocks built by tools/scalegen.py --direct?"""
+    return args.scale_gen == 'direct' or (args.scale_gen == 'auto' and n > DIRECT_ABOVE)
+
+
 def group_scale(ctx):
     a = ctx.args
     sizes = a.scale_blocks
-    cols = {str(n): f'{n / 1e6:g}M blocks ({fmt_bytes(n * BS)})' for n in sizes}
+    cols = {str(n): f'{n / 1e6:g}M blocks ({fmt_bytes(n * BS)})'
+            + (', --direct' if direct_build(a, n) else '') for n in sizes}
     caches = (CACHE + INDEX_CACHE + NODE_CACHE) / (1 << 20)
     m = {
-        'build': Metric('build (tools/scalegen.py)', 's'),
+        'build': Metric('build (tools/scalegen.py; --direct where the column says)', 's'),
         'mount': Metric('mount time (until served)', 's', goal=f'<= {MOUNT_MAX:g} s'),
         'rss_mount': Metric('daemon RSS after mount', 'MiB',
                             goal=f'<= {caches + RSS_SLACK / (1 << 20):.0f}, +-10 % of '
@@ -223,6 +241,10 @@ def group_scale(ctx):
     table.notes.append(f'arrays built on {base} ({run(["stat", "-f", "-c", "%T", base]).stdout.strip()}); '
                        f'mounted with --cache-size {CACHE >> 20}M --index-cache '
                        f'{INDEX_CACHE >> 20}M')
+    if a.scale_pack_dir:
+        table.notes.append(f'their segments (the disk of the pack) on {a.scale_pack_dir} ('
+                           + run(['findmnt', '-no', 'FSTYPE,OPTIONS', '--target',
+                                  a.scale_pack_dir]).stdout.strip() + ')')
     for n in sizes:
         try:
             one_size(ctx, n, m, base)
