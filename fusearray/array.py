@@ -236,10 +236,7 @@ def init_array(path: str, packs: list[str] | None = None,
     path = os.path.abspath(path)
     if not _bs_ok(block_size):
         raise invalid("block size must be a power of two from 4K to 1M")
-    if os.path.exists(os.path.join(path, ARRAY_FILE)):
-        raise exists(f"{path} is already an array")
-    if os.path.exists(path) and os.listdir(path):
-        raise invalid(f"{path} is not empty: give a new or empty directory")
+    _refuse_used_dir(path)
     specs = [parse_pack_spec(s) for s in packs or []]
     if not specs:
         specs = [("main", "single", [os.path.join(path, "disks", "main.0")])]
@@ -257,19 +254,71 @@ def init_array(path: str, packs: list[str] | None = None,
     disks = [d for _, _, ps in checked for d in ps if not is_rados(d)]
     try:
         private_dir(path)       # the raw data, the catalogue and the secret: 0700
+        lockfd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as e:
+        for d in sorted(new, key=len, reverse=True):    # (only if still empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise _init_failed(path, e) from None
+    try:
+        _claim_new_dir(path, lockfd)
+    except ArrayError:
+        os.close(lockfd)        # (another init's directory: nothing here is ours)
+        raise
+    try:
+        _init_local(path, packs, conf, array_id, checked, ceph_conf, disks, new)
+    finally:
+        os.close(lockfd)
+
+
+def _refuse_used_dir(path: str) -> None:
+    """An init's target must be new or empty (a `lock` alone: a lock file
+    an init that failed before writing anything left, or one that runs
+    now, which _claim_new_dir then finds)."""
+    if os.path.exists(os.path.join(path, ARRAY_FILE)):
+        raise exists(f"{path} is already an array")
+    left = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if CATALOGUE_FILE in left:
+        raise invalid(f"{path} holds an array whose init did not finish (a catalogue "
+                      f"but no {ARRAY_FILE}: the init was killed?), or one is running "
+                      "now: when none is, remove what is in it and init again")
+    if left - {LOCK_FILE} or (os.path.exists(path) and not os.path.isdir(path)):
+        raise invalid(f"{path} is not empty: give a new or empty directory")
+
+
+def _claim_new_dir(path: str, fd: int) -> None:
+    """Take `path`'s lock for an init (held until it ends), then check
+    again that the directory is still empty: of two inits racing on one
+    new directory one gets it, the other is refused before it writes
+    anything (it would have taken the other's catalogue for a failure of
+    its own and removed it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise busy(f"{path}: another fusearray init (or a mount) is using it") from None
+    _refuse_used_dir(path)
+
+
+def _init_local(path, packs, conf, array_id, checked, ceph_conf, disks, new) -> None:
+    """The writing part of a local init, under the directory's lock."""
+    try:
         if not packs:
             private_dir(os.path.join(path, "disks"))
         _first_commit(os.path.join(path, CATALOGUE_FILE), array_id, checked, ceph_conf, path)
         write_file_atomic(os.path.join(path, ARRAY_FILE), json.dumps(conf, indent=1).encode())
     except (OSError, sqlite3.Error) as e:
         _undo_init(path, disks, new)
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-            isinstance(e, sqlite3.Error) and "full" in str(e))
-        if full:
-            raise nospace(f"cannot initialise {path}: its file system (or a disk "
-                          "directory's) is full; nothing was left behind") from None
-        raise ioerror(f"cannot initialise {path}: {getattr(e, 'strerror', None) or e}; "
-                      "nothing was left behind") from None
+        raise _init_failed(path, e) from None
+
+
+def _init_failed(path: str, e: Exception) -> ArrayError:
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(e, sqlite3.Error) and "full" in str(e))
+    if full:
+        return nospace(f"cannot initialise {path}: its file system (or a disk "
+                       "directory's) is full; nothing was left behind")
+    return ioerror(f"cannot initialise {path}: {getattr(e, 'strerror', None) or e}; "
+                   "nothing was left behind")
 
 
 def _undo_init(path: str, disks: list[str], new: list[str]) -> None:

@@ -5,7 +5,11 @@ import mmap
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -872,6 +876,59 @@ def test_init_on_a_full_file_system_says_so_and_leaves_nothing(tmp_path):
         run(["umount", str(small)], check=False)
     cli("init", str(small / "a"))
     assert os.path.exists(small / "a" / "array.json")
+
+
+def test_racing_and_killed_local_inits_leave_one_array_or_a_clear_refusal(tmp_path):
+    """Six `fusearray init` of one new local directory at once, five
+    rounds: exactly one makes the array; each other is refused with one
+    line (another init is using it, it is already an array, or not empty):
+    none took the winner's catalogue for a failure of its own and removed
+    it (the winner would have said "made" over a broken array), and the
+    array passes tools/fsck. Then inits SIGKILLed at random moments: the
+    next init of the same directory either finds the array the killed one
+    finished or says, in one line, that an init did not finish there and
+    what to do; never a traceback; after that advice the init works."""
+    fa = [sys.executable, "-m", "fusearray"]
+    fsck = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
+    refusals = re.compile(r"another fusearray init \(or a mount\) is using it|"
+                          r"is already an array|is not empty|did not finish")
+    for round_ in range(5):
+        path = str(tmp_path / f"race{round_}")
+        procs = [subprocess.Popen(fa + ["init", path], text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(6)]
+        outs = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+        assert [rc for _, _, rc in outs].count(0) == 1, outs
+        for _, err, rc in outs:
+            if rc:
+                assert "Traceback" not in err and len(err.strip().splitlines()) == 1 \
+                    and refusals.search(err), err
+        r = run([sys.executable, fsck, path, "--strict"], check=False)
+        assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+    rng = random.Random(5)
+    t0 = time.monotonic()
+    cli("init", str(tmp_path / "timing"))
+    took = time.monotonic() - t0
+    for i in range(8):
+        path = str(tmp_path / f"killed{i}")
+        p = subprocess.Popen(fa + ["init", path], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            p.wait(timeout=rng.uniform(0.05, took))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        r = cli("init", path, check=False)
+        assert "Traceback" not in r.stderr, r.stderr
+        if r.returncode:
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert re.search(r"is already an array|did not finish", r.stderr), r.stderr
+            if "did not finish" in r.stderr:      # the advice works
+                for name in os.listdir(path):
+                    q = os.path.join(path, name)
+                    shutil.rmtree(q) if os.path.isdir(q) else os.unlink(q)
+                cli("init", path)
+        r = run([sys.executable, fsck, path], check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_a_copy_job_that_ends_while_the_array_directory_is_full_is_done(make_mount, tmp_path):
