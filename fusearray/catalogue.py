@@ -399,25 +399,30 @@ class Catalogue:
             c.executemany("INSERT OR REPLACE INTO disks VALUES (?,?,?,?,?)", ch.disks)
             # a row dropped and added again in one commit (freed, then
             # written anew) is deleted first: it starts with no references
+            # (each batch in key order: a big commit, e.g. the counts of
+            # every shared leaf a random write after a shadow copy makes its
+            # own, walks the B-tree once from left to right instead of
+            # descending to a random page per row: each page is read and
+            # written to the log once; issue 16)
             for pack, ids in ch.blocks_del.items():
                 c.executemany("DELETE FROM blocks WHERE pack=? AND id=?",
-                              [(pack, b) for b in ids])
+                              [(pack, b) for b in sorted(ids)])
             # a row that moves (compaction) keeps its references
             for pack, adds in ch.blocks_add.items():
                 c.executemany("INSERT INTO blocks (pack, id, seg, off, len) VALUES (?,?,?,?,?) "
                               "ON CONFLICT (pack, id) DO UPDATE SET seg=excluded.seg, "
                               "off=excluded.off, len=excluded.len",
-                              [(pack, b, s, o, n) for b, (s, o, n) in adds.items()])
+                              [(pack, b, s, o, n) for b, (s, o, n) in sorted(adds.items())])
             for pack, rows in ch.recount.items():
                 c.execute("UPDATE blocks SET refs=0, counted=0 WHERE pack=?", (pack,))
                 c.executemany("UPDATE blocks SET refs=?, counted=? WHERE pack=? AND id=?",
-                              [(r, k, pack, b) for r, k, b in rows])
+                              [(r, k, pack, b) for r, k, b in sorted(rows, key=_third)])
             for pack, deltas in ch.refs.items():
                 c.executemany("UPDATE blocks SET refs=refs+? WHERE pack=? AND id=?",
-                              [(d, pack, b) for b, d in deltas.items() if d])
+                              [(d, pack, b) for b, d in sorted(deltas.items()) if d])
             for pack, ids in ch.counted.items():
                 c.executemany("UPDATE blocks SET counted=1 WHERE pack=? AND id=?",
-                              [(pack, b) for b in ids])
+                              [(pack, b) for b in sorted(ids)])
             for pack, segs in ch.segments.items():
                 c.executemany("DELETE FROM segments WHERE pack=? AND seg=?",
                               [(pack, s) for s, row in segs.items() if row is None])
@@ -446,6 +451,10 @@ class Catalogue:
                 prune_events(c)
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
                           [(k, str(v)) for k, v in ch.meta.items()])
+
+
+def _third(row):
+    return row[2]
 
 
 #: A segment's rows (compaction) and the rows nothing references (a

@@ -760,3 +760,39 @@ def test_scalegen_arrays_are_clean_and_their_map_is_the_one_writes_make(make_mou
     finally:
         db.close()
     assert roots["big"] == roots["copy"] != bytes(16)
+
+
+def test_a_big_commit_updates_the_blocks_table_in_key_order(tmp_path):
+    """A commit's changes to the blocks table go in key order, so a big
+    one (a random write into each of many leaves a shadow copy shares
+    adds one reference to each of their 1,024 entries: millions of rows on
+    a large pack) walks the B-tree once from left to right: each page of
+    the table (and of the index of unreferenced rows, which rows leave at
+    their first reference) is written once, however small SQLite's page
+    cache. Measured in the bytes this process hands to write(2)
+    (/proc/self/io wchar) during one commit of 12,000 reference changes
+    over a 60,000-row table with the cache cut to 8 pages: in the order
+    they came (random ids) a page is spilled and written again many times."""
+    path = str(tmp_path / "cat.db")
+    cat = Catalogue(path, create=True)
+    try:
+        cat.commit_blocking(Changes(packs_add=[("p", "single", 0.0, ["/nonexistent"])]))
+        rng = random.Random(3)
+        ids = [rng.randbytes(16) for _ in range(60000)]
+        cat.commit_blocking(Changes(blocks_add={"p": {b: (i // 1000, i, 100)
+                                                      for i, b in enumerate(ids)}}))
+        cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        cat.conn.execute("PRAGMA cache_size=8")
+        cat.conn.execute("PRAGMA wal_autocheckpoint=0")
+        before = _written()
+        cat.commit_blocking(Changes(refs={"p": {b: 1 for b in rng.sample(ids, 12000)}}))
+        written = _written() - before
+    finally:
+        cat.close()
+    size = os.path.getsize(path)    # every page of the catalogue, once
+    assert written <= size * 1.3, (written, size)
+
+
+def _written() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
