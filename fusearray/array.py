@@ -300,7 +300,50 @@ def _claim_new_dir(path: str, fd: int) -> None:
 
 
 def _init_local(path, packs, conf, array_id, checked, ceph_conf, disks, new) -> None:
-    """The writing part of a local init, under the directory's lock."""
+    """The writing part of a local init, under the directory's lock and
+    its disk directories' (_claim_disk_dirs)."""
+    try:
+        held = _claim_disk_dirs(disks)
+    except OSError as e:
+        _undo_init(path, [], new)
+        raise _init_failed(path, e) from None
+    except ArrayError:
+        _undo_init(path, [], new)       # (only its own directory: the disks are not)
+        raise
+    try:
+        _write_new_array(path, packs, conf, array_id, checked, ceph_conf, disks, new)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _claim_disk_dirs(disks: list[str]) -> list[int]:
+    """Lock each local disk directory of a new array (flock of the
+    directory, held until the init ends; made first if new) and check
+    again that it is empty: two inits naming one disk directory at once
+    would both label it (one array then finds another's label), and the
+    one that failed would empty it under the other. Returns the fds."""
+    fds: list[int] = []
+    try:
+        for d in disks:
+            private_dir(d)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy(f"disk directory {d}: another fusearray init is using it") from None
+            if os.listdir(d):
+                raise busy(f"disk directory {d} is not empty any more: another fusearray "
+                           "init or addpack took it")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _write_new_array(path, packs, conf, array_id, checked, ceph_conf, disks, new) -> None:
     try:
         if not packs:
             private_dir(os.path.join(path, "disks"))

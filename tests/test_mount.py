@@ -931,6 +931,46 @@ def test_racing_and_killed_local_inits_leave_one_array_or_a_clear_refusal(tmp_pa
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_inits_racing_for_one_disk_directory_leave_one_array_and_the_others_nothing(
+        tmp_path):
+    """Five `fusearray init` of five new arrays naming the same new disk
+    directory (`--pack main=single:DIR`), all at once, four rounds: exactly
+    one array is made, and it passes tools/fsck (its disk directory holds
+    its own label: another init did not label it over, nor empty it while
+    failing); each other init is refused in one line and leaves no array
+    directory behind. Then an init while another holds the disk
+    directory's lock (an init in progress) is refused with EBUSY."""
+    fa = [sys.executable, "-m", "fusearray"]
+    fsck = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
+    for round_ in range(4):
+        disk = str(tmp_path / f"disk{round_}")
+        arrays = [str(tmp_path / f"r{round_}a{i}") for i in range(5)]
+        procs = [subprocess.Popen(fa + ["init", a, "--pack", f"main=single:{disk}"],
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for a in arrays]
+        outs = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+        made = [a for a, (_, _, rc) in zip(arrays, outs) if rc == 0]
+        assert len(made) == 1, outs
+        for a, (_, err, rc) in zip(arrays, outs):
+            if rc:
+                assert "Traceback" not in err and len(err.strip().splitlines()) == 1 \
+                    and re.search(r"another fusearray init|already a disk|not empty", err), err
+                assert not os.path.exists(a), (a, os.listdir(a))
+        r = run([sys.executable, fsck, made[0], "--strict"], check=False)
+        assert r.returncode == 0 and " 0 problem(s)" in r.stdout, r.stdout + r.stderr
+    disk = tmp_path / "held"
+    disk.mkdir()
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = cli("init", str(tmp_path / "late"), "--pack", f"main=single:{disk}", check=False)
+    finally:
+        os.close(fd)
+    assert r.returncode == 1 and "another fusearray init is using it" in r.stderr, r.stderr
+    assert not (tmp_path / "late").exists() and os.listdir(disk) == []
+
+
 def test_a_copy_job_that_ends_while_the_array_directory_is_full_is_done(make_mount, tmp_path):
     """A plex copy into another pack, slowed by `throttle`, ends while the
     array directory's file system is full: its last commit is put off
