@@ -23,7 +23,6 @@ smallest size; mount <= 2 s; the delete and its collection <= 1 s.
 """
 import os
 import re
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -201,6 +200,8 @@ def one_size(ctx, n, m, base):
     finally:
         ctx.cl.unwind(mark)
         shutil.rmtree(array.parent, ignore_errors=True)
+        log(f'scale: {n} blocks: ' + ', '.join(f'{k} {v.cols[key]}' for k, v in m.items()
+                                               if key in v.cols))
 
 
 def direct_build(args, n) -> bool:
@@ -248,7 +249,7 @@ def group_scale(ctx):
     for n in sizes:
         try:
             one_size(ctx, n, m, base)
-        except StepFailed as e:
+        except (StepFailed, OSError) as e:    # (OSError: the daemon died under a ctl call)
             ctx.fail(f'scale {n}: {e}')
             for metric in m.values():
                 if not isinstance(metric.cols.get(str(n)), list):
