@@ -369,7 +369,13 @@ def _undo_init(path: str, disks: list[str], new: list[str]) -> None:
     wrote goes. `path` and the local `disks` were new or empty before it
     (init_array and check_pack refuse others), so what is in them is its
     own; the directories in `new` it made are removed too."""
-    for d in [path] + disks:
+    _empty_dirs([path] + disks, new)
+
+
+def _empty_dirs(dirs: list[str], new: list[str]) -> None:
+    """Empty `dirs` (what is in them is the caller's own), then remove
+    those of `new` (made by the caller) that are empty."""
+    for d in dirs:
         if not os.path.isdir(d):
             continue
         for name in os.listdir(d):
@@ -1601,6 +1607,23 @@ class Array:
 
 
 def _make_disks(disks, array_uuid: str, pack: str) -> None:
-    for d in disks:
-        d.write_label(array_uuid, pack)     # makes the directory (0700) first
+    """Label the disks of a pack added to an open array, its local
+    directories locked meanwhile (an init naming one at the same time is
+    refused, and so is this if an init holds it)."""
+    local = [d.path for d in disks if not is_rados(d.path)]
+    new = [p for p in local if not os.path.exists(p)]
+    try:
+        held = _claim_disk_dirs(local)
+    except BaseException:
+        _empty_dirs([], new)        # (made for the claim; another's are not emptied)
+        raise
+    try:
+        for d in disks:
+            d.write_label(array_uuid, pack)     # makes the directory (0700) first
+    except BaseException:
+        _empty_dirs(local, new)     # (locked and empty before: only labels of its own)
+        raise
+    finally:
+        for fd in held:
+            os.close(fd)
 

@@ -18,6 +18,7 @@ reads back from the data chunks under the rotating layout and that every row
 of every segment XORs to zero (data and parity agree).
 """
 import errno
+import fcntl
 import glob
 import json
 import mmap
@@ -1149,6 +1150,16 @@ def test_bad_input(make_mount, tmp_path):
     refused(m, "addpack", f"p1 mirror {D('o1')},{D('a')}", errno.EBUSY)
     refused(m, "addpack", f"p1 stripes {D('a')},{D('b')}", errno.EINVAL)
     refused(m, "addpack", f"fast mirror {D('a')},{D('b')}", errno.EEXIST)
+    held = tmp_path / "held"            # a disk directory an init is labelling now
+    held.mkdir()
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert "another fusearray init" in refused(m, "addpack", f"p1 mirror {D('a')},{held}",
+                                                   errno.EBUSY)
+    finally:
+        os.close(fd)
+    assert os.listdir(held) == []
     assert not os.path.exists(D("a")) and not os.path.exists(D("b"))
     assert os.listdir(full) == ["something"]
     assert "force=yes" in refused(m, "replace", f"fast 0 {D('a')}", errno.EBUSY)
