@@ -62,7 +62,7 @@ from .host import attachments_blocking, volume_key
 from .perms import FILE_MODE, private_dir, tighten
 from .store import (DEFAULT_INDEX_CACHE, DEFAULT_LEASE, FILTER_SHARE, HDR, PAGE_CACHE_SHARE, Disk, Hasher, Pack,
                     close_media, is_rados, write_file_atomic)
-from .util import check_name, human_bytes, iso_time, parse_size, unlink_quietly
+from .util import check_name, human_bytes, iso_time, parse_size, raise_fd_limit, unlink_quietly
 from . import intentlog
 from .intentlog import Coverage, IntentLog
 from .iscsi import Shares
@@ -1080,6 +1080,7 @@ class Array:
                                      f"readable by other users): {shown}{more}"))
 
     async def open(self, nursery) -> None:
+        raise_fd_limit()        # (every segment file is held open)
         try:
             with catalogue_failures():
                 rows, notes = await trio.to_thread.run_sync(self._open_blocking)
@@ -1095,6 +1096,14 @@ class Array:
                           "catalogue, the LUNs' maps and the block index, is unreadable: "
                           "restore it from a backup, or mount again once its disk or "
                           "cluster answers)") from None
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            err = ArrayError(e.errno, f"{self.path}: too many files to open ({e.strerror}): "
+                             "the array holds each segment file open; raise the limit of "
+                             "open files (ulimit -n, LimitNOFILE=) and mount again")
+            self.writeback.stop(err)    # (nothing opened is committed: the close lets go)
+            raise err from None
         self.ns.load(self._meta, self._set_rows, rows, self.packs)
         self._loaded = True         # from here on, a close commits (see close)
         self.nursery = nursery

@@ -140,3 +140,22 @@ def unlink_quietly(path: str, dir_fd: int | None = None) -> None:
         os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to
+    its hard limit; returns the soft limit now. An open array holds every
+    segment file open (the store's fd table), one per 64 MiB stored at
+    most: a stock soft limit of 1024 (a login shell, a systemd unit)
+    stopped a mount at about 64 GB stored. Raising the soft limit to the
+    hard one needs no privilege."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want

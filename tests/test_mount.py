@@ -5,6 +5,7 @@ import mmap
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -969,6 +970,59 @@ def test_inits_racing_for_one_disk_directory_leave_one_array_and_the_others_noth
         os.close(fd)
     assert r.returncode == 1 and "another fusearray init is using it" in r.stderr, r.stderr
     assert not (tmp_path / "late").exists() and os.listdir(disk) == []
+
+
+def test_an_array_with_more_segment_files_than_the_soft_fd_limit_mounts(make_mount, tmp_path):
+    """Every segment file of an array is held open while it is mounted
+    (and by tools/fsck): an array of 64 MiB segments passes a stock soft
+    RLIMIT_NOFILE of 1024 at about 64 GB stored, and a mount from a stock
+    shell or systemd unit then failed. The daemon raises its soft limit to
+    the hard one. Here with 4 MiB segments (a 192 MiB tmpfs) and a soft
+    limit just below what the mount needs (prlimit): it mounts, the data
+    reads back, and so does fsck. With the hard limit that low too, the
+    mount is refused in one line saying what to raise (it used to die of
+    "unexpected error: Too many open files")."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=192m", "tmpfs", str(small)])
+    try:
+        m = make_mount()
+        m.array = str(small / "array")
+        m.init()
+        m.start()
+        try:
+            cli("create", "l", "120M", mnt=m.mnt)
+            data = write_synced(os.path.join(m.mnt, "luns", "l"), 112 * 2**20)
+            m.ok("sync", "all")
+            fds = len(os.listdir(f"/proc/{m.status()['pid']}/fd"))
+            segs = len(os.listdir(small / "array" / "disks" / "main.0" / "segments"))
+            assert segs >= 16, segs
+        finally:
+            m.stop()
+        soft = fds - segs // 2             # what it held, less half its segment files
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        mnt = tmp_path / "m2"
+        mnt.mkdir()
+        r = run(["prlimit", f"--nofile={soft}:{hard}", PY, "-m", "fusearray", "mount",
+                 "--background", m.array, str(mnt)], check=False, timeout=120)
+        assert r.returncode == 0, r.stderr
+        try:
+            assert read_at(os.path.join(mnt, "luns", "l"), 0, len(data)) == data
+        finally:
+            cli("umount", str(mnt))
+        fsck = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "fsck")
+        r = run(["prlimit", f"--nofile={soft - 8}:{hard}", PY, fsck, m.array], check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # a hard limit below what it needs: refused in one line, nothing mounted
+        r = run(["prlimit", f"--nofile={soft}:{soft}", PY, "-m", "fusearray", "mount",
+                 "--background", m.array, str(mnt)], check=False, timeout=120)
+        assert r.returncode == 1 and "too many files to open" in r.stderr \
+            and "LimitNOFILE" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        run(["umount", "-l", str(small)], check=False)
 
 
 def test_a_copy_job_that_ends_while_the_array_directory_is_full_is_done(make_mount, tmp_path):
