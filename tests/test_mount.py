@@ -977,7 +977,7 @@ def test_an_array_with_more_segment_files_than_the_soft_fd_limit_mounts(make_mou
     (and by tools/fsck): an array of 64 MiB segments passes a stock soft
     RLIMIT_NOFILE of 1024 at about 64 GB stored, and a mount from a stock
     shell or systemd unit then failed. The daemon raises its soft limit to
-    the hard one. Here with 4 MiB segments (a 192 MiB tmpfs) and a soft
+    the hard one. Here with 6 MiB segments (a 192 MiB tmpfs) and a soft
     limit just below what the mount needs (prlimit): it mounts, the data
     reads back, and so does fsck. With the hard limit that low too, the
     mount is refused in one line saying what to raise (it used to die of
