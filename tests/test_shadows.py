@@ -1074,6 +1074,9 @@ def test_bad_input(mount, tmp_path):
     jid = m.ok("resync", "s/src=far pack=OTHER")["job"]
     m.ok("throttle", f"{jid} 2M")
     assert m.job(jid)["state"] == "running"
+    # (the job runs before its plan is made: its total is set then, by itself,
+    # which `refused` would see as a change if it came between its two looks)
+    wait_for(lambda: int(m.job(jid)["total_bytes"]) > 0, what="the copy's plan")
     refused(m, "snapshot", "far", errno.EBUSY)
     refused(m, "resync", "nightly/db=far", errno.EBUSY)
     m.ok("throttle", f"{jid} 0")
