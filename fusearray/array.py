@@ -256,9 +256,7 @@ def init_array(path: str, packs: list[str] | None = None,
         private_dir(path)       # the raw data, the catalogue and the secret: 0700
         lockfd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
     except OSError as e:
-        for d in sorted(new, key=len, reverse=True):    # (only if still empty)
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        _empty_dirs([], new)        # (the directories it made, if still empty)
         raise _init_failed(path, e) from None
     try:
         _claim_new_dir(path, lockfd)
